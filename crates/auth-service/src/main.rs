@@ -1,0 +1,121 @@
+use std::io::{BufRead as _, Write as _};
+use std::process::ExitCode;
+
+use auth_service::settings::{Cli, Command};
+use auth_service::startup::{Application, StartupError};
+use auth_service::users::{create_user, Created};
+use common::config::parse_or_exit;
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli: Cli = parse_or_exit();
+    if let Err(err) = common::telemetry::init(&cli.settings.log) {
+        err.exit();
+    }
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.settings).await,
+        Command::Migrate => {
+            let url = cli.settings.database.database_url.clone();
+            tokio::task::spawn_blocking(move || {
+                common::db::migrate(&url, std::time::Duration::from_secs(30))
+            })
+            .await
+            .map_err(|err| StartupError::Other(err.to_string()))
+            .and_then(|r| r.map_err(StartupError::Other))
+            .map(|applied| println!("applied {applied} migration(s)"))
+        }
+        Command::CreateUser {
+            username,
+            password_stdin,
+            staff,
+            update,
+        } => create_user_command(&cli.settings, &username, password_stdin, staff, update).await,
+        Command::GenerateKey { out } => generate_key(&out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(StartupError::Config(err)) => err.exit(),
+        Err(StartupError::Other(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: auth_service::settings::Settings) -> Result<(), StartupError> {
+    let app = Application::build(settings).await?;
+    app.run_until_stopped(common::shutdown::signal())
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))
+}
+
+async fn create_user_command(
+    settings: &auth_service::settings::Settings,
+    username: &str,
+    password_stdin: bool,
+    staff: bool,
+    update: bool,
+) -> Result<(), StartupError> {
+    let (password, generated) = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|err| StartupError::Other(format!("cannot read the password: {err}")))?;
+        (line.trim_end_matches(['\r', '\n']).to_owned(), false)
+    } else {
+        (common::jwt::new_jti(), true)
+    };
+    let url = settings.database.database_url.clone();
+    tokio::task::spawn_blocking(move || common::db::migrate(&url, std::time::Duration::from_secs(30)))
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .map_err(StartupError::Other)?;
+    let pool = common::db::pool(&settings.database);
+    match create_user(&pool, username, &password, staff, update)
+        .await
+        .map_err(StartupError::Other)?
+    {
+        Created::Created => println!("created user {username}"),
+        Created::Updated => println!("updated user {username}"),
+        Created::AlreadyExists => {
+            return Err(StartupError::Other(format!(
+                "user {username} already exists (pass --update to reset its password)"
+            )))
+        }
+    }
+    if generated {
+        println!("password: {password}");
+    }
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+fn generate_key(out: &std::path::Path) -> Result<(), StartupError> {
+    let (private, public) = common::jwt::generate_ed25519_pem().map_err(StartupError::Other)?;
+    let public_path = out.with_extension("pub.pem");
+    write_private(out, &private)?;
+    std::fs::write(&public_path, public)
+        .map_err(|err| StartupError::Other(format!("cannot write {}: {err}", public_path.display())))?;
+    println!(
+        "wrote {} (private, mode 0600) and {}",
+        out.display(),
+        public_path.display()
+    );
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> Result<(), StartupError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|err| StartupError::Other(format!("cannot create {}: {err}", path.display())))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|err| StartupError::Other(format!("cannot write {}: {err}", path.display())))
+}

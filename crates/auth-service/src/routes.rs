@@ -1,0 +1,260 @@
+//! The token endpoints: SimpleJWT's request and response shapes, status codes and messages, so
+//! that clients written for the reference stack work unchanged.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{TimeZone, Utc};
+use common::db::tokens::{self, BlacklistEntry};
+use common::db::{users, DbPool};
+use common::error::ApiError;
+use common::http::{read_json_object, required_strings};
+use common::jwt::{new_jti, Claims, JwtKeys, TokenError, TokenType};
+use prometheus::IntCounterVec;
+use serde_json::json;
+
+use crate::passwords;
+use crate::ratelimit::LoginLimiter;
+
+/// What the handlers share; built once by [`crate::startup::Application::build`].
+pub struct AuthState {
+    pub pool: DbPool,
+    pub keys: Arc<JwtKeys>,
+    pub limiter: LoginLimiter,
+    pub access_lifetime_secs: i64,
+    pub refresh_lifetime_secs: i64,
+    pub rotate_refresh_tokens: bool,
+    pub blacklist_after_rotation: bool,
+    pub max_body_bytes: usize,
+    pub trust_forwarded_for: bool,
+    /// A hash of a random password, verified against when the username is unknown so that the
+    /// response time does not reveal which usernames exist.
+    pub dummy_hash: String,
+    pub tokens_issued: IntCounterVec,
+    pub login_failures: IntCounterVec,
+}
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    // Both spellings are routed: SimpleJWT's URLs end in a slash, and a client that drops it
+    // should not get a redirect it cannot follow with a POST body.
+    for (path, handler) in [
+        ("/api/token", Handler::Obtain),
+        ("/api/token/refresh", Handler::Refresh),
+        ("/api/token/verify", Handler::Verify),
+        ("/api/token/blacklist", Handler::Blacklist),
+    ] {
+        for path in [path.to_owned(), format!("{path}/")] {
+            let resource = web::resource(path).default_service(web::to(method_not_allowed));
+            cfg.service(match handler {
+                Handler::Obtain => resource.route(web::post().to(obtain)),
+                Handler::Refresh => resource.route(web::post().to(refresh)),
+                Handler::Verify => resource.route(web::post().to(verify)),
+                Handler::Blacklist => resource.route(web::post().to(blacklist)),
+            });
+        }
+    }
+    cfg.route("/api/token/jwks", web::get().to(jwks))
+        .route("/api/token/jwks/", web::get().to(jwks));
+}
+
+#[derive(Clone, Copy)]
+enum Handler {
+    Obtain,
+    Refresh,
+    Verify,
+    Blacklist,
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header(("Allow", "POST"))
+        .json(json!({
+            "detail": format!("Method \"{}\" not allowed.", req.method()),
+            "code": "method_not_allowed",
+        }))
+}
+
+/// `POST /api/token/`: username and password in, a refresh and an access token out.
+async fn obtain(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AuthState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
+    let [username, password] = required_strings(&body, ["username", "password"])?;
+    let address = client_address(&req, state.trust_forwarded_for);
+
+    if let Err(limited) = state.limiter.check(&username, address).await {
+        state.login_failures.with_label_values(&["rate_limited"]).inc();
+        return Err(limited);
+    }
+    let user = users::find_by_username(&state.pool, username.clone()).await?;
+    let stored_hash = user
+        .as_ref()
+        .map(|u| u.password_hash.clone())
+        .unwrap_or_else(|| state.dummy_hash.clone());
+    let password_ok = passwords::verify_blocking(stored_hash, password).await;
+    let user = match user {
+        Some(user) if password_ok && user.is_active => user,
+        other => {
+            let reason = match other {
+                Some(user) if password_ok && !user.is_active => "inactive",
+                Some(_) => "wrong_password",
+                None => "unknown_user",
+            };
+            state.login_failures.with_label_values(&[reason]).inc();
+            state.limiter.record_failure(&username, address).await;
+            return Err(ApiError::NoActiveAccount);
+        }
+    };
+    state.limiter.reset_user(&username, address).await;
+    let refresh = sign(&state, user.id, &user.username, TokenType::Refresh)?;
+    let access = sign(&state, user.id, &user.username, TokenType::Access)?;
+    Ok(HttpResponse::Ok().json(json!({"refresh": refresh.0, "access": access.0})))
+}
+
+/// `POST /api/token/refresh/`: a refresh token in, a new access token (and, with rotation, a new
+/// refresh token) out. The old refresh token is blacklisted atomically, so of two concurrent
+/// refreshes with one token exactly one succeeds, whichever replica serves them.
+async fn refresh(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AuthState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
+    let [token] = required_strings(&body, ["refresh"])?;
+    let claims = state
+        .keys
+        .verification
+        .verify(&token, TokenType::Refresh)
+        .map_err(ApiError::TokenNotValid)?;
+    let user = users::find_by_id(&state.pool, claims.user_id)
+        .await?
+        .filter(|u| u.is_active)
+        .ok_or(ApiError::TokenNotValid(TokenError::Revoked))?;
+
+    if state.rotate_refresh_tokens && state.blacklist_after_rotation {
+        if !tokens::blacklist(&state.pool, blacklist_entry(&claims)).await? {
+            return Err(ApiError::TokenNotValid(TokenError::Revoked));
+        }
+    } else if tokens::is_blacklisted(&state.pool, claims.jti.clone()).await? {
+        return Err(ApiError::TokenNotValid(TokenError::Revoked));
+    }
+
+    let access = sign(&state, user.id, &user.username, TokenType::Access)?;
+    if state.rotate_refresh_tokens {
+        let refresh = sign(&state, user.id, &user.username, TokenType::Refresh)?;
+        Ok(HttpResponse::Ok().json(json!({"access": access.0, "refresh": refresh.0})))
+    } else {
+        Ok(HttpResponse::Ok().json(json!({"access": access.0})))
+    }
+}
+
+/// `POST /api/token/verify/`: any valid token of ours (access or refresh, like SimpleJWT's
+/// untyped check); a blacklisted refresh token fails.
+async fn verify(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AuthState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
+    let [token] = required_strings(&body, ["token"])?;
+    let claims = state
+        .keys
+        .verification
+        .verify_untyped(&token)
+        .map_err(ApiError::TokenNotValid)?;
+    if claims.token_type == TokenType::Refresh
+        && tokens::is_blacklisted(&state.pool, claims.jti).await?
+    {
+        return Err(ApiError::TokenNotValid(TokenError::Revoked));
+    }
+    Ok(HttpResponse::Ok().json(json!({})))
+}
+
+/// `POST /api/token/blacklist/`: logs a refresh token out for good.
+async fn blacklist(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AuthState>,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
+    let [token] = required_strings(&body, ["refresh"])?;
+    let claims = state
+        .keys
+        .verification
+        .verify(&token, TokenType::Refresh)
+        .map_err(ApiError::TokenNotValid)?;
+    if !tokens::blacklist(&state.pool, blacklist_entry(&claims)).await? {
+        return Err(ApiError::TokenNotValid(TokenError::Revoked));
+    }
+    Ok(HttpResponse::Ok().json(json!({})))
+}
+
+/// `GET /api/token/jwks/`: the public verification keys (none when only HS256 is configured).
+async fn jwks(state: web::Data<AuthState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(("Cache-Control", "public, max-age=300"))
+        .json(state.keys.verification.jwks())
+}
+
+fn sign(
+    state: &AuthState,
+    user_id: i64,
+    username: &str,
+    token_type: TokenType,
+) -> Result<(String, Claims), ApiError> {
+    let now = Utc::now().timestamp();
+    let lifetime = match token_type {
+        TokenType::Access => state.access_lifetime_secs,
+        TokenType::Refresh => state.refresh_lifetime_secs,
+    };
+    let claims = Claims {
+        token_type,
+        exp: now + lifetime,
+        iat: now,
+        jti: new_jti(),
+        user_id,
+        username: username.to_owned(),
+    };
+    let token = state
+        .keys
+        .signing
+        .sign(&claims)
+        .map_err(|err| ApiError::Internal(format!("cannot sign token: {err}")))?;
+    state
+        .tokens_issued
+        .with_label_values(&[&token_type.to_string()])
+        .inc();
+    Ok((token, claims))
+}
+
+fn blacklist_entry(claims: &Claims) -> BlacklistEntry {
+    BlacklistEntry {
+        jti: claims.jti.clone(),
+        user_id: claims.user_id,
+        expires_at: Utc
+            .timestamp_opt(claims.exp, 0)
+            .single()
+            .unwrap_or_else(Utc::now),
+    }
+}
+
+/// The client's address for rate limiting. Behind the repo's NGINX the last `X-Forwarded-For`
+/// entry is the one NGINX appended (earlier ones come from the client and may be forged).
+fn client_address(req: &HttpRequest, trust_forwarded_for: bool) -> IpAddr {
+    let peer = req
+        .peer_addr()
+        .map(|addr| addr.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    if !trust_forwarded_for {
+        return peer;
+    }
+    req.headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer)
+}

@@ -1,0 +1,200 @@
+//! Building and running the server. Tests call [`Application::build`] exactly as `main` does, on
+//! port 0, and stop it with a future of their own.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{middleware, web, App, HttpServer};
+use common::config::ConfigError;
+use common::http::{health_routes, not_found, Readiness};
+use common::jwt::{JwtKeys, SecretPolicy};
+use common::metrics::{self, Metrics};
+
+use crate::ratelimit::LoginLimiter;
+use crate::routes::{self, AuthState};
+use crate::settings::Settings;
+
+/// Why the service could not start. Configuration errors exit with status 2, the rest with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How long start-up waits for PostgreSQL before giving up.
+const DATABASE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AuthState>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let policy = if settings.demo {
+            SecretPolicy::AllowDemoSecret
+        } else {
+            SecretPolicy::RequireConfigured
+        };
+        let (keys, uses_demo_secret) = JwtKeys::from_args(&settings.jwt, policy)?;
+        if uses_demo_secret {
+            tracing::warn!(
+                "demo mode: tokens are signed with the built-in demo secret, which anyone can read \
+                 in the source; set JWT_SECRET (or JWT_ALGORITHM=EdDSA) for any real use"
+            );
+        }
+        if settings.max_body_bytes == 0 {
+            return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0").into());
+        }
+        let pool = common::db::pool(&settings.database);
+        let redis = common::redis::pool(&settings.redis)?;
+
+        if settings.migrate {
+            migrate(&settings.database.database_url).await?;
+        }
+        if settings.demo {
+            crate::users::ensure_demo_user(&pool)
+                .await
+                .map_err(StartupError::Other)?;
+        }
+
+        let metrics = Metrics::new("auth-service");
+        let tokens_issued = metrics.counter_vec(
+            "auth_tokens_issued_total",
+            "Tokens issued, by token type.",
+            &["type"],
+        );
+        let login_failures = metrics.counter_vec(
+            "auth_login_failures_total",
+            "Refused logins, by reason.",
+            &["reason"],
+        );
+        let limiter_errors = metrics.counter_vec(
+            "auth_ratelimit_redis_errors_total",
+            "Redis errors of the login rate limiter (while failing, logins are not limited).",
+            &["operation"],
+        );
+        let dummy_hash = crate::passwords::hash_blocking(common::jwt::new_jti())
+            .await
+            .map_err(StartupError::Other)?;
+        let state = web::Data::new(AuthState {
+            pool: pool.clone(),
+            keys: Arc::new(keys),
+            limiter: LoginLimiter {
+                redis: redis.clone(),
+                key_prefix: settings.redis.redis_key_prefix.clone(),
+                max_per_user: settings.login_max_failures_per_user,
+                max_per_address: settings.login_max_failures_per_address,
+                window_secs: settings.login_failure_window_secs,
+                errors: limiter_errors,
+            },
+            access_lifetime_secs: lifetime(settings.jwt.access_token_lifetime_secs)?,
+            refresh_lifetime_secs: lifetime(settings.jwt.refresh_token_lifetime_secs)?,
+            rotate_refresh_tokens: settings.rotate_refresh_tokens,
+            blacklist_after_rotation: settings.blacklist_after_rotation,
+            max_body_bytes: settings.max_body_bytes,
+            trust_forwarded_for: settings.http.trust_forwarded_for,
+            dummy_hash,
+            tokens_issued,
+            login_failures,
+        });
+        let readiness = web::Data::new(Readiness {
+            database: Some(pool),
+            redis: Some(redis),
+        });
+        let metrics = web::Data::new(metrics);
+
+        let listener = TcpListener::bind(settings.http.listen_addr).map_err(|err| {
+            StartupError::Config(ConfigError::new(
+                "LISTEN_ADDR",
+                format!("cannot listen on {}: {err}", settings.http.listen_addr),
+            ))
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|err| StartupError::Other(err.to_string()))?
+            .port();
+        let server_state = state.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(server_state.clone())
+                .app_data(readiness.clone())
+                .app_data(metrics.clone())
+                .wrap(middleware::from_fn(metrics::record))
+                .configure(routes::config)
+                .configure(health_routes)
+                .default_service(web::to(not_found))
+        })
+        .disable_signals()
+        .shutdown_timeout(settings.http.shutdown_timeout_secs);
+        if settings.http.http_workers > 0 {
+            server = server.workers(settings.http.http_workers);
+        }
+        let server = server
+            .listen(listener)
+            .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?
+            .run();
+        tracing::info!(port, "auth-service listening");
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// (bounded by SHUTDOWN_TIMEOUT_SECS) and stops the background purge of the blacklist.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        let purge = tokio::spawn(purge_blacklist(self.state.clone()));
+        shutdown.await;
+        handle.stop(true).await;
+        purge.abort();
+        match server.await {
+            Ok(result) => result,
+            Err(err) => Err(std::io::Error::other(err)),
+        }
+    }
+}
+
+async fn migrate(database_url: &str) -> Result<(), StartupError> {
+    let url = database_url.to_owned();
+    let applied = tokio::task::spawn_blocking(move || common::db::migrate(&url, DATABASE_WAIT))
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .map_err(StartupError::Other)?;
+    if applied > 0 {
+        tracing::info!(applied, "database migrations applied");
+    }
+    Ok(())
+}
+
+fn lifetime(secs: u64) -> Result<i64, StartupError> {
+    i64::try_from(secs).map_err(|_| {
+        StartupError::Config(ConfigError::new("TOKEN_LIFETIME", "lifetime is too large"))
+    })
+}
+
+/// Expired tokens need no blacklist entry (they fail on `exp`), so the table is kept small.
+async fn purge_blacklist(state: web::Data<AuthState>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        interval.tick().await;
+        match common::db::tokens::purge_expired(&state.pool).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "purged expired blacklist entries"),
+            Err(err) => tracing::warn!(%err, "cannot purge expired blacklist entries"),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Creating users: the `create-user` command and the demo user of the reference's fixture.
+
+use common::db::users::{self, NewUser};
+use common::db::DbPool;
+
+pub const DEMO_USERNAME: &str = "admin";
+pub const DEMO_PASSWORD: &str = "letmein";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    Created,
+    Updated,
+    AlreadyExists,
+}
+
+/// Creates the user; an existing one is updated when `update` is set, else left alone.
+pub async fn create_user(
+    pool: &DbPool,
+    username: &str,
+    password: &str,
+    staff: bool,
+    update: bool,
+) -> Result<Created, String> {
+    validate_username(username)?;
+    if password.is_empty() {
+        return Err("the password must not be empty".into());
+    }
+    let password_hash = crate::passwords::hash_blocking(password.to_owned()).await?;
+    let inserted = users::create(
+        pool,
+        NewUser {
+            username: username.to_owned(),
+            password_hash: password_hash.clone(),
+            is_active: true,
+            is_staff: staff,
+        },
+    )
+    .await
+    .map_err(|err| err.to_string())?;
+    if inserted.is_some() {
+        return Ok(Created::Created);
+    }
+    if !update {
+        return Ok(Created::AlreadyExists);
+    }
+    users::update_credentials(pool, username.to_owned(), password_hash, staff)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(Created::Updated)
+}
+
+/// The demo user `admin`/`letmein` (staff), created only when absent.
+pub async fn ensure_demo_user(pool: &DbPool) -> Result<(), String> {
+    if users::find_by_username(pool, DEMO_USERNAME.to_owned())
+        .await
+        .map_err(|err| err.to_string())?
+        .is_some()
+    {
+        return Ok(());
+    }
+    create_user(pool, DEMO_USERNAME, DEMO_PASSWORD, true, false).await?;
+    tracing::warn!(
+        username = DEMO_USERNAME,
+        "demo mode: created the demo user with the well-known password"
+    );
+    Ok(())
+}
+
+/// Django's rule: at most 150 characters of letters, digits and `@.+-_`.
+pub fn validate_username(username: &str) -> Result<(), String> {
+    let ok = !username.is_empty()
+        && username.chars().count() <= 150
+        && username
+            .chars()
+            .all(|c| c.is_alphanumeric() || "@.+-_".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid username `{username}`: use 1-150 letters, digits and @.+-_"
+        ))
+    }
+}

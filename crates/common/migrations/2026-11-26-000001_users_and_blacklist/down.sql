@@ -1,0 +1,2 @@
+DROP TABLE blacklisted_tokens;
+DROP TABLE users;

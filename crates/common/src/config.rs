@@ -1,0 +1,203 @@
+//! Settings shared by every binary. Each is a clap argument that can also come from the environment,
+//! so `--help` documents every variable. A malformed or missing setting ends the process with one
+//! line that names it and exit code 2; nothing here panics.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Args, Parser, ValueEnum};
+
+/// A setting that was present but unusable (or absent where it is required), found after clap has
+/// parsed the arguments. `setting` is the environment variable name, which is what operators set.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(setting: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            setting,
+            message: message.into(),
+        }
+    }
+
+    /// Prints the one-line error and exits with status 2, the convention for usage errors.
+    pub fn exit(&self) -> ! {
+        eprintln!("error: {self}");
+        std::process::exit(2)
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration {}: {}", self.setting, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Parses the command line, printing `--help`/`--version` normally but any error as a single line
+/// (clap's own format spans several lines and hides which environment variable was at fault).
+pub fn parse_or_exit<T: Parser>() -> T {
+    match T::try_parse() {
+        Ok(parsed) => parsed,
+        Err(err) => match err.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => err.exit(),
+            _ => {
+                eprintln!("error: {}", one_line_clap_error(&err));
+                std::process::exit(2)
+            }
+        },
+    }
+}
+
+fn one_line_clap_error(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let first_line = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .trim_end_matches(':')
+        .to_owned();
+    match err.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => match arg_env_name(arg) {
+            Some(env) => format!("{first_line} (environment variable {env})"),
+            None => first_line,
+        },
+        // Missing required arguments: clap lists them on the following lines.
+        Some(ContextValue::Strings(args)) => {
+            let named: Vec<String> = args
+                .iter()
+                .map(|arg| match arg_env_name(arg) {
+                    Some(env) => format!("{arg} (environment variable {env})"),
+                    None => arg.clone(),
+                })
+                .collect();
+            format!("{first_line}: {}", named.join(", "))
+        }
+        _ => first_line,
+    }
+}
+
+// Flags are documented with their environment variable in `--help`; the error line repeats it
+// because in containers the variable, not the flag, is what an operator set.
+fn arg_env_name(arg: &str) -> Option<String> {
+    let flag = arg.split_whitespace().next()?.trim_start_matches('-');
+    if flag.is_empty() {
+        return None;
+    }
+    Some(flag.replace('-', "_").to_ascii_uppercase())
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, coloured when stderr is a terminal.
+    Pretty,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "pretty")]
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` EnvFilter syntax, e.g. `info,auth_service=debug`.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL connection URL, e.g. `postgres://user@127.0.0.1:5432/app`.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// Maximum number of pooled database connections per process.
+    #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_pool_size: u32,
+    /// How long a request waits for a pooled connection before failing, in seconds.
+    #[arg(long, env = "DATABASE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub database_timeout_secs: u64,
+}
+
+impl DatabaseArgs {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.database_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    pub redis_url: String,
+    /// Prefix of every Redis key and channel this process uses, so several deployments (or test
+    /// runs) can share one Redis.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "gqlws:")]
+    pub redis_key_prefix: String,
+    /// Maximum number of pooled Redis connections per process.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub redis_pool_size: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8001")]
+    pub listen_addr: SocketAddr,
+    /// Number of HTTP worker threads (0 = one per core).
+    #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
+    pub http_workers: usize,
+    /// How long in-flight requests may take to finish after SIGTERM, in seconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+    /// Trust the `X-Forwarded-For` header for the client address (set this only behind a proxy
+    /// such as the repo's NGINX, which overwrites it; otherwise clients could spoof it).
+    #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded_for: bool,
+}
+
+/// Settings of the JWT keys. Which of them are required depends on the algorithm; [`crate::jwt`]
+/// checks them and reports the missing one by name.
+#[derive(Debug, Clone, Args)]
+pub struct JwtArgs {
+    /// Signing algorithm of new tokens: `HS256` (shared secret) or `EdDSA` (Ed25519 private key).
+    #[arg(long, env = "JWT_ALGORITHM", default_value = "HS256")]
+    pub jwt_algorithm: String,
+    /// Shared HS256 secret (at least 32 bytes). Required for HS256 unless `--demo`.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM file of the Ed25519 (PKCS#8) private key that signs tokens, for EdDSA.
+    #[arg(long, env = "JWT_PRIVATE_KEY_FILE")]
+    pub jwt_private_key_file: Option<PathBuf>,
+    /// Key id (`kid`) written into every token's header. Defaults to a fingerprint of the key.
+    #[arg(long, env = "JWT_KEY_ID")]
+    pub jwt_key_id: Option<String>,
+    /// Further Ed25519 public keys that verify tokens, as `KID=PATH.pem`, comma-separated: the keys
+    /// of previous signing keys during a rotation.
+    #[arg(long, env = "JWT_VERIFY_KEYS", value_delimiter = ',')]
+    pub jwt_verify_keys: Vec<String>,
+    /// Algorithms accepted on verification, comma-separated. Defaults to the signing algorithm
+    /// (plus EdDSA when verification keys are given). Never taken from the token.
+    #[arg(long, env = "JWT_ACCEPTED_ALGORITHMS", value_delimiter = ',')]
+    pub jwt_accepted_algorithms: Vec<String>,
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, env = "ACCESS_TOKEN_LIFETIME_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub access_token_lifetime_secs: u64,
+    /// Lifetime of refresh tokens, in seconds.
+    #[arg(long, env = "REFRESH_TOKEN_LIFETIME_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub refresh_token_lifetime_secs: u64,
+    /// Clock skew tolerated when checking `exp`, in seconds (jsonwebtoken's default of 60 would keep
+    /// expired tokens alive for a minute).
+    #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
+    pub jwt_leeway_secs: u64,
+}

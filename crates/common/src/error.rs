@@ -1,0 +1,115 @@
+//! The error every HTTP handler returns. Its variants are the wire contract: each maps once, here,
+//! to a status code and a SimpleJWT/DRF-shaped body, and to a stable GraphQL `extensions.code`.
+//! Unexpected causes are logged with their detail and reach the client only as an opaque 500.
+
+use std::collections::BTreeMap;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::db::DbError;
+use crate::jwt::TokenError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no active account found with the given credentials")]
+    NoActiveAccount,
+    #[error("token is invalid or expired: {0}")]
+    TokenNotValid(TokenError),
+    #[error("invalid fields: {0:?}")]
+    FieldErrors(BTreeMap<String, Vec<String>>),
+    #[error("{detail}")]
+    BadRequest { detail: String, code: &'static str },
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("rate limited for {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("not found")]
+    NotFound,
+    #[error("dependency unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn field(name: &str, message: &str) -> Self {
+        let mut fields = BTreeMap::new();
+        fields.insert(name.to_owned(), vec![message.to_owned()]);
+        ApiError::FieldErrors(fields)
+    }
+
+    /// The `extensions.code` of the GraphQL error this becomes.
+    pub fn graphql_code(&self) -> &'static str {
+        match self {
+            ApiError::NoActiveAccount | ApiError::TokenNotValid(_) => "UNAUTHENTICATED",
+            ApiError::FieldErrors(_) | ApiError::BadRequest { .. } => "BAD_USER_INPUT",
+            ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            ApiError::RateLimited { .. } => "RATE_LIMITED",
+            ApiError::NotFound => "NOT_FOUND",
+            ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
+            ApiError::Internal(_) => "INTERNAL_SERVER_ERROR",
+        }
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Unavailable(msg) => ApiError::Unavailable(format!("database: {msg}")),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NoActiveAccount | ApiError::TokenNotValid(_) => StatusCode::UNAUTHORIZED,
+            ApiError::FieldErrors(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = match self {
+            ApiError::NoActiveAccount => json!({
+                "detail": "No active account found with the given credentials",
+                "code": "no_active_account",
+            }),
+            ApiError::TokenNotValid(reason) => {
+                tracing::debug!(%reason, "token refused");
+                json!({"detail": "Token is invalid or expired", "code": "token_not_valid"})
+            }
+            ApiError::FieldErrors(fields) => json!(fields),
+            ApiError::BadRequest { detail, code } => json!({"detail": detail, "code": code}),
+            ApiError::PayloadTooLarge { limit } => json!({
+                "detail": format!("Request body exceeds the limit of {limit} bytes."),
+                "code": "payload_too_large",
+            }),
+            ApiError::RateLimited { retry_after_secs } => json!({
+                "detail": format!("Request was throttled. Expected available in {retry_after_secs} seconds."),
+                "code": "throttled",
+            }),
+            ApiError::NotFound => json!({"detail": "Not found.", "code": "not_found"}),
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(%cause, "dependency unavailable");
+                json!({"detail": "Service temporarily unavailable, try again later.", "code": "service_unavailable"})
+            }
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                json!({"detail": "Internal server error.", "code": "internal_error"})
+            }
+        };
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        }
+        response.json(body)
+    }
+}
