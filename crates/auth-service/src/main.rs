@@ -67,10 +67,12 @@ async fn create_user_command(
         (common::jwt::new_jti(), true)
     };
     let url = settings.database.database_url.clone();
-    tokio::task::spawn_blocking(move || common::db::migrate(&url, std::time::Duration::from_secs(30)))
-        .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
-        .map_err(StartupError::Other)?;
+    tokio::task::spawn_blocking(move || {
+        common::db::migrate(&url, std::time::Duration::from_secs(30))
+    })
+    .await
+    .map_err(|err| StartupError::Other(err.to_string()))?
+    .map_err(StartupError::Other)?;
     let pool = common::db::pool(&settings.database);
     match create_user(&pool, username, &password, staff, update)
         .await
@@ -95,8 +97,9 @@ fn generate_key(out: &std::path::Path) -> Result<(), StartupError> {
     let (private, public) = common::jwt::generate_ed25519_pem().map_err(StartupError::Other)?;
     let public_path = out.with_extension("pub.pem");
     write_private(out, &private)?;
-    std::fs::write(&public_path, public)
-        .map_err(|err| StartupError::Other(format!("cannot write {}: {err}", public_path.display())))?;
+    std::fs::write(&public_path, public).map_err(|err| {
+        StartupError::Other(format!("cannot write {}: {err}", public_path.display()))
+    })?;
     println!(
         "wrote {} (private, mode 0600) and {}",
         out.display(),

@@ -26,7 +26,11 @@ impl LoginLimiter {
     fn keys(&self, username: &str, address: IpAddr) -> (String, String) {
         // Usernames are matched case-insensitively here so "Admin" and "admin" share one budget.
         (
-            format!("{}auth:login-fail:user:{}", self.key_prefix, username.to_lowercase()),
+            format!(
+                "{}auth:login-fail:user:{}",
+                self.key_prefix,
+                username.to_lowercase()
+            ),
             format!("{}auth:login-fail:addr:{}", self.key_prefix, address),
         )
     }
@@ -35,7 +39,10 @@ impl LoginLimiter {
     pub async fn check(&self, username: &str, address: IpAddr) -> Result<(), ApiError> {
         let (user_key, addr_key) = self.keys(username, address);
         let mut pipe = redis_client::pipe();
-        pipe.get(&user_key).ttl(&user_key).get(&addr_key).ttl(&addr_key);
+        pipe.get(&user_key)
+            .ttl(&user_key)
+            .get(&addr_key)
+            .ttl(&addr_key);
         let result: Result<(Option<u64>, i64, Option<u64>, i64), _> =
             redis::query(&self.redis, &pipe).await;
         let (user_count, user_ttl, addr_count, addr_ttl) = match result {
@@ -91,7 +98,8 @@ impl LoginLimiter {
     /// many accounts stays limited).
     pub async fn reset_user(&self, username: &str, address: IpAddr) {
         let (user_key, _) = self.keys(username, address);
-        if let Err(err) = redis::query::<()>(&self.redis, redis_client::cmd("DEL").arg(&user_key)).await
+        if let Err(err) =
+            redis::query::<()>(&self.redis, redis_client::cmd("DEL").arg(&user_key)).await
         {
             self.errors.with_label_values(&["reset"]).inc();
             tracing::warn!(%err, "cannot reset failed-login counter");

@@ -86,7 +86,10 @@ async fn obtain(
     let address = client_address(&req, state.trust_forwarded_for);
 
     if let Err(limited) = state.limiter.check(&username, address).await {
-        state.login_failures.with_label_values(&["rate_limited"]).inc();
+        state
+            .login_failures
+            .with_label_values(&["rate_limited"])
+            .inc();
         return Err(limited);
     }
     let user = users::find_by_username(&state.pool, username.clone()).await?;

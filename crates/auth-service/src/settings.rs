@@ -4,7 +4,12 @@ use clap::{Args, Parser, Subcommand};
 use common::config::{DatabaseArgs, HttpArgs, JwtArgs, LogArgs, RedisArgs};
 
 #[derive(Debug, Parser)]
-#[command(name = "auth-service", version, about = "Issues, refreshes, verifies and blacklists JWTs (SimpleJWT's REST contract).")]
+#[command(
+    name = "auth-service",
+    version,
+    args_override_self = true,
+    about = "Issues, refreshes, verifies and blacklists JWTs (SimpleJWT's REST contract)."
+)]
 pub struct Cli {
     #[command(flatten)]
     pub settings: Settings,

@@ -154,7 +154,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
     /// (bounded by SHUTDOWN_TIMEOUT_SECS) and stops the background purge of the blacklist.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         let purge = tokio::spawn(purge_blacklist(self.state.clone()));

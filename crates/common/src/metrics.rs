@@ -24,8 +24,11 @@ impl Metrics {
     pub fn new(service: &str) -> Self {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new("http_requests_total", "HTTP requests by route, method and status.")
-                .const_label("service", service),
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by route, method and status.",
+            )
+            .const_label("service", service),
             &["route", "method", "status"],
         )
         .expect("static metric definition is valid");

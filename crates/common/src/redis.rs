@@ -73,9 +73,7 @@ impl QueryAsync for redis::Cmd {
         &self,
         conn: &mut deadpool_redis::Connection,
     ) -> Result<T, RedisError> {
-        self.query_async(conn)
-            .await
-            .map_err(|err| classify(&err))
+        self.query_async(conn).await.map_err(|err| classify(&err))
     }
 }
 
@@ -84,9 +82,7 @@ impl QueryAsync for redis::Pipeline {
         &self,
         conn: &mut deadpool_redis::Connection,
     ) -> Result<T, RedisError> {
-        self.query_async(conn)
-            .await
-            .map_err(|err| classify(&err))
+        self.query_async(conn).await.map_err(|err| classify(&err))
     }
 }
 

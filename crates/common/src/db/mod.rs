@@ -54,15 +54,55 @@ where
         let mut conn: DbConn = pool
             .get()
             .map_err(|err| DbError::Unavailable(err.to_string()))?;
-        work(&mut conn).map_err(DbError::from)
+        work(&mut conn).map_err(|err| classify(err, &mut conn))
     })
     .await
     .map_err(|_| DbError::Cancelled)?
 }
 
+/// A short digest of the embedded migrations' names, so that test harnesses can keep one
+/// migrated template database per migration set.
+pub fn migration_fingerprint() -> String {
+    use diesel::migration::MigrationSource;
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    if let Ok(migrations) = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS) {
+        for migration in migrations {
+            hasher.update(migration.name().to_string().as_bytes());
+        }
+    }
+    hasher.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Tells a lost database (dropped connection, server shut down, database gone) from a failing
+/// query: a database error is followed by a `SELECT 1` on the same connection, and if that fails
+/// too the database is unavailable. Only the error path pays for the probe.
+fn classify(err: diesel::result::Error, conn: &mut PgConnection) -> DbError {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match &err {
+        Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
+            DbError::Unavailable(info.message().to_owned())
+        }
+        Error::DatabaseError(_, info) => {
+            if diesel::sql_query("SELECT 1").execute(conn).is_err() {
+                DbError::Unavailable(info.message().to_owned())
+            } else {
+                DbError::Query(err)
+            }
+        }
+        _ => DbError::Query(err),
+    }
+}
+
 /// `SELECT 1`, for `/readyz`.
 pub async fn ping(pool: &DbPool) -> Result<(), DbError> {
-    run(pool, |conn| diesel::sql_query("SELECT 1").execute(conn).map(|_| ())).await
+    run(pool, |conn| {
+        diesel::sql_query("SELECT 1").execute(conn).map(|_| ())
+    })
+    .await
 }
 
 /// Applies pending migrations, waiting up to `wait` for the database to accept connections (in a

@@ -41,8 +41,10 @@ pub async fn is_blacklisted(pool: &DbPool, jti: String) -> Result<bool, DbError>
 /// Deletes entries whose token has expired anyway; returns how many.
 pub async fn purge_expired(pool: &DbPool) -> Result<usize, DbError> {
     run(pool, move |conn| {
-        diesel::delete(blacklisted_tokens::table.filter(blacklisted_tokens::expires_at.lt(Utc::now())))
-            .execute(conn)
+        diesel::delete(
+            blacklisted_tokens::table.filter(blacklisted_tokens::expires_at.lt(Utc::now())),
+        )
+        .execute(conn)
     })
     .await
 }

@@ -1,0 +1,11 @@
+//! Integration tests of auth-service against real PostgreSQL and Redis. All modules compile into
+//! one binary so the crate is linked once.
+
+mod config;
+mod helpers;
+mod jwt_attacks;
+mod keys;
+mod obtain;
+mod operations;
+mod rate_limit;
+mod refresh;
