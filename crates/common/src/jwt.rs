@@ -248,6 +248,54 @@ impl VerificationKeys {
     }
 }
 
+/// The verification side alone, for services that never sign (api-service, the gateway).
+/// HS256: the shared `JWT_SECRET` (which could sign, by the nature of HMAC). EdDSA: only the public
+/// keys of `JWT_VERIFY_KEYS`; no private key is read. Returns whether the demo secret is in use.
+pub fn verification_keys_from_args(
+    args: &JwtArgs,
+    policy: SecretPolicy,
+) -> Result<(VerificationKeys, bool), ConfigError> {
+    let algorithm = parse_algorithm(&args.jwt_algorithm)
+        .map_err(|msg| ConfigError::new("JWT_ALGORITHM", msg))?;
+    if algorithm == Algorithm::HS256 {
+        let (keys, uses_demo_secret) = JwtKeys::from_args(args, policy)?;
+        return Ok((keys.verification, uses_demo_secret));
+    }
+    let mut keys = HashMap::new();
+    for entry in args
+        .jwt_verify_keys
+        .iter()
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+    {
+        let (kid, path) = entry.split_once('=').ok_or_else(|| {
+            ConfigError::new("JWT_VERIFY_KEYS", format!("`{entry}` is not KID=PATH"))
+        })?;
+        let pem = read_pem(Path::new(path), "JWT_VERIFY_KEYS")?;
+        let public = ed25519_dalek::VerifyingKey::from_public_key_pem(&pem).map_err(|_| {
+            ConfigError::new(
+                "JWT_VERIFY_KEYS",
+                format!("{path} is not an SPKI PEM Ed25519 public key"),
+            )
+        })?;
+        keys.insert(kid.to_owned(), ed25519_verify_key(kid, &public)?);
+    }
+    if keys.is_empty() {
+        return Err(ConfigError::new(
+            "JWT_VERIFY_KEYS",
+            "required for EdDSA when JWKS_URL is not set (KID=PATH of each public key)",
+        ));
+    }
+    Ok((
+        VerificationKeys {
+            keys,
+            accepted: vec![Algorithm::EdDSA],
+            leeway_secs: args.jwt_leeway_secs,
+        },
+        false,
+    ))
+}
+
 /// Everything the JWT settings produce: the signing key (when this process signs) and the keys
 /// that verify.
 #[derive(Debug)]

@@ -1,6 +1,8 @@
 //! PostgreSQL through diesel: the pool, the embedded migrations and the queries. No other module or
 //! crate imports diesel, so the storage can change in one place.
 
+pub mod cars;
+pub mod outbox;
 pub mod schema;
 pub mod tokens;
 pub mod users;

@@ -20,4 +20,31 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(users, blacklisted_tokens);
+diesel::table! {
+    cars (id) {
+        id -> Int8,
+        make -> Varchar,
+        model -> Varchar,
+        variant -> Varchar,
+        year -> Varchar,
+        owner_id -> Nullable<Int8>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    event_outbox (id) {
+        id -> Int8,
+        event_id -> Varchar,
+        event_type -> Varchar,
+        payload -> Text,
+        created_at -> Timestamptz,
+        locked_until -> Nullable<Timestamptz>,
+        attempts -> Int4,
+    }
+}
+
+diesel::joinable!(cars -> users (owner_id));
+
+diesel::allow_tables_to_appear_in_same_query!(users, blacklisted_tokens, cars, event_outbox);

@@ -1,0 +1,433 @@
+//! `/graphql` and `/graphql/` over HTTP, as GraphQL-over-HTTP describes: `POST` with a JSON body
+//! (one operation, or a bounded batch as a JSON array), `GET` with `query`, `operationName` and
+//! `variables` parameters for queries; a browser's `GET` (Accept: text/html) gets GraphQL
+//! Playground, pointed at the same URL for HTTP and websocket. GraphiQL is at `/graphiql`.
+//!
+//! Responses are `application/json` with status 200 for every well-formed request (errors in
+//! `errors`), unless the client accepts `application/graphql-response+json`, which gets 400 for a
+//! document that fails to parse or validate. Malformed HTTP requests get 400, 405, 413 or 415.
+
+use std::sync::Arc;
+
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use common::auth::TokenVerifier;
+use common::graphql::{extensions, Context, Schema, SUBSCRIPTION_OVER_HTTP};
+use common::repository::Store;
+use futures_util::StreamExt as _;
+use juniper::http::GraphQLRequest;
+use juniper::{DefaultScalarValue, GraphQLError, OperationType, ParseError, ValidatedOperation};
+use serde::Deserialize;
+use serde_json::{json, Value as Json};
+
+/// What the handlers share; built once by [`crate::startup::Application::build`].
+pub struct ApiState {
+    pub schema: Arc<Schema>,
+    pub store: Store,
+    pub verifier: TokenVerifier,
+    pub max_body_bytes: usize,
+    pub max_batch_size: usize,
+    pub playground: bool,
+}
+
+pub fn config(cfg: &mut web::ServiceConfig) {
+    for path in ["/graphql", "/graphql/"] {
+        cfg.service(
+            web::resource(path)
+                .route(web::post().to(graphql_post))
+                .route(web::get().to(graphql_get))
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+    for path in ["/graphiql", "/graphiql/", "/graphql/graphiql"] {
+        cfg.route(path, web::get().to(graphiql));
+    }
+}
+
+const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
+
+/// How the response is framed: the legacy `application/json` (always 200 for a well-formed
+/// request) or `application/graphql-response+json` (400 when the document is invalid).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Json,
+    GraphQLResponse,
+}
+
+fn framing(req: &HttpRequest) -> Framing {
+    let accept = header_str(req, header::ACCEPT).unwrap_or("");
+    if accept.contains(GRAPHQL_RESPONSE_JSON) {
+        Framing::GraphQLResponse
+    } else {
+        Framing::Json
+    }
+}
+
+/// The outcome of one operation: its JSON result and whether the request itself was invalid
+/// (nothing executed).
+struct Outcome {
+    body: Json,
+    request_error: bool,
+}
+
+async fn graphql_post(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<ApiState>,
+) -> HttpResponse {
+    let framing = framing(&req);
+    let mime = header_str(&req, header::CONTENT_TYPE)
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    if mime != "application/json" {
+        let shown = if mime.is_empty() { "none" } else { &mime };
+        return http_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &format!("unsupported Content-Type \"{shown}\": send application/json"),
+            "UNSUPPORTED_MEDIA_TYPE",
+        );
+    }
+    let body = match read_body(&req, payload, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let document: Json = match serde_json::from_slice(&body) {
+        Ok(document) => document,
+        Err(err) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body is not valid JSON: {err}"),
+                "BAD_REQUEST",
+            )
+        }
+    };
+    let context = context(&req, &state).await;
+    match document {
+        Json::Array(items) => {
+            if state.max_batch_size == 0 {
+                return http_error(
+                    StatusCode::BAD_REQUEST,
+                    "batched requests are not accepted: send one operation per request",
+                    "BATCH_NOT_ACCEPTED",
+                );
+            }
+            if items.is_empty() || items.len() > state.max_batch_size {
+                return http_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "a batch must hold 1 to {} operations; this one holds {}",
+                        state.max_batch_size,
+                        items.len()
+                    ),
+                    "BATCH_TOO_LARGE",
+                );
+            }
+            let mut results = Vec::with_capacity(items.len());
+            for item in items {
+                let outcome = match parse_request(item) {
+                    Ok(request) => execute(&state, &request, &context, &Method::POST).await,
+                    Err(message) => Outcome {
+                        body: error_body(&message, "BAD_REQUEST"),
+                        request_error: true,
+                    },
+                };
+                results.push(outcome.body);
+            }
+            respond(framing, StatusCode::OK, Json::Array(results))
+        }
+        item => match parse_request(item) {
+            Ok(request) => {
+                let outcome = execute(&state, &request, &context, &Method::POST).await;
+                respond_outcome(framing, outcome)
+            }
+            Err(message) => http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST"),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+struct GetParams {
+    query: Option<String>,
+    #[serde(rename = "operationName")]
+    operation_name: Option<String>,
+    variables: Option<String>,
+}
+
+async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
+    let params = match web::Query::<GetParams>::from_query(req.query_string()) {
+        Ok(params) => params.into_inner(),
+        Err(err) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                &format!("malformed query string: {err}"),
+                "BAD_REQUEST",
+            )
+        }
+    };
+    let Some(query) = params.query else {
+        let accept = header_str(&req, header::ACCEPT).unwrap_or("");
+        if state.playground && accept.contains("text/html") {
+            return html(playground_page());
+        }
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "missing `query` parameter (open this URL in a browser for GraphQL Playground)",
+            "BAD_REQUEST",
+        );
+    };
+    let variables = match params.variables.as_deref().map(serde_json::from_str::<Json>) {
+        None => None,
+        Some(Ok(Json::Null)) => None,
+        Some(Ok(variables @ Json::Object(_))) => Some(variables),
+        Some(Ok(_)) | Some(Err(_)) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                "`variables` must be a JSON object",
+                "BAD_REQUEST",
+            )
+        }
+    };
+    let request = match parse_request(json!({
+        "query": query,
+        "operationName": params.operation_name,
+        "variables": variables,
+    })) {
+        Ok(request) => request,
+        Err(message) => return http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST"),
+    };
+    let context = context(&req, &state).await;
+    let outcome = execute(&state, &request, &context, &Method::GET).await;
+    if outcome.body["errors"][0]["extensions"]["code"] == "METHOD_NOT_ALLOWED" {
+        return HttpResponse::MethodNotAllowed()
+            .insert_header((header::ALLOW, "POST"))
+            .json(outcome.body);
+    }
+    respond_outcome(framing(&req), outcome)
+}
+
+async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, "GET, POST"))
+        .json(error_body(
+            &format!("method {} is not allowed: use POST (or GET for queries)", req.method()),
+            "METHOD_NOT_ALLOWED",
+        ))
+}
+
+async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
+    if !state.playground {
+        return HttpResponse::NotFound().json(error_body("not found", "NOT_FOUND"));
+    }
+    html(juniper::http::graphiql::graphiql_source(
+        "/graphql/",
+        Some("/graphql/"),
+    ))
+}
+
+/// Verifies the `Authorization` header once per HTTP request; resolvers see the outcome.
+async fn context(req: &HttpRequest, state: &ApiState) -> Context {
+    let auth = state
+        .verifier
+        .authenticate(header_str(req, header::AUTHORIZATION))
+        .await;
+    Context::new(auth).with_store(state.store.clone())
+}
+
+/// A JSON object with a `query` string, optional `operationName` and `variables`.
+fn parse_request(item: Json) -> Result<GraphQLRequest, String> {
+    let Json::Object(map) = &item else {
+        return Err("the request must be a JSON object with a `query` string".into());
+    };
+    match map.get("query") {
+        Some(Json::String(_)) => {}
+        None | Some(Json::Null) => return Err("the request has no `query`".into()),
+        Some(_) => return Err("`query` must be a string".into()),
+    }
+    if !matches!(map.get("variables"), None | Some(Json::Null) | Some(Json::Object(_))) {
+        return Err("`variables` must be a JSON object".into());
+    }
+    if !matches!(
+        map.get("operationName"),
+        None | Some(Json::Null) | Some(Json::String(_))
+    ) {
+        return Err("`operationName` must be a string".into());
+    }
+    serde_json::from_value(item).map_err(|err| format!("malformed request: {err}"))
+}
+
+/// Parses (within the document limits), validates and executes one operation.
+async fn execute(
+    state: &ApiState,
+    request: &GraphQLRequest,
+    context: &Context,
+    method: &Method,
+) -> Outcome {
+    let operation =
+        match ValidatedOperation::new(&request.query, request.operation_name.as_deref(), &state.schema) {
+            Ok(operation) => operation,
+            Err(err) => {
+                return Outcome {
+                    body: json!({ "errors": graphql_errors(&err) }),
+                    request_error: true,
+                }
+            }
+        };
+    match operation.operation_type() {
+        OperationType::Subscription => {
+            return Outcome {
+                body: error_body(SUBSCRIPTION_OVER_HTTP, "SUBSCRIPTION_OVER_HTTP"),
+                request_error: true,
+            }
+        }
+        OperationType::Mutation if method == Method::GET => {
+            return Outcome {
+                body: error_body("mutations must be sent with POST", "METHOD_NOT_ALLOWED"),
+                request_error: true,
+            }
+        }
+        _ => {}
+    }
+    let variables = request.variables();
+    match operation.execute(&variables, context).await {
+        Ok((data, errors)) => {
+            let mut body = json!({ "data": data });
+            if !errors.is_empty() {
+                body["errors"] = serde_json::to_value(&errors).unwrap_or_default();
+            }
+            Outcome {
+                body,
+                request_error: false,
+            }
+        }
+        Err(err) => Outcome {
+            body: json!({ "errors": graphql_errors(&err) }),
+            request_error: true,
+        },
+    }
+}
+
+/// juniper's request-level errors, each with an `extensions.code`.
+fn graphql_errors(err: &GraphQLError) -> Json {
+    let code = match err {
+        GraphQLError::ParseError(parse) => match parse.item {
+            ParseError::DepthLimitExceeded(_) => "QUERY_TOO_DEEP",
+            ParseError::FieldLimitExceeded(_) => "QUERY_TOO_COMPLEX",
+            ParseError::TokenLimitExceeded(_) => "QUERY_TOO_LARGE",
+            _ => "GRAPHQL_PARSE_FAILED",
+        },
+        GraphQLError::ValidationError(_) => "GRAPHQL_VALIDATION_FAILED",
+        _ => "BAD_REQUEST",
+    };
+    let mut errors = serde_json::to_value(err).unwrap_or_else(|_| json!([{"message": err.to_string()}]));
+    if let Json::Array(items) = &mut errors {
+        for item in items {
+            if let Json::Object(map) = item {
+                map.insert(
+                    "extensions".into(),
+                    serde_json::to_value(extensions::<DefaultScalarValue>(code))
+                        .unwrap_or_default(),
+                );
+            }
+        }
+    }
+    errors
+}
+
+fn error_body(message: &str, code: &str) -> Json {
+    json!({ "errors": [{ "message": message, "extensions": { "code": code } }] })
+}
+
+fn respond_outcome(framing: Framing, outcome: Outcome) -> HttpResponse {
+    let status = if outcome.request_error && framing == Framing::GraphQLResponse {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
+    respond(framing, status, outcome.body)
+}
+
+fn respond(framing: Framing, status: StatusCode, body: Json) -> HttpResponse {
+    let content_type = match framing {
+        Framing::Json => "application/json",
+        Framing::GraphQLResponse => GRAPHQL_RESPONSE_JSON,
+    };
+    HttpResponse::build(status)
+        .content_type(content_type)
+        .body(body.to_string())
+}
+
+fn http_error(status: StatusCode, message: &str, code: &str) -> HttpResponse {
+    HttpResponse::build(status).json(error_body(message, code))
+}
+
+fn html(page: String) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(page)
+}
+
+/// The body, refused with 413 when over `limit` (checked against Content-Length first, then while
+/// streaming, so an oversized body is never buffered whole).
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, HttpResponse> {
+    let too_large = || {
+        http_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body exceeds the limit of {limit} bytes"),
+            "PAYLOAD_TOO_LARGE",
+        )
+    };
+    let declared = header_str(req, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|err| {
+            http_error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {err}"),
+                "BAD_REQUEST",
+            )
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// GraphQL Playground (the reference's IDE), pointed at the page's own URL for both HTTP and the
+/// websocket, so it works on any host and behind NGINX (`ws:` or `wss:` follows the page).
+pub fn playground_page() -> String {
+    const ENDPOINT: &str = "__API_SERVICE_ENDPOINT__";
+    const SUBSCRIPTIONS: &str = "__API_SERVICE_SUBSCRIPTIONS__";
+    juniper::http::playground::playground_source(ENDPOINT, Some(SUBSCRIPTIONS))
+        .replace(&format!("'{ENDPOINT}'"), "location.pathname")
+        .replace(
+            &format!("'{SUBSCRIPTIONS}'"),
+            "(location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + location.pathname",
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn playground_points_at_its_own_url() {
+        let page = playground_page();
+        assert!(page.contains("endpoint: location.pathname"), "{page}");
+        assert!(page.contains("'wss://' : 'ws://') + location.host + location.pathname"));
+        assert!(!page.contains("__API_SERVICE"));
+    }
+}

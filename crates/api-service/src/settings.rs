@@ -1,0 +1,93 @@
+//! Every setting of api-service, from flags or the environment (`api-service --help` lists them).
+
+use clap::{Args, Parser, Subcommand};
+use common::config::{DatabaseArgs, HttpArgs, JwtArgs, LogArgs, RedisArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "api-service",
+    version,
+    about = "GraphQL queries and mutations over HTTP, with JWT auth; publishes an event per write.",
+    // The shared HTTP settings default to auth-service's port; this service listens on :8002.
+    mut_arg("listen_addr", |arg| arg.default_value("127.0.0.1:8002"))
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve GraphQL (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Give a car a random make (Skoda, Skoda Autogroup or Skoda (VAG)) through the same write
+    /// path as `updateCar`, so subscribers see an update; prints what changed.
+    TriggerEvent {
+        /// The car's id.
+        #[arg(long, default_value_t = 1)]
+        pk: i64,
+    },
+    /// Print the GraphQL schema (SDL), as checked in at schema.graphql.
+    PrintSchema,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// Verify tokens with auth-service's public keys from this JWKS URL (EdDSA), e.g.
+    /// `http://auth-service:8001/api/token/jwks/`, instead of the JWT_* key settings. The keys are
+    /// cached and fetched again when a token names an unknown key.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Least time between two JWKS fetches, in seconds.
+    #[arg(long, env = "JWKS_MIN_REFETCH_SECS", default_value_t = 10)]
+    pub jwks_min_refetch_secs: u64,
+    /// Age of the cached JWKS after which it is fetched again, in seconds.
+    #[arg(long, env = "JWKS_MAX_AGE_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jwks_max_age_secs: u64,
+    /// Demo mode: allow the built-in demo JWT secret (a warning is printed) and create the demo
+    /// user and cars (Car 1 Skoda Octavia Scout 2011, Car 2 Skoda Octavia Tour 2007). Never in
+    /// production.
+    #[arg(long, env = "DEMO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub demo: bool,
+    /// Apply pending migrations at start.
+    #[arg(long, env = "MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+    /// Serve GraphQL Playground (and GraphiQL) to browsers.
+    #[arg(long, env = "PLAYGROUND", default_value_t = true, action = clap::ArgAction::Set)]
+    pub playground: bool,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(1..=16_777_216))]
+    pub max_body_bytes: u64,
+    /// Most operations in one batched request (a JSON array); 0 refuses batches.
+    #[arg(long, env = "MAX_BATCH_SIZE", default_value_t = 10)]
+    pub max_batch_size: usize,
+    /// Deepest nesting of selections a document may have (fragments expanded).
+    #[arg(long, env = "MAX_QUERY_DEPTH", default_value_t = 24, value_parser = clap::value_parser!(u64).range(2..=200))]
+    pub max_query_depth: u64,
+    /// Most fields (aliases included, fragments expanded) an operation may select.
+    #[arg(long, env = "MAX_QUERY_FIELDS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_query_fields: u64,
+    /// Most tokens a document may have.
+    #[arg(long, env = "MAX_QUERY_TOKENS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+    pub max_query_tokens: u64,
+    /// How often the outbox relay looks for events that were not published, in milliseconds.
+    #[arg(long, env = "OUTBOX_RELAY_INTERVAL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub outbox_relay_interval_ms: u64,
+    /// How long the writer of an event owns it before a relay may publish it, in seconds.
+    #[arg(long, env = "OUTBOX_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub outbox_lease_secs: u64,
+}

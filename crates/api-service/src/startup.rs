@@ -1,0 +1,204 @@
+//! Building and running the server. Tests call [`Application::build`] exactly as `main` does, on
+//! port 0, and stop it with a future of their own.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{middleware, web, App, HttpServer};
+use common::auth::{JwksSettings, TokenVerifier};
+use common::config::ConfigError;
+use common::events::RedisBus;
+use common::graphql::DocumentLimits;
+use common::http::{health_routes, not_found, Readiness};
+use common::jwt::SecretPolicy;
+use common::metrics::{self, Metrics};
+use common::repository::{OutboxConfig, Store};
+
+use crate::routes::{self, ApiState};
+use crate::settings::Settings;
+
+/// Why the service could not start. Configuration errors exit with status 2, the rest with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How long start-up waits for PostgreSQL before giving up.
+const DATABASE_WAIT: Duration = Duration::from_secs(30);
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    store: Store,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let verifier = verifier(&settings).await?;
+        let max_body_bytes = usize::try_from(settings.max_body_bytes)
+            .map_err(|_| ConfigError::new("MAX_BODY_BYTES", "too large"))?;
+        let limits = DocumentLimits {
+            max_depth: settings.max_query_depth as usize,
+            max_fields: settings.max_query_fields as usize,
+            max_tokens: settings.max_query_tokens as usize,
+        };
+        let pool = common::db::pool(&settings.database);
+        let redis = common::redis::pool(&settings.redis)?;
+        if settings.migrate {
+            migrate(&settings.database.database_url).await?;
+        }
+        if settings.demo {
+            common::db::cars::seed_demo(&pool)
+                .await
+                .map_err(|err| StartupError::Other(format!("cannot create the demo data: {err}")))?;
+            tracing::warn!("demo mode: demo user and cars are present");
+        }
+
+        let metrics = Metrics::new("api-service");
+        let store = store(&settings, pool.clone(), redis.clone(), &metrics);
+        let state = web::Data::new(ApiState {
+            schema: Arc::new(common::graphql::schema(limits)),
+            store: store.clone(),
+            verifier,
+            max_body_bytes,
+            max_batch_size: settings.max_batch_size,
+            playground: settings.playground,
+        });
+        let readiness = web::Data::new(Readiness {
+            database: Some(pool),
+            redis: Some(redis),
+        });
+        let metrics = web::Data::new(metrics);
+
+        let listener = TcpListener::bind(settings.http.listen_addr).map_err(|err| {
+            StartupError::Config(ConfigError::new(
+                "LISTEN_ADDR",
+                format!("cannot listen on {}: {err}", settings.http.listen_addr),
+            ))
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|err| StartupError::Other(err.to_string()))?
+            .port();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(readiness.clone())
+                .app_data(metrics.clone())
+                .wrap(middleware::from_fn(metrics::record))
+                .configure(routes::config)
+                .configure(health_routes)
+                .default_service(web::to(not_found))
+        })
+        .disable_signals()
+        .shutdown_timeout(settings.http.shutdown_timeout_secs);
+        if settings.http.http_workers > 0 {
+            server = server.workers(settings.http.http_workers);
+        }
+        let server = server
+            .listen(listener)
+            .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?
+            .run();
+        tracing::info!(port, "api-service listening");
+        Ok(Self {
+            port,
+            server,
+            store,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// (bounded by SHUTDOWN_TIMEOUT_SECS) and stops the outbox relay. Events still in the outbox
+    /// are published by the next process that runs a relay.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+        let relay = tokio::spawn(common::repository::run_relay(self.store, async move {
+            let _ = relay_stopped.await;
+        }));
+        shutdown.await;
+        handle.stop(true).await;
+        let _ = stop_relay.send(());
+        let _ = relay.await;
+        match server.await {
+            Ok(result) => result,
+            Err(err) => Err(std::io::Error::other(err)),
+        }
+    }
+}
+
+/// The store (database, Redis bus, outbox timing) as `serve` and `trigger-event` use it.
+pub fn store(
+    settings: &Settings,
+    pool: common::db::DbPool,
+    redis: common::redis::RedisPool,
+    metrics: &Metrics,
+) -> Store {
+    let bus = Arc::new(RedisBus::new(redis, settings.redis.redis_key_prefix.clone()));
+    let config = OutboxConfig {
+        relay_interval: Duration::from_millis(settings.outbox_relay_interval_ms),
+        lease: Duration::from_secs(settings.outbox_lease_secs),
+    };
+    Store::new(pool, bus, config, metrics)
+}
+
+/// The token verifier: auth-service's JWKS when JWKS_URL is set (no secret or private key is
+/// needed then), else the JWT_* settings, verification side only.
+async fn verifier(settings: &Settings) -> Result<TokenVerifier, StartupError> {
+    if let Some(url) = &settings.jwks_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::new("JWKS_URL", "must be an http:// URL").into());
+        }
+        if url.starts_with("https://") {
+            // awc is built without TLS: the JWKS is fetched inside the deployment's network.
+            return Err(ConfigError::new(
+                "JWKS_URL",
+                "https is not supported; use auth-service's internal http:// address",
+            )
+            .into());
+        }
+        return Ok(TokenVerifier::from_jwks(JwksSettings {
+            url: url.clone(),
+            leeway_secs: settings.jwt.jwt_leeway_secs,
+            min_refetch_interval: Duration::from_secs(settings.jwks_min_refetch_secs),
+            max_age: Duration::from_secs(settings.jwks_max_age_secs),
+        })
+        .await);
+    }
+    let policy = if settings.demo {
+        SecretPolicy::AllowDemoSecret
+    } else {
+        SecretPolicy::RequireConfigured
+    };
+    let (keys, uses_demo_secret) = common::jwt::verification_keys_from_args(&settings.jwt, policy)?;
+    if uses_demo_secret {
+        tracing::warn!(
+            "demo mode: tokens are verified with the built-in demo secret, which anyone can read \
+             in the source; set JWT_SECRET (or JWKS_URL) for any real use"
+        );
+    }
+    Ok(TokenVerifier::from_keys(keys))
+}
+
+pub async fn migrate(database_url: &str) -> Result<(), StartupError> {
+    let url = database_url.to_owned();
+    let applied = tokio::task::spawn_blocking(move || common::db::migrate(&url, DATABASE_WAIT))
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .map_err(StartupError::Other)?;
+    if applied > 0 {
+        tracing::info!(applied, "database migrations applied");
+    }
+    Ok(())
+}

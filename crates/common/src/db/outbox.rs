@@ -1,0 +1,124 @@
+//! The `event_outbox` table: events committed with their change and not yet known to be on the
+//! bus. Rows are leased (`locked_until`) rather than locked, so that the same statements work on
+//! PostgreSQL and SQLite and a publisher that dies simply lets its lease run out.
+
+use chrono::{DateTime, Duration, Utc};
+use diesel::prelude::*;
+
+use super::schema::event_outbox;
+use super::{run, DbError, DbPool};
+
+/// An outbox row to insert inside the write's transaction.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = event_outbox)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub event_type: String,
+    /// The serialized envelope, exactly as it will be published.
+    pub payload: String,
+    /// The writer's lease: until then only the writer publishes it (right after commit).
+    pub locked_until: Option<DateTime<Utc>>,
+}
+
+/// An unpublished event claimed by a relay.
+#[derive(Debug, Clone, Queryable)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub event_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub attempts: i32,
+}
+
+/// Inserts the row in the caller's transaction.
+pub(crate) fn insert(conn: &mut PgConnection, event: NewEvent) -> QueryResult<PendingEvent> {
+    let id = diesel::insert_into(event_outbox::table)
+        .values(&event)
+        .returning(event_outbox::id)
+        .get_result(conn)?;
+    Ok(PendingEvent {
+        id,
+        event_id: event.event_id,
+        event_type: event.event_type,
+        payload: event.payload,
+        attempts: 0,
+    })
+}
+
+/// Removes a published event.
+pub async fn delete(pool: &DbPool, id: i64) -> Result<(), DbError> {
+    run(pool, move |conn| {
+        diesel::delete(event_outbox::table.filter(event_outbox::id.eq(id)))
+            .execute(conn)
+            .map(|_| ())
+    })
+    .await
+}
+
+/// Sets the lease of an event whose publication failed to `retry_at`, when a relay may try again
+/// (`None`: at once).
+pub async fn release(
+    pool: &DbPool,
+    id: i64,
+    retry_at: Option<DateTime<Utc>>,
+) -> Result<(), DbError> {
+    run(pool, move |conn| {
+        diesel::update(event_outbox::table.filter(event_outbox::id.eq(id)))
+            .set(event_outbox::locked_until.eq(retry_at))
+            .execute(conn)
+            .map(|_| ())
+    })
+    .await
+}
+
+/// Claims up to `limit` events whose lease has run out, oldest first, leasing each for `lease`.
+/// Each claim is a conditional UPDATE, so of two relays racing for a row exactly one gets it.
+pub async fn claim_due(
+    pool: &DbPool,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<PendingEvent>, DbError> {
+    run(pool, move |conn| {
+        let now = Utc::now();
+        let due = || {
+            event_outbox::locked_until
+                .is_null()
+                .or(event_outbox::locked_until.lt(now))
+        };
+        let candidates: Vec<i64> = event_outbox::table
+            .filter(due())
+            .order(event_outbox::id.asc())
+            .limit(limit)
+            .select(event_outbox::id)
+            .load(conn)?;
+        let mut claimed = Vec::with_capacity(candidates.len());
+        for id in candidates {
+            let row = diesel::update(
+                event_outbox::table
+                    .filter(event_outbox::id.eq(id))
+                    .filter(due()),
+            )
+            .set((
+                event_outbox::locked_until.eq(now + lease),
+                event_outbox::attempts.eq(event_outbox::attempts + 1),
+            ))
+            .returning((
+                event_outbox::id,
+                event_outbox::event_id,
+                event_outbox::event_type,
+                event_outbox::payload,
+                event_outbox::attempts,
+            ))
+            .get_result::<PendingEvent>(conn)
+            .optional()?;
+            claimed.extend(row);
+        }
+        Ok(claimed)
+    })
+    .await
+}
+
+/// How many events wait to be published (for `/metrics` and the tests).
+pub async fn pending_count(pool: &DbPool) -> Result<i64, DbError> {
+    run(pool, |conn| event_outbox::table.count().get_result(conn)).await
+}

@@ -1,0 +1,203 @@
+//! The one write path for cars (where the reference used Django model signals): each write commits
+//! the change and its event together (the outbox), publishes the event right after commit, and
+//! [`run_relay`] re-publishes whatever that did not get out (Redis down, process killed between
+//! commit and publish). Delivery is therefore at-least-once; the envelope `id` lets consumers
+//! drop duplicates. Events that the relay publishes after an outage may arrive after newer ones.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use prometheus::IntCounterVec;
+
+use crate::db::cars::{self, Actor, Car, CarChanges, EventDraft, NewCar, WriteError};
+use crate::db::outbox::{self, NewEvent};
+use crate::db::DbPool;
+use crate::events::{Envelope, EventBus, EventType};
+use crate::metrics::Metrics;
+
+/// Timing of the outbox. The defaults suit production; tests shorten them.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxConfig {
+    /// How often the relay looks for events that were not published.
+    pub relay_interval: Duration,
+    /// How long a writer (or a relay) owns an event it is publishing before others may take it.
+    pub lease: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            relay_interval: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The database, the bus and the outbox settings; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub pool: DbPool,
+    bus: Arc<dyn EventBus>,
+    config: OutboxConfig,
+    /// Published events by path (`inline` right after commit, `relay` later) and failures.
+    published: IntCounterVec,
+}
+
+impl Store {
+    pub fn new(
+        pool: DbPool,
+        bus: Arc<dyn EventBus>,
+        config: OutboxConfig,
+        metrics: &Metrics,
+    ) -> Self {
+        let published = metrics.counter_vec(
+            "events_published_total",
+            "Events published to the bus, by path (inline after commit, or relay) and outcome.",
+            &["path", "outcome"],
+        );
+        Self {
+            pool,
+            bus,
+            config,
+            published,
+        }
+    }
+
+    pub fn config(&self) -> OutboxConfig {
+        self.config
+    }
+
+    pub async fn create_car(&self, owner_id: i64, new: NewCar) -> Result<Car, WriteError> {
+        let (car, event) =
+            cars::create(&self.pool, owner_id, new, self.draft(EventType::CarCreated)).await?;
+        self.publish(event, "inline").await;
+        Ok(car)
+    }
+
+    pub async fn update_car(
+        &self,
+        actor: Actor,
+        id: i64,
+        changes: CarChanges,
+    ) -> Result<Car, WriteError> {
+        let (car, event) = cars::update(
+            &self.pool,
+            actor,
+            id,
+            changes,
+            self.draft(EventType::CarUpdated),
+        )
+        .await?;
+        self.publish(event, "inline").await;
+        Ok(car)
+    }
+
+    pub async fn delete_car(&self, actor: Actor, id: i64) -> Result<Car, WriteError> {
+        let (car, event) =
+            cars::delete(&self.pool, actor, id, self.draft(EventType::CarDeleted)).await?;
+        self.publish(event, "inline").await;
+        Ok(car)
+    }
+
+    /// The outbox row of a write, leased to this process so that no relay publishes it while
+    /// we do.
+    fn draft(&self, event_type: EventType) -> EventDraft {
+        let lease = lease(self.config.lease);
+        Box::new(move |car: &Car| {
+            let envelope = Envelope::new(event_type, car.clone());
+            let payload = serde_json::to_string(&envelope)
+                .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
+            Ok(NewEvent {
+                event_id: envelope.id,
+                event_type: event_type.as_str().to_owned(),
+                payload,
+                locked_until: Some(Utc::now() + lease),
+            })
+        })
+    }
+
+    /// Publishes an event, then removes it from the outbox. After a write (`inline`), a failure
+    /// is logged, not returned: the write has committed, and the relay publishes the event once
+    /// the bus is back.
+    async fn publish(&self, event: outbox::PendingEvent, path: &str) -> bool {
+        let Some(event_type) = EventType::parse(&event.event_type) else {
+            tracing::error!(event_type = %event.event_type, id = event.id, "unknown event type in the outbox; dropping it");
+            let _ = outbox::delete(&self.pool, event.id).await;
+            return true;
+        };
+        match self.bus.publish(event_type, &event.payload).await {
+            Ok(()) => {
+                self.published.with_label_values(&[path, "ok"]).inc();
+                if let Err(err) = outbox::delete(&self.pool, event.id).await {
+                    // The relay will publish it again: a duplicate, which consumers drop by id.
+                    tracing::warn!(%err, event_id = %event.event_id, "published, but cannot remove it from the outbox");
+                }
+                true
+            }
+            Err(err) => {
+                self.published.with_label_values(&[path, "error"]).inc();
+                tracing::warn!(%err, event_id = %event.event_id, attempts = event.attempts, path, "cannot publish event; it stays in the outbox");
+                let retry_at = match path {
+                    "inline" => None,
+                    _ => Some(Utc::now() + lease(self.config.relay_interval)),
+                };
+                if let Err(err) = outbox::release(&self.pool, event.id, retry_at).await {
+                    tracing::warn!(%err, event_id = %event.event_id, "cannot release the event; it is retried when its lease runs out");
+                }
+                false
+            }
+        }
+    }
+
+    /// One pass of the relay: publishes due events oldest first, stopping at the first failure
+    /// (the bus is likely down, and the order of what is left is kept). Returns how many went out.
+    pub async fn relay_once(&self) -> usize {
+        let due = match outbox::claim_due(&self.pool, RELAY_BATCH, lease(self.config.lease)).await {
+            Ok(due) => due,
+            Err(err) => {
+                tracing::warn!(%err, "outbox relay cannot read the outbox");
+                return 0;
+            }
+        };
+        let mut published = 0;
+        let mut events = due.into_iter();
+        for event in events.by_ref() {
+            if !self.publish(event, "relay").await {
+                break;
+            }
+            published += 1;
+        }
+        // Events claimed after a failure go back at once, keeping their turn for the next pass.
+        for event in events {
+            let _ = outbox::release(&self.pool, event.id, None).await;
+        }
+        if published > 0 {
+            tracing::info!(published, "outbox relay published pending events");
+        }
+        published
+    }
+}
+
+/// Events per relay pass.
+const RELAY_BATCH: i64 = 100;
+
+/// Runs the relay until `shutdown` resolves.
+pub async fn run_relay(store: Store, shutdown: impl Future<Output = ()>) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut interval = tokio::time::interval(store.config.relay_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = interval.tick() => {
+                store.relay_once().await;
+            }
+        }
+    }
+}
+
+fn lease(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::seconds(10))
+}
