@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", version, about = "Load generator for the JWT + GraphQL stack (loopback targets only).")]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Load generator for the JWT + GraphQL stack (loopback targets only)."
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -97,10 +101,13 @@ fn main() {
     let result = match &cli.mode {
         Mode::Tokens { common, op, target } => {
             ensure_loopback(target);
-            run(common, Workload::Tokens {
-                op: *op,
-                target: target.trim_end_matches('/').to_owned(),
-            })
+            run(
+                common,
+                Workload::Tokens {
+                    op: *op,
+                    target: target.trim_end_matches('/').to_owned(),
+                },
+            )
         }
         Mode::Query {
             common,
@@ -110,11 +117,14 @@ fn main() {
         } => {
             ensure_loopback(target);
             ensure_loopback(auth);
-            run(common, Workload::Query {
-                target: target.clone(),
-                auth: auth.trim_end_matches('/').to_owned(),
-                query: query.clone(),
-            })
+            run(
+                common,
+                Workload::Query {
+                    target: target.clone(),
+                    auth: auth.trim_end_matches('/').to_owned(),
+                    query: query.clone(),
+                },
+            )
         }
     };
     if let Err(err) = result {
@@ -125,8 +135,15 @@ fn main() {
 
 #[derive(Clone)]
 enum Workload {
-    Tokens { op: TokenOp, target: String },
-    Query { target: String, auth: String, query: String },
+    Tokens {
+        op: TokenOp,
+        target: String,
+    },
+    Query {
+        target: String,
+        auth: String,
+        query: String,
+    },
 }
 
 fn ensure_loopback(url: &str) {
@@ -417,8 +434,11 @@ fn report(
         println!("  error {kind}: {n}");
     }
     if let Some(path) = &common.json {
-        std::fs::write(path, serde_json::to_string_pretty(&figures).unwrap_or_default())
-            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&figures).unwrap_or_default(),
+        )
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! `TestApp`: the real application, built as `main` builds it, on a free port, with its own
 //! database and Redis key prefix.
 
-#![allow(clippy::unwrap_used, dead_code)]
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)] // Tests fail loudly at the first surprise.
+
 //! Integration tests of auth-service against real PostgreSQL and Redis. All modules compile into
 //! one binary so the crate is linked once.
 
