@@ -176,7 +176,11 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
             "BAD_REQUEST",
         );
     };
-    let variables = match params.variables.as_deref().map(serde_json::from_str::<Json>) {
+    let variables = match params
+        .variables
+        .as_deref()
+        .map(serde_json::from_str::<Json>)
+    {
         None => None,
         Some(Ok(Json::Null)) => None,
         Some(Ok(variables @ Json::Object(_))) => Some(variables),
@@ -210,7 +214,10 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     HttpResponse::MethodNotAllowed()
         .insert_header((header::ALLOW, "GET, POST"))
         .json(error_body(
-            &format!("method {} is not allowed: use POST (or GET for queries)", req.method()),
+            &format!(
+                "method {} is not allowed: use POST (or GET for queries)",
+                req.method()
+            ),
             "METHOD_NOT_ALLOWED",
         ))
 }
@@ -244,7 +251,10 @@ fn parse_request(item: Json) -> Result<GraphQLRequest, String> {
         None | Some(Json::Null) => return Err("the request has no `query`".into()),
         Some(_) => return Err("`query` must be a string".into()),
     }
-    if !matches!(map.get("variables"), None | Some(Json::Null) | Some(Json::Object(_))) {
+    if !matches!(
+        map.get("variables"),
+        None | Some(Json::Null) | Some(Json::Object(_))
+    ) {
         return Err("`variables` must be a JSON object".into());
     }
     if !matches!(
@@ -263,16 +273,19 @@ async fn execute(
     context: &Context,
     method: &Method,
 ) -> Outcome {
-    let operation =
-        match ValidatedOperation::new(&request.query, request.operation_name.as_deref(), &state.schema) {
-            Ok(operation) => operation,
-            Err(err) => {
-                return Outcome {
-                    body: json!({ "errors": graphql_errors(&err) }),
-                    request_error: true,
-                }
+    let operation = match ValidatedOperation::new(
+        &request.query,
+        request.operation_name.as_deref(),
+        &state.schema,
+    ) {
+        Ok(operation) => operation,
+        Err(err) => {
+            return Outcome {
+                body: json!({ "errors": graphql_errors(&err) }),
+                request_error: true,
             }
-        };
+        }
+    };
     match operation.operation_type() {
         OperationType::Subscription => {
             return Outcome {
@@ -319,7 +332,8 @@ fn graphql_errors(err: &GraphQLError) -> Json {
         GraphQLError::ValidationError(_) => "GRAPHQL_VALIDATION_FAILED",
         _ => "BAD_REQUEST",
     };
-    let mut errors = serde_json::to_value(err).unwrap_or_else(|_| json!([{"message": err.to_string()}]));
+    let mut errors =
+        serde_json::to_value(err).unwrap_or_else(|_| json!([{"message": err.to_string()}]));
     if let Json::Array(items) = &mut errors {
         for item in items {
             if let Json::Object(map) = item {

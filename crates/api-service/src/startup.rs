@@ -54,9 +54,9 @@ impl Application {
             migrate(&settings.database.database_url).await?;
         }
         if settings.demo {
-            common::db::cars::seed_demo(&pool)
-                .await
-                .map_err(|err| StartupError::Other(format!("cannot create the demo data: {err}")))?;
+            common::db::cars::seed_demo(&pool).await.map_err(|err| {
+                StartupError::Other(format!("cannot create the demo data: {err}"))
+            })?;
             tracing::warn!("demo mode: demo user and cars are present");
         }
 
@@ -120,7 +120,10 @@ impl Application {
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
     /// (bounded by SHUTDOWN_TIMEOUT_SECS) and stops the outbox relay. Events still in the outbox
     /// are published by the next process that runs a relay.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -145,7 +148,10 @@ pub fn store(
     redis: common::redis::RedisPool,
     metrics: &Metrics,
 ) -> Store {
-    let bus = Arc::new(RedisBus::new(redis, settings.redis.redis_key_prefix.clone()));
+    let bus = Arc::new(RedisBus::new(
+        redis,
+        settings.redis.redis_key_prefix.clone(),
+    ));
     let config = OutboxConfig {
         relay_interval: Duration::from_millis(settings.outbox_relay_interval_ms),
         lease: Duration::from_secs(settings.outbox_lease_secs),

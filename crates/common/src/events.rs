@@ -10,7 +10,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound as _, Utc};
 use deadpool_redis::redis;
 use futures_util::future::BoxFuture;
 use futures_util::Stream;
@@ -82,7 +82,8 @@ impl Envelope {
             v: ENVELOPE_VERSION,
             id: new_event_id(),
             event_type,
-            at: Utc::now(),
+            // Microseconds, as serialized, so an envelope read back equals the one written.
+            at: Utc::now().trunc_subsecs(6),
             data: car,
         }
     }

@@ -269,10 +269,10 @@ impl CarPage {
 pub struct CarInput {
     pub make: String,
     pub model: String,
-    #[graphql(default = String::new())]
-    pub variant: String,
-    #[graphql(default = String::new())]
-    pub year: String,
+    /// Empty when left out.
+    pub variant: Option<String>,
+    /// Empty when left out.
+    pub year: Option<String>,
 }
 
 /// Fields to change; those left out keep their value.
@@ -355,8 +355,8 @@ impl Mutation {
         let new = NewCar {
             make: required_text("make", input.make)?,
             model: required_text("model", input.model)?,
-            variant: text("variant", input.variant)?,
-            year: text("year", input.year)?,
+            variant: text("variant", input.variant.unwrap_or_default())?,
+            year: text("year", input.year.unwrap_or_default())?,
         };
         Ok(context.store()?.create_car(user_id, new).await?)
     }

@@ -122,3 +122,14 @@ pub async fn claim_due(
 pub async fn pending_count(pool: &DbPool) -> Result<i64, DbError> {
     run(pool, |conn| event_outbox::table.count().get_result(conn)).await
 }
+
+/// Sets the lease of every unpublished event to `until` (`None`: due at once). An operator's tool
+/// (hold events back during maintenance, or release them now), and the tests'.
+pub async fn lease_all(pool: &DbPool, until: Option<DateTime<Utc>>) -> Result<usize, DbError> {
+    run(pool, move |conn| {
+        diesel::update(event_outbox::table)
+            .set(event_outbox::locked_until.eq(until))
+            .execute(conn)
+    })
+    .await
+}

@@ -1,0 +1,131 @@
+//! GraphQL over HTTP beyond POST: GET for queries, the browser pages, media types, health.
+
+#![allow(clippy::unwrap_used)]
+
+use serde_json::{json, Value};
+
+use crate::helpers::{error_of, TestApp};
+
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[actix_web::test]
+async fn get_runs_queries_but_not_mutations() {
+    let app = TestApp::spawn(&["--demo"]).await;
+    let (_, access) = app.user("alice", false).await;
+    let bearer = format!("Bearer {access}");
+    let auth = [
+        ("Authorization", bearer.as_str()),
+        ("Accept", "application/json"),
+    ];
+
+    let path = format!(
+        "/graphql?query={}&variables={}",
+        encode("query($pk: ID!) { car(pk: $pk) { make } }"),
+        encode(r#"{"pk": 1}"#)
+    );
+    let (status, _, body) = app.get(&path, &auth).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"data": {"car": {"make": "Skoda"}}})
+    );
+
+    let path = format!(
+        "/graphql/?query={}",
+        encode("mutation { deleteCar(pk: 1) { id } }")
+    );
+    let (status, _, body) = app.get(&path, &auth).await;
+    assert_eq!(status, 405);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert!(error_of(&body).1.contains("POST"));
+    // Still there.
+    let response = app
+        .graphql(Some(&access), "{ car(pk: 1) { id } }", json!({}))
+        .await;
+    assert_eq!(response.body["data"]["car"]["id"], "1");
+}
+
+#[actix_web::test]
+async fn a_browser_gets_playground_and_graphiql() {
+    let app = TestApp::spawn(&[]).await;
+    let browser = [("Accept", "text/html,application/xhtml+xml,*/*;q=0.8")];
+    for path in ["/graphql", "/graphql/"] {
+        let (status, content_type, body) = app.get(path, &browser).await;
+        assert_eq!(status, 200);
+        assert!(content_type.starts_with("text/html"));
+        assert!(body.contains("GraphQL Playground"));
+        assert!(body.contains("location.host + location.pathname"));
+    }
+    let (status, _, body) = app.get("/graphiql", &browser).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("graphiql"), "{body}");
+    // Not a browser: a JSON error saying what is missing.
+    let (status, _, body) = app
+        .get("/graphql/", &[("Accept", "application/json")])
+        .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("missing `query`"));
+}
+
+#[actix_web::test]
+async fn media_types_follow_graphql_over_http() {
+    let app = TestApp::spawn(&[]).await;
+    let response = app
+        .post_with_headers(
+            "/graphql/",
+            &[("Content-Type".into(), "text/plain".into())],
+            b"{ hi }".to_vec(),
+        )
+        .await;
+    assert_eq!(response.status, 415);
+    assert_eq!(error_of(&response.body).0, "UNSUPPORTED_MEDIA_TYPE");
+
+    let accept = vec![(
+        "Accept".to_owned(),
+        "application/graphql-response+json".to_owned(),
+    )];
+    let response = app
+        .post_with_headers(
+            "/graphql",
+            &accept,
+            json!({"query": "{ nope }"}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(response.status, 400);
+    assert_eq!(
+        response.headers.get("content-type").unwrap(),
+        "application/graphql-response+json"
+    );
+    // An auth failure is a field error: the request itself was fine.
+    let response = app
+        .post_with_headers(
+            "/graphql",
+            &accept,
+            json!({"query": "{ hi }"}).to_string().into_bytes(),
+        )
+        .await;
+    assert_eq!(response.status, 200);
+    assert_eq!(error_of(&response.body).0, "UNAUTHENTICATED");
+}
+
+#[actix_web::test]
+async fn health_readiness_and_metrics() {
+    let app = TestApp::spawn(&[]).await;
+    let (status, _, _) = app.get("/healthz", &[]).await;
+    assert_eq!(status, 200);
+    let (status, _, body) = app.get("/readyz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let _ = app.graphql(None, "{ hi }", json!({})).await;
+    let (status, _, body) = app.get("/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("http_requests_total"), "{body}");
+}
