@@ -1,9 +1,11 @@
 //! api-service integration tests: the real application on real PostgreSQL and Redis.
 
 mod auth;
+mod config;
 mod events;
 mod helpers;
 mod http;
+mod jwks;
 mod limits;
 mod mutations;
 mod queries;
