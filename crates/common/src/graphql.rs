@@ -89,9 +89,11 @@ impl Context {
     }
 
     pub fn claims(&self) -> Result<&Claims, GraphQLError> {
-        self.auth
-            .as_ref()
-            .map_err(|err| GraphQLError::Unauthenticated(err.to_string()))
+        self.auth.as_ref().map_err(|err| match err {
+            // The client's token may be fine; telling it UNAUTHENTICATED would make it log in again.
+            AuthError::KeysUnavailable => GraphQLError::KeysUnavailable(err.to_string()),
+            _ => GraphQLError::Unauthenticated(err.to_string()),
+        })
     }
 
     fn store(&self) -> Result<&Store, GraphQLError> {
@@ -119,6 +121,8 @@ pub enum GraphQLError {
     BadRequest(String),
     #[error("service temporarily unavailable, try again later")]
     Unavailable,
+    #[error("{0}")]
+    KeysUnavailable(String),
     #[error("internal server error")]
     Internal,
 }
@@ -131,7 +135,7 @@ impl GraphQLError {
             GraphQLError::NotFound(_) => "NOT_FOUND",
             GraphQLError::BadUserInput(_) => "BAD_USER_INPUT",
             GraphQLError::BadRequest(_) => "BAD_REQUEST",
-            GraphQLError::Unavailable => "SERVICE_UNAVAILABLE",
+            GraphQLError::Unavailable | GraphQLError::KeysUnavailable(_) => "SERVICE_UNAVAILABLE",
             GraphQLError::Internal => "INTERNAL_SERVER_ERROR",
         }
     }

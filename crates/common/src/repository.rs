@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGauge};
 
 use crate::db::cars::{self, Actor, Car, CarChanges, EventDraft, NewCar, WriteError};
 use crate::db::outbox::{self, NewEvent};
@@ -43,6 +43,8 @@ pub struct Store {
     config: OutboxConfig,
     /// Published events by path (`inline` right after commit, `relay` later) and failures.
     published: IntCounterVec,
+    /// Events waiting in the outbox, as of the relay's last pass: alert when it keeps growing.
+    pending: IntGauge,
 }
 
 impl Store {
@@ -57,11 +59,20 @@ impl Store {
             "Events published to the bus, by path (inline after commit, or relay) and outcome.",
             &["path", "outcome"],
         );
+        let pending = IntGauge::new(
+            "outbox_pending_events",
+            "Events committed but not yet published, as of the outbox relay's last pass.",
+        )
+        .expect("static metric definition is valid");
+        if let Err(err) = metrics.registry.register(Box::new(pending.clone())) {
+            tracing::warn!(%err, "outbox gauge registered twice; keeping the first");
+        }
         Self {
             pool,
             bus,
             config,
             published,
+            pending,
         }
     }
 
@@ -175,6 +186,9 @@ impl Store {
         }
         if published > 0 {
             tracing::info!(published, "outbox relay published pending events");
+        }
+        if let Ok(pending) = outbox::pending_count(&self.pool).await {
+            self.pending.set(pending);
         }
         published
     }

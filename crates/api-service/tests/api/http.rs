@@ -128,4 +128,27 @@ async fn health_readiness_and_metrics() {
     let (status, _, body) = app.get("/metrics", &[]).await;
     assert_eq!(status, 200);
     assert!(body.contains("http_requests_total"), "{body}");
+    assert!(body.contains("outbox_pending_events"), "{body}");
+}
+
+#[actix_web::test]
+async fn run_until_stopped_returns_when_told_to_stop() {
+    let db = test_support::TestDb::new();
+    let settings = crate::helpers::settings_from(&[
+        "api-service".into(),
+        "--listen-addr=127.0.0.1:0".into(),
+        format!("--database-url={}", db.url),
+        format!("--jwt-secret={}", crate::helpers::SECRET),
+        "--log-level=warn".into(),
+    ]);
+    let app = api_service::startup::Application::build(settings)
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = actix_web::rt::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    stop.send(()).unwrap();
+    // The server and the outbox relay both stop; the future completes.
+    running.await.unwrap().unwrap();
 }
