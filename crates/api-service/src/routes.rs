@@ -63,11 +63,20 @@ fn framing(req: &HttpRequest) -> Framing {
     }
 }
 
-/// The outcome of one operation: its JSON result and whether the request itself was invalid
-/// (nothing executed).
+/// The outcome of one operation: its JSON result and what happened to it.
 struct Outcome {
     body: Json,
-    request_error: bool,
+    kind: OutcomeKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OutcomeKind {
+    /// Executed (errors of fields, such as UNAUTHENTICATED, are in the body).
+    Executed,
+    /// Not executed: the document or the operation was refused.
+    RequestError,
+    /// Not executed: a mutation sent with GET.
+    MutationOverGet,
 }
 
 async fn graphql_post(
@@ -129,7 +138,7 @@ async fn graphql_post(
                     Ok(request) => execute(&state, &request, &context, &Method::POST).await,
                     Err(message) => Outcome {
                         body: error_body(&message, "BAD_REQUEST"),
-                        request_error: true,
+                        kind: OutcomeKind::RequestError,
                     },
                 };
                 results.push(outcome.body);
@@ -202,7 +211,7 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
     };
     let context = context(&req, &state).await;
     let outcome = execute(&state, &request, &context, &Method::GET).await;
-    if outcome.body["errors"][0]["extensions"]["code"] == "METHOD_NOT_ALLOWED" {
+    if outcome.kind == OutcomeKind::MutationOverGet {
         return HttpResponse::MethodNotAllowed()
             .insert_header((header::ALLOW, "POST"))
             .json(outcome.body);
@@ -282,7 +291,7 @@ async fn execute(
         Err(err) => {
             return Outcome {
                 body: json!({ "errors": graphql_errors(&err) }),
-                request_error: true,
+                kind: OutcomeKind::RequestError,
             }
         }
     };
@@ -290,13 +299,13 @@ async fn execute(
         OperationType::Subscription => {
             return Outcome {
                 body: error_body(SUBSCRIPTION_OVER_HTTP, "SUBSCRIPTION_OVER_HTTP"),
-                request_error: true,
+                kind: OutcomeKind::RequestError,
             }
         }
         OperationType::Mutation if method == Method::GET => {
             return Outcome {
                 body: error_body("mutations must be sent with POST", "METHOD_NOT_ALLOWED"),
-                request_error: true,
+                kind: OutcomeKind::MutationOverGet,
             }
         }
         _ => {}
@@ -310,12 +319,12 @@ async fn execute(
             }
             Outcome {
                 body,
-                request_error: false,
+                kind: OutcomeKind::Executed,
             }
         }
         Err(err) => Outcome {
             body: json!({ "errors": graphql_errors(&err) }),
-            request_error: true,
+            kind: OutcomeKind::RequestError,
         },
     }
 }
@@ -353,7 +362,7 @@ fn error_body(message: &str, code: &str) -> Json {
 }
 
 fn respond_outcome(framing: Framing, outcome: Outcome) -> HttpResponse {
-    let status = if outcome.request_error && framing == Framing::GraphQLResponse {
+    let status = if outcome.kind != OutcomeKind::Executed && framing == Framing::GraphQLResponse {
         StatusCode::BAD_REQUEST
     } else {
         StatusCode::OK

@@ -118,12 +118,22 @@ impl JwksCache {
 
     async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let mut current = self.current();
-        let stale = current
-            .as_ref()
-            .is_none_or(|(_, fetched)| fetched.elapsed() >= self.settings.max_age);
-        if stale {
-            self.refresh(self.settings.min_refetch_interval).await;
-            current = self.current();
+        match &current {
+            // No keys yet (auth-service was down at start): this request waits for a fetch.
+            None => {
+                self.refresh(self.settings.min_refetch_interval).await;
+                current = self.current();
+            }
+            // Old keys: refresh unless a fetch is under way, in which case the old keys serve
+            // meanwhile, so a slow auth-service never holds requests up.
+            Some((_, fetched)) if fetched.elapsed() >= self.settings.max_age => {
+                if let Ok(last_attempt) = self.last_attempt.try_lock() {
+                    drop(last_attempt);
+                    self.refresh(self.settings.min_refetch_interval).await;
+                    current = self.current();
+                }
+            }
+            Some(_) => {}
         }
         let Some((keys, _)) = current else {
             return Err(AuthError::KeysUnavailable);
