@@ -115,3 +115,40 @@ async fn the_relay_publishes_what_another_process_committed_but_could_not_publis
     assert_eq!(envelope["data"]["make"], "Skoda (VAG)");
     assert_eq!(envelope["v"], 1);
 }
+
+#[actix_web::test]
+async fn an_event_whose_writer_died_before_publishing_is_published_when_its_lease_runs_out() {
+    let app = TestApp::spawn(&["--demo"]).await;
+    let mut subscriber = app.subscribe().await;
+
+    // What a writer leaves behind when it is killed between commit and publish: the change and
+    // its outbox row, committed together, leased to the dead writer for a second.
+    let draft: common::db::cars::EventDraft = Box::new(|car| {
+        let envelope =
+            common::events::Envelope::new(common::events::EventType::CarUpdated, car.clone());
+        Ok(outbox::NewEvent {
+            event_id: envelope.id.clone(),
+            event_type: "car.updated".into(),
+            payload: serde_json::to_string(&envelope).unwrap(),
+            locked_until: Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
+        })
+    });
+    let (car, pending) = common::db::cars::update(
+        &app.pool,
+        Actor::System,
+        2,
+        CarChanges {
+            year: Some("2008".into()),
+            ..CarChanges::default()
+        },
+        draft,
+    )
+    .await
+    .unwrap();
+    assert_eq!(car.year, "2008");
+
+    let (channel, envelope) = subscriber.next().await;
+    assert_eq!(channel, app.channel("car.updated"));
+    assert_eq!(envelope["id"], pending.event_id);
+    assert_eq!(envelope["data"]["year"], "2008");
+}
