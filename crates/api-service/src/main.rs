@@ -6,6 +6,11 @@ use common::config::parse_or_exit;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
+    // The schema needs no settings; printing it should not ask for a database URL.
+    if std::env::args().nth(1).as_deref() == Some("print-schema") {
+        print!("{}", common::graphql::sdl());
+        return ExitCode::SUCCESS;
+    }
     let cli: Cli = parse_or_exit();
     if let Err(err) = common::telemetry::init(&cli.settings.log) {
         err.exit();
