@@ -243,10 +243,12 @@ async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
 
 /// Verifies the `Authorization` header once per HTTP request; resolvers see the outcome.
 async fn context(req: &HttpRequest, state: &ApiState) -> Context {
-    let auth = state
-        .verifier
-        .authenticate(header_str(req, header::AUTHORIZATION))
-        .await;
+    // A header that is not visible ASCII is malformed, not missing.
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or("?"));
+    let auth = state.verifier.authenticate(header).await;
     Context::new(auth).with_store(state.store.clone())
 }
 
