@@ -22,10 +22,14 @@ struct JwksServer {
 
 impl JwksServer {
     fn start(document: serde_json::Value) -> JwksServer {
+        Self::start_on(0, document)
+    }
+
+    fn start_on(port: u16, document: serde_json::Value) -> JwksServer {
         let document = Arc::new(Mutex::new(document));
         let fetches = Arc::new(AtomicUsize::new(0));
         let (served, counted) = (document.clone(), fetches.clone());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = HttpServer::new(move || {
             let (served, counted) = (served.clone(), counted.clone());
@@ -158,5 +162,32 @@ async fn unknown_kids_do_not_make_the_service_hammer_auth_service() {
         assert_eq!(message, "token is signed by an unknown key");
     }
     assert_eq!(jwks.fetches.load(Ordering::SeqCst), fetched_at_start);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[actix_web::test]
+async fn the_service_starts_while_auth_service_is_down_and_verifies_once_it_is_up() {
+    let dir = std::env::temp_dir().join(format!("api-jwks-{}", test_support::random_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = ed25519_keys(&dir, "key");
+    let port = test_support::free_port();
+    let app = TestApp::spawn(&[
+        &format!("--jwks-url=http://127.0.0.1:{port}/api/token/jwks/"),
+        "--jwks-min-refetch-secs=0",
+    ])
+    .await;
+    let token = sign(&keys, TokenType::Access);
+    let response = app.graphql(Some(&token), "{ hi }", json!({})).await;
+    let (code, message) = error_of(&response.body);
+    // Not UNAUTHENTICATED: the client's token may well be valid.
+    assert_eq!(code, "SERVICE_UNAVAILABLE");
+    assert!(
+        message.contains("signing keys of auth-service are unavailable"),
+        "{message}"
+    );
+
+    let _jwks = JwksServer::start_on(port, keys.verification.jwks());
+    let response = app.graphql(Some(&token), "{ hi }", json!({})).await;
+    assert_eq!(response.body, json!({"data": {"hi": "Hi!"}}));
     let _ = std::fs::remove_dir_all(&dir);
 }
