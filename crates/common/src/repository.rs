@@ -83,7 +83,7 @@ impl Store {
     pub async fn create_car(&self, owner_id: i64, new: NewCar) -> Result<Car, WriteError> {
         let (car, event) =
             cars::create(&self.pool, owner_id, new, self.draft(EventType::CarCreated)).await?;
-        self.publish(event, "inline").await;
+        self.publish(event, Path::Inline).await;
         Ok(car)
     }
 
@@ -101,14 +101,14 @@ impl Store {
             self.draft(EventType::CarUpdated),
         )
         .await?;
-        self.publish(event, "inline").await;
+        self.publish(event, Path::Inline).await;
         Ok(car)
     }
 
     pub async fn delete_car(&self, actor: Actor, id: i64) -> Result<Car, WriteError> {
         let (car, event) =
             cars::delete(&self.pool, actor, id, self.draft(EventType::CarDeleted)).await?;
-        self.publish(event, "inline").await;
+        self.publish(event, Path::Inline).await;
         Ok(car)
     }
 
@@ -132,7 +132,8 @@ impl Store {
     /// Publishes an event, then removes it from the outbox. After a write (`inline`), a failure
     /// is logged, not returned: the write has committed, and the relay publishes the event once
     /// the bus is back.
-    async fn publish(&self, event: outbox::PendingEvent, path: &str) -> bool {
+    async fn publish(&self, event: outbox::PendingEvent, path: Path) -> bool {
+        let path = path.label();
         let Some(event_type) = EventType::parse(&event.event_type) else {
             tracing::error!(event_type = %event.event_type, id = event.id, "unknown event type in the outbox; dropping it");
             let _ = outbox::delete(&self.pool, event.id).await;
@@ -150,11 +151,8 @@ impl Store {
             Err(err) => {
                 self.published.with_label_values(&[path, "error"]).inc();
                 tracing::warn!(%err, event_id = %event.event_id, attempts = event.attempts, path, "cannot publish event; it stays in the outbox");
-                let retry_at = match path {
-                    "inline" => None,
-                    _ => Some(Utc::now() + lease(self.config.relay_interval)),
-                };
-                if let Err(err) = outbox::release(&self.pool, event.id, retry_at).await {
+                // Due again at once: the relay's next pass retries it before any newer event.
+                if let Err(err) = outbox::release(&self.pool, event.id, None).await {
                     tracing::warn!(%err, event_id = %event.event_id, "cannot release the event; it is retried when its lease runs out");
                 }
                 false
@@ -175,12 +173,12 @@ impl Store {
         let mut published = 0;
         let mut events = due.into_iter();
         for event in events.by_ref() {
-            if !self.publish(event, "relay").await {
+            if !self.publish(event, Path::Relay).await {
                 break;
             }
             published += 1;
         }
-        // Events claimed after a failure go back at once, keeping their turn for the next pass.
+        // Events claimed after a failure go back too, keeping their order for the next pass.
         for event in events {
             let _ = outbox::release(&self.pool, event.id, None).await;
         }
@@ -191,6 +189,22 @@ impl Store {
             self.pending.set(pending);
         }
         published
+    }
+}
+
+/// Who publishes: the writer right after commit, or the relay later.
+#[derive(Debug, Clone, Copy)]
+enum Path {
+    Inline,
+    Relay,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::Inline => "inline",
+            Path::Relay => "relay",
+        }
     }
 }
 
