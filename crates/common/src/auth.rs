@@ -226,3 +226,41 @@ mod tests {
         assert_eq!(bearer_token(Some("bearer  abc ")), Ok("abc"));
     }
 }
+
+/// The verifier of a service that never signs: auth-service's JWKS when `JWKS_URL` is set (no
+/// secret or private key needed then), else the `JWT_*` settings, verification side only. Warns
+/// when the demo secret is in use.
+pub async fn verifier_from_args(
+    jwt: &crate::config::JwtArgs,
+    jwks: &crate::config::JwksArgs,
+    policy: crate::jwt::SecretPolicy,
+) -> Result<TokenVerifier, crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    if let Some(url) = &jwks.jwks_url {
+        if url.starts_with("https://") {
+            // awc is built without TLS: the JWKS is fetched inside the deployment's network.
+            return Err(ConfigError::new(
+                "JWKS_URL",
+                "https is not supported; use auth-service's internal http:// address",
+            ));
+        }
+        if !url.starts_with("http://") {
+            return Err(ConfigError::new("JWKS_URL", "must be an http:// URL"));
+        }
+        return Ok(TokenVerifier::from_jwks(JwksSettings {
+            url: url.clone(),
+            leeway_secs: jwt.jwt_leeway_secs,
+            min_refetch_interval: Duration::from_secs(jwks.jwks_min_refetch_secs),
+            max_age: Duration::from_secs(jwks.jwks_max_age_secs),
+        })
+        .await);
+    }
+    let (keys, uses_demo_secret) = crate::jwt::verification_keys_from_args(jwt, policy)?;
+    if uses_demo_secret {
+        tracing::warn!(
+            "demo mode: tokens are verified with the built-in demo secret, which anyone can read \
+             in the source; set JWT_SECRET (or JWKS_URL) for any real use"
+        );
+    }
+    Ok(TokenVerifier::from_keys(keys))
+}

@@ -205,3 +205,19 @@ pub struct JwtArgs {
     #[arg(long, env = "JWT_LEEWAY_SECS", default_value_t = 5)]
     pub jwt_leeway_secs: u64,
 }
+
+/// Where services other than auth-service get verification keys when they use auth-service's
+/// JWKS instead of configured keys.
+#[derive(Debug, Clone, Args)]
+pub struct JwksArgs {
+    /// auth-service's JWKS URL (e.g. `http://127.0.0.1:8001/api/token/jwks/`). When set, tokens
+    /// are verified with its public keys and no JWT secret or key file is needed.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// Least time between two JWKS fetches triggered by unknown key ids, in seconds.
+    #[arg(long, env = "JWKS_MIN_REFETCH_SECS", default_value_t = 10)]
+    pub jwks_min_refetch_secs: u64,
+    /// Age after which the cached JWKS is fetched again, in seconds.
+    #[arg(long, env = "JWKS_MAX_AGE_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jwks_max_age_secs: u64,
+}

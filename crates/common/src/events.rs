@@ -162,6 +162,20 @@ pub trait EventSource: Send + Sync + 'static {
 /// A shared event source, as the GraphQL context holds it.
 pub type SharedEventSource = Arc<dyn EventSource>;
 
+/// The Redis channel on which auth-service announces revoked sessions (a blacklisted refresh
+/// token); gateways close that user's sockets at once. `<REDIS_KEY_PREFIX>auth:revoked`.
+pub fn revocation_channel(key_prefix: &str) -> String {
+    format!("{key_prefix}auth:revoked")
+}
+
+/// The message on [`revocation_channel`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub user_id: i64,
+    /// The blacklisted refresh token's id.
+    pub jti: String,
+}
+
 fn rfc3339<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Micros, true))
 }

@@ -1,0 +1,18 @@
+//! subscription-gateway: GraphQL subscriptions over websockets, fed by Redis.
+//!
+//! Layout:
+//! - [`settings`]: the command line and environment of the binary.
+//! - [`startup`]: [`startup::Application`]: builds everything, serves, drains on shutdown.
+//! - [`hub`]: the one Redis subscriber of the process and the in-memory fan-out to local
+//!   subscribers; also the revocation feed.
+//! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`).
+//! - [`connection`]: the life of one socket: auth at `connection_init`, subscriptions, keep-alive,
+//!   expiry, revocation, slow consumers, shutdown.
+//! - [`metrics`]: the gateway's Prometheus metrics.
+
+pub mod connection;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod settings;
+pub mod startup;

@@ -1,0 +1,28 @@
+use std::process::ExitCode;
+
+use common::config::parse_or_exit;
+use subscription_gateway::settings::Cli;
+use subscription_gateway::startup::{Application, StartupError};
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli: Cli = parse_or_exit();
+    if let Err(err) = common::telemetry::init(&cli.settings.log) {
+        err.exit();
+    }
+    let app = match Application::build(cli.settings).await {
+        Ok(app) => app,
+        Err(StartupError::Config(err)) => err.exit(),
+        Err(StartupError::Other(msg)) => {
+            eprintln!("error: {msg}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match app.run_until_stopped(common::shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The gateway's own metrics, registered on the service registry next to the HTTP ones.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    pub connections_open: IntGauge,
+    pub connections_closed: IntCounterVec,
+    pub subscriptions_active: IntGaugeVec,
+    pub events_received: IntCounterVec,
+    pub events_duplicate: IntCounter,
+    pub events_malformed: IntCounter,
+    pub messages_sent: IntCounter,
+    pub slow_consumers: IntCounter,
+    pub delivery_latency: Histogram,
+    pub redis_connected: IntGauge,
+}
+
+impl GatewayMetrics {
+    pub fn register(metrics: &common::metrics::Metrics) -> Self {
+        let registry = &metrics.registry;
+        let this = Self {
+            connections_open: IntGauge::new(
+                "gateway_connections_open",
+                "Open websocket connections.",
+            )
+            .expect("valid metric"),
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "gateway_connections_closed_total",
+                    "Closed connections, by close code.",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+            subscriptions_active: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_subscriptions_active",
+                    "Active subscriptions, by root field.",
+                ),
+                &["field"],
+            )
+            .expect("valid metric"),
+            events_received: IntCounterVec::new(
+                Opts::new(
+                    "gateway_events_received_total",
+                    "Events received from Redis, by type.",
+                ),
+                &["type"],
+            )
+            .expect("valid metric"),
+            events_duplicate: IntCounter::new(
+                "gateway_events_duplicate_total",
+                "Events dropped because their id was seen already (at-least-once delivery).",
+            )
+            .expect("valid metric"),
+            events_malformed: IntCounter::new(
+                "gateway_events_malformed_total",
+                "Messages on the event channels that were not a valid envelope.",
+            )
+            .expect("valid metric"),
+            messages_sent: IntCounter::new(
+                "gateway_messages_sent_total",
+                "Protocol messages written to clients.",
+            )
+            .expect("valid metric"),
+            slow_consumers: IntCounter::new(
+                "gateway_slow_consumers_total",
+                "Connections closed because the client read too slowly (events dropped for it).",
+            )
+            .expect("valid metric"),
+            delivery_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "gateway_delivery_latency_seconds",
+                    "From the envelope's `at` (commit) to the frame written to the client.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )
+            .expect("valid metric"),
+            redis_connected: IntGauge::new(
+                "gateway_redis_connected",
+                "1 while the Redis subscriber connection is up.",
+            )
+            .expect("valid metric"),
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(this.connections_open.clone()),
+            Box::new(this.connections_closed.clone()),
+            Box::new(this.subscriptions_active.clone()),
+            Box::new(this.events_received.clone()),
+            Box::new(this.events_duplicate.clone()),
+            Box::new(this.events_malformed.clone()),
+            Box::new(this.messages_sent.clone()),
+            Box::new(this.slow_consumers.clone()),
+            Box::new(this.delivery_latency.clone()),
+            Box::new(this.redis_connected.clone()),
+        ];
+        for collector in collectors {
+            if let Err(err) = registry.register(collector) {
+                tracing::warn!(%err, "gateway metric registered twice");
+            }
+        }
+        this
+    }
+}

@@ -1,0 +1,70 @@
+//! Every setting of the gateway, from flags or the environment (`subscription-gateway --help`).
+
+use clap::{Args, Parser};
+use common::config::{HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "subscription-gateway",
+    version,
+    args_override_self = true,
+    about = "GraphQL subscriptions over websockets (graphql-transport-ws and graphql-ws), fed by Redis.",
+    mut_arg("listen_addr", |arg| arg.default_value("127.0.0.1:8003"))
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(flatten)]
+    pub jwks: JwksArgs,
+    /// Demo mode: allow the built-in demo JWT secret (with a warning). Never in production.
+    #[arg(long, env = "DEMO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub demo: bool,
+    /// Interval of keep-alive messages (`ping` / legacy `ka`), in seconds. Keep it well below every
+    /// proxy's idle timeout (the repo's NGINX allows an hour).
+    #[arg(long, env = "KEEPALIVE_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_secs: u64,
+    /// Time a client has to send `connection_init` after connecting, in seconds (then 4408).
+    #[arg(long, env = "INIT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub init_timeout_secs: u64,
+    /// Most subscriptions one connection may hold at once.
+    #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_subscriptions_per_connection: u64,
+    /// Largest websocket message accepted from a client, in bytes (reassembled fragments count).
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(256..=16_777_216))]
+    pub max_frame_bytes: u64,
+    /// Messages that may wait for a slow client before it is disconnected (1013).
+    #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub outbound_queue: u64,
+    /// Longest wait for a client to accept one message before it is disconnected as too slow
+    /// (1013), in seconds.
+    #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub write_timeout_secs: u64,
+    /// Events buffered per event type for the local subscribers; a subscriber further behind than
+    /// this is disconnected as a slow consumer.
+    #[arg(long, env = "FANOUT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub fanout_buffer: u64,
+    /// After SIGTERM, how long sockets may take to close before the process exits, in seconds.
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_timeout_secs: u64,
+    /// Deepest selection accepted in a subscription document.
+    #[arg(long, env = "MAX_QUERY_DEPTH", default_value_t = 24, value_parser = clap::value_parser!(u64).range(2..=200))]
+    pub max_query_depth: u64,
+    /// Most fields accepted in a subscription document.
+    #[arg(long, env = "MAX_QUERY_FIELDS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_query_fields: u64,
+    /// Most lexical tokens accepted in a subscription document.
+    #[arg(long, env = "MAX_QUERY_TOKENS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+    pub max_query_tokens: u64,
+}

@@ -1,0 +1,190 @@
+//! Events reach the right subscribers, once, in both protocols; Redis restarts are survived.
+
+use std::time::Duration;
+
+use common::events::{Envelope, EventType};
+use serde_json::json;
+
+use crate::helpers::{access, car, Incoming, TestGateway, WsClient, MODEL_UPDATED};
+
+#[actix_web::test]
+async fn graphql_transport_ws_receives_updates_of_its_car_only() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+
+    gateway
+        .publish(EventType::CarUpdated, car(2, "Other car"))
+        .await;
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Skoda (VAG)"))
+        .await;
+    let next = client.expect_json().await;
+    assert_eq!(
+        next,
+        json!({"id": "a", "type": "next", "payload": {"data": {"carModelUpdated": {"id": "1", "make": "Skoda (VAG)", "model": "Octavia"}}}})
+    );
+
+    // `complete` stops it: a later event is not delivered, the connection stays usable.
+    client.send(json!({"id": "a", "type": "complete"})).await;
+    gateway.settle().await;
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Skoda"))
+        .await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.expect_json().await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn legacy_graphql_ws_receives_data_and_keepalives() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-ws").await;
+    client
+        .send(json!({"type": "connection_init", "payload": {"authorization": format!("Bearer {}", access(1))}}))
+        .await;
+    assert_eq!(client.expect_json().await["type"], "connection_ack");
+    // subscriptions-transport-ws expects a first `ka` right after the ack.
+    match client.recv().await {
+        Incoming::Json(ka) => assert_eq!(ka["type"], "ka"),
+        other => panic!("{other:?}"),
+    }
+    client
+        .send(json!({"id": "1", "type": "start", "payload": {"query": "subscription { carModelUpdated(pk: \"1\") { make } }"}}))
+        .await;
+    gateway.settle().await;
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Skoda Autogroup"))
+        .await;
+    assert_eq!(
+        client.expect_json().await,
+        json!({"id": "1", "type": "data", "payload": {"data": {"carModelUpdated": {"make": "Skoda Autogroup"}}}})
+    );
+    client.send(json!({"id": "1", "type": "stop"})).await;
+    assert_eq!(
+        client.expect_json().await,
+        json!({"id": "1", "type": "complete"})
+    );
+}
+
+#[actix_web::test]
+async fn created_and_deleted_events_reach_their_subscriptions() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"id": "c", "type": "subscribe", "payload": {"query": "subscription { carCreated { id make } }"}}))
+        .await;
+    client
+        .send(json!({"id": "d", "type": "subscribe", "payload": {"query": "subscription { carDeleted { id } }"}}))
+        .await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarCreated, car(7, "New")).await;
+    let created = client.expect_json().await;
+    assert_eq!(created["id"], "c");
+    assert_eq!(
+        created["payload"]["data"]["carCreated"],
+        json!({"id": "7", "make": "New"})
+    );
+    gateway.publish(EventType::CarDeleted, car(7, "New")).await;
+    let deleted = client.expect_json().await;
+    assert_eq!(deleted["id"], "d");
+    assert_eq!(deleted["payload"]["data"]["carDeleted"], json!({"id": "7"}));
+}
+
+#[actix_web::test]
+async fn a_republished_event_is_delivered_once() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+    let first = Envelope::new(EventType::CarUpdated, car(1, "Once"));
+    gateway.publish_envelope(&first).await;
+    gateway.publish_envelope(&first).await; // the outbox relay may publish twice
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Twice"))
+        .await;
+    assert_eq!(
+        client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
+        "Once"
+    );
+    assert_eq!(
+        client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
+        "Twice"
+    );
+}
+
+#[actix_web::test]
+async fn malformed_messages_on_the_channel_are_skipped() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+    gateway.publish_raw("events:car.updated", "not json").await;
+    gateway
+        .publish_raw(
+            "events:car.updated",
+            r#"{"v":1,"id":"x","type":"car.deleted"}"#,
+        )
+        .await;
+    gateway.publish(EventType::CarUpdated, car(1, "Fine")).await;
+    assert_eq!(
+        client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
+        "Fine"
+    );
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(
+        metrics.contains("gateway_events_malformed_total 2"),
+        "{metrics}"
+    );
+}
+
+#[actix_web::test]
+async fn subscribers_survive_a_redis_restart() {
+    let mut redis = test_support::PrivateRedis::start();
+    let gateway = TestGateway::spawn_on(&redis.url(), &[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Before"))
+        .await;
+    assert_eq!(
+        client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
+        "Before"
+    );
+
+    redis.stop();
+    let mut noticed = false;
+    for _ in 0..200 {
+        if gateway.get("/readyz").await.0 == 503 {
+            noticed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(noticed, "readyz kept saying ready with Redis gone");
+
+    redis.restart();
+    gateway.wait_ready().await;
+    gateway
+        .publish(EventType::CarUpdated, car(1, "After"))
+        .await;
+    assert_eq!(
+        client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
+        "After",
+        "the socket stayed open and the subscription was renewed"
+    );
+}

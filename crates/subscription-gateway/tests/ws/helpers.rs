@@ -1,0 +1,315 @@
+//! `TestGateway` (the real application on a free port) and `WsClient` (awc's websocket client).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use actix_web::web::Bytes;
+use awc::ws;
+use clap::Parser as _;
+use common::db::cars::Car;
+use common::events::{Envelope, EventBus as _, EventType, RedisBus};
+use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Value};
+use subscription_gateway::settings::Cli;
+use subscription_gateway::startup::Application;
+
+pub const SECRET: &str = "gateway-test-secret-0123456789-0123456789";
+
+pub struct TestGateway {
+    pub port: u16,
+    pub prefix: String,
+    pub redis_url: String,
+    bus: RedisBus,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub stopped: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl TestGateway {
+    pub async fn spawn(extra: &[&str]) -> TestGateway {
+        Self::spawn_on(&test_support::redis_url(), extra).await
+    }
+
+    pub async fn spawn_on(redis_url: &str, extra: &[&str]) -> TestGateway {
+        let prefix = test_support::unique_prefix("gw");
+        let mut args: Vec<String> = vec![
+            "subscription-gateway".into(),
+            "--listen-addr=127.0.0.1:0".into(),
+            format!("--redis-url={redis_url}"),
+            format!("--redis-key-prefix={prefix}"),
+            format!("--jwt-secret={SECRET}"),
+            "--jwt-leeway-secs=0".into(),
+            "--http-workers=1".into(),
+            "--log-level=warn".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let settings = Cli::try_parse_from(&args).unwrap().settings;
+        if std::env::var("TEST_LOG").is_ok() {
+            let _ = common::telemetry::init(&settings.log);
+        }
+        let redis = common::redis::pool(&settings.redis).unwrap();
+        let app = Application::build(settings).await.unwrap();
+        let port = app.port();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        actix_web::rt::spawn(async move {
+            let _ = app
+                .run_until_stopped(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            let _ = done_tx.send(());
+        });
+        let gateway = TestGateway {
+            port,
+            bus: RedisBus::new(redis, prefix.clone()),
+            prefix,
+            redis_url: redis_url.to_owned(),
+            stop: Some(stop),
+            stopped: Some(done_rx),
+        };
+        gateway.wait_ready().await;
+        gateway
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/graphql/", self.port)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let mut response = awc::Client::default()
+            .get(format!("http://127.0.0.1:{}{path}", self.port))
+            .send()
+            .await
+            .unwrap();
+        let body = response.body().await.unwrap();
+        (
+            response.status().as_u16(),
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    /// Waits until the Redis subscriber is up (so no published event is missed).
+    pub async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if self.get("/readyz").await.0 == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("gateway did not become ready");
+    }
+
+    /// Starts the drain as SIGTERM would.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Publishes an event as api-service's write path does.
+    pub async fn publish(&self, event_type: EventType, car: Car) -> Envelope {
+        let envelope = Envelope::new(event_type, car);
+        self.publish_envelope(&envelope).await;
+        envelope
+    }
+
+    pub async fn publish_envelope(&self, envelope: &Envelope) {
+        let payload = serde_json::to_string(envelope).unwrap();
+        self.bus
+            .publish(envelope.event_type, &payload)
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish_raw(&self, channel_suffix: &str, payload: &str) {
+        let pool = common::redis::pool(&redis_args(&self.redis_url)).unwrap();
+        let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
+        cmd.arg(format!("{}{channel_suffix}", self.prefix))
+            .arg(payload);
+        common::redis::query::<i64>(&pool, &cmd).await.unwrap();
+    }
+
+    /// Lets the hub's SUBSCRIBE reach Redis after a client subscribed (it is asynchronous).
+    pub async fn settle(&self) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+fn redis_args(url: &str) -> common::config::RedisArgs {
+    Cli::try_parse_from(["x", &format!("--redis-url={url}")])
+        .unwrap()
+        .settings
+        .redis
+}
+
+pub fn car(id: i64, make: &str) -> Car {
+    Car {
+        id,
+        make: make.into(),
+        model: "Octavia".into(),
+        variant: "Scout".into(),
+        year: "2011".into(),
+        owner: None,
+    }
+}
+
+fn keys() -> JwtKeys {
+    let settings = Cli::try_parse_from(["x", &format!("--jwt-secret={SECRET}")])
+        .unwrap()
+        .settings;
+    JwtKeys::from_args(&settings.jwt, SecretPolicy::RequireConfigured)
+        .unwrap()
+        .0
+}
+
+/// A token as auth-service would issue it, expiring `lifetime_secs` from now.
+pub fn token(user_id: i64, token_type: TokenType, lifetime_secs: i64) -> String {
+    let now = chrono::Utc::now().timestamp();
+    keys()
+        .signing
+        .sign(&Claims {
+            token_type,
+            exp: now + lifetime_secs,
+            iat: now,
+            jti: new_jti(),
+            user_id,
+            username: format!("user{user_id}"),
+        })
+        .unwrap()
+}
+
+pub fn access(user_id: i64) -> String {
+    token(user_id, TokenType::Access, 300)
+}
+
+/// What the client saw next.
+#[derive(Debug)]
+pub enum Incoming {
+    Json(Value),
+    Close(Option<u16>, String),
+}
+
+pub struct WsClient {
+    framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str, protocol: &str) -> WsClient {
+        Self::try_connect(url, Some(protocol), None).await.unwrap()
+    }
+
+    pub async fn try_connect(
+        url: &str,
+        protocol: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<WsClient, u16> {
+        let mut request = awc::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .finish()
+            .ws(url)
+            .max_frame_size(1 << 20);
+        if let Some(protocol) = protocol {
+            request = request.protocols([protocol]);
+        }
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        match request.connect().await {
+            Ok((_, framed)) => Ok(WsClient { framed }),
+            Err(awc::error::WsClientError::InvalidResponseStatus(status)) => Err(status.as_u16()),
+            Err(err) => panic!("websocket connect failed: {err}"),
+        }
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        self.framed
+            .send(ws::Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_frame(&mut self, message: ws::Message) {
+        self.framed.send(message).await.unwrap();
+    }
+
+    /// The next JSON message or close, skipping websocket pings; panics after `wait`.
+    pub async fn recv_within(&mut self, wait: Duration) -> Incoming {
+        loop {
+            let frame = tokio::time::timeout(wait, self.framed.next())
+                .await
+                .expect("no message from the gateway in time");
+            match frame {
+                Some(Ok(ws::Frame::Text(bytes))) => {
+                    return Incoming::Json(serde_json::from_slice(&bytes).unwrap())
+                }
+                Some(Ok(ws::Frame::Close(reason))) => {
+                    return Incoming::Close(
+                        reason.as_ref().map(|r| u16::from(r.code)),
+                        reason.and_then(|r| r.description).unwrap_or_default(),
+                    )
+                }
+                Some(Ok(ws::Frame::Ping(bytes))) => {
+                    let _ = self.framed.send(ws::Message::Pong(bytes)).await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => panic!("websocket error: {err}"),
+                None => return Incoming::Close(None, "stream ended".into()),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Incoming {
+        self.recv_within(Duration::from_secs(10)).await
+    }
+
+    /// The next message that is not a keep-alive (`ping`, `ka`).
+    pub async fn recv_skip_keepalive(&mut self) -> Incoming {
+        loop {
+            match self.recv().await {
+                Incoming::Json(v) if v["type"] == "ping" || v["type"] == "ka" => continue,
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn expect_json(&mut self) -> Value {
+        match self.recv_skip_keepalive().await {
+            Incoming::Json(v) => v,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    pub async fn expect_close(&mut self) -> (Option<u16>, String) {
+        loop {
+            match self.recv().await {
+                Incoming::Close(code, reason) => return (code, reason),
+                Incoming::Json(_) => continue,
+            }
+        }
+    }
+
+    /// Sends `connection_init` with the token and expects the ack.
+    pub async fn init(&mut self, token: &str) {
+        self.send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
+            .await;
+        let ack = self.expect_json().await;
+        assert_eq!(ack["type"], "connection_ack", "{ack}");
+    }
+
+    pub async fn raw_ping(&mut self) {
+        self.framed
+            .send(ws::Message::Ping(Bytes::from_static(b"hi")))
+            .await
+            .unwrap();
+    }
+}
+
+pub const MODEL_UPDATED: &str = "subscription { carModelUpdated(pk: 1) { id make model } }";

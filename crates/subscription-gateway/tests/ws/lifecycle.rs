@@ -1,0 +1,215 @@
+//! Negotiation, limits, keep-alive, slow consumers and the SIGTERM drain.
+
+use std::time::Duration;
+
+use awc::ws;
+use common::events::EventType;
+use serde_json::json;
+
+use crate::helpers::{access, car, Incoming, TestGateway, WsClient, MODEL_UPDATED};
+
+#[actix_web::test]
+async fn a_request_without_a_known_subprotocol_is_refused_with_the_supported_ones() {
+    let gateway = TestGateway::spawn(&[]).await;
+    for protocol in [None, Some("mqtt")] {
+        let refused = WsClient::try_connect(&gateway.url(), protocol, None).await;
+        assert_eq!(
+            refused.as_ref().err(),
+            Some(&400),
+            "{protocol:?} was accepted"
+        );
+    }
+    // A plain GET is told to upgrade (awc reads no body from a 426 that carries `Upgrade`).
+    let (status, _) = gateway.get("/graphql").await;
+    assert_eq!(status, 426);
+}
+
+#[actix_web::test]
+async fn init_timeout_is_4408_and_a_second_init_is_4429() {
+    let gateway = TestGateway::spawn(&["--init-timeout-secs=1"]).await;
+    let mut idle = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    assert_eq!(idle.expect_close().await.0, Some(4408));
+
+    let mut twice = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    twice.init(&access(1)).await;
+    twice
+        .send(json!({"type": "connection_init", "payload": {}}))
+        .await;
+    assert_eq!(twice.expect_close().await.0, Some(4429));
+}
+
+#[actix_web::test]
+async fn duplicate_ids_are_4409_and_the_subscription_limit_is_an_error() {
+    let gateway = TestGateway::spawn(&["--max-subscriptions-per-connection=2"]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    for id in ["1", "2"] {
+        client
+            .send(json!({"id": id, "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+            .await;
+    }
+    client
+        .send(json!({"id": "3", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    let error = client.expect_json().await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["id"], "3");
+    assert_eq!(
+        error["payload"][0]["extensions"]["code"],
+        "TOO_MANY_SUBSCRIPTIONS"
+    );
+
+    client
+        .send(json!({"id": "1", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    let (code, reason) = client.expect_close().await;
+    assert_eq!(code, Some(4409));
+    assert!(reason.contains("already exists"));
+}
+
+#[actix_web::test]
+async fn invalid_documents_and_queries_get_an_error_for_that_operation() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"id": "q", "type": "subscribe", "payload": {"query": "{ hi }"}}))
+        .await;
+    let error = client.expect_json().await;
+    assert_eq!(error["type"], "error");
+    assert!(error["payload"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP POST"));
+    client
+        .send(
+            json!({"id": "s", "type": "subscribe", "payload": {"query": "subscription { nope }"}}),
+        )
+        .await;
+    let error = client.expect_json().await;
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["id"], "s");
+    // The connection is still fine.
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.expect_json().await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn invalid_messages_close_with_4400_and_big_frames_with_1009() {
+    let gateway = TestGateway::spawn(&["--max-frame-bytes=1024"]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.send(json!({"type": "bogus"})).await;
+    assert_eq!(client.expect_close().await.0, Some(4400));
+
+    let mut big = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    big.send(json!({"type": "connection_init", "payload": {"pad": "x".repeat(4096)}}))
+        .await;
+    assert_eq!(big.expect_close().await.0, Some(1009));
+}
+
+#[actix_web::test]
+async fn keepalives_flow_and_a_client_that_never_pings_stays_connected() {
+    let gateway = TestGateway::spawn(&["--keepalive-secs=1"]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    // The graphql-ws npm client sends no pings by default; the server must not drop it.
+    for _ in 0..3 {
+        match client.recv_within(Duration::from_secs(5)).await {
+            Incoming::Json(ping) => {
+                assert_eq!(ping["type"], "ping");
+                client.send(json!({"type": "pong"})).await;
+            }
+            other => panic!("expected a ping, got {other:?}"),
+        }
+    }
+    // A websocket-level Ping frame is answered, not treated as an error.
+    client.raw_ping().await;
+    client
+        .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Alive"))
+        .await;
+    let data = client.expect_json().await;
+    assert_eq!(data["payload"]["data"]["carModelUpdated"]["make"], "Alive");
+}
+
+#[actix_web::test]
+async fn a_slow_reader_is_cut_off_while_others_keep_receiving() {
+    let gateway = TestGateway::spawn(&["--outbound-queue=64", "--fanout-buffer=1000000"]).await;
+    let mut fast = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    fast.init(&access(1)).await;
+    fast.send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    let mut slow = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    slow.init(&access(2)).await;
+    slow.send(json!({"id": "a", "type": "subscribe", "payload": {"query": "subscription { carModelUpdated(pk: 1) { id make model variant year } }"}}))
+        .await;
+    gateway.settle().await;
+
+    // The slow client reads nothing while events are published; once the kernel's socket
+    // buffers are full its queue fills and the gateway must cut it off. The fast client reads
+    // every event.
+    let big_make = "m".repeat(100);
+    let mut received = 0usize;
+    let mut published = 0usize;
+    let mut slow_cut = false;
+    while published < 60_000 && !slow_cut {
+        // Batches smaller than the queue, read in between: the fast reader never falls behind.
+        for _ in 0..50 {
+            for _ in 0..32 {
+                gateway
+                    .publish(EventType::CarUpdated, car(1, &big_make))
+                    .await;
+                published += 1;
+            }
+            while received < published {
+                let message =
+                    match tokio::time::timeout(Duration::from_secs(3), fast.expect_json()).await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            let (_, metrics) = gateway.get("/metrics").await;
+                            panic!(
+                                "stuck at {received}/{published}: {}",
+                                metrics
+                                    .lines()
+                                    .filter(|l| l.starts_with("gateway_"))
+                                    .collect::<Vec<_>>()
+                                    .join("\n")
+                            );
+                        }
+                    };
+                assert_eq!(message["type"], "next", "{message}");
+                received += 1;
+            }
+        }
+        let (_, metrics) = gateway.get("/metrics").await;
+        slow_cut = metrics.contains("gateway_slow_consumers_total 1");
+    }
+    assert!(
+        slow_cut,
+        "the slow reader was never cut off ({published} events)"
+    );
+    assert_eq!(received, published, "the fast reader missed events");
+    let (code, reason) = slow.expect_close().await;
+    assert_eq!(code, Some(1013));
+    assert!(reason.contains("slow consumer"), "{reason}");
+}
+
+#[actix_web::test]
+async fn shutdown_closes_every_socket_with_1001_and_refuses_new_ones() {
+    let mut gateway = TestGateway::spawn(&["--drain-timeout-secs=5"]).await;
+    let mut modern = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    modern.init(&access(1)).await;
+    let mut legacy = WsClient::connect(&gateway.url(), "graphql-ws").await;
+    gateway.begin_shutdown();
+    assert_eq!(modern.expect_close().await.0, Some(1001));
+    assert_eq!(legacy.expect_close().await.0, Some(1001));
+    let stopped = gateway.stopped.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), stopped)
+        .await
+        .expect("the gateway did not stop after draining")
+        .unwrap();
+    let _ = ws::Message::Nop;
+}
