@@ -8,7 +8,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use prometheus::{IntCounterVec, IntGauge};
 
 use crate::db::cars::{self, Actor, Car, CarChanges, EventDraft, NewCar, WriteError};
@@ -124,7 +123,7 @@ impl Store {
                 event_id: envelope.id,
                 event_type: event_type.as_str().to_owned(),
                 payload,
-                locked_until: Some(Utc::now() + lease),
+                locked_until: Some(outbox::lease_until(lease)),
             })
         })
     }
@@ -152,7 +151,7 @@ impl Store {
                 self.published.with_label_values(&[path, "error"]).inc();
                 tracing::warn!(%err, event_id = %event.event_id, attempts = event.attempts, path, "cannot publish event; it stays in the outbox");
                 // Due again at once: the relay's next pass retries it before any newer event.
-                if let Err(err) = outbox::release(&self.pool, event.id, None).await {
+                if let Err(err) = outbox::release(&self.pool, &event).await {
                     tracing::warn!(%err, event_id = %event.event_id, "cannot release the event; it is retried when its lease runs out");
                 }
                 false
@@ -161,26 +160,36 @@ impl Store {
     }
 
     /// One pass of the relay: publishes due events oldest first, stopping at the first failure
-    /// (the bus is likely down, and the order of what is left is kept). Returns how many went out.
+    /// (the bus is likely down, and the order of what is left is kept). The oldest event goes
+    /// first on its own, as a probe, so that an outage costs one claim per pass rather than a
+    /// batch. Returns how many went out.
     pub async fn relay_once(&self) -> usize {
-        let due = match outbox::claim_due(&self.pool, RELAY_BATCH, lease(self.config.lease)).await {
-            Ok(due) => due,
-            Err(err) => {
-                tracing::warn!(%err, "outbox relay cannot read the outbox");
-                return 0;
-            }
-        };
         let mut published = 0;
-        let mut events = due.into_iter();
-        for event in events.by_ref() {
-            if !self.publish(event, Path::Relay).await {
+        for batch in [1, RELAY_BATCH] {
+            let due = match outbox::claim_due(&self.pool, batch, lease(self.config.lease)).await {
+                Ok(due) => due,
+                Err(err) => {
+                    tracing::warn!(%err, "outbox relay cannot read the outbox");
+                    break;
+                }
+            };
+            let claimed = due.len();
+            let mut events = due.into_iter();
+            let mut failed = false;
+            for event in events.by_ref() {
+                if !self.publish(event, Path::Relay).await {
+                    failed = true;
+                    break;
+                }
+                published += 1;
+            }
+            // Events claimed after a failure go back too, keeping their order for the next pass.
+            for event in events {
+                let _ = outbox::release(&self.pool, &event).await;
+            }
+            if failed || claimed == 0 {
                 break;
             }
-            published += 1;
-        }
-        // Events claimed after a failure go back too, keeping their order for the next pass.
-        for event in events {
-            let _ = outbox::release(&self.pool, event.id, None).await;
         }
         if published > 0 {
             tracing::info!(published, "outbox relay published pending events");

@@ -2,7 +2,7 @@
 //! bus. Rows are leased (`locked_until`) rather than locked, so that the same statements work on
 //! PostgreSQL and SQLite and a publisher that dies simply lets its lease run out.
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, SubsecRound as _, Utc};
 use diesel::prelude::*;
 
 use super::schema::event_outbox;
@@ -28,6 +28,9 @@ pub struct PendingEvent {
     pub event_type: String,
     pub payload: String,
     pub attempts: i32,
+    /// The lease this process holds on it; releasing is conditional on it, so a process whose
+    /// lease ran out (or an operator's hold) is never overwritten.
+    pub lease: Option<DateTime<Utc>>,
 }
 
 /// Inserts the row in the caller's transaction.
@@ -42,6 +45,7 @@ pub(crate) fn insert(conn: &mut PgConnection, event: NewEvent) -> QueryResult<Pe
         event_type: event.event_type,
         payload: event.payload,
         attempts: 0,
+        lease: event.locked_until,
     })
 }
 
@@ -55,20 +59,29 @@ pub async fn delete(pool: &DbPool, id: i64) -> Result<(), DbError> {
     .await
 }
 
-/// Sets the lease of an event whose publication failed to `retry_at`, when a relay may try again
-/// (`None`: at once).
-pub async fn release(
-    pool: &DbPool,
-    id: i64,
-    retry_at: Option<DateTime<Utc>>,
-) -> Result<(), DbError> {
+/// Makes an event whose publication failed due again at once, if this process still holds the
+/// lease it had (else someone else owns the event now, and it is theirs to handle).
+pub async fn release(pool: &DbPool, event: &PendingEvent) -> Result<(), DbError> {
+    let (id, lease) = (event.id, event.lease);
     run(pool, move |conn| {
-        diesel::update(event_outbox::table.filter(event_outbox::id.eq(id)))
-            .set(event_outbox::locked_until.eq(retry_at))
-            .execute(conn)
-            .map(|_| ())
+        let target = event_outbox::table.filter(event_outbox::id.eq(id));
+        match lease {
+            Some(lease) => diesel::update(target.filter(event_outbox::locked_until.eq(lease)))
+                .set(event_outbox::locked_until.eq(None::<DateTime<Utc>>))
+                .execute(conn),
+            None => diesel::update(target.filter(event_outbox::locked_until.is_null()))
+                .set(event_outbox::locked_until.eq(None::<DateTime<Utc>>))
+                .execute(conn),
+        }
+        .map(|_| ())
     })
     .await
+}
+
+/// A lease ending `duration` from now, to the microsecond (the database's precision, so that
+/// the value read back compares equal).
+pub fn lease_until(duration: Duration) -> DateTime<Utc> {
+    (Utc::now() + duration).trunc_subsecs(6)
 }
 
 /// Claims up to `limit` events whose lease has run out, oldest first, leasing each for `lease`.
@@ -80,6 +93,7 @@ pub async fn claim_due(
 ) -> Result<Vec<PendingEvent>, DbError> {
     run(pool, move |conn| {
         let now = Utc::now();
+        let until = lease_until(lease);
         let due = || {
             event_outbox::locked_until
                 .is_null()
@@ -99,7 +113,7 @@ pub async fn claim_due(
                     .filter(due()),
             )
             .set((
-                event_outbox::locked_until.eq(now + lease),
+                event_outbox::locked_until.eq(until),
                 event_outbox::attempts.eq(event_outbox::attempts + 1),
             ))
             .returning((
@@ -108,6 +122,7 @@ pub async fn claim_due(
                 event_outbox::event_type,
                 event_outbox::payload,
                 event_outbox::attempts,
+                event_outbox::locked_until,
             ))
             .get_result::<PendingEvent>(conn)
             .optional()?;
