@@ -9,6 +9,7 @@ use chrono::{TimeZone, Utc};
 use common::db::tokens::{self, BlacklistEntry};
 use common::db::{users, DbPool};
 use common::error::ApiError;
+use common::events::{revocation_channel, Revocation};
 use common::http::{read_json_object, required_strings};
 use common::jwt::{new_jti, Claims, JwtKeys, TokenError, TokenType};
 use prometheus::IntCounterVec;
@@ -192,7 +193,36 @@ async fn blacklist(
     if !tokens::blacklist(&state.pool, blacklist_entry(&claims)).await? {
         return Err(ApiError::TokenNotValid(TokenError::Revoked));
     }
+    announce_revocation(&state, &claims).await;
     Ok(HttpResponse::Ok().json(json!({})))
+}
+
+/// Tells every gateway that this user logged out, so their open sockets close now rather than at
+/// the access token's expiry. Best effort: the blacklist entry is already committed, and when Redis
+/// is away the sockets still close when their access tokens expire (minutes at most).
+async fn announce_revocation(state: &AuthState, claims: &Claims) {
+    let message = Revocation {
+        user_id: claims.user_id,
+        jti: claims.jti.clone(),
+    };
+    let payload = match serde_json::to_string(&message) {
+        Ok(payload) => payload,
+        Err(err) => {
+            tracing::error!(%err, "cannot encode the revocation");
+            return;
+        }
+    };
+    let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
+    cmd.arg(revocation_channel(&state.limiter.key_prefix))
+        .arg(payload);
+    if let Err(err) = common::redis::query::<i64>(&state.limiter.redis, &cmd).await {
+        state
+            .limiter
+            .errors
+            .with_label_values(&["announce_revocation"])
+            .inc();
+        tracing::warn!(%err, "cannot announce the revocation; sockets close at token expiry");
+    }
 }
 
 /// `GET /api/token/jwks/`: the public verification keys (none when only HS256 is configured).

@@ -77,7 +77,7 @@ impl Application {
         );
         let limiter_errors = metrics.counter_vec(
             "auth_ratelimit_redis_errors_total",
-            "Redis errors of the login rate limiter (while failing, logins are not limited).",
+            "Redis errors of the login rate limiter (while failing, logins are not limited) and of revocation announcements.",
             &["operation"],
         );
         let dummy_hash = crate::passwords::hash_blocking(common::jwt::new_jti())

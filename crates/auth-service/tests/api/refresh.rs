@@ -158,3 +158,35 @@ async fn missing_fields_of_refresh_verify_and_blacklist_are_named() {
         assert_eq!(response.body, json!({field: ["This field is required."]}));
     }
 }
+
+#[actix_web::test]
+async fn blacklisting_announces_the_revocation_to_the_gateways() {
+    let app = TestApp::spawn(&[]).await;
+    app.create_user("alice", "pw", false).await;
+    let (refresh, _) = app.login("alice", "pw").await;
+    let (_, claims) = crate::helpers::peek(&refresh);
+
+    // Listen on the revocation channel as a gateway does.
+    let client = deadpool_redis::redis::Client::open(test_support::redis_url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(common::events::revocation_channel(&app.redis_prefix))
+        .await
+        .unwrap();
+
+    let response = app
+        .post_json("/api/token/blacklist/", &json!({"refresh": refresh}))
+        .await;
+    assert_eq!(response.status, 200);
+    let message = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        use futures_util::StreamExt as _;
+        pubsub.on_message().next().await
+    })
+    .await
+    .expect("no revocation announced")
+    .unwrap();
+    let revocation: common::events::Revocation =
+        serde_json::from_slice(message.get_payload_bytes()).unwrap();
+    assert_eq!(revocation.user_id, claims["user_id"].as_i64().unwrap());
+    assert_eq!(revocation.jti, claims["jti"].as_str().unwrap());
+}
