@@ -1,7 +1,7 @@
 //! Every setting of api-service, from flags or the environment (`api-service --help` lists them).
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{DatabaseArgs, HttpArgs, JwtArgs, LogArgs, RedisArgs};
+use common::config::{DatabaseArgs, HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,17 +47,9 @@ pub struct Settings {
     pub jwt: JwtArgs,
     #[command(flatten)]
     pub log: LogArgs,
-    /// Verify tokens with auth-service's public keys from this JWKS URL (EdDSA), e.g.
-    /// `http://auth-service:8001/api/token/jwks/`, instead of the JWT_* key settings. The keys are
-    /// cached and fetched again when a token names an unknown key.
-    #[arg(long, env = "JWKS_URL")]
-    pub jwks_url: Option<String>,
-    /// Least time between two JWKS fetches, in seconds.
-    #[arg(long, env = "JWKS_MIN_REFETCH_SECS", default_value_t = 10)]
-    pub jwks_min_refetch_secs: u64,
-    /// Age of the cached JWKS after which it is fetched again, in seconds.
-    #[arg(long, env = "JWKS_MAX_AGE_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
-    pub jwks_max_age_secs: u64,
+    /// Verify tokens with auth-service's public keys (JWKS_URL) instead of the JWT_* key settings.
+    #[command(flatten)]
+    pub jwks: JwksArgs,
     /// Demo mode: allow the built-in demo JWT secret (a warning is printed) and create the demo
     /// user and cars (Car 1 Skoda Octavia Scout 2011, Car 2 Skoda Octavia Tour 2007). Never in
     /// production.

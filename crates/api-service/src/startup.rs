@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
-use common::auth::{JwksSettings, TokenVerifier};
+use common::auth::TokenVerifier;
 use common::config::ConfigError;
 use common::events::RedisBus;
 use common::graphql::DocumentLimits;
@@ -162,39 +162,12 @@ pub fn store(
 /// The token verifier: auth-service's JWKS when JWKS_URL is set (no secret or private key is
 /// needed then), else the JWT_* settings, verification side only.
 async fn verifier(settings: &Settings) -> Result<TokenVerifier, StartupError> {
-    if let Some(url) = &settings.jwks_url {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::new("JWKS_URL", "must be an http:// URL").into());
-        }
-        if url.starts_with("https://") {
-            // awc is built without TLS: the JWKS is fetched inside the deployment's network.
-            return Err(ConfigError::new(
-                "JWKS_URL",
-                "https is not supported; use auth-service's internal http:// address",
-            )
-            .into());
-        }
-        return Ok(TokenVerifier::from_jwks(JwksSettings {
-            url: url.clone(),
-            leeway_secs: settings.jwt.jwt_leeway_secs,
-            min_refetch_interval: Duration::from_secs(settings.jwks_min_refetch_secs),
-            max_age: Duration::from_secs(settings.jwks_max_age_secs),
-        })
-        .await);
-    }
     let policy = if settings.demo {
         SecretPolicy::AllowDemoSecret
     } else {
         SecretPolicy::RequireConfigured
     };
-    let (keys, uses_demo_secret) = common::jwt::verification_keys_from_args(&settings.jwt, policy)?;
-    if uses_demo_secret {
-        tracing::warn!(
-            "demo mode: tokens are verified with the built-in demo secret, which anyone can read \
-             in the source; set JWT_SECRET (or JWKS_URL) for any real use"
-        );
-    }
-    Ok(TokenVerifier::from_keys(keys))
+    Ok(common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy).await?)
 }
 
 pub async fn migrate(database_url: &str) -> Result<(), StartupError> {
