@@ -210,23 +210,6 @@ async fn fetch_jwks(settings: &JwksSettings) -> Result<VerificationKeys, String>
     VerificationKeys::from_jwks(&document, settings.leeway_secs)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_header_forms() {
-        assert_eq!(bearer_token(None), Err(AuthError::MissingHeader));
-        assert_eq!(bearer_token(Some("  ")), Err(AuthError::MissingHeader));
-        assert_eq!(bearer_token(Some("Token abc")), Err(AuthError::NotBearer));
-        assert_eq!(bearer_token(Some("abc")), Err(AuthError::NotBearer));
-        assert_eq!(bearer_token(Some("Bearer ")), Err(AuthError::NotBearer));
-        assert_eq!(bearer_token(Some("Bearer a b")), Err(AuthError::NotBearer));
-        assert_eq!(bearer_token(Some("Bearer abc")), Ok("abc"));
-        assert_eq!(bearer_token(Some("bearer  abc ")), Ok("abc"));
-    }
-}
-
 /// The verifier of a service that never signs: auth-service's JWKS when `JWKS_URL` is set (no
 /// secret or private key needed then), else the `JWT_*` settings, verification side only. Warns
 /// when the demo secret is in use.
@@ -263,4 +246,21 @@ pub async fn verifier_from_args(
         );
     }
     Ok(TokenVerifier::from_keys(keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_header_forms() {
+        assert_eq!(bearer_token(None), Err(AuthError::MissingHeader));
+        assert_eq!(bearer_token(Some("  ")), Err(AuthError::MissingHeader));
+        assert_eq!(bearer_token(Some("Token abc")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("abc")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("Bearer ")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("Bearer a b")), Err(AuthError::NotBearer));
+        assert_eq!(bearer_token(Some("Bearer abc")), Ok("abc"));
+        assert_eq!(bearer_token(Some("bearer  abc ")), Ok("abc"));
+    }
 }
