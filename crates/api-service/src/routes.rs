@@ -17,7 +17,7 @@ use common::repository::Store;
 use futures_util::StreamExt as _;
 use juniper::http::GraphQLRequest;
 use juniper::{DefaultScalarValue, GraphQLError, OperationType, ParseError, ValidatedOperation};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 /// What the handlers share; built once by [`crate::startup::Application::build`].
@@ -65,7 +65,9 @@ fn framing(req: &HttpRequest) -> Framing {
 
 /// The outcome of one operation: its JSON result and what happened to it.
 struct Outcome {
-    body: Json,
+    /// The serialized response; built from juniper's values directly (not through
+    /// `serde_json::Value`, whose maps are sorted) so fields come in the order the query asked.
+    body: String,
     kind: OutcomeKind,
 }
 
@@ -143,7 +145,7 @@ async fn graphql_post(
                 };
                 results.push(outcome.body);
             }
-            respond(framing, StatusCode::OK, Json::Array(results))
+            respond(framing, StatusCode::OK, format!("[{}]", results.join(",")))
         }
         item => match parse_request(item) {
             Ok(request) => {
@@ -214,7 +216,8 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
     if outcome.kind == OutcomeKind::MutationOverGet {
         return HttpResponse::MethodNotAllowed()
             .insert_header((header::ALLOW, "POST"))
-            .json(outcome.body);
+            .content_type("application/json")
+            .body(outcome.body);
     }
     respond_outcome(framing(&req), outcome)
 }
@@ -222,7 +225,8 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
 async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     HttpResponse::MethodNotAllowed()
         .insert_header((header::ALLOW, "GET, POST"))
-        .json(error_body(
+        .content_type("application/json")
+        .body(error_body(
             &format!(
                 "method {} is not allowed: use POST (or GET for queries)",
                 req.method()
@@ -233,7 +237,9 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
 
 async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
     if !state.playground {
-        return HttpResponse::NotFound().json(error_body("not found", "NOT_FOUND"));
+        return HttpResponse::NotFound()
+            .content_type("application/json")
+            .body(error_body("not found", "NOT_FOUND"));
     }
     html(juniper::http::graphiql::graphiql_source(
         "/graphql/",
@@ -292,7 +298,7 @@ async fn execute(
         Ok(operation) => operation,
         Err(err) => {
             return Outcome {
-                body: json!({ "errors": graphql_errors(&err) }),
+                body: json!({ "errors": graphql_errors(&err) }).to_string(),
                 kind: OutcomeKind::RequestError,
             }
         }
@@ -315,17 +321,20 @@ async fn execute(
     let variables = request.variables();
     match operation.execute(&variables, context).await {
         Ok((data, errors)) => {
-            let mut body = json!({ "data": data });
-            if !errors.is_empty() {
-                body["errors"] = serde_json::to_value(&errors).unwrap_or_default();
-            }
+            let body = ExecutedBody {
+                data: &data,
+                errors: &errors,
+            };
             Outcome {
-                body,
+                body: serde_json::to_string(&body).unwrap_or_else(|err| {
+                    tracing::error!(%err, "cannot serialize a GraphQL response");
+                    error_body("internal server error", "INTERNAL_SERVER_ERROR")
+                }),
                 kind: OutcomeKind::Executed,
             }
         }
         Err(err) => Outcome {
-            body: json!({ "errors": graphql_errors(&err) }),
+            body: json!({ "errors": graphql_errors(&err) }).to_string(),
             kind: OutcomeKind::RequestError,
         },
     }
@@ -359,8 +368,36 @@ fn graphql_errors(err: &GraphQLError) -> Json {
     errors
 }
 
-fn error_body(message: &str, code: &str) -> Json {
-    json!({ "errors": [{ "message": message, "extensions": { "code": code } }] })
+/// `{"data": …, "errors": […]}` of an executed operation, `errors` left out when empty.
+#[derive(Serialize)]
+struct ExecutedBody<'a> {
+    data: &'a juniper::Value<DefaultScalarValue>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [juniper::ExecutionError<DefaultScalarValue>],
+}
+
+/// `{"errors": [{"message": …, "extensions": {"code": …}}]}`, serialized.
+fn error_body(message: &str, code: &str) -> String {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        errors: [Error<'a>; 1],
+    }
+    #[derive(Serialize)]
+    struct Error<'a> {
+        message: &'a str,
+        extensions: Extensions<'a>,
+    }
+    #[derive(Serialize)]
+    struct Extensions<'a> {
+        code: &'a str,
+    }
+    let body = Body {
+        errors: [Error {
+            message,
+            extensions: Extensions { code },
+        }],
+    };
+    serde_json::to_string(&body).unwrap_or_default()
 }
 
 fn respond_outcome(framing: Framing, outcome: Outcome) -> HttpResponse {
@@ -372,18 +409,20 @@ fn respond_outcome(framing: Framing, outcome: Outcome) -> HttpResponse {
     respond(framing, status, outcome.body)
 }
 
-fn respond(framing: Framing, status: StatusCode, body: Json) -> HttpResponse {
+fn respond(framing: Framing, status: StatusCode, body: String) -> HttpResponse {
     let content_type = match framing {
         Framing::Json => "application/json",
         Framing::GraphQLResponse => GRAPHQL_RESPONSE_JSON,
     };
     HttpResponse::build(status)
         .content_type(content_type)
-        .body(body.to_string())
+        .body(body)
 }
 
 fn http_error(status: StatusCode, message: &str, code: &str) -> HttpResponse {
-    HttpResponse::build(status).json(error_body(message, code))
+    HttpResponse::build(status)
+        .content_type("application/json")
+        .body(error_body(message, code))
 }
 
 fn html(page: String) -> HttpResponse {

@@ -39,6 +39,17 @@ async fn get_runs_queries_but_not_mutations() {
         json!({"data": {"car": {"make": "Skoda"}}})
     );
 
+    // Fields come in the order the query asked for them, not sorted.
+    let path = format!(
+        "/graphql?query={}",
+        encode("{ hi car(pk: 1) { year make } }")
+    );
+    let (_, _, body) = app.get(&path, &auth).await;
+    assert_eq!(
+        body,
+        r#"{"data":{"hi":"Hi!","car":{"year":"2011","make":"Skoda"}}}"#
+    );
+
     let path = format!(
         "/graphql/?query={}",
         encode("mutation { deleteCar(pk: 1) { id } }")
