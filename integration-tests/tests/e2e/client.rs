@@ -1,0 +1,399 @@
+//! What the tests do to a stack, through NGINX only: REST and GraphQL over HTTP (awc), the Rust
+//! websocket client (awc, both subprotocols), the npm clients of `node/` as child processes, and
+//! `trigger-event` as the operator runs it.
+
+use std::io::BufRead as _;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use awc::ws;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Value};
+
+use crate::stack::{bin_dir, repo_root, Stack};
+
+/// The reference's subscription (step 4).
+pub const CAR_1_UPDATED: &str = "subscription { carModelUpdated(pk: 1) { id make model } }";
+
+/// The makes `trigger-event` picks from (the reference's `trigger_event.py`).
+pub const TRIGGER_MAKES: [&str; 3] = ["Skoda", "Skoda Autogroup", "Skoda (VAG)"];
+
+/// A safety net only: no test asserts on how fast anything is.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn http() -> awc::Client {
+    awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish()
+}
+
+/// `POST /api/token/`: the status and the JSON body.
+pub async fn post_token(stack: &Stack, username: &str, password: &str) -> (u16, Value) {
+    let mut response = http()
+        .post(format!("{}/api/token/", stack.url))
+        .send_json(&json!({"username": username, "password": password}))
+        .await
+        .unwrap();
+    let body = response.body().await.unwrap();
+    (
+        response.status().as_u16(),
+        serde_json::from_slice(&body).unwrap_or(Value::Null),
+    )
+}
+
+/// The demo user's token pair (step 2 of the reference): `(access, refresh)`.
+pub async fn admin_tokens(stack: &Stack) -> (String, String) {
+    let (status, body) = post_token(stack, "admin", "letmein").await;
+    assert_eq!(status, 200, "{body}");
+    (
+        body["access"].as_str().unwrap().to_owned(),
+        body["refresh"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `POST /graphql/` with an optional `Authorization` header value; the JSON answer.
+pub async fn graphql(
+    stack: &Stack,
+    authorization: Option<&str>,
+    query: &str,
+    variables: Value,
+) -> Value {
+    let mut request = http().post(format!("{}/graphql/", stack.url));
+    if let Some(value) = authorization {
+        request = request.insert_header(("Authorization", value));
+    }
+    let mut response = request
+        .send_json(&json!({"query": query, "variables": variables}))
+        .await
+        .unwrap();
+    let body = response.body().await.unwrap();
+    serde_json::from_slice(&body).unwrap_or_else(|err| {
+        panic!(
+            "{} from /graphql/ is not JSON ({err}): {}",
+            response.status(),
+            String::from_utf8_lossy(&body)
+        )
+    })
+}
+
+/// A car of the test's own, so that its events are not mixed with another test's.
+pub async fn create_car(stack: &Stack, access: &str, make: &str) -> String {
+    let answer = graphql(
+        stack,
+        Some(&format!("Bearer {access}")),
+        "mutation($make: String!) { createCar(input: {make: $make, model: \"Octavia\"}) { id } }",
+        json!({"make": make}),
+    )
+    .await;
+    answer["data"]["createCar"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createCar: {answer}"))
+        .to_owned()
+}
+
+pub async fn update_make(stack: &Stack, access: &str, pk: &str, make: &str) {
+    let answer = graphql(
+        stack,
+        Some(&format!("Bearer {access}")),
+        "mutation($pk: ID!, $make: String!) { updateCar(pk: $pk, input: {make: $make}) { id make } }",
+        json!({"pk": pk, "make": make}),
+    )
+    .await;
+    assert_eq!(answer["data"]["updateCar"]["make"], make, "{answer}");
+}
+
+/// `api-service trigger-event --pk <pk>`, the real binary with the stack's settings (step 5).
+pub fn trigger_event(stack: &Stack, pk: i64) -> String {
+    let output = Command::new(bin_dir().join("api-service"))
+        .args(["trigger-event", "--pk", &pk.to_string()])
+        .env("DATABASE_URL", &stack.database_url)
+        .env("REDIS_URL", &stack.redis_url)
+        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
+        .env("DEMO", "true")
+        .env("MIGRATE", "false")
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "trigger-event failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Tokens the stack must refuse, with a word its error message contains: `(label, token, word)`.
+/// `refresh` is a real refresh token (never accepted where an access token belongs).
+pub fn bad_tokens(access: &str, refresh: &str) -> Vec<(&'static str, String, &'static str)> {
+    vec![
+        ("garbage", "not.a.jwt".to_owned(), "malformed"),
+        ("expired", resigned(access, -600, None), "expired"),
+        (
+            "wrongly signed",
+            resigned(
+                access,
+                300,
+                Some("another-secret-0123456789-0123456789-xyz"),
+            ),
+            "signature",
+        ),
+        ("refresh token", refresh.to_owned(), "refresh"),
+    ]
+}
+
+/// `access` with its lifetime moved to `exp_in_secs` from now, signed with the demo secret
+/// (what the stack verifies with) or with `secret`.
+fn resigned(access: &str, exp_in_secs: i64, secret: Option<&str>) -> String {
+    use base64::Engine as _;
+    let decode = |part: &str| -> Value {
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let mut parts = access.split('.');
+    let header = decode(parts.next().unwrap());
+    let mut claims = decode(parts.next().unwrap());
+    let now = chrono::Utc::now().timestamp();
+    claims["exp"] = json!(now + exp_in_secs);
+    claims["iat"] = json!(now + exp_in_secs - 300);
+    let mut jwt_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    jwt_header.kid = header["kid"].as_str().map(str::to_owned);
+    let secret = secret.unwrap_or(common::jwt::DEMO_SECRET);
+    jsonwebtoken::encode(
+        &jwt_header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// What the websocket client saw next.
+#[derive(Debug)]
+pub enum Incoming {
+    Json(Value),
+    /// A close frame, the end of the stream or a broken connection (`None` code then).
+    Closed(Option<u16>, String),
+}
+
+/// The Rust client: awc's websocket, speaking either subprotocol.
+pub struct WsClient {
+    pub protocol: &'static str,
+    framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
+}
+
+impl WsClient {
+    /// Connects through NGINX; `Err` with the reason when the handshake fails.
+    pub async fn connect(stack: &Stack, protocol: &'static str) -> Result<WsClient, String> {
+        let (_, framed) = http()
+            .ws(stack.ws_url())
+            .protocols([protocol])
+            .max_frame_size(1 << 20)
+            .connect()
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(WsClient { protocol, framed })
+    }
+
+    pub async fn send(&mut self, message: Value) {
+        self.framed
+            .send(ws::Message::Text(message.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON message or close within `wait` (`None` when nothing came), answering
+    /// websocket pings and graphql-transport-ws `ping`s, skipping keep-alives.
+    pub async fn recv_within(&mut self, wait: Duration) -> Option<Incoming> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.framed.next())
+                .await
+                .ok()?;
+            match frame {
+                Some(Ok(ws::Frame::Text(bytes))) => {
+                    let message: Value = serde_json::from_slice(&bytes).unwrap();
+                    match message["type"].as_str() {
+                        Some("ping") => self.send(json!({"type": "pong"})).await,
+                        Some("pong") | Some("ka") => {}
+                        _ => return Some(Incoming::Json(message)),
+                    }
+                }
+                Some(Ok(ws::Frame::Close(reason))) => {
+                    return Some(Incoming::Closed(
+                        reason.as_ref().map(|r| u16::from(r.code)),
+                        reason.and_then(|r| r.description).unwrap_or_default(),
+                    ))
+                }
+                Some(Ok(ws::Frame::Ping(bytes))) => {
+                    let _ = self.framed.send(ws::Message::Pong(bytes)).await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Some(Incoming::Closed(None, err.to_string())),
+                None => return Some(Incoming::Closed(None, "stream ended".into())),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Incoming {
+        self.recv_within(PATIENCE)
+            .await
+            .expect("nothing from the gateway in time")
+    }
+
+    /// Sends `connection_init` with `connectionParams` `{"Authorization": "Bearer <token>"}`
+    /// (the Playground/Apollo way) and returns the answer.
+    pub async fn init(&mut self, token: &str) -> Incoming {
+        self.send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
+            .await;
+        self.recv().await
+    }
+
+    pub async fn subscribe(&mut self, id: &str, query: &str) {
+        let kind = if self.protocol == "graphql-ws" {
+            "start"
+        } else {
+            "subscribe"
+        };
+        self.send(json!({"id": id, "type": kind, "payload": {"query": query}}))
+            .await;
+    }
+
+    /// Connects, authenticates and subscribes; panics when any step is refused.
+    pub async fn subscribed(
+        stack: &Stack,
+        protocol: &'static str,
+        token: &str,
+        query: &str,
+    ) -> WsClient {
+        let mut client = WsClient::connect(stack, protocol).await.unwrap();
+        match client.init(token).await {
+            Incoming::Json(ack) if ack["type"] == "connection_ack" => {}
+            other => panic!("{protocol}: expected connection_ack, got {other:?}"),
+        }
+        client.subscribe("1", query).await;
+        client
+    }
+
+    /// The next result's `payload` within `wait`: `Ok(None)` when nothing came, `Err` when the
+    /// socket closed or the server sent anything but a result.
+    pub async fn next_payload_within(&mut self, wait: Duration) -> Result<Option<Value>, String> {
+        match self.recv_within(wait).await {
+            None => Ok(None),
+            Some(Incoming::Json(message))
+                if message["type"] == "next" || message["type"] == "data" =>
+            {
+                Ok(Some(message["payload"].clone()))
+            }
+            Some(Incoming::Json(message)) => Err(format!("unexpected message {message}")),
+            Some(Incoming::Closed(code, reason)) => Err(format!("closed {code:?} {reason}")),
+        }
+    }
+}
+
+/// One run of `node/subscribe.mjs` (an npm client), its output lines delivered as they come.
+pub struct NodeSubscriber {
+    child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl NodeSubscriber {
+    /// `client` is `graphql-ws` or `subscriptions-transport-ws`; `token` `None` sends no
+    /// connectionParams.
+    pub fn spawn(
+        stack: &Stack,
+        client: &str,
+        token: Option<&str>,
+        query: &str,
+        count: usize,
+    ) -> NodeSubscriber {
+        let node_dir = repo_root().join("integration-tests/node");
+        assert!(
+            node_dir.join("node_modules/graphql-ws").is_dir(),
+            "the npm clients are not installed: run `npm ci` in {} (scripts/test does)",
+            node_dir.display()
+        );
+        let mut command = Command::new("node");
+        command
+            .current_dir(&node_dir)
+            .arg("subscribe.mjs")
+            .args(["--url", &stack.ws_url(), "--client", client])
+            .args(["--query", query, "--count", &count.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(token) = token {
+            command.args(["--token", token]);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot run node: {err}"));
+        let stdout = child.stdout.take().unwrap();
+        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value = serde_json::from_str(&line).unwrap_or(json!({"unparsed": line}));
+                if sender.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        NodeSubscriber { child, lines }
+    }
+
+    /// The next line within `wait`; `None` when nothing came; `{"exited": …}` after the end.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        match tokio::time::timeout(wait, self.lines.recv()).await {
+            Err(_) => None,
+            Ok(Some(line)) => Some(line),
+            Ok(None) => Some(json!({"exited": true})),
+        }
+    }
+
+    pub async fn next(&mut self) -> Value {
+        self.next_within(PATIENCE)
+            .await
+            .expect("nothing from the node client in time")
+    }
+
+    /// Waits for the process to end; its exit code.
+    pub fn wait(mut self) -> Option<i32> {
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for NodeSubscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A value of a Prometheus text-format sample summed over every series whose line starts with
+/// `prefix` (a metric name and, optionally, the start of its labels).
+pub async fn metric_sum(port: u16, prefix: &str) -> f64 {
+    let mut response = http()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let body = response.body().limit(16 << 20).await.unwrap();
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// GraphQL requests one api-service replica has answered.
+pub async fn graphql_requests_served(api_port: u16) -> f64 {
+    metric_sum(
+        api_port,
+        "http_request_duration_seconds_count{method=\"POST\",route=\"/graphql",
+    )
+    .await
+}
