@@ -126,13 +126,7 @@ async fn refresh(
     payload: web::Payload,
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
-    let [token] = required_strings(&body, ["refresh"])?;
-    let claims = state
-        .keys
-        .verification
-        .verify(&token, TokenType::Refresh)
-        .map_err(ApiError::TokenNotValid)?;
+    let claims = token_in_body(&req, payload, &state, "refresh", Some(TokenType::Refresh)).await?;
     let user = users::find_by_id(&state.pool, claims.user_id)
         .await?
         .filter(|u| u.is_active)
@@ -162,13 +156,7 @@ async fn verify(
     payload: web::Payload,
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
-    let [token] = required_strings(&body, ["token"])?;
-    let claims = state
-        .keys
-        .verification
-        .verify_untyped(&token)
-        .map_err(ApiError::TokenNotValid)?;
+    let claims = token_in_body(&req, payload, &state, "token", None).await?;
     if claims.token_type == TokenType::Refresh
         && tokens::is_blacklisted(&state.pool, claims.jti).await?
     {
@@ -183,13 +171,7 @@ async fn blacklist(
     payload: web::Payload,
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
-    let [token] = required_strings(&body, ["refresh"])?;
-    let claims = state
-        .keys
-        .verification
-        .verify(&token, TokenType::Refresh)
-        .map_err(ApiError::TokenNotValid)?;
+    let claims = token_in_body(&req, payload, &state, "refresh", Some(TokenType::Refresh)).await?;
     if !tokens::blacklist(&state.pool, blacklist_entry(&claims)).await? {
         return Err(ApiError::TokenNotValid(TokenError::Revoked));
     }
@@ -230,6 +212,25 @@ async fn jwks(state: web::Data<AuthState>) -> HttpResponse {
     HttpResponse::Ok()
         .insert_header(("Cache-Control", "public, max-age=300"))
         .json(state.keys.verification.jwks())
+}
+
+/// Reads the JSON body, takes the token from `field` and verifies it (as `expected`, or of either
+/// type when `None`).
+async fn token_in_body(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AuthState,
+    field: &str,
+    expected: Option<TokenType>,
+) -> Result<Claims, ApiError> {
+    let body = read_json_object(req, payload, state.max_body_bytes).await?;
+    let [token] = required_strings(&body, [field])?;
+    let verification = &state.keys.verification;
+    match expected {
+        Some(token_type) => verification.verify(&token, token_type),
+        None => verification.verify_untyped(&token),
+    }
+    .map_err(ApiError::TokenNotValid)
 }
 
 fn sign(

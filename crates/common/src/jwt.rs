@@ -179,19 +179,20 @@ impl VerificationKeys {
         validation.leeway = self.leeway_secs;
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_exp = true;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|err| {
-            match err.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::InvalidSignature => TokenError::BadSignature,
-                ErrorKind::InvalidAlgorithm => {
-                    TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg))
-                }
-                ErrorKind::Json(_)
-                | ErrorKind::MissingRequiredClaim(_)
-                | ErrorKind::InvalidClaimFormat(_) => TokenError::BadClaims,
-                _ => TokenError::Malformed,
-            }
-        })?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(
+                |err| match err.kind() {
+                    ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::InvalidSignature => TokenError::BadSignature,
+                    ErrorKind::InvalidAlgorithm => {
+                        TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg))
+                    }
+                    ErrorKind::Json(_)
+                    | ErrorKind::MissingRequiredClaim(_)
+                    | ErrorKind::InvalidClaimFormat(_) => TokenError::BadClaims,
+                    _ => TokenError::Malformed,
+                },
+            )?;
         Ok(data.claims)
     }
 
@@ -262,24 +263,7 @@ pub fn verification_keys_from_args(
         return Ok((keys.verification, uses_demo_secret));
     }
     let mut keys = HashMap::new();
-    for entry in args
-        .jwt_verify_keys
-        .iter()
-        .map(|e| e.trim())
-        .filter(|e| !e.is_empty())
-    {
-        let (kid, path) = entry.split_once('=').ok_or_else(|| {
-            ConfigError::new("JWT_VERIFY_KEYS", format!("`{entry}` is not KID=PATH"))
-        })?;
-        let pem = read_pem(Path::new(path), "JWT_VERIFY_KEYS")?;
-        let public = ed25519_dalek::VerifyingKey::from_public_key_pem(&pem).map_err(|_| {
-            ConfigError::new(
-                "JWT_VERIFY_KEYS",
-                format!("{path} is not an SPKI PEM Ed25519 public key"),
-            )
-        })?;
-        keys.insert(kid.to_owned(), ed25519_verify_key(kid, &public)?);
-    }
+    add_verify_keys(&mut keys, &args.jwt_verify_keys)?;
     if keys.is_empty() {
         return Err(ConfigError::new(
             "JWT_VERIFY_KEYS",
@@ -321,19 +305,18 @@ impl JwtKeys {
         let mut uses_demo_secret = false;
         let signing = match signing_algorithm {
             Algorithm::HS256 => {
-                let secret = match (&args.jwt_secret, policy) {
-                    (Some(secret), _) => secret.clone(),
-                    (None, SecretPolicy::AllowDemoSecret) => {
-                        uses_demo_secret = true;
-                        DEMO_SECRET.to_owned()
-                    }
-                    (None, SecretPolicy::RequireConfigured) => {
-                        return Err(ConfigError::new(
+                let secret =
+                    match (&args.jwt_secret, policy) {
+                        (Some(secret), _) => secret.clone(),
+                        (None, SecretPolicy::AllowDemoSecret) => {
+                            uses_demo_secret = true;
+                            DEMO_SECRET.to_owned()
+                        }
+                        (None, SecretPolicy::RequireConfigured) => return Err(ConfigError::new(
                             "JWT_SECRET",
                             "required for HS256 (or run in demo mode, or use JWT_ALGORITHM=EdDSA)",
-                        ))
-                    }
-                };
+                        )),
+                    };
                 if secret.len() < MIN_SECRET_BYTES {
                     return Err(ConfigError::new(
                         "JWT_SECRET",
@@ -391,29 +374,7 @@ impl JwtKeys {
                 ))
             }
         };
-        for entry in &args.jwt_verify_keys {
-            let entry = entry.trim();
-            if entry.is_empty() {
-                continue;
-            }
-            let (kid, path) = entry.split_once('=').ok_or_else(|| {
-                ConfigError::new("JWT_VERIFY_KEYS", format!("`{entry}` is not KID=PATH"))
-            })?;
-            let pem = read_pem(Path::new(path), "JWT_VERIFY_KEYS")?;
-            let public = ed25519_dalek::VerifyingKey::from_public_key_pem(&pem).map_err(|_| {
-                ConfigError::new(
-                    "JWT_VERIFY_KEYS",
-                    format!("{path} is not an SPKI PEM Ed25519 public key"),
-                )
-            })?;
-            if keys.contains_key(kid) {
-                return Err(ConfigError::new(
-                    "JWT_VERIFY_KEYS",
-                    format!("key id {kid} is listed twice"),
-                ));
-            }
-            keys.insert(kid.to_owned(), ed25519_verify_key(kid, &public)?);
-        }
+        add_verify_keys(&mut keys, &args.jwt_verify_keys)?;
         let accepted = if args.jwt_accepted_algorithms.is_empty() {
             let mut algorithms: Vec<Algorithm> = keys.values().map(|k| k.algorithm).collect();
             algorithms.sort_by_key(|a| format!("{a:?}"));
@@ -455,7 +416,9 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     match name {
         "HS256" => Ok(Algorithm::HS256),
         "EdDSA" => Ok(Algorithm::EdDSA),
-        other => Err(format!("unsupported algorithm `{other}` (use HS256 or EdDSA)")),
+        other => Err(format!(
+            "unsupported algorithm `{other}` (use HS256 or EdDSA)"
+        )),
     }
 }
 
@@ -482,6 +445,33 @@ pub fn new_jti() -> String {
     let mut bytes = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Adds the public keys of `JWT_VERIFY_KEYS` (`KID=PATH` entries) to `keys`.
+fn add_verify_keys(
+    keys: &mut HashMap<String, VerifyKey>,
+    entries: &[String],
+) -> Result<(), ConfigError> {
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let (kid, path) = entry.split_once('=').ok_or_else(|| {
+            ConfigError::new("JWT_VERIFY_KEYS", format!("`{entry}` is not KID=PATH"))
+        })?;
+        let pem = read_pem(Path::new(path), "JWT_VERIFY_KEYS")?;
+        let public = ed25519_dalek::VerifyingKey::from_public_key_pem(&pem).map_err(|_| {
+            ConfigError::new(
+                "JWT_VERIFY_KEYS",
+                format!("{path} is not an SPKI PEM Ed25519 public key"),
+            )
+        })?;
+        if keys.contains_key(kid) {
+            return Err(ConfigError::new(
+                "JWT_VERIFY_KEYS",
+                format!("key id {kid} is listed twice"),
+            ));
+        }
+        keys.insert(kid.to_owned(), ed25519_verify_key(kid, &public)?);
+    }
+    Ok(())
 }
 
 fn read_pem(path: &Path, setting: &'static str) -> Result<String, ConfigError> {
