@@ -2,9 +2,14 @@
 //!
 //! - `loadgen tokens --op issue|refresh|verify`: auth-service's endpoints.
 //! - `loadgen query --query '{ hi }'`: GraphQL over HTTP with a bearer token.
+//! - `loadgen subscribe`: websocket subscribers on subscription-gateway, events published into
+//!   Redis, publish-to-receipt latency per delivery and the gateway's memory per connection
+//!   (see `subscribe.rs`).
 //!
 //! Each run is bounded by `--duration` (at most 10 minutes) and `--max-requests`, talks only to
 //! loopback addresses, prints a table and, with `--json`, writes the figures as JSON.
+
+mod subscribe;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -51,6 +56,8 @@ enum Mode {
         #[arg(long, default_value = "{ hi }")]
         query: String,
     },
+    /// Websocket subscribers on subscription-gateway and events published into Redis.
+    Subscribe(Box<subscribe::SubscribeArgs>),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -126,6 +133,7 @@ fn main() {
                 },
             )
         }
+        Mode::Subscribe(args) => subscribe::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err}");
