@@ -4,10 +4,13 @@
 //! Nothing is built here: the binaries come from `cargo build --release -p auth-service
 //! -p api-service -p subscription-gateway` (scripts/test runs it before `cargo test`).
 //!
-//! Stopping: a watchdog process (`bash`, in its own process group) waits for EOF on a pipe whose
-//! write end only this process holds, then runs `scripts/stack down` and drops the database. The
-//! pipe closes when the `Stack` is dropped (also while a test panics) or when the test process
-//! ends in any way, so the shared stack of a `static`, which is never dropped, stops too.
+//! Starting and stopping: a watchdog process (`bash`, in its own process group) runs
+//! `scripts/stack up`, reports how that went on its stdout, then waits for EOF on its stdin, a
+//! pipe whose write end only this process holds, and runs `scripts/stack down` and drops the
+//! database. The pipe closes when the `Stack` is dropped (also while a test panics) or when the
+//! test process ends in any way, so the shared stack of a `static`, which is never dropped, stops
+//! too, and a test process killed while `up` runs leaves nothing behind either: `down` follows
+//! `up` in the same script.
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
@@ -80,8 +83,6 @@ impl Stack {
             .join("e2e")
             .join(format!("{label}-{}", test_support::random_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
-        let watchdog = Watchdog::spawn(&repo, &dir, &db.name);
-
         // Six distinct free ports: NGINX, auth, two api and two gateway replicas, laid out as
         // deploy/layout.sh wants them (replica N on PORT + STEP × N).
         let ports = distinct_free_ports(6);
@@ -89,9 +90,8 @@ impl Stack {
         let api_ports = sorted_pair(ports[2], ports[3]);
         let gateway_ports = sorted_pair(ports[4], ports[5]);
 
-        let output = Command::new(repo.join("scripts/stack"))
-            .arg("up")
-            .current_dir(&repo)
+        let mut up = Command::new("bash");
+        up.current_dir(&repo)
             .env("STACK_DIR", &dir)
             .env("STACK_PORT", nginx_port.to_string())
             .env("STACK_BUILD", "0")
@@ -114,16 +114,10 @@ impl Stack {
             .env("GATEWAY_REPLICAS", GATEWAY_REPLICAS.to_string())
             .env_remove("NGINX_LISTEN")
             .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|err| panic!("cannot run scripts/stack: {err}"));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        if !output.status.success() {
+            .env_remove("REDIS_URL");
+        let (watchdog, up_succeeded) = Watchdog::spawn(up, &repo, &db.name);
+        let text = std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
+        if !up_succeeded {
             return Err(text);
         }
         let url = text
@@ -192,36 +186,48 @@ impl Drop for Stack {
     }
 }
 
-/// Runs `scripts/stack down` (and drops the database) when its stdin closes.
+/// Runs `scripts/stack up`, then `scripts/stack down` (and drops the database) when its stdin
+/// closes.
 struct Watchdog {
     child: Child,
     lifeline: Option<ChildStdin>,
 }
 
 impl Watchdog {
-    fn spawn(repo: &Path, dir: &Path, database: &str) -> Watchdog {
+    /// Spawns `command` (a `bash` with the stack's environment) as the watchdog; returns once
+    /// `up` has finished, with whether it succeeded. Its output is in `$STACK_DIR/up.log`.
+    fn spawn(mut command: Command, repo: &Path, database: &str) -> (Watchdog, bool) {
+        // `trap '' PIPE`: when the test process is gone, the report cannot be written, and the
+        // script must go on to `down` rather than die of SIGPIPE.
         let script = r#"
+            trap '' PIPE
+            "$0/scripts/stack" up >"$STACK_DIR/up.log" 2>&1 </dev/null
+            echo "up-exit $?"
             read -r _ || true
-            "$0/scripts/stack" down >>"$STACK_DIR/watchdog.log" 2>&1
-            psql "$1" -q -c "DROP DATABASE IF EXISTS \"$2\" WITH (FORCE)" >>"$STACK_DIR/watchdog.log" 2>&1 || true
+            "$0/scripts/stack" down >>"$STACK_DIR/watchdog.log" 2>&1 </dev/null
+            psql "$1" -q -c "DROP DATABASE IF EXISTS \"$2\" WITH (FORCE)" >>"$STACK_DIR/watchdog.log" 2>&1 </dev/null || true
         "#;
-        let mut child = Command::new("bash")
+        let mut child = command
             .arg("-c")
             .arg(script)
             .arg(repo)
             .arg(test_support::admin_url())
             .arg(database)
-            .env("STACK_DIR", dir)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             // Its own process group: a Ctrl-C in the terminal must not end it before it has
             // stopped the stack.
             .process_group(0)
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start bash: {err}"));
+        let mut report = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            let _ = BufReader::new(stdout).read_line(&mut report);
+        }
         let lifeline = child.stdin.take();
-        Watchdog { child, lifeline }
+        let watchdog = Watchdog { child, lifeline };
+        (watchdog, report.trim() == "up-exit 0")
     }
 
     /// Stops the stack and waits until it is down.
