@@ -252,7 +252,34 @@ struct Phases {
     publish_errors: BTreeMap<String, u64>,
     events_started_ns: u64,
     events_ended_ns: u64,
+    /// CPU time (user + system, in seconds) of the gateway and of loadgen over the ramp and over
+    /// the events (from the first measured event to the end of the drain).
+    cpu_ramp: CpuPair,
+    cpu_events: CpuPair,
     stopped_by_cap: bool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuPair {
+    gateway: Option<f64>,
+    loadgen: Option<f64>,
+}
+
+impl CpuPair {
+    fn now(gateway_pid: Option<u32>) -> Self {
+        Self {
+            gateway: gateway_pid.and_then(|pid| cpu_seconds(&pid.to_string())),
+            loadgen: cpu_seconds("self"),
+        }
+    }
+
+    fn since(self, earlier: CpuPair) -> CpuPair {
+        let minus = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        CpuPair {
+            gateway: minus(self.gateway, earlier.gateway),
+            loadgen: minus(self.loadgen, earlier.loadgen),
+        }
+    }
 }
 
 async fn orchestrate(
@@ -263,6 +290,7 @@ async fn orchestrate(
     rss_before: Option<u64>,
 ) -> Result<Phases, String> {
     let mut stopped_by_cap = false;
+    let cpu_start = CpuPair::now(args.gateway_pid);
     // 1. Ramp: until every connection finished its handshake.
     let total = u64::from(args.connections);
     while shared.attempted.load(Ordering::Relaxed) < total {
@@ -272,6 +300,7 @@ async fn orchestrate(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu_ramp = CpuPair::now(args.gateway_pid).since(cpu_start);
     // 2. Idle.
     let settle_until = Instant::now() + Duration::from_secs(args.settle_secs);
     tokio::time::sleep_until(settle_until.min(deadline).into()).await;
@@ -305,6 +334,7 @@ async fn orchestrate(
     // 4. Events at a fixed rate.
     let mut expected = Vec::with_capacity(args.events as usize);
     let events_started_ns = shared.now_ns();
+    let cpu_before_events = CpuPair::now(args.gateway_pid);
     let period = Duration::from_secs_f64(1.0 / args.events_per_sec);
     let mut ticks = tokio::time::interval(period);
     for k in 0..args.events as usize {
@@ -332,6 +362,7 @@ async fn orchestrate(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let events_ended_ns = shared.now_ns();
+    let cpu_events = CpuPair::now(args.gateway_pid).since(cpu_before_events);
     let rss_end = args.gateway_pid.and_then(rss_kib);
     Ok(Phases {
         ramp_started_ns,
@@ -344,6 +375,8 @@ async fn orchestrate(
         publish_errors,
         events_started_ns,
         events_ended_ns,
+        cpu_ramp,
+        cpu_events,
         stopped_by_cap,
     })
 }
@@ -801,6 +834,18 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// User + system CPU time of a process (`self` or a pid), in seconds, from /proc/<pid>/stat.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start at the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s on Linux.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some((user + system) / 100.0)
+}
+
 /// This process's soft limit of open files.
 fn open_files_limit() -> Option<u64> {
     let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -882,6 +927,21 @@ fn report(
         }
         _ => None,
     };
+    // Fan-out speed while an event is being delivered: its deliveries over the time to its last.
+    let busy_secs: f64 = last_us
+        .iter()
+        .flatten()
+        .map(|us| f64::from(*us) / 1e6)
+        .sum();
+    let burst_per_sec = if busy_secs > 0.0 {
+        delivered as f64 / busy_secs
+    } else {
+        f64::NAN
+    };
+    let per_delivery_us = |cpu: Option<f64>| {
+        cpu.filter(|_| delivered > 0)
+            .map(|secs| secs * 1e6 / delivered as f64)
+    };
     let ms = |sorted: &[u32], p: f64| crate::percentile(sorted, p);
 
     let figures = json!({
@@ -906,6 +966,7 @@ fn report(
         "deliveries": delivered,
         "deliveries_expected": expected_total,
         "messages_per_second": messages_per_sec,
+        "messages_per_second_while_delivering": burst_per_sec,
         "delivery_ms": {
             "p50": ms(&latencies_us, 50.0),
             "p99": ms(&latencies_us, 99.0),
@@ -932,6 +993,12 @@ fn report(
             "end": phases.rss_end,
             "idle_per_connection": per_connection(phases.rss_idle),
             "end_per_connection": per_connection(phases.rss_end),
+        },
+        "cpu_seconds": {
+            "ramp": {"gateway": phases.cpu_ramp.gateway, "loadgen": phases.cpu_ramp.loadgen},
+            "events": {"gateway": phases.cpu_events.gateway, "loadgen": phases.cpu_events.loadgen},
+            "gateway_us_per_delivery": per_delivery_us(phases.cpu_events.gateway),
+            "loadgen_us_per_delivery": per_delivery_us(phases.cpu_events.loadgen),
         },
         "stopped_by_cap": phases.stopped_by_cap,
         "seconds": (phases.events_ended_ns as f64) / 1e9,
@@ -977,6 +1044,16 @@ fn report(
         ms(&last_sorted, 50.0),
         ms(&last_sorted, 99.0),
         ms(&last_sorted, 100.0),
+    );
+    let secs = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+    println!(
+        "fan-out while delivering: {burst_per_sec:.0} msg/s; CPU s during events: gateway {} ({} µs/delivery), loadgen {} ({} µs/delivery); during ramp: gateway {}, loadgen {}",
+        secs(phases.cpu_events.gateway),
+        secs(per_delivery_us(phases.cpu_events.gateway)),
+        secs(phases.cpu_events.loadgen),
+        secs(per_delivery_us(phases.cpu_events.loadgen)),
+        secs(phases.cpu_ramp.gateway),
+        secs(phases.cpu_ramp.loadgen),
     );
     let kib = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
     let per = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
