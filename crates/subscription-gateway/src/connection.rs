@@ -7,7 +7,6 @@
 //! messages and hands them to the socket task through a bounded queue; a full queue means the
 //! client reads too slowly, and the connection is closed (1013) instead of buffering without bound.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,12 +16,13 @@ use common::auth::{AuthError, TokenVerifier};
 use common::graphql::{Context, Mutation, Query, Subscription};
 use common::jwt::Claims;
 use futures_util::StreamExt as _;
-use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
+use juniper::DefaultScalarValue;
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::{ConnectionEvents, Hub, EVENT_AT};
+use crate::executions::{Execution, Executions, Item, Start};
+use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
 
@@ -38,6 +38,8 @@ pub struct ConnectionLimits {
     pub outbound_queue: usize,
     /// Longest wait for one message to be accepted by a client that does not read.
     pub write_timeout: Duration,
+    /// Results buffered per shared execution; a subscriber further behind is cut off.
+    pub fanout_buffer: usize,
 }
 
 /// What every connection shares.
@@ -45,6 +47,8 @@ pub struct Shared {
     pub coordinator: Arc<Coordinator>,
     pub verifier: TokenVerifier,
     pub hub: Hub,
+    /// Subscriptions with the same operation share one execution (see [`crate::executions`]).
+    pub executions: Arc<Executions>,
     pub limits: ConnectionLimits,
     pub metrics: GatewayMetrics,
     /// Cancelled when the server starts draining: every socket closes with 1001.
@@ -272,24 +276,33 @@ pub async fn run(
                             }
                             continue;
                         }
-                        let context = Arc::new(
-                            Context::new(claims.clone().ok_or(AuthError::MissingHeader)).with_events(
-                                Arc::new(ConnectionEvents { hub: shared.hub.clone(), slow: slow.clone() }),
-                            ),
-                        );
+                        let request = match graphql_request(payload.clone()) {
+                            Ok(request) => request,
+                            Err(message) => {
+                                let errors = protocol::errors(&message, "BAD_REQUEST");
+                                if let Err(closing) = send(&mut session, protocol::operation_error(&id, errors), &shared, &slow).await {
+                                    break closing;
+                                }
+                                continue;
+                            }
+                        };
+                        let Some(verified) = &claims else { continue };
+                        let (execution, receiver) = shared.executions.join(Start {
+                            coordinator: &shared.coordinator,
+                            hub: &shared.hub,
+                            claims: verified,
+                            request,
+                            buffer: shared.limits.fanout_buffer,
+                        });
                         let field = root_field(&payload);
                         shared.metrics.subscriptions_active.with_label_values(&[&field]).inc();
-                        let task = actix_web::rt::spawn(EVENT_AT.scope(
-                            Cell::new(None),
-                            run_subscription(
-                                shared.coordinator.clone(),
-                                protocol,
-                                id.clone(),
-                                payload,
-                                context,
-                                out_tx.clone(),
-                                slow.clone(),
-                            ),
+                        let task = actix_web::rt::spawn(forward(
+                            protocol,
+                            id.clone(),
+                            execution,
+                            receiver,
+                            out_tx.clone(),
+                            slow.clone(),
                         ));
                         active.insert(id, Active { field, task });
                     }
@@ -341,54 +354,49 @@ pub async fn run(
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.close(Some(reason))).await;
 }
 
-/// Runs one subscription until its stream ends or the task is aborted.
-async fn run_subscription(
-    coordinator: Arc<Coordinator>,
+/// Hands the results of a shared execution to one subscriber, wrapped with its id, until the
+/// execution ends or the subscription is stopped (the task aborted).
+async fn forward(
     protocol: Protocol,
     id: String,
-    payload: Value,
-    context: Arc<Context>,
+    execution: Arc<Execution>,
+    mut receiver: broadcast::Receiver<Arc<Item>>,
     out: mpsc::Sender<Outbound>,
     slow: Arc<Notify>,
 ) {
-    let request = match graphql_request(payload) {
-        Ok(request) => request,
-        Err(message) => {
-            let text = protocol::operation_error(&id, protocol::errors(&message, "BAD_REQUEST"));
-            let _ = out.send(Outbound::Finished { id, text }).await;
-            return;
-        }
-    };
-    let stream = match coordinator.subscribe(&request, &context).await {
-        Ok(stream) => stream,
-        Err(err) => {
-            let errors = match err {
-                juniper::GraphQLError::NotSubscription => protocol::errors(
-                    "only subscriptions are served on the websocket; send queries and mutations \
-                     with HTTP POST to /graphql/",
-                    "BAD_REQUEST",
-                ),
-                other => serde_json::to_value(&other)
-                    .ok()
-                    .filter(Value::is_array)
-                    .unwrap_or_else(|| protocol::errors(&other.to_string(), "BAD_REQUEST")),
-            };
-            let text = protocol::operation_error(&id, errors);
-            let _ = out.send(Outbound::Finished { id, text }).await;
-            return;
-        }
-    };
-    tokio::pin!(stream);
-    while let Some(output) = stream.next().await {
-        let text = protocol::next(protocol, &id, &result_payload(output));
-        let event_at = EVENT_AT.try_with(Cell::take).ok().flatten();
-        match out.try_send(Outbound::Next { text, event_at }) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+    // Holding the execution keeps it running for as long as this subscription lives.
+    let _execution = execution;
+    let id_json = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".to_owned());
+    loop {
+        let item = match receiver.recv().await {
+            Ok(item) => item,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
                 slow.notify_one();
                 return;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => break,
+        };
+        match &*item {
+            Item::Result { payload, event_at } => {
+                let text = protocol::next_raw(protocol, &id_json, payload);
+                match out.try_send(Outbound::Next {
+                    text,
+                    event_at: *event_at,
+                }) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        slow.notify_one();
+                        return;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
+                }
+            }
+            Item::Failed { errors } => {
+                let text = protocol::operation_error_raw(&id_json, errors);
+                let _ = out.send(Outbound::Finished { id, text }).await;
+                return;
+            }
+            Item::Done => break,
         }
     }
     let _ = out
@@ -397,21 +405,6 @@ async fn run_subscription(
             id,
         })
         .await;
-}
-
-/// `{data, errors}` with `errors` left out when empty, as the GraphQL response format asks.
-fn result_payload(output: ExecutionOutput<DefaultScalarValue>) -> Value {
-    let mut value = serde_json::to_value(&output).unwrap_or(Value::Null);
-    if let Some(map) = value.as_object_mut() {
-        if map
-            .get("errors")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty)
-        {
-            map.remove("errors");
-        }
-    }
-    value
 }
 
 fn graphql_request(

@@ -8,9 +8,11 @@
 //! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`).
 //! - [`connection`]: the life of one socket: auth at `connection_init`, subscriptions, keep-alive,
 //!   expiry, revocation, slow consumers, shutdown.
+//! - [`executions`]: subscriptions with the same operation executed once per event and shared.
 //! - [`metrics`]: the gateway's Prometheus metrics.
 
 pub mod connection;
+pub mod executions;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;

@@ -9,6 +9,7 @@ pub struct GatewayMetrics {
     pub connections_open: IntGauge,
     pub connections_closed: IntCounterVec,
     pub subscriptions_active: IntGaugeVec,
+    pub executions_active: IntGauge,
     pub events_received: IntCounterVec,
     pub events_duplicate: IntCounter,
     pub events_malformed: IntCounter,
@@ -41,6 +42,11 @@ impl GatewayMetrics {
                     "Active subscriptions, by root field.",
                 ),
                 &["field"],
+            )
+            .expect("valid metric"),
+            executions_active: IntGauge::new(
+                "gateway_executions_active",
+                "Distinct subscription operations being executed (subscribers of one share it).",
             )
             .expect("valid metric"),
             events_received: IntCounterVec::new(
@@ -91,6 +97,7 @@ impl GatewayMetrics {
             Box::new(this.connections_open.clone()),
             Box::new(this.connections_closed.clone()),
             Box::new(this.subscriptions_active.clone()),
+            Box::new(this.executions_active.clone()),
             Box::new(this.events_received.clone()),
             Box::new(this.events_duplicate.clone()),
             Box::new(this.events_malformed.clone()),

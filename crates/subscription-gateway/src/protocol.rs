@@ -161,6 +161,21 @@ pub fn next<P: Serialize>(protocol: Protocol, id: &str, result: &P) -> String {
     encode(kind, Some(id), Some(result))
 }
 
+/// [`next`] around an already serialized payload, shared by every subscriber of an execution:
+/// only the id differs, so nothing is serialized per subscriber.
+pub fn next_raw(protocol: Protocol, id_json: &str, payload: &str) -> String {
+    let kind = match protocol {
+        Protocol::TransportWs => "next",
+        Protocol::LegacyWs => "data",
+    };
+    format!(r#"{{"type":"{kind}","id":{id_json},"payload":{payload}}}"#)
+}
+
+/// [`operation_error`] around an already serialized error list.
+pub fn operation_error_raw(id_json: &str, errors: &str) -> String {
+    format!(r#"{{"type":"error","id":{id_json},"payload":{errors}}}"#)
+}
+
 /// An operation that failed before producing results (a bad document, too many subscriptions):
 /// `error` with a list of GraphQL errors, in both protocols.
 pub fn operation_error(id: &str, errors: Value) -> String {
@@ -260,6 +275,26 @@ mod tests {
             parse(Protocol::LegacyWs, "nope"),
             Err(ParseError::NotAMessage)
         ));
+    }
+
+    #[test]
+    fn raw_messages_equal_the_serialized_ones() {
+        let id = "a\"b";
+        let id_json = serde_json::to_string(id).unwrap_or_default();
+        let payload = json!({"data": {"x": 1}});
+        for protocol in [Protocol::TransportWs, Protocol::LegacyWs] {
+            let raw: Value =
+                serde_json::from_str(&next_raw(protocol, &id_json, &payload.to_string()))
+                    .unwrap_or_default();
+            let typed: Value =
+                serde_json::from_str(&next(protocol, id, &payload)).unwrap_or_default();
+            assert_eq!(raw, typed);
+        }
+        let errors = errors("bad", "BAD_REQUEST");
+        let raw: Value = serde_json::from_str(&operation_error_raw(&id_json, &errors.to_string()))
+            .unwrap_or_default();
+        let typed: Value = serde_json::from_str(&operation_error(id, errors)).unwrap_or_default();
+        assert_eq!(raw, typed);
     }
 
     #[test]

@@ -75,12 +75,16 @@ impl Application {
             coordinator: Arc::new(Coordinator::new(common::graphql::schema(limits))),
             verifier,
             hub,
+            executions: Arc::new(crate::executions::Executions::new(
+                gateway_metrics.executions_active.clone(),
+            )),
             limits: ConnectionLimits {
                 keepalive: Duration::from_secs(settings.keepalive_secs),
                 init_timeout: Duration::from_secs(settings.init_timeout_secs),
                 max_subscriptions: settings.max_subscriptions_per_connection as usize,
                 outbound_queue: settings.outbound_queue as usize,
                 write_timeout: Duration::from_secs(settings.write_timeout_secs),
+                fanout_buffer: settings.fanout_buffer as usize,
             },
             metrics: gateway_metrics,
             shutdown: CancellationToken::new(),

@@ -188,3 +188,63 @@ async fn subscribers_survive_a_redis_restart() {
         "the socket stayed open and the subscription was renewed"
     );
 }
+
+#[actix_web::test]
+async fn subscribers_of_one_operation_share_one_execution() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut clients = Vec::new();
+    for (user, protocol, kind) in [
+        (1, "graphql-transport-ws", "subscribe"),
+        (2, "graphql-transport-ws", "subscribe"),
+        (3, "graphql-ws", "start"),
+    ] {
+        let mut client = WsClient::connect(&gateway.url(), protocol).await;
+        if protocol == "graphql-ws" {
+            client
+                .send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {}", access(user))}}))
+                .await;
+            assert_eq!(client.expect_json().await["type"], "connection_ack");
+        } else {
+            client.init(&access(user)).await;
+        }
+        client
+            .send(json!({"id": format!("s{user}"), "type": kind, "payload": {"query": MODEL_UPDATED}}))
+            .await;
+        clients.push(client);
+    }
+    let mut other = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    other.init(&access(4)).await;
+    other
+        .send(json!({"id": "o", "type": "subscribe", "payload": {"query": "subscription { carModelUpdated(pk: 2) { make } }"}}))
+        .await;
+    gateway.settle().await;
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(metrics.contains("gateway_executions_active 2"), "{metrics}");
+
+    gateway
+        .publish(EventType::CarUpdated, car(1, "Shared"))
+        .await;
+    for (n, client) in clients.iter_mut().enumerate() {
+        let message = client.expect_json().await;
+        assert_eq!(
+            message["id"],
+            format!("s{}", n + 1),
+            "each subscriber gets its own id"
+        );
+        assert_eq!(
+            message["payload"]["data"]["carModelUpdated"]["make"],
+            "Shared"
+        );
+    }
+
+    // Stopping every subscriber of an operation ends its execution.
+    for (n, client) in clients.iter_mut().enumerate() {
+        let kind = if n == 2 { "stop" } else { "complete" };
+        client
+            .send(json!({"id": format!("s{}", n + 1), "type": kind}))
+            .await;
+    }
+    gateway.settle().await;
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(metrics.contains("gateway_executions_active 1"), "{metrics}");
+}
