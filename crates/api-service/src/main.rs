@@ -43,9 +43,24 @@ async fn serve(settings: Settings) -> Result<(), StartupError> {
 
 async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError> {
     let pool = common::db::pool(&settings.database);
-    let redis = common::redis::pool(&settings.redis)?;
     let metrics = common::metrics::Metrics::new("trigger-event");
-    let store = startup::store(settings, pool, redis, &metrics);
+    let store = match common::db::Backend::of_url(&settings.database.database_url) {
+        // An SQLite file belongs to an embedded server, whose bus lives in its memory: commit,
+        // and its outbox relay publishes the event within OUTBOX_RELAY_INTERVAL_MS.
+        Ok(common::db::Backend::Sqlite) => common::repository::Store::commit_only(
+            pool,
+            startup::outbox_config(settings),
+            &metrics,
+        ),
+        _ => {
+            let redis = common::redis::pool(&settings.redis)?;
+            let bus = std::sync::Arc::new(common::events::RedisBus::new(
+                redis,
+                settings.redis.redis_key_prefix.clone(),
+            ));
+            startup::store(settings, pool, bus, &metrics)
+        }
+    };
     let (before, after) = api_service::trigger::trigger_event(&store, pk)
         .await
         .map_err(StartupError::Other)?;

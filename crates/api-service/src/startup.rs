@@ -10,7 +10,7 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 use common::auth::TokenVerifier;
 use common::config::ConfigError;
-use common::events::RedisBus;
+use common::events::{EventBus, RedisBus};
 use common::graphql::DocumentLimits;
 use common::http::{health_routes, not_found, Readiness};
 use common::jwt::SecretPolicy;
@@ -40,36 +40,21 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let verifier = verifier(&settings).await?;
-        let max_body_bytes = usize::try_from(settings.max_body_bytes)
-            .map_err(|_| ConfigError::new("MAX_BODY_BYTES", "too large"))?;
-        let limits = DocumentLimits {
-            max_depth: settings.max_query_depth as usize,
-            max_fields: settings.max_query_fields as usize,
-            max_tokens: settings.max_query_tokens as usize,
-        };
         let pool = common::db::pool(&settings.database);
         let redis = common::redis::pool(&settings.redis)?;
+        let metrics = Metrics::new("api-service");
+        let bus = Arc::new(RedisBus::new(
+            redis.clone(),
+            settings.redis.redis_key_prefix.clone(),
+        ));
+        let store = store(&settings, pool.clone(), bus, &metrics);
+        let state = state(&settings, store.clone()).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
         }
         if settings.demo {
-            common::db::cars::seed_demo(&pool).await.map_err(|err| {
-                StartupError::Other(format!("cannot create the demo data: {err}"))
-            })?;
-            tracing::warn!("demo mode: demo user and cars are present");
+            seed_demo(&pool).await?;
         }
-
-        let metrics = Metrics::new("api-service");
-        let store = store(&settings, pool.clone(), redis.clone(), &metrics);
-        let state = web::Data::new(ApiState {
-            schema: Arc::new(common::graphql::schema(limits)),
-            store: store.clone(),
-            verifier,
-            max_body_bytes,
-            max_batch_size: settings.max_batch_size,
-            playground: settings.playground,
-        });
         let readiness = web::Data::new(Readiness {
             database: Some(pool),
             redis: Some(redis),
@@ -141,22 +126,52 @@ impl Application {
     }
 }
 
-/// The store (database, Redis bus, outbox timing) as `serve` and `trigger-event` use it.
+/// The store (database, bus, outbox timing) as `serve` and `trigger-event` use it.
 pub fn store(
     settings: &Settings,
     pool: common::db::DbPool,
-    redis: common::redis::RedisPool,
+    bus: Arc<dyn EventBus>,
     metrics: &Metrics,
 ) -> Store {
-    let bus = Arc::new(RedisBus::new(
-        redis,
-        settings.redis.redis_key_prefix.clone(),
-    ));
-    let config = OutboxConfig {
+    Store::new(pool, bus, outbox_config(settings), metrics)
+}
+
+pub fn outbox_config(settings: &Settings) -> OutboxConfig {
+    OutboxConfig {
         relay_interval: Duration::from_millis(settings.outbox_relay_interval_ms),
         lease: Duration::from_secs(settings.outbox_lease_secs),
+    }
+}
+
+/// What the GraphQL handlers share ([`routes::config`] reads it as app data): the schema with
+/// its document limits, the store and the token verifier. Used by [`Application::build`] and by
+/// the embedded single-process server. Touches no database.
+pub async fn state(settings: &Settings, store: Store) -> Result<web::Data<ApiState>, StartupError> {
+    let verifier = verifier(settings).await?;
+    let max_body_bytes = usize::try_from(settings.max_body_bytes)
+        .map_err(|_| ConfigError::new("MAX_BODY_BYTES", "too large"))?;
+    let limits = DocumentLimits {
+        max_depth: settings.max_query_depth as usize,
+        max_fields: settings.max_query_fields as usize,
+        max_tokens: settings.max_query_tokens as usize,
     };
-    Store::new(pool, bus, config, metrics)
+    Ok(web::Data::new(ApiState {
+        schema: Arc::new(common::graphql::schema(limits)),
+        store,
+        verifier,
+        max_body_bytes,
+        max_batch_size: settings.max_batch_size,
+        playground: settings.playground,
+    }))
+}
+
+/// The demo user and cars (demo mode).
+pub async fn seed_demo(pool: &common::db::DbPool) -> Result<(), StartupError> {
+    common::db::cars::seed_demo(pool)
+        .await
+        .map_err(|err| StartupError::Other(format!("cannot create the demo data: {err}")))?;
+    tracing::warn!("demo mode: demo user and cars are present");
+    Ok(())
 }
 
 /// The token verifier: auth-service's JWKS when JWKS_URL is set (no secret or private key is

@@ -18,11 +18,20 @@ use serde_json::json;
 use crate::passwords;
 use crate::ratelimit::LoginLimiter;
 
+/// Where revoked sessions are announced: the Redis channel every gateway listens to, or the
+/// in-memory bus of the embedded mode.
+pub enum Revocations {
+    Redis(common::redis::RedisPool),
+    Memory(common::events::MemoryBus),
+}
+
 /// What the handlers share; built once by [`crate::startup::Application::build`].
 pub struct AuthState {
     pub pool: DbPool,
     pub keys: Arc<JwtKeys>,
     pub limiter: LoginLimiter,
+    /// Where logouts are announced to the gateways.
+    pub revocations: Revocations,
     pub access_lifetime_secs: i64,
     pub refresh_lifetime_secs: i64,
     pub rotate_refresh_tokens: bool,
@@ -194,10 +203,17 @@ async fn announce_revocation(state: &AuthState, claims: &Claims) {
             return;
         }
     };
+    let channel_name = revocation_channel(&state.limiter.key_prefix);
+    let redis_pool = match &state.revocations {
+        Revocations::Redis(pool) => pool,
+        Revocations::Memory(bus) => {
+            bus.send(channel_name, &payload);
+            return;
+        }
+    };
     let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
-    cmd.arg(revocation_channel(&state.limiter.key_prefix))
-        .arg(payload);
-    if let Err(err) = common::redis::query::<i64>(&state.limiter.redis, &cmd).await {
+    cmd.arg(channel_name).arg(payload);
+    if let Err(err) = common::redis::query::<i64>(redis_pool, &cmd).await {
         state
             .limiter
             .errors

@@ -9,12 +9,13 @@ use std::time::Duration;
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 use common::config::ConfigError;
+use common::db::DbPool;
 use common::http::{health_routes, not_found, Readiness};
 use common::jwt::{JwtKeys, SecretPolicy};
 use common::metrics::{self, Metrics};
 
-use crate::ratelimit::LoginLimiter;
-use crate::routes::{self, AuthState};
+use crate::ratelimit::{Counters, LoginLimiter};
+use crate::routes::{self, AuthState, Revocations};
 use crate::settings::Settings;
 
 /// Why the service could not start. Configuration errors exit with status 2, the rest with 1.
@@ -37,24 +38,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let policy = if settings.demo {
-            SecretPolicy::AllowDemoSecret
-        } else {
-            SecretPolicy::RequireConfigured
-        };
-        let (keys, uses_demo_secret) = JwtKeys::from_args(&settings.jwt, policy)?;
-        if uses_demo_secret {
-            tracing::warn!(
-                "demo mode: tokens are signed with the built-in demo secret, which anyone can read \
-                 in the source; set JWT_SECRET (or JWT_ALGORITHM=EdDSA) for any real use"
-            );
-        }
-        if settings.max_body_bytes == 0 {
-            return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0").into());
-        }
         let pool = common::db::pool(&settings.database);
         let redis = common::redis::pool(&settings.redis)?;
-
+        let metrics = Metrics::new("auth-service");
+        let backends = Backends {
+            pool: pool.clone(),
+            counters: Counters::Redis(redis.clone()),
+            revocations: Revocations::Redis(redis.clone()),
+        };
+        let state = state(&settings, backends, &metrics).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
         }
@@ -63,47 +55,6 @@ impl Application {
                 .await
                 .map_err(StartupError::Other)?;
         }
-
-        let metrics = Metrics::new("auth-service");
-        let tokens_issued = metrics.counter_vec(
-            "auth_tokens_issued_total",
-            "Tokens issued, by token type.",
-            &["type"],
-        );
-        let login_failures = metrics.counter_vec(
-            "auth_login_failures_total",
-            "Refused logins, by reason.",
-            &["reason"],
-        );
-        let limiter_errors = metrics.counter_vec(
-            "auth_ratelimit_redis_errors_total",
-            "Redis errors of the login rate limiter (while failing, logins are not limited) and of revocation announcements.",
-            &["operation"],
-        );
-        let dummy_hash = crate::passwords::hash_blocking(common::jwt::new_jti())
-            .await
-            .map_err(StartupError::Other)?;
-        let state = web::Data::new(AuthState {
-            pool: pool.clone(),
-            keys: Arc::new(keys),
-            limiter: LoginLimiter {
-                redis: redis.clone(),
-                key_prefix: settings.redis.redis_key_prefix.clone(),
-                max_per_user: settings.login_max_failures_per_user,
-                max_per_address: settings.login_max_failures_per_address,
-                window_secs: settings.login_failure_window_secs,
-                errors: limiter_errors,
-            },
-            access_lifetime_secs: lifetime(settings.jwt.access_token_lifetime_secs)?,
-            refresh_lifetime_secs: lifetime(settings.jwt.refresh_token_lifetime_secs)?,
-            rotate_refresh_tokens: settings.rotate_refresh_tokens,
-            blacklist_after_rotation: settings.blacklist_after_rotation,
-            max_body_bytes: settings.max_body_bytes,
-            trust_forwarded_for: settings.http.trust_forwarded_for,
-            dummy_hash,
-            tokens_issued,
-            login_failures,
-        });
         let readiness = web::Data::new(Readiness {
             database: Some(pool),
             redis: Some(redis),
@@ -171,6 +122,80 @@ impl Application {
     }
 }
 
+/// The outside parts auth-service works with: Redis for the distributed stack, this process's
+/// memory in the embedded mode.
+pub struct Backends {
+    pub pool: DbPool,
+    pub counters: Counters,
+    pub revocations: Revocations,
+}
+
+/// Everything the token endpoints share ([`routes::config`] reads it as app data): keys (with
+/// the demo-secret warning), the limiter and the metrics. Touches no database, so a bad setting
+/// is reported before any wait for one. Used by
+/// [`Application::build`] and by the embedded single-process server.
+pub async fn state(
+    settings: &Settings,
+    backends: Backends,
+    metrics: &Metrics,
+) -> Result<web::Data<AuthState>, StartupError> {
+    let policy = if settings.demo {
+        SecretPolicy::AllowDemoSecret
+    } else {
+        SecretPolicy::RequireConfigured
+    };
+    let (keys, uses_demo_secret) = JwtKeys::from_args(&settings.jwt, policy)?;
+    if uses_demo_secret {
+        tracing::warn!(
+            "demo mode: tokens are signed with the built-in demo secret, which anyone can read \
+             in the source; set JWT_SECRET (or JWT_ALGORITHM=EdDSA) for any real use"
+        );
+    }
+    if settings.max_body_bytes == 0 {
+        return Err(ConfigError::new("MAX_BODY_BYTES", "must be greater than 0").into());
+    }
+    let tokens_issued = metrics.counter_vec(
+        "auth_tokens_issued_total",
+        "Tokens issued, by token type.",
+        &["type"],
+    );
+    let login_failures = metrics.counter_vec(
+        "auth_login_failures_total",
+        "Refused logins, by reason.",
+        &["reason"],
+    );
+    let limiter_errors = metrics.counter_vec(
+        "auth_ratelimit_redis_errors_total",
+        "Redis errors of the login rate limiter (while failing, logins are not limited) and of revocation announcements.",
+        &["operation"],
+    );
+    let dummy_hash = crate::passwords::hash_blocking(common::jwt::new_jti())
+        .await
+        .map_err(StartupError::Other)?;
+    Ok(web::Data::new(AuthState {
+        pool: backends.pool,
+        keys: Arc::new(keys),
+        limiter: LoginLimiter {
+            counters: backends.counters,
+            key_prefix: settings.redis.redis_key_prefix.clone(),
+            max_per_user: settings.login_max_failures_per_user,
+            max_per_address: settings.login_max_failures_per_address,
+            window_secs: settings.login_failure_window_secs,
+            errors: limiter_errors,
+        },
+        revocations: backends.revocations,
+        access_lifetime_secs: lifetime(settings.jwt.access_token_lifetime_secs)?,
+        refresh_lifetime_secs: lifetime(settings.jwt.refresh_token_lifetime_secs)?,
+        rotate_refresh_tokens: settings.rotate_refresh_tokens,
+        blacklist_after_rotation: settings.blacklist_after_rotation,
+        max_body_bytes: settings.max_body_bytes,
+        trust_forwarded_for: settings.http.trust_forwarded_for,
+        dummy_hash,
+        tokens_issued,
+        login_failures,
+    }))
+}
+
 async fn migrate(database_url: &str) -> Result<(), StartupError> {
     let url = database_url.to_owned();
     let applied = tokio::task::spawn_blocking(move || common::db::migrate(&url, DATABASE_WAIT))
@@ -190,7 +215,7 @@ fn lifetime(secs: u64) -> Result<i64, StartupError> {
 }
 
 /// Expired tokens need no blacklist entry (they fail on `exp`), so the table is kept small.
-async fn purge_blacklist(state: web::Data<AuthState>) {
+pub async fn purge_blacklist(state: web::Data<AuthState>) {
     let mut interval = tokio::time::interval(Duration::from_secs(3600));
     loop {
         interval.tick().await;

@@ -122,7 +122,8 @@ pub struct LogArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL connection URL, e.g. `postgres://user@127.0.0.1:5432/app`.
+    /// Database URL: PostgreSQL (`postgres://user@127.0.0.1:5432/app`) or an SQLite file
+    /// (`sqlite://./data/gqlws.db`, the embedded mode's storage).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
     /// Maximum number of pooled database connections per process.

@@ -1,6 +1,6 @@
 //! Events between services: the JSON envelope of every change, the Redis channel of each event
-//! type, the [`EventBus`] that publishes envelopes, and the [`EventSource`] that subscription
-//! resolvers read them from.
+//! type, the [`EventBus`] that publishes envelopes (on Redis, or in memory for the embedded
+//! mode), and the [`EventSource`] that subscription resolvers read them from.
 //!
 //! Envelope (version 1), one per committed write:
 //! `{"v":1,"id":"<32 hex>","type":"car.updated","at":"<RFC 3339>","data":{…the car…}}`.
@@ -106,8 +106,8 @@ pub enum BusError {
     Unavailable(String),
 }
 
-/// Where committed events are published. Kept behind a trait so the embedded single-process mode
-/// can swap Redis for an in-memory bus without touching the write path.
+/// Where committed events are published: [`RedisBus`] between processes, [`MemoryBus`] in the
+/// embedded single-process mode. The write path does not know which.
 pub trait EventBus: Send + Sync + 'static {
     /// Publishes one serialized envelope on the channel of `event_type`.
     fn publish<'a>(
@@ -147,6 +147,61 @@ impl EventBus for RedisBus {
                 .map(|_receivers| ())
                 .map_err(|err| BusError::Unavailable(err.to_string()))
         })
+    }
+}
+
+/// One message on the in-memory bus: the channel it would have on Redis, and the payload.
+#[derive(Debug, Clone)]
+pub struct BusMessage {
+    pub channel: String,
+    pub payload: Arc<str>,
+}
+
+/// The bus of the embedded single-process mode: a tokio broadcast channel in place of Redis
+/// pub/sub, carrying the same channel names and payloads, so the gateway's hub consumes it with
+/// the same decoding, dedupe and fan-out. Cheap to clone; every clone is the same bus.
+#[derive(Clone)]
+pub struct MemoryBus {
+    sender: tokio::sync::broadcast::Sender<BusMessage>,
+    key_prefix: String,
+}
+
+impl MemoryBus {
+    /// `capacity` messages may wait for the slowest receiver (the hub) before it lags.
+    pub fn new(key_prefix: impl Into<String>, capacity: usize) -> Self {
+        Self {
+            sender: tokio::sync::broadcast::channel(capacity.max(1)).0,
+            key_prefix: key_prefix.into(),
+        }
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// Every message published from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BusMessage> {
+        self.sender.subscribe()
+    }
+
+    /// Publishes `payload` on `channel_name`. Nobody listening is not an error (as with Redis
+    /// `PUBLISH`, which reports zero receivers).
+    pub fn send(&self, channel_name: String, payload: &str) {
+        let _ = self.sender.send(BusMessage {
+            channel: channel_name,
+            payload: Arc::from(payload),
+        });
+    }
+}
+
+impl EventBus for MemoryBus {
+    fn publish<'a>(
+        &'a self,
+        event_type: EventType,
+        payload: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        self.send(channel(&self.key_prefix, event_type), payload);
+        Box::pin(std::future::ready(Ok(())))
     }
 }
 

@@ -38,7 +38,9 @@ impl Default for OutboxConfig {
 #[derive(Clone)]
 pub struct Store {
     pub pool: DbPool,
-    bus: Arc<dyn EventBus>,
+    /// `None`: commit only, and leave publishing to the relay of another process (a
+    /// `trigger-event` run beside the embedded server, which cannot reach its memory).
+    bus: Option<Arc<dyn EventBus>>,
     config: OutboxConfig,
     /// Published events by path (`inline` right after commit, `relay` later) and failures.
     published: IntCounterVec,
@@ -50,6 +52,22 @@ impl Store {
     pub fn new(
         pool: DbPool,
         bus: Arc<dyn EventBus>,
+        config: OutboxConfig,
+        metrics: &Metrics,
+    ) -> Self {
+        Self::with_bus(pool, Some(bus), config, metrics)
+    }
+
+    /// A store that commits writes and their events but publishes nothing: the events wait in
+    /// the outbox, due at once, for the relay of the process that owns the bus (the embedded
+    /// server, whose in-memory bus no other process can reach).
+    pub fn commit_only(pool: DbPool, config: OutboxConfig, metrics: &Metrics) -> Self {
+        Self::with_bus(pool, None, config, metrics)
+    }
+
+    fn with_bus(
+        pool: DbPool,
+        bus: Option<Arc<dyn EventBus>>,
         config: OutboxConfig,
         metrics: &Metrics,
     ) -> Self {
@@ -138,7 +156,14 @@ impl Store {
             let _ = outbox::delete(&self.pool, event.id).await;
             return true;
         };
-        match self.bus.publish(event_type, &event.payload).await {
+        let Some(bus) = &self.bus else {
+            // Due at once, for the relay of the process that owns the bus.
+            if let Err(err) = outbox::release(&self.pool, &event).await {
+                tracing::warn!(%err, event_id = %event.event_id, "cannot release the event; it is relayed when its lease runs out");
+            }
+            return false;
+        };
+        match bus.publish(event_type, &event.payload).await {
             Ok(()) => {
                 self.published.with_label_values(&[path, "ok"]).inc();
                 if let Err(err) = outbox::delete(&self.pool, event.id).await {

@@ -1,5 +1,6 @@
-//! The fan-out: one Redis pub/sub connection per process, and in memory a broadcast channel per
-//! event type that every local subscriber of that type reads.
+//! The fan-out: one Redis pub/sub connection per process (or, in the embedded mode, the in-memory
+//! bus: [`Hub::start_memory`]), and in memory a broadcast channel per event type that every local
+//! subscriber of that type reads.
 //!
 //! - A Redis channel is subscribed when the first local subscriber of its type appears and
 //!   unsubscribed when the last one leaves ([`TopicGuard`] counts them).
@@ -17,7 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::events::{
-    channel, revocation_channel, Envelope, EnvelopeStream, EventSource, EventType, Revocation,
+    channel, revocation_channel, BusMessage, Envelope, EnvelopeStream, EventSource, EventType,
+    MemoryBus, Revocation,
 };
 use deadpool_redis::redis;
 use futures_util::StreamExt as _;
@@ -63,7 +65,8 @@ enum Command {
 }
 
 impl Hub {
-    /// Creates the hub and spawns its Redis task, which runs until `shutdown` is cancelled.
+    /// Creates the hub over Redis and spawns its Redis task, which runs until `shutdown` is
+    /// cancelled.
     pub fn start(
         redis_url: &str,
         key_prefix: &str,
@@ -88,6 +91,36 @@ impl Hub {
         };
         tokio::spawn(run(hub.clone(), client, command_rx, shutdown));
         Ok(hub)
+    }
+
+    /// Creates the hub over the in-memory bus of the embedded mode and spawns the task that feeds
+    /// it, which runs until `shutdown` is cancelled. Messages go through the same decoding,
+    /// dedupe and fan-out as Redis messages; the bus carries every channel, so there is nothing
+    /// to subscribe to and the hub is connected from the start.
+    pub fn start_memory(
+        bus: &MemoryBus,
+        buffer: usize,
+        metrics: GatewayMetrics,
+        shutdown: CancellationToken,
+    ) -> Hub {
+        // Nobody reads the subscribe/unsubscribe commands: sending them fails quietly.
+        let (commands, _) = mpsc::unbounded_channel();
+        let (revocations, _) = broadcast::channel(256);
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                key_prefix: bus.key_prefix().to_owned(),
+                buffer: buffer.max(1),
+                topics: Mutex::new(HashMap::new()),
+                commands,
+                connected: AtomicBool::new(false),
+                revocations,
+                recent: Mutex::new(RecentIds::default()),
+                metrics,
+            }),
+        };
+        set_connected(&hub, true);
+        tokio::spawn(run_memory(hub.clone(), bus.subscribe(), shutdown));
+        hub
     }
 
     /// True while the subscriber connection to Redis is up.
@@ -274,6 +307,27 @@ async fn run(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Feeds the hub from the in-memory bus until shutdown (or until the bus is gone).
+async fn run_memory(
+    hub: Hub,
+    mut messages: broadcast::Receiver<BusMessage>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.recv() => match message {
+                Ok(message) => hub.dispatch(&message.channel, message.payload.as_bytes()),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "the hub fell behind the in-memory bus; events were lost");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
+    set_connected(&hub, false);
 }
 
 enum Ended {

@@ -35,64 +35,113 @@ pub enum StartupError {
 pub struct Application {
     port: u16,
     server: Server,
-    shared: Arc<Shared>,
+    state: web::Data<GatewayState>,
     /// Stops the hub's Redis task, after the sockets are closed.
     hub_shutdown: CancellationToken,
+}
+
+/// What the upgrade handler shares ([`upgrade`] reads it as app data).
+pub struct GatewayState {
+    shared: Arc<Shared>,
+    max_frame_bytes: usize,
     drain_timeout: Duration,
 }
 
-struct State {
-    shared: Arc<Shared>,
-    max_frame_bytes: usize,
+/// Where the hub gets its events: Redis (the distributed stack) or the in-memory bus (the
+/// embedded mode). Everything downstream of the hub is the same.
+pub enum HubSource {
+    Redis { url: String, key_prefix: String },
+    Memory(common::events::MemoryBus),
+}
+
+/// The gateway's shared state: token verifier, the hub on `source` (its task stops when
+/// `hub_shutdown` is cancelled), the schema and the connection limits. Used by
+/// [`Application::build`] and by the embedded single-process server.
+pub async fn state(
+    settings: &Settings,
+    source: HubSource,
+    metrics: &Metrics,
+    hub_shutdown: CancellationToken,
+) -> Result<web::Data<GatewayState>, StartupError> {
+    let policy = if settings.demo {
+        SecretPolicy::AllowDemoSecret
+    } else {
+        SecretPolicy::RequireConfigured
+    };
+    let verifier = common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy).await?;
+    let limits = DocumentLimits {
+        max_depth: settings.max_query_depth as usize,
+        max_fields: settings.max_query_fields as usize,
+        max_tokens: settings.max_query_tokens as usize,
+    };
+    let gateway_metrics = GatewayMetrics::register(metrics);
+    let buffer = settings.fanout_buffer as usize;
+    let hub = match source {
+        HubSource::Redis { url, key_prefix } => Hub::start(
+            &url,
+            &key_prefix,
+            buffer,
+            gateway_metrics.clone(),
+            hub_shutdown,
+        )
+        .map_err(|err| ConfigError::new("REDIS_URL", err))?,
+        HubSource::Memory(bus) => {
+            Hub::start_memory(&bus, buffer, gateway_metrics.clone(), hub_shutdown)
+        }
+    };
+    let shared = Arc::new(Shared {
+        coordinator: Arc::new(Coordinator::new(common::graphql::schema(limits))),
+        verifier,
+        hub,
+        executions: Arc::new(crate::executions::Executions::new(
+            gateway_metrics.executions_active.clone(),
+        )),
+        limits: ConnectionLimits {
+            keepalive: Duration::from_secs(settings.keepalive_secs),
+            init_timeout: Duration::from_secs(settings.init_timeout_secs),
+            max_subscriptions: settings.max_subscriptions_per_connection as usize,
+            outbound_queue: settings.outbound_queue as usize,
+            write_timeout: Duration::from_secs(settings.write_timeout_secs),
+            fanout_buffer: settings.fanout_buffer as usize,
+        },
+        metrics: gateway_metrics,
+        shutdown: CancellationToken::new(),
+    });
+    Ok(web::Data::new(GatewayState {
+        shared,
+        max_frame_bytes: settings.max_frame_bytes as usize,
+        drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+    }))
+}
+
+/// Starts the drain: new upgrades get 503, every socket is closed with 1001; waits until they
+/// are closed, at most DRAIN_TIMEOUT_SECS.
+pub async fn drain(state: &GatewayState) {
+    let metrics = &state.shared.metrics;
+    tracing::info!(open = metrics.connections_open.get(), "draining websocket connections");
+    state.shared.shutdown.cancel();
+    let deadline = Instant::now() + state.drain_timeout;
+    while metrics.connections_open.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = metrics.connections_open.get();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "drain timeout reached; stopping with sockets still open"
+        );
+    }
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let policy = if settings.demo {
-            SecretPolicy::AllowDemoSecret
-        } else {
-            SecretPolicy::RequireConfigured
-        };
-        let verifier =
-            common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy).await?;
-        let limits = DocumentLimits {
-            max_depth: settings.max_query_depth as usize,
-            max_fields: settings.max_query_fields as usize,
-            max_tokens: settings.max_query_tokens as usize,
-        };
         let metrics = Metrics::new("subscription-gateway");
-        let gateway_metrics = GatewayMetrics::register(&metrics);
         let hub_shutdown = CancellationToken::new();
-        let hub = Hub::start(
-            &settings.redis.redis_url,
-            &settings.redis.redis_key_prefix,
-            settings.fanout_buffer as usize,
-            gateway_metrics.clone(),
-            hub_shutdown.clone(),
-        )
-        .map_err(|err| ConfigError::new("REDIS_URL", err))?;
-        let shared = Arc::new(Shared {
-            coordinator: Arc::new(Coordinator::new(common::graphql::schema(limits))),
-            verifier,
-            hub,
-            executions: Arc::new(crate::executions::Executions::new(
-                gateway_metrics.executions_active.clone(),
-            )),
-            limits: ConnectionLimits {
-                keepalive: Duration::from_secs(settings.keepalive_secs),
-                init_timeout: Duration::from_secs(settings.init_timeout_secs),
-                max_subscriptions: settings.max_subscriptions_per_connection as usize,
-                outbound_queue: settings.outbound_queue as usize,
-                write_timeout: Duration::from_secs(settings.write_timeout_secs),
-                fanout_buffer: settings.fanout_buffer as usize,
-            },
-            metrics: gateway_metrics,
-            shutdown: CancellationToken::new(),
-        });
-        let state = web::Data::new(State {
-            shared: shared.clone(),
-            max_frame_bytes: settings.max_frame_bytes as usize,
-        });
+        let source = HubSource::Redis {
+            url: settings.redis.redis_url.clone(),
+            key_prefix: settings.redis.redis_key_prefix.clone(),
+        };
+        let state = state(&settings, source, &metrics, hub_shutdown.clone()).await?;
         let metrics = web::Data::new(metrics);
 
         let listener = TcpListener::bind(settings.http.listen_addr).map_err(|err| {
@@ -105,9 +154,10 @@ impl Application {
             .local_addr()
             .map_err(|err| StartupError::Other(err.to_string()))?
             .port();
+        let server_state = state.clone();
         let mut server = HttpServer::new(move || {
             App::new()
-                .app_data(state.clone())
+                .app_data(server_state.clone())
                 .app_data(metrics.clone())
                 .wrap(middleware::from_fn(metrics::record))
                 .route("/graphql", web::get().to(upgrade))
@@ -130,9 +180,8 @@ impl Application {
         Ok(Self {
             port,
             server,
-            shared,
+            state,
             hub_shutdown,
-            drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
         })
     }
 
@@ -150,20 +199,7 @@ impl Application {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         shutdown.await;
-        let open = self.shared.metrics.connections_open.get();
-        tracing::info!(open, "draining websocket connections");
-        self.shared.shutdown.cancel();
-        let deadline = Instant::now() + self.drain_timeout;
-        while self.shared.metrics.connections_open.get() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let left = self.shared.metrics.connections_open.get();
-        if left > 0 {
-            tracing::warn!(
-                left,
-                "drain timeout reached; stopping with sockets still open"
-            );
-        }
+        drain(&self.state).await;
         handle.stop(true).await;
         self.hub_shutdown.cancel();
         match server.await {
@@ -174,7 +210,11 @@ impl Application {
 }
 
 /// `GET /graphql`: the websocket upgrade, with the subprotocol negotiated from the client's list.
-async fn upgrade(req: HttpRequest, body: web::Payload, state: web::Data<State>) -> HttpResponse {
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<GatewayState>,
+) -> HttpResponse {
     let is_upgrade = req
         .headers()
         .get(header::UPGRADE)
@@ -236,7 +276,7 @@ async fn upgrade(req: HttpRequest, body: web::Payload, state: web::Data<State>) 
 }
 
 /// `GET /readyz`: ready while the Redis subscriber connection is up.
-async fn readyz(state: web::Data<State>) -> HttpResponse {
+async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
     let (ready, redis) = if state.shared.hub.is_connected() {
         (true, "ok")
     } else {

@@ -107,7 +107,10 @@ async fn the_relay_publishes_what_another_process_committed_but_could_not_publis
     let other_writer = api_service::startup::store(
         &settings,
         common::db::pool(&settings.database),
-        common::redis::pool(&settings.redis).unwrap(),
+        std::sync::Arc::new(common::events::RedisBus::new(
+            common::redis::pool(&settings.redis).unwrap(),
+            settings.redis.redis_key_prefix.clone(),
+        )),
         &metrics,
     );
     let car = other_writer

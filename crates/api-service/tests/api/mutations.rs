@@ -209,7 +209,10 @@ async fn trigger_event_sets_a_random_make_through_the_same_path() {
     let store = api_service::startup::store(
         &settings,
         common::db::pool(&settings.database),
-        common::redis::pool(&settings.redis).unwrap(),
+        std::sync::Arc::new(common::events::RedisBus::new(
+            common::redis::pool(&settings.redis).unwrap(),
+            settings.redis.redis_key_prefix.clone(),
+        )),
         &metrics,
     );
     let (before, after) = api_service::trigger::trigger_event(&store, 1)

@@ -1,13 +1,12 @@
 //! The `cars` table. Every write also inserts its event into the outbox in the same transaction
 //! (see [`super::outbox`] and [`crate::repository`]); nothing else writes cars.
 
-use chrono::Utc;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::outbox::{self, NewEvent, PendingEvent};
 use super::schema::{cars, users};
-use super::{run, DbError, DbPool};
+use super::{each_backend, run, AnyConnection, DbError, DbPool};
 
 /// A car as readers see it: the reference's fields plus its owner. This is also the `data` of an
 /// event envelope, so a subscriber needs no database to show it.
@@ -105,7 +104,7 @@ macro_rules! car_columns {
     };
 }
 
-fn load(conn: &mut PgConnection, id: i64) -> QueryResult<Option<Car>> {
+fn load(conn: &mut AnyConnection, id: i64) -> QueryResult<Option<Car>> {
     cars::table
         .left_join(users::table)
         .filter(cars::id.eq(id))
@@ -193,7 +192,7 @@ pub async fn update(
                 changes.model.map(|v| cars::model.eq(v)),
                 changes.variant.map(|v| cars::variant.eq(v)),
                 changes.year.map(|v| cars::year.eq(v)),
-                cars::updated_at.eq(Utc::now()),
+                cars::updated_at.eq(super::now()),
             ))
             .execute(conn)?;
         let car = load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
@@ -228,7 +227,7 @@ pub async fn delete(
 pub async fn seed_demo(pool: &DbPool) -> Result<(), DbError> {
     run(pool, |conn| {
         conn.transaction(|conn| {
-            diesel::insert_into(users::table)
+            each_backend!(conn, |conn| diesel::insert_into(users::table)
                 .values((
                     users::username.eq(DEMO_USERNAME),
                     users::password_hash.eq(DEMO_PASSWORD_HASH),
@@ -237,7 +236,7 @@ pub async fn seed_demo(pool: &DbPool) -> Result<(), DbError> {
                 ))
                 .on_conflict(users::username)
                 .do_nothing()
-                .execute(conn)?;
+                .execute(conn))?;
             let admin_id = users::table
                 .filter(users::username.eq(DEMO_USERNAME))
                 .select(users::id)
@@ -246,26 +245,29 @@ pub async fn seed_demo(pool: &DbPool) -> Result<(), DbError> {
                 (1_i64, "Scout", "2011", None),
                 (2_i64, "Tour", "2007", Some(admin_id)),
             ] {
-                diesel::insert_into(cars::table)
-                    .values((
-                        cars::id.eq(id),
-                        cars::make.eq("Skoda"),
-                        cars::model.eq("Octavia"),
-                        cars::variant.eq(variant),
-                        cars::year.eq(year),
-                        cars::owner_id.eq(owner),
-                    ))
+                let row = (
+                    cars::id.eq(id),
+                    cars::make.eq("Skoda"),
+                    cars::model.eq("Octavia"),
+                    cars::variant.eq(variant),
+                    cars::year.eq(year),
+                    cars::owner_id.eq(owner),
+                );
+                each_backend!(conn, |conn| diesel::insert_into(cars::table)
+                    .values(row)
                     .on_conflict(cars::id)
                     .do_nothing()
-                    .execute(conn)?;
+                    .execute(conn))?;
             }
             // Explicit ids do not advance PostgreSQL's sequence; without this the next createCar
-            // would collide with Car 1. (SQLite's rowid needs no such step.)
-            diesel::sql_query(
-                "SELECT setval(pg_get_serial_sequence('cars', 'id'), \
-                 GREATEST((SELECT MAX(id) FROM cars), 1))",
-            )
-            .execute(conn)?;
+            // would collide with Car 1. (SQLite's AUTOINCREMENT follows the largest id by itself.)
+            if let AnyConnection::Postgresql(conn) = conn {
+                diesel::sql_query(
+                    "SELECT setval(pg_get_serial_sequence('cars', 'id'), \
+                     GREATEST((SELECT MAX(id) FROM cars), 1))",
+                )
+                .execute(conn)?;
+            }
             Ok(())
         })
     })
@@ -281,7 +283,7 @@ const DEMO_PASSWORD_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$qwFI03M6+nW5uwQ
 
 /// `Ok(car)` when `actor` may change car `id`, else the refusal.
 fn authorize(
-    conn: &mut PgConnection,
+    conn: &mut AnyConnection,
     actor: Actor,
     id: i64,
 ) -> QueryResult<Result<Car, WriteError>> {
@@ -308,7 +310,7 @@ fn authorize(
 }
 
 /// `Some(is_staff)` for an active user.
-fn active_user(conn: &mut PgConnection, user_id: i64) -> QueryResult<Option<bool>> {
+fn active_user(conn: &mut AnyConnection, user_id: i64) -> QueryResult<Option<bool>> {
     users::table
         .filter(users::id.eq(user_id))
         .filter(users::is_active.eq(true))
@@ -321,7 +323,7 @@ fn active_user(conn: &mut PgConnection, user_id: i64) -> QueryResult<Option<bool
 async fn transaction<T, F>(pool: &DbPool, work: F) -> Result<T, WriteError>
 where
     T: Send + 'static,
-    F: FnOnce(&mut PgConnection) -> QueryResult<Result<T, WriteError>> + Send + 'static,
+    F: FnOnce(&mut AnyConnection) -> QueryResult<Result<T, WriteError>> + Send + 'static,
 {
     run(pool, move |conn| {
         let mut refusal = None;

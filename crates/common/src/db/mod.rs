@@ -1,5 +1,9 @@
-//! PostgreSQL through diesel: the pool, the embedded migrations and the queries. No other module or
-//! crate imports diesel, so the storage can change in one place.
+//! Storage through diesel, on PostgreSQL (the distributed stack) or SQLite (the embedded mode):
+//! the pool, the embedded migrations and the queries. One code path serves both: every query is
+//! written once against [`AnyConnection`], diesel's `MultiConnection` over the two backends; the
+//! few statements one backend spells differently (`ON CONFLICT`, `setval`) go through
+//! [`each_backend!`], which compiles the same expression for each. No other module or crate
+//! imports diesel, so the storage can change in one place.
 
 pub mod cars;
 pub mod outbox;
@@ -9,19 +13,138 @@ pub mod users;
 
 use std::time::{Duration, Instant};
 
-use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
-use diesel::{Connection, PgConnection, RunQueryDsl};
+use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
+use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::config::DatabaseArgs;
 
-const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 /// Any number; it only has to be the same in every process that migrates this database.
 const MIGRATION_LOCK_KEY: i64 = 0x6771_6c77_735f_6d69;
 
-pub type DbPool = Pool<ConnectionManager<PgConnection>>;
-type DbConn = PooledConnection<ConnectionManager<PgConnection>>;
+/// How long an SQLite statement waits for another connection's (or process's) write lock.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+
+/// A connection to either backend. Queries written against it run on both.
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    Postgresql(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Runs the same diesel expression on whichever backend `$conn` is, for the statements
+/// `MultiConnection` cannot express (it has no `ON CONFLICT`). The body is compiled once per
+/// backend, so it is still one piece of code.
+macro_rules! each_backend {
+    ($conn:expr, |$inner:ident| $body:expr) => {
+        match $conn {
+            $crate::db::AnyConnection::Postgresql($inner) => $body,
+            $crate::db::AnyConnection::Sqlite($inner) => $body,
+        }
+    };
+}
+pub(crate) use each_backend;
+
+/// Which database a URL names: `postgres://…`/`postgresql://…`, or `sqlite://path`/`file:path`
+/// (a bare path ending in `.db`/`.sqlite` too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn of_url(database_url: &str) -> Result<Backend, String> {
+        let url = database_url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:")
+            || url.starts_with("file:")
+            || url.ends_with(".db")
+            || url.ends_with(".sqlite")
+            || url == ":memory:"
+        {
+            Ok(Backend::Sqlite)
+        } else {
+            Err("expected postgres://… or sqlite://<path>".to_owned())
+        }
+    }
+}
+
+/// The file an SQLite URL names (`None` for an in-memory database), so callers can create its
+/// directory.
+pub fn sqlite_path(database_url: &str) -> Option<std::path::PathBuf> {
+    let rest = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .or_else(|| database_url.strip_prefix("file:"))
+        .unwrap_or(database_url);
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| std::path::PathBuf::from(path))
+}
+
+/// Opens a connection to the backend the URL names (never guessing by trial, so a PostgreSQL URL
+/// whose server is down is an error, not an SQLite file of that name). SQLite connections get WAL
+/// (readers do not block the writer), a busy timeout (the server and a `trigger-event` process
+/// both write the file) and foreign keys.
+pub fn establish(database_url: &str) -> Result<AnyConnection, diesel::ConnectionError> {
+    let backend = Backend::of_url(database_url).map_err(diesel::ConnectionError::InvalidConnectionUrl)?;
+    match backend {
+        Backend::Postgres => PgConnection::establish(database_url).map(AnyConnection::Postgresql),
+        Backend::Sqlite => {
+            let url = match database_url.strip_prefix("sqlite:").filter(|_| !database_url.starts_with("sqlite://")) {
+                // `sqlite:path` (one colon, as sqlx writes it) → a path.
+                Some(path) => path.to_owned(),
+                None => database_url.to_owned(),
+            };
+            let mut conn = SqliteConnection::establish(&url)?;
+            for pragma in [
+                format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"),
+                "PRAGMA journal_mode = WAL".to_owned(),
+                "PRAGMA synchronous = NORMAL".to_owned(),
+                "PRAGMA foreign_keys = ON".to_owned(),
+            ] {
+                diesel::sql_query(pragma)
+                    .execute(&mut conn)
+                    .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            }
+            Ok(AnyConnection::Sqlite(conn))
+        }
+    }
+}
+
+/// The r2d2 manager: [`establish`] per connection, and the backend's own validity check.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    database_url: String,
+}
+
+impl ManageConnection for Manager {
+    type Connection = AnyConnection;
+    type Error = diesel::r2d2::Error;
+
+    fn connect(&self) -> Result<AnyConnection, Self::Error> {
+        establish(&self.database_url).map_err(diesel::r2d2::Error::ConnectionError)
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), Self::Error> {
+        diesel::sql_query("SELECT 1")
+            .execute(conn)
+            .map(|_| ())
+            .map_err(diesel::r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
+        use diesel::r2d2::R2D2Connection;
+        conn.is_broken()
+    }
+}
+
+pub type DbPool = Pool<Manager>;
+type DbConn = PooledConnection<Manager>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -34,22 +157,29 @@ pub enum DbError {
 }
 
 /// Builds the pool without connecting, so a process can start (and say "not ready") while the
-/// database is away; connections are made on first use and re-made after a failure.
+/// database is away; connections are made on first use and re-made after a failure. On SQLite
+/// the pool holds one connection: SQLite has one writer at a time anyway, and a single connection
+/// keeps a read-then-write transaction from ever meeting a busy lock inside the process.
 pub fn pool(args: &DatabaseArgs) -> DbPool {
-    let manager = ConnectionManager::<PgConnection>::new(&args.database_url);
+    let size = match Backend::of_url(&args.database_url) {
+        Ok(Backend::Sqlite) => 1,
+        _ => args.database_pool_size,
+    };
     Pool::builder()
-        .max_size(args.database_pool_size)
+        .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(args.timeout())
         .test_on_check_out(false)
-        .build_unchecked(manager)
+        .build_unchecked(Manager {
+            database_url: args.database_url.clone(),
+        })
 }
 
 /// Runs blocking diesel work on tokio's blocking pool so it never stalls the async workers.
 pub async fn run<T, F>(pool: &DbPool, work: F) -> Result<T, DbError>
 where
     T: Send + 'static,
-    F: FnOnce(&mut PgConnection) -> Result<T, diesel::result::Error> + Send + 'static,
+    F: FnOnce(&mut AnyConnection) -> Result<T, diesel::result::Error> + Send + 'static,
 {
     let pool = pool.clone();
     tokio::task::spawn_blocking(move || {
@@ -62,13 +192,20 @@ where
     .map_err(|_| DbError::Cancelled)?
 }
 
+/// The current time as stored: UTC without a zone, to the microsecond (both backends' precision,
+/// so that a value read back compares equal).
+pub fn now() -> chrono::NaiveDateTime {
+    use chrono::SubsecRound as _;
+    chrono::Utc::now().naive_utc().trunc_subsecs(6)
+}
+
 /// A short digest of the embedded migrations' names, so that test harnesses can keep one
 /// migrated template database per migration set.
 pub fn migration_fingerprint() -> String {
     use diesel::migration::MigrationSource;
     use sha2::{Digest, Sha256};
     let mut hasher = Sha256::new();
-    if let Ok(migrations) = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS) {
+    if let Ok(migrations) = MigrationSource::<diesel::pg::Pg>::migrations(&PG_MIGRATIONS) {
         for migration in migrations {
             hasher.update(migration.name().to_string().as_bytes());
         }
@@ -82,7 +219,7 @@ pub fn migration_fingerprint() -> String {
 /// Tells a lost database (dropped connection, server shut down, database gone) from a failing
 /// query: a database error is followed by a `SELECT 1` on the same connection, and if that fails
 /// too the database is unavailable. Only the error path pays for the probe.
-fn classify(err: diesel::result::Error, conn: &mut PgConnection) -> DbError {
+fn classify(err: diesel::result::Error, conn: &mut AnyConnection) -> DbError {
     use diesel::result::{DatabaseErrorKind, Error};
     match &err {
         Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
@@ -108,12 +245,22 @@ pub async fn ping(pool: &DbPool) -> Result<(), DbError> {
 }
 
 /// Applies pending migrations, waiting up to `wait` for the database to accept connections (in a
-/// compose stack the services may start first). A PostgreSQL advisory lock serialises replicas
-/// that start together.
+/// compose stack the services may start first). On PostgreSQL an advisory lock serialises
+/// replicas that start together; on SQLite the file's own write lock does (and the file's
+/// directory is created first).
 pub fn migrate(database_url: &str, wait: Duration) -> Result<usize, String> {
+    let backend = Backend::of_url(database_url).map_err(|err| format!("bad database URL: {err}"))?;
+    if backend == Backend::Sqlite {
+        if let Some(dir) = sqlite_path(database_url).as_deref().and_then(std::path::Path::parent) {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+            }
+        }
+    }
     let deadline = Instant::now() + wait;
-    let mut conn = loop {
-        match PgConnection::establish(database_url) {
+    let conn = loop {
+        match establish(database_url) {
             Ok(conn) => break conn,
             Err(err) if Instant::now() < deadline => {
                 tracing::warn!(error = %err, "database not reachable yet; retrying");
@@ -122,15 +269,25 @@ pub fn migrate(database_url: &str, wait: Duration) -> Result<usize, String> {
             Err(err) => return Err(format!("cannot connect to the database: {err}")),
         }
     };
+    match conn {
+        AnyConnection::Postgresql(mut conn) => migrate_postgres(&mut conn),
+        AnyConnection::Sqlite(mut conn) => conn
+            .run_pending_migrations(SQLITE_MIGRATIONS)
+            .map(|applied| applied.len())
+            .map_err(|err| format!("migration failed: {err}")),
+    }
+}
+
+fn migrate_postgres(conn: &mut PgConnection) -> Result<usize, String> {
     diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
-        .execute(&mut conn)
+        .execute(conn)
         .map_err(|err| format!("cannot take the migration lock: {err}"))?;
     let result = conn
-        .run_pending_migrations(MIGRATIONS)
+        .run_pending_migrations(PG_MIGRATIONS)
         .map(|applied| applied.len())
         .map_err(|err| format!("migration failed: {err}"));
     // Closing the connection releases the lock too; unlocking explicitly just frees it sooner.
     let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
-        .execute(&mut conn);
+        .execute(conn);
     result
 }

@@ -2,15 +2,14 @@
 //! bus. Rows are leased (`locked_until`) rather than locked, so that the same statements work on
 //! PostgreSQL and SQLite and a publisher that dies simply lets its lease run out.
 
-use chrono::{DateTime, Duration, SubsecRound as _, Utc};
+use chrono::{DateTime, Duration, NaiveDateTime, SubsecRound as _, Utc};
 use diesel::prelude::*;
 
 use super::schema::event_outbox;
-use super::{run, DbError, DbPool};
+use super::{run, AnyConnection, DbError, DbPool};
 
 /// An outbox row to insert inside the write's transaction.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = event_outbox)]
+#[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event_id: String,
     pub event_type: String,
@@ -30,13 +29,19 @@ pub struct PendingEvent {
     pub attempts: i32,
     /// The lease this process holds on it; releasing is conditional on it, so a process whose
     /// lease ran out (or an operator's hold) is never overwritten.
-    pub lease: Option<DateTime<Utc>>,
+    pub lease: Option<NaiveDateTime>,
 }
 
 /// Inserts the row in the caller's transaction.
-pub(crate) fn insert(conn: &mut PgConnection, event: NewEvent) -> QueryResult<PendingEvent> {
+pub(crate) fn insert(conn: &mut AnyConnection, event: NewEvent) -> QueryResult<PendingEvent> {
+    let lease = event.locked_until.map(|until| until.naive_utc());
     let id = diesel::insert_into(event_outbox::table)
-        .values(&event)
+        .values((
+            event_outbox::event_id.eq(&event.event_id),
+            event_outbox::event_type.eq(&event.event_type),
+            event_outbox::payload.eq(&event.payload),
+            event_outbox::locked_until.eq(lease),
+        ))
         .returning(event_outbox::id)
         .get_result(conn)?;
     Ok(PendingEvent {
@@ -45,7 +50,7 @@ pub(crate) fn insert(conn: &mut PgConnection, event: NewEvent) -> QueryResult<Pe
         event_type: event.event_type,
         payload: event.payload,
         attempts: 0,
-        lease: event.locked_until,
+        lease,
     })
 }
 
@@ -67,10 +72,10 @@ pub async fn release(pool: &DbPool, event: &PendingEvent) -> Result<(), DbError>
         let target = event_outbox::table.filter(event_outbox::id.eq(id));
         match lease {
             Some(lease) => diesel::update(target.filter(event_outbox::locked_until.eq(lease)))
-                .set(event_outbox::locked_until.eq(None::<DateTime<Utc>>))
+                .set(event_outbox::locked_until.eq(None::<NaiveDateTime>))
                 .execute(conn),
             None => diesel::update(target.filter(event_outbox::locked_until.is_null()))
-                .set(event_outbox::locked_until.eq(None::<DateTime<Utc>>))
+                .set(event_outbox::locked_until.eq(None::<NaiveDateTime>))
                 .execute(conn),
         }
         .map(|_| ())
@@ -92,8 +97,8 @@ pub async fn claim_due(
     lease: Duration,
 ) -> Result<Vec<PendingEvent>, DbError> {
     run(pool, move |conn| {
-        let now = Utc::now();
-        let until = lease_until(lease);
+        let now = super::now();
+        let until = lease_until(lease).naive_utc();
         let due = || {
             event_outbox::locked_until
                 .is_null()
@@ -141,6 +146,7 @@ pub async fn pending_count(pool: &DbPool) -> Result<i64, DbError> {
 /// Sets the lease of every unpublished event to `until` (`None`: due at once). An operator's tool
 /// (hold events back during maintenance, or release them now), and the tests'.
 pub async fn lease_all(pool: &DbPool, until: Option<DateTime<Utc>>) -> Result<usize, DbError> {
+    let until = until.map(|until| until.naive_utc());
     run(pool, move |conn| {
         diesel::update(event_outbox::table)
             .set(event_outbox::locked_until.eq(until))

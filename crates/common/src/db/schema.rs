@@ -1,4 +1,6 @@
-// The diesel schema, written by hand to match `migrations/`; keep the two in step.
+// The diesel schema, written by hand to match `migrations/postgres` and `migrations/sqlite`; keep
+// the three in step. Only types that diesel's MultiConnection shares between both backends
+// (times are `Timestamp`, UTC without a zone).
 
 diesel::table! {
     users (id) {
@@ -7,7 +9,7 @@ diesel::table! {
         password_hash -> Text,
         is_active -> Bool,
         is_staff -> Bool,
-        created_at -> Timestamptz,
+        created_at -> Timestamp,
     }
 }
 
@@ -15,8 +17,8 @@ diesel::table! {
     blacklisted_tokens (jti) {
         jti -> Varchar,
         user_id -> Int8,
-        expires_at -> Timestamptz,
-        blacklisted_at -> Timestamptz,
+        expires_at -> Timestamp,
+        blacklisted_at -> Timestamp,
     }
 }
 
@@ -28,8 +30,8 @@ diesel::table! {
         variant -> Varchar,
         year -> Varchar,
         owner_id -> Nullable<Int8>,
-        created_at -> Timestamptz,
-        updated_at -> Timestamptz,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
     }
 }
 
@@ -39,8 +41,8 @@ diesel::table! {
         event_id -> Varchar,
         event_type -> Varchar,
         payload -> Text,
-        created_at -> Timestamptz,
-        locked_until -> Nullable<Timestamptz>,
+        created_at -> Timestamp,
+        locked_until -> Nullable<Timestamp>,
         attempts -> Int4,
     }
 }

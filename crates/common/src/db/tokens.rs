@@ -5,10 +5,9 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
 use super::schema::blacklisted_tokens;
-use super::{run, DbError, DbPool};
+use super::{each_backend, run, DbError, DbPool};
 
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = blacklisted_tokens)]
+#[derive(Debug, Clone)]
 pub struct BlacklistEntry {
     pub jti: String,
     pub user_id: i64,
@@ -19,11 +18,16 @@ pub struct BlacklistEntry {
 /// the compare-and-set that lets exactly one of two concurrent refreshes with the same token win.
 pub async fn blacklist(pool: &DbPool, entry: BlacklistEntry) -> Result<bool, DbError> {
     run(pool, move |conn| {
-        diesel::insert_into(blacklisted_tokens::table)
-            .values(&entry)
+        let row = (
+            blacklisted_tokens::jti.eq(entry.jti),
+            blacklisted_tokens::user_id.eq(entry.user_id),
+            blacklisted_tokens::expires_at.eq(entry.expires_at.naive_utc()),
+        );
+        each_backend!(conn, |conn| diesel::insert_into(blacklisted_tokens::table)
+            .values(row)
             .on_conflict_do_nothing()
             .execute(conn)
-            .map(|rows| rows == 1)
+            .map(|rows| rows == 1))
     })
     .await
 }
@@ -42,7 +46,7 @@ pub async fn is_blacklisted(pool: &DbPool, jti: String) -> Result<bool, DbError>
 pub async fn purge_expired(pool: &DbPool) -> Result<usize, DbError> {
     run(pool, move |conn| {
         diesel::delete(
-            blacklisted_tokens::table.filter(blacklisted_tokens::expires_at.lt(Utc::now())),
+            blacklisted_tokens::table.filter(blacklisted_tokens::expires_at.lt(super::now())),
         )
         .execute(conn)
     })

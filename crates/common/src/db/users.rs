@@ -1,10 +1,10 @@
 //! The `users` table.
 
-use chrono::{DateTime, Utc};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
 use super::schema::users;
-use super::{run, DbError, DbPool};
+use super::{each_backend, run, DbError, DbPool};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = users)]
@@ -14,7 +14,8 @@ pub struct User {
     pub password_hash: String,
     pub is_active: bool,
     pub is_staff: bool,
-    pub created_at: DateTime<Utc>,
+    /// UTC.
+    pub created_at: NaiveDateTime,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -51,13 +52,13 @@ pub async fn find_by_id(pool: &DbPool, id: i64) -> Result<Option<User>, DbError>
 /// Inserts the user, or returns `None` when the username is taken.
 pub async fn create(pool: &DbPool, new: NewUser) -> Result<Option<User>, DbError> {
     run(pool, move |conn| {
-        diesel::insert_into(users::table)
+        each_backend!(conn, |conn| diesel::insert_into(users::table)
             .values(&new)
             .on_conflict(users::username)
             .do_nothing()
             .returning(User::as_returning())
             .get_result(conn)
-            .optional()
+            .optional())
     })
     .await
 }

@@ -1,0 +1,4 @@
+DROP TABLE event_outbox;
+DROP TABLE cars;
+DROP TABLE blacklisted_tokens;
+DROP TABLE users;

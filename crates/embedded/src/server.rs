@@ -1,0 +1,257 @@
+//! The one server: the three services' routes in one actix app, the outbox relay, the hub over the
+//! in-memory bus, and the blacklist purge, run until a shutdown signal. Tests call
+//! [`Application::build`] on port 0 exactly as `main` does.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::http::header;
+use actix_web::{guard, middleware, web, App, HttpServer};
+use common::config::{ConfigError, DatabaseArgs};
+use common::db::DbPool;
+use common::events::MemoryBus;
+use common::http::{health_routes, not_found, Readiness};
+use common::metrics::{self, Metrics};
+use common::repository::Store;
+use subscription_gateway::startup::{GatewayState, HubSource};
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+
+/// Why the server could not start. Configuration errors exit with status 2, the rest with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<auth_service::startup::StartupError> for StartupError {
+    fn from(err: auth_service::startup::StartupError) -> Self {
+        match err {
+            auth_service::startup::StartupError::Config(err) => StartupError::Config(err),
+            auth_service::startup::StartupError::Other(msg) => StartupError::Other(msg),
+        }
+    }
+}
+
+impl From<api_service::startup::StartupError> for StartupError {
+    fn from(err: api_service::startup::StartupError) -> Self {
+        match err {
+            api_service::startup::StartupError::Config(err) => StartupError::Config(err),
+            api_service::startup::StartupError::Other(msg) => StartupError::Other(msg),
+        }
+    }
+}
+
+impl From<subscription_gateway::startup::StartupError> for StartupError {
+    fn from(err: subscription_gateway::startup::StartupError) -> Self {
+        match err {
+            subscription_gateway::startup::StartupError::Config(err) => StartupError::Config(err),
+            subscription_gateway::startup::StartupError::Other(msg) => StartupError::Other(msg),
+        }
+    }
+}
+
+/// The key prefix of the in-memory bus's channel names (as `REDIS_KEY_PREFIX` would be).
+const BUS_PREFIX: &str = "gqlws:";
+/// Messages the in-memory bus holds for its one reader, the hub.
+const BUS_CAPACITY: usize = 4096;
+/// How long start-up waits for the database.
+const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    /// Publishes events committed by other processes (and any an inline publish missed).
+    store: Store,
+    auth: web::Data<auth_service::routes::AuthState>,
+    gateway: web::Data<GatewayState>,
+    /// Stops the hub's task, after the sockets are closed.
+    hub_shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
+        let services = settings.services()?;
+        let database_url = settings.database_url.clone();
+        common::db::Backend::of_url(&database_url)
+            .map_err(|err| ConfigError::new("GQLWS_DATABASE_URL", err))?;
+        let applied = tokio::task::spawn_blocking(move || {
+            common::db::migrate(&database_url, DATABASE_WAIT)
+        })
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .map_err(StartupError::Other)?;
+        if applied > 0 {
+            tracing::info!(applied, "database migrations applied");
+        }
+        let pool = common::db::pool(&DatabaseArgs {
+            database_url: settings.database_url.clone(),
+            ..services.api.database.clone()
+        });
+        // The demo user `admin`/`letmein` and the cars 1 and 2.
+        api_service::startup::seed_demo(&pool).await?;
+
+        let metrics = Metrics::new("gqlws");
+        let bus = MemoryBus::new(BUS_PREFIX, BUS_CAPACITY);
+        let auth = auth_service::startup::state(
+            &services.auth,
+            auth_service::startup::Backends {
+                pool: pool.clone(),
+                counters: auth_service::ratelimit::Counters::memory(),
+                revocations: auth_service::routes::Revocations::Memory(bus.clone()),
+            },
+            &metrics,
+        )
+        .await?;
+        let store = Store::new(
+            pool.clone(),
+            Arc::new(bus.clone()),
+            api_service::startup::outbox_config(&services.api),
+            &metrics,
+        );
+        let api = api_service::startup::state(&services.api, store.clone()).await?;
+        let hub_shutdown = CancellationToken::new();
+        let gateway = subscription_gateway::startup::state(
+            &services.gateway,
+            HubSource::Memory(bus),
+            &metrics,
+            hub_shutdown.clone(),
+        )
+        .await?;
+        let readiness = web::Data::new(Readiness {
+            database: Some(pool),
+            redis: None,
+        });
+        let metrics = web::Data::new(metrics);
+
+        let listener = TcpListener::bind(settings.listen_addr).map_err(|err| {
+            ConfigError::new(
+                "GQLWS_LISTEN_ADDR",
+                format!("cannot listen on {}: {err}", settings.listen_addr),
+            )
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|err| StartupError::Other(err.to_string()))?
+            .port();
+        let (auth_data, gateway_data) = (auth.clone(), gateway.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(auth_data.clone())
+                .app_data(api.clone())
+                .app_data(gateway_data.clone())
+                .app_data(readiness.clone())
+                .app_data(metrics.clone())
+                .wrap(middleware::from_fn(metrics::record))
+                // NGINX's rules: `/api/token/…` → auth; `/graphql` with `Upgrade: websocket`
+                // → gateway (registered first, so the guard decides), else → api.
+                .configure(auth_service::routes::config)
+                .configure(websocket_routes)
+                .configure(api_service::routes::config)
+                .configure(health_routes)
+                .default_service(web::to(not_found))
+        })
+        .disable_signals()
+        .shutdown_timeout(services.api.http.shutdown_timeout_secs);
+        let server = match services.api.http.http_workers {
+            0 => server,
+            workers => server.workers(workers),
+        };
+        let server = server
+            .listen(listener)
+            .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?
+            .run();
+        tracing::info!(port, "gqlws (embedded) listening");
+        Ok(Self {
+            port,
+            server,
+            store,
+            auth,
+            gateway,
+            hub_shutdown,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pool(&self) -> &DbPool {
+        &self.store.pool
+    }
+
+    /// Serves until `shutdown` resolves, then drains the websockets (1001), stops accepting,
+    /// lets in-flight requests finish and stops the background tasks.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        let relay_stop = CancellationToken::new();
+        let relay = tokio::spawn(common::repository::run_relay(
+            self.store,
+            relay_stop.clone().cancelled_owned(),
+        ));
+        let purge = tokio::spawn(auth_service::startup::purge_blacklist(self.auth));
+        shutdown.await;
+        subscription_gateway::startup::drain(&self.gateway).await;
+        handle.stop(true).await;
+        relay_stop.cancel();
+        let _ = relay.await;
+        purge.abort();
+        self.hub_shutdown.cancel();
+        match server.await {
+            Ok(result) => result,
+            Err(err) => Err(std::io::Error::other(err)),
+        }
+    }
+}
+
+/// `GET /graphql` and `/graphql/` carrying `Upgrade: websocket` go to the gateway.
+fn websocket_routes(cfg: &mut web::ServiceConfig) {
+    for path in ["/graphql", "/graphql/"] {
+        cfg.service(
+            web::resource(path)
+                .guard(guard::Get())
+                .guard(guard::fn_guard(|ctx| {
+                    ctx.head()
+                        .headers()
+                        .get(header::UPGRADE)
+                        .and_then(|value| value.to_str().ok())
+                        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
+                }))
+                .to(subscription_gateway::startup::upgrade),
+        );
+    }
+}
+
+/// What a newcomer needs to follow the walk-through, printed once the server listens.
+pub fn banner(settings: &Settings, port: u16) -> String {
+    let host = match settings.listen_addr.ip() {
+        ip if ip.is_unspecified() || ip.is_loopback() => "localhost".to_owned(),
+        ip => ip.to_string(),
+    };
+    let base = format!("http://{host}:{port}");
+    format!(
+        "\n\
+gqlws is running (embedded mode: auth, GraphQL API and subscriptions in one process)\n\
+  database:   {database}\n\
+  event bus:  in memory\n\
+\n\
+  1. a token (demo user admin/letmein):\n\
+     curl -s -X POST -H 'Content-Type: application/json' -d '{{\"username\":\"admin\",\"password\":\"letmein\"}}' {base}/api/token/\n\
+  2. GraphQL Playground: {base}/graphql/\n\
+     HTTP HEADERS: {{\"Authorization\": \"Bearer <access>\"}}   query: {{ hi }}\n\
+  3. subscription {{ carModelUpdated(pk: 1) {{ make model }} }}  (same header), then in another terminal:\n\
+     cargo run --release -- trigger-event\n\
+\n\
+  Stop with Ctrl-C.\n",
+        database = settings.database_url,
+    )
+}
