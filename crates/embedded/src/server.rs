@@ -238,20 +238,26 @@ pub fn banner(settings: &Settings, port: u16) -> String {
         ip => ip.to_string(),
     };
     let base = format!("http://{host}:{port}");
-    format!(
-        "\n\
-gqlws is running (embedded mode: auth, GraphQL API and subscriptions in one process)\n\
-  database:   {database}\n\
-  event bus:  in memory\n\
-\n\
-  1. a token (demo user admin/letmein):\n\
-     curl -s -X POST -H 'Content-Type: application/json' -d '{{\"username\":\"admin\",\"password\":\"letmein\"}}' {base}/api/token/\n\
-  2. GraphQL Playground: {base}/graphql/\n\
-     HTTP HEADERS: {{\"Authorization\": \"Bearer <access>\"}}   query: {{ hi }}\n\
-  3. subscription {{ carModelUpdated(pk: 1) {{ make model }} }}  (same header), then in another terminal:\n\
-     cargo run --release -- trigger-event\n\
-\n\
-  Stop with Ctrl-C.\n",
-        database = settings.database_url,
-    )
+    let token = format!(
+        "curl -s -X POST -H 'Content-Type: application/json' \
+         -d '{{\"username\":\"admin\",\"password\":\"letmein\"}}' {base}/api/token/"
+    );
+    [
+        String::new(),
+        "gqlws is running: auth, GraphQL API and subscriptions in one process (embedded mode)"
+            .to_owned(),
+        format!("  database:   {}", settings.database_url),
+        "  event bus:  in memory".to_owned(),
+        String::new(),
+        "  1. a token for the demo user admin/letmein:".to_owned(),
+        format!("     {token}"),
+        format!("  2. GraphQL Playground: {base}/graphql/"),
+        "     HTTP HEADERS {\"Authorization\": \"Bearer <access>\"}, then run { hi }".to_owned(),
+        "  3. subscription { carModelUpdated(pk: 1) { make model } } with the same header, then:"
+            .to_owned(),
+        "     cargo run --release -- trigger-event".to_owned(),
+        String::new(),
+        "  Stop with Ctrl-C.".to_owned(),
+    ]
+    .join("\n")
 }

@@ -1,0 +1,8 @@
+//! The contract tests against the embedded mode: the whole stack in one process on a temporary
+//! SQLite file and the in-memory bus, reached the way clients reach NGINX in the distributed
+//! stack (one address, `/api/token/…`, `/graphql` with and without a websocket upgrade).
+
+mod graphql;
+mod helpers;
+mod rest;
+mod ws;

@@ -1,0 +1,98 @@
+//! GraphQL subscriptions over websockets on the embedded server: `/graphql` with an upgrade is
+//! the gateway, fed by the in-memory bus.
+
+use serde_json::json;
+
+use crate::helpers::{Incoming, TestApp, WsClient, MODEL_UPDATED};
+
+#[actix_web::test]
+async fn a_subscriber_sees_a_mutation_and_a_separate_trigger_event_process() {
+    let app = TestApp::spawn().await;
+    let (access, _) = app.login().await;
+    let mut client = WsClient::connect(&app.ws_url(), "graphql-transport-ws").await;
+    let ack = client.init(&access).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    client
+        .send(json!({"id": "1", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    // The subscription is registered asynchronously; give it a moment before writing.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let body = app
+        .graphql(
+            Some(&access),
+            r#"mutation { updateCar(pk: 1, input: {make: "Skoda (VAG)"}) { make } }"#,
+        )
+        .await;
+    assert_eq!(body["data"]["updateCar"]["make"], "Skoda (VAG)", "{body}");
+    let next = client.expect_json().await;
+    assert_eq!(next["type"], "next", "{next}");
+    assert_eq!(next["id"], "1");
+    assert_eq!(next["payload"]["data"]["carModelUpdated"]["make"], "Skoda (VAG)");
+
+    // Another process commits to the same SQLite file; the server's relay publishes the event.
+    let printed = app.trigger_event();
+    assert!(printed.starts_with("car 1: make"), "{printed}");
+    let next = client.expect_json().await;
+    assert_eq!(next["type"], "next", "{next}");
+    let make = next["payload"]["data"]["carModelUpdated"]["make"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        ["Skoda", "Skoda Autogroup", "Skoda (VAG)"].contains(&make.as_str()),
+        "{next}"
+    );
+    assert!(printed.contains(&format!("-> {make:?}")), "{printed} / {make}");
+}
+
+#[actix_web::test]
+async fn the_legacy_protocol_works_and_a_bad_token_is_refused() {
+    let app = TestApp::spawn().await;
+    let (access, _) = app.login().await;
+
+    let mut legacy = WsClient::connect(&app.ws_url(), "graphql-ws").await;
+    let ack = legacy.init(&access).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    legacy
+        .send(json!({"id": "a", "type": "start", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    app.graphql(
+        Some(&access),
+        r#"mutation { updateCar(pk: 1, input: {make: "Skoda Autogroup"}) { make } }"#,
+    )
+    .await;
+    let data = legacy.expect_json().await;
+    assert_eq!(data["type"], "data", "{data}");
+    assert_eq!(
+        data["payload"]["data"]["carModelUpdated"]["make"],
+        "Skoda Autogroup"
+    );
+
+    let mut modern = WsClient::connect(&app.ws_url(), "graphql-transport-ws").await;
+    modern
+        .send(json!({"type": "connection_init", "payload": {"Authorization": "Bearer nope"}}))
+        .await;
+    let (code, _) = modern.expect_close().await;
+    assert_eq!(code, Some(4403));
+}
+
+#[actix_web::test]
+async fn logging_out_closes_the_users_sockets() {
+    let app = TestApp::spawn().await;
+    let (access, refresh) = app.login().await;
+    let mut client = WsClient::connect(&app.ws_url(), "graphql-transport-ws").await;
+    assert_eq!(client.init(&access).await["type"], "connection_ack");
+    let (status, _) = app
+        .post("/api/token/blacklist/", json!({"refresh": refresh}), &[])
+        .await;
+    assert_eq!(status, 200);
+    match client.recv().await {
+        Incoming::Close(code, reason) => {
+            assert_eq!(code, Some(4403));
+            assert!(reason.contains("revoked"), "{reason}");
+        }
+        other => panic!("expected the socket to close, got {other:?}"),
+    }
+}
