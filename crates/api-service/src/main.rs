@@ -47,11 +47,9 @@ async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError>
     let store = match common::db::Backend::of_url(&settings.database.database_url) {
         // An SQLite file belongs to an embedded server, whose bus lives in its memory: commit,
         // and its outbox relay publishes the event within OUTBOX_RELAY_INTERVAL_MS.
-        Ok(common::db::Backend::Sqlite) => common::repository::Store::commit_only(
-            pool,
-            startup::outbox_config(settings),
-            &metrics,
-        ),
+        Ok(common::db::Backend::Sqlite) => {
+            common::repository::Store::commit_only(pool, startup::outbox_config(settings), &metrics)
+        }
         _ => {
             let redis = common::redis::pool(&settings.redis)?;
             let bus = std::sync::Arc::new(common::events::RedisBus::new(

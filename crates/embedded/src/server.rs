@@ -80,12 +80,11 @@ impl Application {
         let database_url = settings.database_url.clone();
         common::db::Backend::of_url(&database_url)
             .map_err(|err| ConfigError::new("GQLWS_DATABASE_URL", err))?;
-        let applied = tokio::task::spawn_blocking(move || {
-            common::db::migrate(&database_url, DATABASE_WAIT)
-        })
-        .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
-        .map_err(StartupError::Other)?;
+        let applied =
+            tokio::task::spawn_blocking(move || common::db::migrate(&database_url, DATABASE_WAIT))
+                .await
+                .map_err(|err| StartupError::Other(err.to_string()))?
+                .map_err(StartupError::Other)?;
         if applied > 0 {
             tracing::info!(applied, "database migrations applied");
         }

@@ -118,7 +118,10 @@ pub async fn state(
 /// are closed, at most DRAIN_TIMEOUT_SECS.
 pub async fn drain(state: &GatewayState) {
     let metrics = &state.shared.metrics;
-    tracing::info!(open = metrics.connections_open.get(), "draining websocket connections");
+    tracing::info!(
+        open = metrics.connections_open.get(),
+        "draining websocket connections"
+    );
     state.shared.shutdown.cancel();
     let deadline = Instant::now() + state.drain_timeout;
     while metrics.connections_open.get() > 0 && Instant::now() < deadline {

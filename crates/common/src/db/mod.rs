@@ -91,11 +91,15 @@ pub fn sqlite_path(database_url: &str) -> Option<std::path::PathBuf> {
 /// (readers do not block the writer), a busy timeout (the server and a `trigger-event` process
 /// both write the file) and foreign keys.
 pub fn establish(database_url: &str) -> Result<AnyConnection, diesel::ConnectionError> {
-    let backend = Backend::of_url(database_url).map_err(diesel::ConnectionError::InvalidConnectionUrl)?;
+    let backend =
+        Backend::of_url(database_url).map_err(diesel::ConnectionError::InvalidConnectionUrl)?;
     match backend {
         Backend::Postgres => PgConnection::establish(database_url).map(AnyConnection::Postgresql),
         Backend::Sqlite => {
-            let url = match database_url.strip_prefix("sqlite:").filter(|_| !database_url.starts_with("sqlite://")) {
+            let url = match database_url
+                .strip_prefix("sqlite:")
+                .filter(|_| !database_url.starts_with("sqlite://"))
+            {
                 // `sqlite:path` (one colon, as sqlx writes it) → a path.
                 Some(path) => path.to_owned(),
                 None => database_url.to_owned(),
@@ -249,9 +253,13 @@ pub async fn ping(pool: &DbPool) -> Result<(), DbError> {
 /// replicas that start together; on SQLite the file's own write lock does (and the file's
 /// directory is created first).
 pub fn migrate(database_url: &str, wait: Duration) -> Result<usize, String> {
-    let backend = Backend::of_url(database_url).map_err(|err| format!("bad database URL: {err}"))?;
+    let backend =
+        Backend::of_url(database_url).map_err(|err| format!("bad database URL: {err}"))?;
     if backend == Backend::Sqlite {
-        if let Some(dir) = sqlite_path(database_url).as_deref().and_then(std::path::Path::parent) {
+        if let Some(dir) = sqlite_path(database_url)
+            .as_deref()
+            .and_then(std::path::Path::parent)
+        {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir)
                     .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
@@ -287,7 +295,7 @@ fn migrate_postgres(conn: &mut PgConnection) -> Result<usize, String> {
         .map(|applied| applied.len())
         .map_err(|err| format!("migration failed: {err}"));
     // Closing the connection releases the lock too; unlocking explicitly just frees it sooner.
-    let _ = diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
-        .execute(conn);
+    let _ =
+        diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")).execute(conn);
     result
 }

@@ -53,9 +53,7 @@ async fn cars_are_created_updated_and_deleted() {
         .await;
     assert_eq!(body["data"]["updateCar"]["make"], "Volkswagen", "{body}");
 
-    let body = app
-        .graphql(Some(&access), "{ cars { totalCount } }")
-        .await;
+    let body = app.graphql(Some(&access), "{ cars { totalCount } }").await;
     assert_eq!(body["data"]["cars"]["totalCount"], 3, "{body}");
 
     let body = app

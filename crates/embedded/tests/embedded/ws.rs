@@ -28,7 +28,10 @@ async fn a_subscriber_sees_a_mutation_and_a_separate_trigger_event_process() {
     let next = client.expect_json().await;
     assert_eq!(next["type"], "next", "{next}");
     assert_eq!(next["id"], "1");
-    assert_eq!(next["payload"]["data"]["carModelUpdated"]["make"], "Skoda (VAG)");
+    assert_eq!(
+        next["payload"]["data"]["carModelUpdated"]["make"],
+        "Skoda (VAG)"
+    );
 
     // Another process commits to the same SQLite file; the server's relay publishes the event.
     let printed = app.trigger_event();
@@ -43,7 +46,10 @@ async fn a_subscriber_sees_a_mutation_and_a_separate_trigger_event_process() {
         ["Skoda", "Skoda Autogroup", "Skoda (VAG)"].contains(&make.as_str()),
         "{next}"
     );
-    assert!(printed.contains(&format!("-> {make:?}")), "{printed} / {make}");
+    assert!(
+        printed.contains(&format!("-> {make:?}")),
+        "{printed} / {make}"
+    );
 }
 
 #[actix_web::test]
