@@ -3,7 +3,8 @@
 //!
 //! Layout:
 //! - [`settings`]: the command line and environment of the binary.
-//! - [`startup`]: [`startup::Application`], which builds everything and serves until told to stop.
+//! - [`startup`]: [`startup::Application`], which builds everything and serves until told to stop;
+//!   its `state`, `outbox_config` and `seed_demo` are also what the embedded server uses.
 //! - [`routes`]: `/graphql` (POST and GET, GraphQL-over-HTTP), the Playground and GraphiQL pages.
 //! - [`trigger`]: the `trigger-event` command (the reference's `trigger_event.py`).
 

@@ -4,10 +4,12 @@
 //! - [`config`]: command-line/environment settings shared by every binary, and the one-line
 //!   "bad setting" exit path.
 //! - [`jwt`]: token claims, signing keys, verification keys, JWKS.
-//! - [`db`]: the diesel schema, models, embedded migrations and the connection pool.
+//! - [`db`]: the diesel schema, models, embedded migrations and the connection pool, over
+//!   PostgreSQL or SQLite (the embedded mode) through one `MultiConnection`.
 //! - [`db::cars`], [`db::outbox`]: the cars and the events waiting to be published.
 //! - [`redis`]: the Redis connection pool.
-//! - [`events`]: the event envelope, its Redis channels, the event bus and the event source.
+//! - [`events`]: the event envelope, its Redis channels, the event bus (Redis, or in memory for
+//!   the embedded mode) and the event source.
 //! - [`repository`]: the one write path for cars: change and event in one transaction, publish
 //!   after commit, and the relay that publishes what did not get out.
 //! - [`auth`]: the `Authorization: Bearer` check against configured keys or a cached JWKS.

@@ -2,9 +2,10 @@
 //!
 //! Layout:
 //! - [`settings`]: the command line and environment of the binary.
-//! - [`startup`]: [`startup::Application`]: builds everything, serves, drains on shutdown.
-//! - [`hub`]: the one Redis subscriber of the process and the in-memory fan-out to local
-//!   subscribers; also the revocation feed.
+//! - [`startup`]: [`startup::Application`]: builds everything, serves, drains on shutdown; its
+//!   `state`, `upgrade` and `drain` are also what the embedded single-process server uses.
+//! - [`hub`]: the one Redis subscriber of the process (or the in-memory bus of the embedded
+//!   mode) and the in-memory fan-out to local subscribers; also the revocation feed.
 //! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`).
 //! - [`connection`]: the life of one socket: auth at `connection_init`, subscriptions, keep-alive,
 //!   expiry, revocation, slow consumers, shutdown.

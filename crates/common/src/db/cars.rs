@@ -226,7 +226,7 @@ pub async fn delete(
 /// 2007 owned by `admin`. Existing rows are left alone. Demo mode only.
 pub async fn seed_demo(pool: &DbPool) -> Result<(), DbError> {
     run(pool, |conn| {
-        conn.transaction(|conn| {
+        super::write_transaction(conn, |conn| {
             each_backend!(conn, |conn| diesel::insert_into(users::table)
                 .values((
                     users::username.eq(DEMO_USERNAME),
@@ -327,7 +327,7 @@ where
 {
     run(pool, move |conn| {
         let mut refusal = None;
-        let outcome = conn.transaction(|conn| match work(conn)? {
+        let outcome = super::write_transaction(conn, |conn| match work(conn)? {
             Ok(value) => Ok(Some(value)),
             Err(refused) => {
                 refusal = Some(refused);

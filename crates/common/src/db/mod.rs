@@ -14,7 +14,7 @@ pub mod users;
 use std::time::{Duration, Instant};
 
 use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
-use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
+use diesel::{Connection, PgConnection, QueryResult, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use crate::config::DatabaseArgs;
@@ -194,6 +194,29 @@ where
     })
     .await
     .map_err(|_| DbError::Cancelled)?
+}
+
+/// Runs `work` in one transaction. On SQLite it is `BEGIN IMMEDIATE`: the write lock is taken up
+/// front (waiting up to the busy timeout), because a deferred transaction that reads and then
+/// writes fails at once, without waiting, when another process (a `trigger-event`) wrote in
+/// between. PostgreSQL uses diesel's ordinary transaction. An `Err` from `work` rolls back.
+pub(crate) fn write_transaction<T, F>(conn: &mut AnyConnection, work: F) -> QueryResult<T>
+where
+    F: FnOnce(&mut AnyConnection) -> QueryResult<T>,
+{
+    if !matches!(conn, AnyConnection::Sqlite(_)) {
+        return conn.transaction(work);
+    }
+    diesel::sql_query("BEGIN IMMEDIATE").execute(conn)?;
+    let outcome = work(conn).and_then(|value| {
+        diesel::sql_query("COMMIT").execute(conn)?;
+        Ok(value)
+    });
+    if outcome.is_err() {
+        // Nothing to do when it fails too: the connection is then broken and the pool drops it.
+        let _ = diesel::sql_query("ROLLBACK").execute(conn);
+    }
+    outcome
 }
 
 /// The current time as stored: UTC without a zone, to the microsecond (both backends' precision,

@@ -16,6 +16,8 @@ use serde_json::{json, Value};
 pub struct TestApp {
     pub port: u16,
     pub database_url: String,
+    /// The server's own pool.
+    pool: common::db::DbPool,
     dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -42,6 +44,7 @@ impl TestApp {
         }
         let app = Application::build(&cli.settings).await.unwrap();
         let port = app.port();
+        let pool = app.pool().clone();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         actix_web::rt::spawn(async move {
             let _ = app
@@ -53,9 +56,14 @@ impl TestApp {
         TestApp {
             port,
             database_url,
+            pool,
             dir,
             stop: Some(stop),
         }
+    }
+
+    pub fn pool(&self) -> &common::db::DbPool {
+        &self.pool
     }
 
     pub fn url(&self, path: &str) -> String {

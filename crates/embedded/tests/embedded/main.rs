@@ -7,4 +7,5 @@
 mod graphql;
 mod helpers;
 mod rest;
+mod storage;
 mod ws;
