@@ -55,14 +55,15 @@ pub fn parse_or_exit<T: Parser>() -> T {
             | ErrorKind::DisplayVersion
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => err.exit(),
             _ => {
-                eprintln!("error: {}", one_line_clap_error(&err));
+                eprintln!("error: {}", one_line_clap_error(&err, &T::command()));
                 std::process::exit(2)
             }
         },
     }
 }
 
-fn one_line_clap_error(err: &clap::Error) -> String {
+/// Clap's error as one line that names the environment variable at fault.
+pub fn one_line_clap_error(err: &clap::Error, command: &clap::Command) -> String {
     let rendered = err.render().to_string();
     let first_line = rendered
         .lines()
@@ -72,7 +73,7 @@ fn one_line_clap_error(err: &clap::Error) -> String {
         .trim_end_matches(':')
         .to_owned();
     match err.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(arg)) => match arg_env_name(arg) {
+        Some(ContextValue::String(arg)) => match arg_env_name(arg, command) {
             Some(env) => format!("{first_line} (environment variable {env})"),
             None => first_line,
         },
@@ -80,7 +81,7 @@ fn one_line_clap_error(err: &clap::Error) -> String {
         Some(ContextValue::Strings(args)) => {
             let named: Vec<String> = args
                 .iter()
-                .map(|arg| match arg_env_name(arg) {
+                .map(|arg| match arg_env_name(arg, command) {
                     Some(env) => format!("{arg} (environment variable {env})"),
                     None => arg.clone(),
                 })
@@ -93,12 +94,19 @@ fn one_line_clap_error(err: &clap::Error) -> String {
 
 // Flags are documented with their environment variable in `--help`; the error line repeats it
 // because in containers the variable, not the flag, is what an operator set.
-fn arg_env_name(arg: &str) -> Option<String> {
+fn arg_env_name(arg: &str, command: &clap::Command) -> Option<String> {
     let flag = arg.split_whitespace().next()?.trim_start_matches('-');
     if flag.is_empty() {
         return None;
     }
-    Some(flag.replace('-', "_").to_ascii_uppercase())
+    // The variable the argument really reads (the embedded binary's differ from the flag's
+    // name); by convention the flag's name in capitals otherwise.
+    let declared = command
+        .get_arguments()
+        .find(|candidate| candidate.get_long() == Some(flag))
+        .and_then(|candidate| candidate.get_env())
+        .map(|env| env.to_string_lossy().into_owned());
+    Some(declared.unwrap_or_else(|| flag.replace('-', "_").to_ascii_uppercase()))
 }
 
 /// Log output format.

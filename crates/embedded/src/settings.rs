@@ -79,7 +79,7 @@ impl Settings {
                 .chain(common_args.clone())
                 .chain(database.clone()),
         )
-        .map_err(|err| clap_error("auth-service", &err))?;
+        .map_err(|err| clap_error::<auth_service::settings::Cli>("auth-service", &err))?;
         let api = api_service::settings::Cli::try_parse_from(
             std::iter::once("api-service".to_owned())
                 .chain(common_args.clone())
@@ -89,11 +89,13 @@ impl Settings {
                     self.outbox_relay_interval_ms
                 )]),
         )
-        .map_err(|err| clap_error("api-service", &err))?;
+        .map_err(|err| clap_error::<api_service::settings::Cli>("api-service", &err))?;
         let gateway = subscription_gateway::settings::Cli::try_parse_from(
             std::iter::once("subscription-gateway".to_owned()).chain(common_args),
         )
-        .map_err(|err| clap_error("subscription-gateway", &err))?;
+        .map_err(|err| {
+            clap_error::<subscription_gateway::settings::Cli>("subscription-gateway", &err)
+        })?;
         Ok(ServiceSettings {
             auth: auth.settings,
             api: api.settings,
@@ -102,14 +104,10 @@ impl Settings {
     }
 }
 
-/// A bad environment variable of one of the services, as one line.
-fn clap_error(service: &'static str, err: &clap::Error) -> ConfigError {
-    let text = err.to_string();
-    let line = text
-        .lines()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("invalid setting")
-        .trim_start_matches("error: ")
-        .to_owned();
-    ConfigError::new(service, line)
+/// A bad environment variable of one of the services, as one line that names it.
+fn clap_error<T: clap::CommandFactory>(service: &'static str, err: &clap::Error) -> ConfigError {
+    ConfigError::new(
+        service,
+        common::config::one_line_clap_error(err, &T::command()),
+    )
 }
