@@ -927,12 +927,27 @@ fn report(
         }
         _ => None,
     };
-    // Fan-out speed while an event is being delivered: its deliveries over the time to its last.
-    let busy_secs: f64 = last_us
+    // Fan-out speed while events are being delivered: deliveries over the time during which at
+    // least one event was on its way (the union of each event's publish-to-last-receipt span).
+    let mut spans: Vec<(u64, u64)> = last_us
         .iter()
-        .flatten()
-        .map(|us| f64::from(*us) / 1e6)
-        .sum();
+        .enumerate()
+        .filter_map(|(k, last)| {
+            let published = shared.published_ns[warmups + k].load(Ordering::Relaxed);
+            last.map(|us| (published, published + u64::from(us) * 1000))
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut busy_ns = 0u64;
+    let mut covered_until = 0u64;
+    for (start, end) in spans {
+        let start = start.max(covered_until);
+        if end > start {
+            busy_ns += end - start;
+            covered_until = end;
+        }
+    }
+    let busy_secs = busy_ns as f64 / 1e9;
     let burst_per_sec = if busy_secs > 0.0 {
         delivered as f64 / busy_secs
     } else {
