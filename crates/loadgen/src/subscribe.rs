@@ -235,7 +235,11 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
         merge(&mut total, tally);
     }
     let phases = outcome?;
-    report(args, &shared, total, phases)
+    report(args, &shared, total, phases)?;
+    if shared.established.load(Ordering::Relaxed) == 0 {
+        return Err("no subscriber connected".into());
+    }
+    Ok(())
 }
 
 /// Times and readings the orchestrator took along the way.
@@ -755,10 +759,12 @@ async fn handshake(
 }
 
 /// Connect errors by kind, without the parts that differ per socket.
+/// E.g. "Failed to connect to host: Connection refused (os error 111)" → "Connection refused (os
+/// error 111)".
 fn connect_error_kind(message: &str) -> String {
     let message = crate::truncate(message);
-    match message.find("(os error") {
-        Some(at) => message[at..].trim_end_matches(')').to_owned() + ")",
+    match message.rfind(": ") {
+        Some(at) => message[at + 2..].to_owned(),
         None => message,
     }
 }
@@ -1129,6 +1135,18 @@ mod tests {
             Incoming::Other("connection_ack".into())
         );
         assert_eq!(classify(b"nope"), Incoming::Other("not a message".into()));
+    }
+
+    #[test]
+    fn connect_errors_are_grouped_by_their_cause() {
+        assert_eq!(
+            connect_error_kind("Failed to connect to host: Connection refused (os error 111)"),
+            "Connection refused (os error 111)"
+        );
+        assert_eq!(
+            connect_error_kind("Timeout while waiting for response"),
+            "Timeout while waiting for response"
+        );
     }
 
     #[test]
