@@ -22,7 +22,8 @@ need_packages() {
 
 # ensure_postgres: PostgreSQL accepting connections on 127.0.0.1:5432.
 ensure_postgres() {
-    need_packages libpq-dev pkg-config postgresql-client
+    need_packages libpq-dev pkg-config
+    command -v psql >/dev/null || need_packages postgresql-client
     command -v pg_ctlcluster >/dev/null || need_packages postgresql
     if ! pg_isready -q -h 127.0.0.1 -p 5432; then
         log "starting PostgreSQL"
@@ -37,7 +38,7 @@ ensure_postgres() {
 # ensure_redis URL: Redis answering PING at URL (a local server is started when it does not).
 ensure_redis() {
     local url="$1"
-    need_packages redis-tools
+    command -v redis-cli >/dev/null || need_packages redis-tools
     command -v redis-server >/dev/null || need_packages redis-server
     if ! redis-cli -u "$url" ping >/dev/null 2>&1; then
         log "starting Redis"

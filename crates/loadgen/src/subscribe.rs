@@ -235,7 +235,11 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
         merge(&mut total, tally);
     }
     let phases = outcome?;
-    report(args, &shared, total, phases)
+    report(args, &shared, total, phases)?;
+    if shared.established.load(Ordering::Relaxed) == 0 {
+        return Err("no subscriber connected".into());
+    }
+    Ok(())
 }
 
 /// Times and readings the orchestrator took along the way.
@@ -755,10 +759,12 @@ async fn handshake(
 }
 
 /// Connect errors by kind, without the parts that differ per socket.
+/// E.g. "Failed to connect to host: Connection refused (os error 111)" → "Connection refused (os
+/// error 111)".
 fn connect_error_kind(message: &str) -> String {
     let message = crate::truncate(message);
-    match message.find("(os error") {
-        Some(at) => message[at..].trim_end_matches(')').to_owned() + ")",
+    match message.rfind(": ") {
+        Some(at) => message[at + 2..].to_owned(),
         None => message,
     }
 }
@@ -927,12 +933,27 @@ fn report(
         }
         _ => None,
     };
-    // Fan-out speed while an event is being delivered: its deliveries over the time to its last.
-    let busy_secs: f64 = last_us
+    // Fan-out speed while events are being delivered: deliveries over the time during which at
+    // least one event was on its way (the union of each event's publish-to-last-receipt span).
+    let mut spans: Vec<(u64, u64)> = last_us
         .iter()
-        .flatten()
-        .map(|us| f64::from(*us) / 1e6)
-        .sum();
+        .enumerate()
+        .filter_map(|(k, last)| {
+            let published = shared.published_ns[warmups + k].load(Ordering::Relaxed);
+            last.map(|us| (published, published + u64::from(us) * 1000))
+        })
+        .collect();
+    spans.sort_unstable();
+    let mut busy_ns = 0u64;
+    let mut covered_until = 0u64;
+    for (start, end) in spans {
+        let start = start.max(covered_until);
+        if end > start {
+            busy_ns += end - start;
+            covered_until = end;
+        }
+    }
+    let busy_secs = busy_ns as f64 / 1e9;
     let burst_per_sec = if busy_secs > 0.0 {
         delivered as f64 / busy_secs
     } else {
@@ -1114,6 +1135,18 @@ mod tests {
             Incoming::Other("connection_ack".into())
         );
         assert_eq!(classify(b"nope"), Incoming::Other("not a message".into()));
+    }
+
+    #[test]
+    fn connect_errors_are_grouped_by_their_cause() {
+        assert_eq!(
+            connect_error_kind("Failed to connect to host: Connection refused (os error 111)"),
+            "Connection refused (os error 111)"
+        );
+        assert_eq!(
+            connect_error_kind("Timeout while waiting for response"),
+            "Timeout while waiting for response"
+        );
     }
 
     #[test]

@@ -18,10 +18,10 @@ use common::jwt::Claims;
 use futures_util::StreamExt as _;
 use juniper::DefaultScalarValue;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::executions::{Execution, Executions, Item, Start};
+use crate::executions::{Executions, Membership, Start, Subscriber};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
@@ -38,8 +38,6 @@ pub struct ConnectionLimits {
     pub outbound_queue: usize,
     /// Longest wait for one message to be accepted by a client that does not read.
     pub write_timeout: Duration,
-    /// Results buffered per shared execution; a subscriber further behind is cut off.
-    pub fanout_buffer: usize,
 }
 
 /// What every connection shares.
@@ -55,8 +53,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
 }
 
-/// A message for the client, from a subscription task.
-enum Outbound {
+/// A message for the client, from a shared execution.
+pub enum Outbound {
     /// A result; `event_at` is the commit time of the event behind it (µs since the epoch).
     Next { text: String, event_at: Option<i64> },
     /// The subscription ended (its stream finished or failed); `text` is the last message.
@@ -124,7 +122,8 @@ async fn send(
 
 struct Active {
     field: String,
-    task: actix_web::rt::task::JoinHandle<()>,
+    /// Leaving the execution when dropped.
+    _membership: Membership,
 }
 
 /// Serves one socket until it closes. `header_authorization` is the upgrade request's
@@ -287,28 +286,24 @@ pub async fn run(
                             }
                         };
                         let Some(verified) = &claims else { continue };
-                        let (execution, receiver) = shared.executions.join(Start {
+                        let membership = shared.executions.join(Start {
                             coordinator: &shared.coordinator,
                             hub: &shared.hub,
                             claims: verified,
                             request,
-                            buffer: shared.limits.fanout_buffer,
+                            subscriber: Subscriber {
+                                protocol,
+                                id: id.clone(),
+                                out: out_tx.clone(),
+                                slow: slow.clone(),
+                            },
                         });
                         let field = root_field(&payload);
                         shared.metrics.subscriptions_active.with_label_values(&[&field]).inc();
-                        let task = actix_web::rt::spawn(forward(
-                            protocol,
-                            id.clone(),
-                            execution,
-                            receiver,
-                            out_tx.clone(),
-                            slow.clone(),
-                        ));
-                        active.insert(id, Active { field, task });
+                        active.insert(id, Active { field, _membership: membership });
                     }
                     ClientMessage::Stop { id } => {
                         if let Some(stopped) = active.remove(&id) {
-                            stopped.task.abort();
                             shared.metrics.subscriptions_active.with_label_values(&[&stopped.field]).dec();
                             // graphql-transport-ws: the client's `complete` needs no answer; the
                             // legacy protocol confirms a `stop` with `complete`.
@@ -333,7 +328,6 @@ pub async fn run(
     };
 
     for (_, done) in active.drain() {
-        done.task.abort();
         shared
             .metrics
             .subscriptions_active
@@ -352,59 +346,6 @@ pub async fn run(
     };
     // Dropping the session after the timeout ends the connection even if the frame never fits.
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.close(Some(reason))).await;
-}
-
-/// Hands the results of a shared execution to one subscriber, wrapped with its id, until the
-/// execution ends or the subscription is stopped (the task aborted).
-async fn forward(
-    protocol: Protocol,
-    id: String,
-    execution: Arc<Execution>,
-    mut receiver: broadcast::Receiver<Arc<Item>>,
-    out: mpsc::Sender<Outbound>,
-    slow: Arc<Notify>,
-) {
-    // Holding the execution keeps it running for as long as this subscription lives.
-    let _execution = execution;
-    let id_json = serde_json::to_string(&id).unwrap_or_else(|_| "\"\"".to_owned());
-    loop {
-        let item = match receiver.recv().await {
-            Ok(item) => item,
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                slow.notify_one();
-                return;
-            }
-            Err(broadcast::error::RecvError::Closed) => break,
-        };
-        match &*item {
-            Item::Result { payload, event_at } => {
-                let text = protocol::next_raw(protocol, &id_json, payload);
-                match out.try_send(Outbound::Next {
-                    text,
-                    event_at: *event_at,
-                }) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        slow.notify_one();
-                        return;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
-            }
-            Item::Failed { errors } => {
-                let text = protocol::operation_error_raw(&id_json, errors);
-                let _ = out.send(Outbound::Finished { id, text }).await;
-                return;
-            }
-            Item::Done => break,
-        }
-    }
-    let _ = out
-        .send(Outbound::Finished {
-            text: protocol::complete(&id),
-            id,
-        })
-        .await;
 }
 
 fn graphql_request(

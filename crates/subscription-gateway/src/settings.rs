@@ -51,8 +51,8 @@ pub struct Settings {
     /// (1013), in seconds.
     #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub write_timeout_secs: u64,
-    /// Events buffered per event type for the local subscribers; a subscriber further behind than
-    /// this is disconnected as a slow consumer.
+    /// Events buffered per event type for the shared executions; an execution further behind
+    /// than this closes its subscribers' connections as slow (1013) so they resubscribe.
     #[arg(long, env = "FANOUT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fanout_buffer: u64,
     /// After SIGTERM, how long sockets may take to close before the process exits, in seconds.

@@ -102,7 +102,6 @@ pub async fn state(
             max_subscriptions: settings.max_subscriptions_per_connection as usize,
             outbound_queue: settings.outbound_queue as usize,
             write_timeout: Duration::from_secs(settings.write_timeout_secs),
-            fanout_buffer: settings.fanout_buffer as usize,
         },
         metrics: gateway_metrics,
         shutdown: CancellationToken::new(),

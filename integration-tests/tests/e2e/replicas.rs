@@ -103,49 +103,70 @@ async fn open_connections(gateway_port: u16) -> f64 {
     metric_sum(gateway_port, "gateway_connections_open ").await
 }
 
+/// Subscribers to car `pk`, opened through NGINX until each gateway holds at least
+/// `per_gateway` of them. NGINX (least_conn) alternates, but it keeps away from a replica for
+/// `fail_timeout` after a failed connect, which `scripts/stack up`'s readiness probes through
+/// NGINX can cause while the replicas start; so the count is checked, not assumed.
+async fn spread_subscribers(
+    stack: &Stack,
+    access: &str,
+    pk: &str,
+    per_gateway: f64,
+) -> Vec<Subscriber> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut subscribers = Vec::new();
+    loop {
+        let protocol = PROTOCOLS[subscribers.len() % 2];
+        subscribers.push(Subscriber::start(stack, protocol, access, pk).await);
+        let mut spread = true;
+        for port in &stack.gateway_ports {
+            spread &= open_connections(*port).await >= per_gateway;
+        }
+        if spread {
+            return subscribers;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "NGINX did not spread {} subscribers over both gateways",
+            subscribers.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// GraphQL requests each api process has answered.
+async fn served_per_api(stack: &Stack) -> Vec<f64> {
+    futures_util::future::join_all(stack.api_ports.iter().map(|p| graphql_requests_served(*p)))
+        .await
+}
+
 #[actix_web::test]
 async fn subscribers_on_both_gateways_receive_mutations_served_by_either_api() {
     let stack = Stack::start("fanout");
     let (access, _) = admin_tokens(&stack).await;
     let pk = create_car(&stack, &access, "fanout").await;
-    let mut subscribers = Vec::new();
-    for n in 0..6 {
-        subscribers.push(Subscriber::start(&stack, PROTOCOLS[n % 2], &access, &pk).await);
-    }
-    // NGINX (least_conn) spread them over both gateways.
-    for port in &stack.gateway_ports {
-        let open = open_connections(*port).await;
-        assert!(open >= 1.0, "gateway on :{port} holds {open} subscribers");
-    }
+    let mut subscribers = spread_subscribers(&stack, &access, &pk, 3.0).await;
     until_everyone_receives(&stack, &access, &pk, &mut subscribers, "warm-up").await;
 
-    // Mutations through NGINX until each api process has served some of them.
-    let before: Vec<f64> =
-        futures_util::future::join_all(stack.api_ports.iter().map(|p| graphql_requests_served(*p)))
-            .await;
+    // Mutations through NGINX until each api process has served some of them (it too may
+    // keep away from a replica for a few seconds after the start; see spread_subscribers).
+    let before = served_per_api(&stack).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     let mut sent = BTreeSet::new();
-    for n in 0..40 {
-        let make = format!("fan-out-{n}");
+    loop {
+        let make = format!("fan-out-{}", sent.len());
         update_make(&stack, &access, &pk, &make).await;
         sent.insert(make);
-        let now: Vec<f64> = futures_util::future::join_all(
-            stack.api_ports.iter().map(|p| graphql_requests_served(*p)),
-        )
-        .await;
+        let now = served_per_api(&stack).await;
         if sent.len() >= 4 && now.iter().zip(&before).all(|(now, before)| now > before) {
             break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "NGINX did not use both api processes: {before:?} -> {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let after: Vec<f64> =
-        futures_util::future::join_all(stack.api_ports.iter().map(|p| graphql_requests_served(*p)))
-            .await;
-    assert!(
-        after
-            .iter()
-            .zip(&before)
-            .all(|(after, before)| after > before),
-        "NGINX did not use both api processes: {before:?} -> {after:?}"
-    );
 
     // Every subscriber, on either gateway, receives every one of them.
     for (n, subscriber) in subscribers.iter_mut().enumerate() {
@@ -168,15 +189,13 @@ async fn a_killed_gateways_clients_reconnect_through_nginx_and_keep_receiving() 
     let stack = Stack::start("failover");
     let (access, _) = admin_tokens(&stack).await;
     let pk = create_car(&stack, &access, "failover").await;
-    let mut subscribers = Vec::new();
-    for n in 0..4 {
-        subscribers.push(Subscriber::start(&stack, PROTOCOLS[n % 2], &access, &pk).await);
-    }
+    let mut subscribers = spread_subscribers(&stack, &access, &pk, 2.0).await;
     until_everyone_receives(&stack, &access, &pk, &mut subscribers, "before").await;
     let on_victim = open_connections(stack.gateway_ports[0]).await as usize;
     let on_survivor = open_connections(stack.gateway_ports[1]).await as usize;
-    assert!(
-        on_victim >= 1 && on_survivor >= 1 && on_victim + on_survivor == subscribers.len(),
+    assert_eq!(
+        on_victim + on_survivor,
+        subscribers.len(),
         "subscribers per gateway: {on_victim} and {on_survivor}"
     );
 

@@ -213,3 +213,52 @@ async fn shutdown_closes_every_socket_with_1001_and_refuses_new_ones() {
         .unwrap();
     let _ = ws::Message::Nop;
 }
+
+#[actix_web::test]
+async fn the_binary_drains_on_sigterm_and_exits_0() {
+    let port = test_support::free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_subscription-gateway"))
+        .env_clear()
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("REDIS_URL", test_support::redis_url())
+        .env("REDIS_KEY_PREFIX", test_support::unique_prefix("gw-bin"))
+        .env("JWT_SECRET", crate::helpers::SECRET)
+        .env("LOG_LEVEL", "warn")
+        .env("DRAIN_TIMEOUT_SECS", "5")
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/graphql");
+    let mut client = None;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            client = Some(WsClient::connect(&url, "graphql-transport-ws").await);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = client.expect("the gateway did not start");
+    client.init(&access(1)).await;
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(client.expect_close().await.0, Some(1001));
+    // Bounded by the drain timeout; the loop only guards against a hang.
+    let mut exited = None;
+    for _ in 0..400 {
+        if let Some(status) = child.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match exited {
+        Some(status) => assert_eq!(status.code(), Some(0), "{status:?}"),
+        None => {
+            let _ = child.kill();
+            panic!("the gateway did not exit after SIGTERM");
+        }
+    }
+}
