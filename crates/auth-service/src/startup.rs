@@ -2,7 +2,6 @@
 //! port 0, and stop it with a future of their own.
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,36 +60,23 @@ impl Application {
         });
         let metrics = web::Data::new(metrics);
 
-        let listener = TcpListener::bind(settings.http.listen_addr).map_err(|err| {
-            StartupError::Config(ConfigError::new(
-                "LISTEN_ADDR",
-                format!("cannot listen on {}: {err}", settings.http.listen_addr),
-            ))
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|err| StartupError::Other(err.to_string()))?
-            .port();
+        let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(server_state.clone())
-                .app_data(readiness.clone())
-                .app_data(metrics.clone())
-                .wrap(middleware::from_fn(metrics::record))
-                .configure(routes::config)
-                .configure(health_routes)
-                .default_service(web::to(not_found))
-        })
-        .disable_signals()
-        .shutdown_timeout(settings.http.shutdown_timeout_secs);
-        if settings.http.http_workers > 0 {
-            server = server.workers(settings.http.http_workers);
-        }
-        let server = server
-            .listen(listener)
-            .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?
-            .run();
+        let server = common::start_server!(
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(server_state.clone())
+                    .app_data(readiness.clone())
+                    .app_data(metrics.clone())
+                    .wrap(middleware::from_fn(metrics::record))
+                    .configure(routes::config)
+                    .configure(health_routes)
+                    .default_service(web::to(not_found))
+            }),
+            listener,
+            common::http::ServerOptions::from(&settings.http)
+        )
+        .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "auth-service listening");
         Ok(Self {
             port,

@@ -1,6 +1,7 @@
 //! HTTP pieces every service uses: the JSON body reader with its limits and DRF-shaped errors, and
 //! the health endpoints.
 
+use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
 use actix_web::http::header;
@@ -8,6 +9,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt as _;
 use serde_json::{json, Map, Value};
 
+use crate::config::ConfigError;
 use crate::db::{self, DbPool};
 use crate::error::ApiError;
 use crate::redis::{self, RedisPool};
@@ -163,4 +165,54 @@ pub fn health_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(crate::metrics::handler));
+}
+
+/// Binds the listening socket and reports its port (the real one when the address says port 0,
+/// as tests do). `setting` is the variable the address came from, for the error line.
+pub fn bind(addr: SocketAddr, setting: &'static str) -> Result<(TcpListener, u16), ConfigError> {
+    let listener = TcpListener::bind(addr)
+        .map_err(|err| ConfigError::new(setting, format!("cannot listen on {addr}: {err}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|err| ConfigError::new(setting, format!("cannot read the bound address: {err}")))?
+        .port();
+    Ok((listener, port))
+}
+
+/// How every service's HTTP server runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerOptions {
+    /// Worker threads; 0 means one per core (actix's default).
+    pub workers: usize,
+    /// How long a graceful stop waits for in-flight requests.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl From<&crate::config::HttpArgs> for ServerOptions {
+    fn from(http: &crate::config::HttpArgs) -> Self {
+        Self {
+            workers: http.http_workers,
+            shutdown_timeout_secs: http.shutdown_timeout_secs,
+        }
+    }
+}
+
+/// Starts an `HttpServer` on a listener with [`ServerOptions`]: `start_server!(server, listener,
+/// options)` gives `std::io::Result<actix_web::dev::Server>`. actix's own signal handling is off:
+/// each service stops when the shutdown future given to its `run_until_stopped` resolves, so tests
+/// can stop it too. A macro rather than a function because `HttpServer`'s methods sit behind
+/// bounds on actix-service and actix-http types, which would make those crates dependencies here.
+#[macro_export]
+macro_rules! start_server {
+    ($server:expr, $listener:expr, $options:expr) => {{
+        let options: $crate::http::ServerOptions = $options;
+        let server = $server
+            .disable_signals()
+            .shutdown_timeout(options.shutdown_timeout_secs);
+        let server = match options.workers {
+            0 => server,
+            workers => server.workers(workers),
+        };
+        server.listen($listener).map(|server| server.run())
+    }};
 }

@@ -3,7 +3,6 @@
 //! [`Application::build`] on port 0 exactly as `main` does.
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_web::dev::Server;
@@ -128,43 +127,29 @@ impl Application {
         });
         let metrics = web::Data::new(metrics);
 
-        let listener = TcpListener::bind(settings.listen_addr).map_err(|err| {
-            ConfigError::new(
-                "GQLWS_LISTEN_ADDR",
-                format!("cannot listen on {}: {err}", settings.listen_addr),
-            )
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|err| StartupError::Other(err.to_string()))?
-            .port();
+        let (listener, port) = common::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
         let (auth_data, gateway_data) = (auth.clone(), gateway.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(auth_data.clone())
-                .app_data(api.clone())
-                .app_data(gateway_data.clone())
-                .app_data(readiness.clone())
-                .app_data(metrics.clone())
-                .wrap(middleware::from_fn(metrics::record))
-                // NGINX's rules: `/api/token/…` → auth; `/graphql` with `Upgrade: websocket`
-                // → gateway (registered first, so the guard decides), else → api.
-                .configure(auth_service::routes::config)
-                .configure(websocket_routes)
-                .configure(api_service::routes::config)
-                .configure(health_routes)
-                .default_service(web::to(not_found))
-        })
-        .disable_signals()
-        .shutdown_timeout(services.api.http.shutdown_timeout_secs);
-        let server = match services.api.http.http_workers {
-            0 => server,
-            workers => server.workers(workers),
-        };
-        let server = server
-            .listen(listener)
-            .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?
-            .run();
+        let server = common::start_server!(
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(auth_data.clone())
+                    .app_data(api.clone())
+                    .app_data(gateway_data.clone())
+                    .app_data(readiness.clone())
+                    .app_data(metrics.clone())
+                    .wrap(middleware::from_fn(metrics::record))
+                    // NGINX's rules: `/api/token/…` → auth; `/graphql` with `Upgrade: websocket`
+                    // → gateway (registered first, so the guard decides), else → api.
+                    .configure(auth_service::routes::config)
+                    .configure(websocket_routes)
+                    .configure(api_service::routes::config)
+                    .configure(health_routes)
+                    .default_service(web::to(not_found))
+            }),
+            listener,
+            common::http::ServerOptions::from(&services.api.http)
+        )
+        .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "gqlws (embedded) listening");
         Ok(Self {
             port,

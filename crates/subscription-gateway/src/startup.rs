@@ -2,7 +2,6 @@
 //! port 0, and stop it with a future of their own.
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,38 +145,28 @@ impl Application {
         let state = state(&settings, source, &metrics, hub_shutdown.clone()).await?;
         let metrics = web::Data::new(metrics);
 
-        let listener = TcpListener::bind(settings.http.listen_addr).map_err(|err| {
-            ConfigError::new(
-                "LISTEN_ADDR",
-                format!("cannot listen on {}: {err}", settings.http.listen_addr),
-            )
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|err| StartupError::Other(err.to_string()))?
-            .port();
+        let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(server_state.clone())
-                .app_data(metrics.clone())
-                .wrap(middleware::from_fn(metrics::record))
-                .route("/graphql", web::get().to(upgrade))
-                .route("/graphql/", web::get().to(upgrade))
-                .route("/healthz", web::get().to(healthz))
-                .route("/readyz", web::get().to(readyz))
-                .route("/metrics", web::get().to(metrics::handler))
-                .default_service(web::to(not_found))
-        })
-        .disable_signals()
-        .shutdown_timeout(settings.drain_timeout_secs.max(1));
-        if settings.http.http_workers > 0 {
-            server = server.workers(settings.http.http_workers);
-        }
-        let server = server
-            .listen(listener)
-            .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?
-            .run();
+        let server = common::start_server!(
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(server_state.clone())
+                    .app_data(metrics.clone())
+                    .wrap(middleware::from_fn(metrics::record))
+                    .route("/graphql", web::get().to(upgrade))
+                    .route("/graphql/", web::get().to(upgrade))
+                    .route("/healthz", web::get().to(healthz))
+                    .route("/readyz", web::get().to(readyz))
+                    .route("/metrics", web::get().to(metrics::handler))
+                    .default_service(web::to(not_found))
+            }),
+            listener,
+            common::http::ServerOptions {
+                workers: settings.http.http_workers,
+                shutdown_timeout_secs: settings.drain_timeout_secs.max(1),
+            }
+        )
+        .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "subscription-gateway listening");
         Ok(Self {
             port,
