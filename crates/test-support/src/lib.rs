@@ -5,6 +5,7 @@
 //! - [`redis_url`] and [`unique_prefix`]: the shared Redis, with a key prefix per test.
 //! - [`PrivateRedis`]: a `redis-server` process of the test's own on a free port, for tests that
 //!   stop and restart Redis.
+//! - [`Response`] and [`into_response`]: an HTTP answer read whole, its body as JSON.
 //!
 //! Settings: `TEST_DATABASE_URL` (an admin connection, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `TEST_REDIS_URL` (default
@@ -222,5 +223,31 @@ impl PrivateRedis {
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// An HTTP answer read whole: status, headers and the body parsed as JSON (`Null` when empty).
+pub struct Response {
+    pub status: u16,
+    pub headers: actix_web::http::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+/// Reads an awc response into a [`Response`]; panics with the body when it is not JSON.
+pub async fn into_response(
+    response: Result<awc::ClientResponse, awc::error::SendRequestError>,
+) -> Response {
+    let mut response = response.unwrap();
+    let bytes = response.body().limit(1 << 20).await.unwrap();
+    let body = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes)))
+    };
+    Response {
+        status: response.status().as_u16(),
+        headers: response.headers().clone(),
+        body,
     }
 }

@@ -26,11 +26,7 @@ pub struct TestApp {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-pub struct Response {
-    pub status: u16,
-    pub headers: actix_web::http::header::HeaderMap,
-    pub body: Value,
-}
+pub use test_support::{into_response, Response};
 
 impl TestApp {
     /// An app on HS256 with `SECRET`; `extra` are further command-line arguments.
@@ -145,24 +141,6 @@ impl Drop for TestApp {
 
 pub fn settings_from(args: &[String]) -> Settings {
     Cli::try_parse_from(args).unwrap().settings
-}
-
-pub async fn into_response(
-    response: Result<awc::ClientResponse, awc::error::SendRequestError>,
-) -> Response {
-    let mut response = response.unwrap();
-    let bytes = response.body().limit(1 << 20).await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes)))
-    };
-    Response {
-        status: response.status().as_u16(),
-        headers: response.headers().clone(),
-        body,
-    }
 }
 
 /// The contract's body for every refused token.
