@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::http::header;
-use actix_web::{guard, middleware, web, App, HttpServer};
+use actix_web::{guard, middleware, web, App};
 use common::config::{ConfigError, DatabaseArgs};
 use common::db::DbPool;
 use common::events::MemoryBus;
@@ -129,8 +129,13 @@ impl Application {
 
         let (listener, port) = common::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
         let (auth_data, gateway_data) = (auth.clone(), gateway.clone());
-        let server = common::start_server!(
-            HttpServer::new(move || {
+        // Websocket upgrades of `/graphql` go straight to the gateway (as NGINX sends them);
+        // everything else to the app, with NGINX's routes.
+        let server = subscription_gateway::server::serve(
+            listener,
+            common::http::ServerOptions::from(&services.api.http),
+            gateway.clone(),
+            move || {
                 App::new()
                     .app_data(auth_data.clone())
                     .app_data(api.clone())
@@ -138,16 +143,14 @@ impl Application {
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
                     .wrap(middleware::from_fn(metrics::record))
-                    // NGINX's rules: `/api/token/…` → auth; `/graphql` with `Upgrade: websocket`
-                    // → gateway (registered first, so the guard decides), else → api.
+                    // NGINX's rules: `/api/token/…` → auth; `/graphql` → api. An incomplete
+                    // websocket upgrade gets the gateway's answer rather than the API's.
                     .configure(auth_service::routes::config)
                     .configure(websocket_routes)
                     .configure(api_service::routes::config)
                     .configure(health_routes)
                     .default_service(web::to(not_found))
-            }),
-            listener,
-            common::http::ServerOptions::from(&services.api.http)
+            },
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "gqlws (embedded) listening");
@@ -197,7 +200,8 @@ impl Application {
     }
 }
 
-/// `GET /graphql` and `/graphql/` carrying `Upgrade: websocket` go to the gateway.
+/// `GET /graphql` and `/graphql/` carrying `Upgrade: websocket` that actix-http did not upgrade
+/// (no `Connection: upgrade`) get the gateway's explanation.
 fn websocket_routes(cfg: &mut web::ServiceConfig) {
     for path in ["/graphql", "/graphql/"] {
         cfg.service(
@@ -210,7 +214,7 @@ fn websocket_routes(cfg: &mut web::ServiceConfig) {
                         .and_then(|value| value.to_str().ok())
                         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
                 }))
-                .to(subscription_gateway::startup::upgrade),
+                .to(subscription_gateway::startup::not_upgraded),
         );
     }
 }

@@ -1,30 +1,31 @@
 //! The life of one websocket connection.
 //!
-//! One task per socket owns the session and runs a `select!` over everything that can happen to
-//! it: a client frame, a message ready for the client, the keep-alive tick, the init deadline, the
-//! access token's expiry, a revocation of the user's session, the slow-consumer signal and the
-//! server's shutdown. Each subscription runs as a task of its own that turns events into protocol
-//! messages and hands them to the socket task through a bounded queue; a full queue means the
-//! client reads too slowly, and the connection is closed (1013) instead of buffering without bound.
+//! One task per socket runs a `select!` over everything that can happen to it: bytes from the
+//! client, the link waking it (bytes wait to be written, a subscription ended, the client is too
+//! slow), the socket becoming writable again, the keep-alive tick, the init deadline, the access
+//! token's expiry, a revocation of the user's session and the server's shutdown. Results of
+//! subscriptions do not pass through this task: the shared executions write them straight into
+//! the socket through the [`Link`]. When the kernel's buffer is full they wait in the link's
+//! queue, which this task writes out; more than OUTBOUND_QUEUE waiting messages, or no progress
+//! for WRITE_TIMEOUT_SECS, means the client reads too slowly and the connection closes (1013)
+//! instead of buffering without bound.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
 use common::auth::{AuthError, TokenVerifier};
 use common::graphql::{Context, Mutation, Query, Subscription};
 use common::jwt::Claims;
-use futures_util::StreamExt as _;
 use juniper::DefaultScalarValue;
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::executions::{Executions, Membership, Start, Subscriber};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
+use crate::socket::{pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError};
 
 pub type Coordinator =
     juniper_subscriptions::Coordinator<Query, Mutation, Subscription, Context, DefaultScalarValue>;
@@ -36,7 +37,7 @@ pub struct ConnectionLimits {
     pub init_timeout: Duration,
     pub max_subscriptions: usize,
     pub outbound_queue: usize,
-    /// Longest wait for one message to be accepted by a client that does not read.
+    /// Longest a client may leave waiting bytes unread before it is disconnected.
     pub write_timeout: Duration,
 }
 
@@ -51,14 +52,6 @@ pub struct Shared {
     pub metrics: GatewayMetrics,
     /// Cancelled when the server starts draining: every socket closes with 1001.
     pub shutdown: CancellationToken,
-}
-
-/// A message for the client, from a shared execution.
-pub enum Outbound {
-    /// A result; `event_at` is the commit time of the event behind it (µs since the epoch).
-    Next { text: String, event_at: Option<i64> },
-    /// The subscription ended (its stream finished or failed); `text` is the last message.
-    Finished { id: String, text: String },
 }
 
 /// How the connection ends: a close code and a reason for the client.
@@ -91,34 +84,21 @@ impl Closing {
     fn going_away() -> Self {
         Self::new(close::GOING_AWAY, "server shutting down; reconnect")
     }
-}
 
-/// How long the close frame may wait to be queued behind undelivered messages.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Writes one message. A client that does not read makes the write wait; that wait is cut short
-/// by the slow-consumer signal, the shutdown, or the write timeout, so one stalled client can never
-/// hold its connection task (and its subscriptions' memory) forever.
-async fn send(
-    session: &mut Session,
-    text: String,
-    shared: &Shared,
-    slow: &Notify,
-) -> Result<(), Closing> {
-    tokio::select! {
-        biased;
-        written = tokio::time::timeout(shared.limits.write_timeout, session.text(text)) => match written {
-            Ok(Ok(())) => {
-                shared.metrics.messages_sent.inc();
-                Ok(())
-            }
-            Ok(Err(_closed)) => Err(Closing::gone()),
-            Err(_) => Err(Closing::slow(&shared.metrics)),
-        },
-        _ = slow.notified() => Err(Closing::slow(&shared.metrics)),
-        _ = shared.shutdown.cancelled() => Err(Closing::going_away()),
+    /// Why the link refused a message.
+    fn refused(link: &Link, metrics: &GatewayMetrics) -> Self {
+        match link.state() {
+            LinkState::Slow => Self::slow(metrics),
+            LinkState::Gone | LinkState::Closing | LinkState::Open => Self::gone(),
+        }
     }
 }
+
+/// How long the close frame may wait behind undelivered messages.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After our close frame, how long the client has to close its side before the socket is
+/// dropped (dropping it with unread input would reset the connection and could lose the frame).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 struct Active {
     field: String,
@@ -131,13 +111,12 @@ struct Active {
 pub async fn run(
     shared: Arc<Shared>,
     protocol: Protocol,
-    mut session: Session,
-    mut messages: AggregatedMessageStream,
+    link: Link,
+    mut inbound: Inbound,
     header_authorization: Option<String>,
 ) {
     shared.metrics.connections_open.inc();
-    let (out_tx, mut out_rx) = mpsc::channel::<Outbound>(shared.limits.outbound_queue);
-    let slow = Arc::new(Notify::new());
+    let link = Arc::new(link);
     let mut revocations = shared.hub.revocations();
     let mut claims: Option<Claims> = None;
     let mut active: HashMap<String, Active> = HashMap::new();
@@ -146,19 +125,113 @@ pub async fn run(
     // Replaced by the token's expiry once authenticated.
     let expiry = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
     tokio::pin!(expiry);
+    // Reset whenever queued bytes make progress; firing means the client stopped reading.
+    let stalled = tokio::time::sleep(shared.limits.write_timeout);
+    tokio::pin!(stalled);
+    let mut flushing = false;
     let mut keepalive = tokio::time::interval(shared.limits.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.tick().await;
+    // Bytes that arrived with the upgrade request are handled before the first read.
+    let mut ready_input = true;
 
-    let closing: Closing = loop {
+    let closing: Closing = 'serve: loop {
+        if ready_input {
+            ready_input = false;
+            loop {
+                let message = match inbound.next_message() {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(ReadError::TooBig(_)) => {
+                        break 'serve Closing::new(close::TOO_BIG, "message too big");
+                    }
+                    Err(err) => break 'serve Closing::new(close::BAD_REQUEST, err.to_string()),
+                };
+                let text = match message {
+                    Incoming::Text(text) => text,
+                    Incoming::Binary => {
+                        break 'serve Closing::new(
+                            close::UNSUPPORTED_DATA,
+                            "binary messages are not supported; send JSON text",
+                        );
+                    }
+                    Incoming::Ping(bytes) => {
+                        // A websocket-level ping is not a protocol error: answer it.
+                        if !link.push(&pong_frame(&bytes)) {
+                            break 'serve Closing::refused(&link, &shared.metrics);
+                        }
+                        continue;
+                    }
+                    Incoming::Pong => continue,
+                    Incoming::Close => break 'serve Closing::new(close::NORMAL, ""),
+                };
+                let Ok(text) = std::str::from_utf8(&text) else {
+                    break 'serve Closing::new(close::BAD_REQUEST, "text message is not UTF-8");
+                };
+                let message = match protocol::parse(protocol, text) {
+                    Ok(message) => message,
+                    Err(err) => break 'serve Closing::new(close::BAD_REQUEST, err.to_string()),
+                };
+                let handled = handle(
+                    &shared,
+                    protocol,
+                    &link,
+                    message,
+                    &mut claims,
+                    &mut active,
+                    header_authorization.as_deref(),
+                )
+                .await;
+                match handled {
+                    Ok(Some(exp)) => {
+                        let left = exp - chrono::Utc::now().timestamp();
+                        expiry.as_mut().reset(
+                            tokio::time::Instant::now() + Duration::from_secs(left.max(0) as u64),
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(closing) => break 'serve closing,
+                }
+            }
+        }
+        if !flushing && link.has_pending() {
+            flushing = true;
+            stalled
+                .as_mut()
+                .reset(tokio::time::Instant::now() + shared.limits.write_timeout);
+        }
         tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => break Closing::going_away(),
-            _ = slow.notified() => break Closing::slow(&shared.metrics),
-            _ = &mut init_deadline, if claims.is_none() => {
+            () = link.woken() => {
+                for id in link.take_finished() {
+                    if let Some(done) = active.remove(&id) {
+                        shared.metrics.subscriptions_active.with_label_values(&[&done.field]).dec();
+                    }
+                }
+                match link.state() {
+                    LinkState::Open => {}
+                    LinkState::Slow => break Closing::slow(&shared.metrics),
+                    LinkState::Gone | LinkState::Closing => break Closing::gone(),
+                }
+            }
+            writable = link.stream().writable(), if flushing => {
+                if writable.is_err() {
+                    break Closing::gone();
+                }
+                match link.flush() {
+                    Ok(true) => flushing = false,
+                    Ok(false) => stalled
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + shared.limits.write_timeout),
+                    Err(_) => break Closing::gone(),
+                }
+            }
+            () = &mut stalled, if flushing => break Closing::slow(&shared.metrics),
+            () = &mut init_deadline, if claims.is_none() => {
                 break Closing::new(close::INIT_TIMEOUT, "Connection initialisation timeout");
             }
-            _ = &mut expiry, if claims.is_some() => {
+            () = &mut expiry, if claims.is_some() => {
                 break Closing::new(close::FORBIDDEN, "token expired");
             }
             revoked = revocations.recv(), if claims.is_some() => {
@@ -168,160 +241,19 @@ pub async fn run(
                     }
                 }
             }
-            outbound = out_rx.recv() => {
-                // The sender half lives in this function, so the queue never ends here.
-                let Some(outbound) = outbound else { continue };
-                let (text, event_at) = match outbound {
-                    Outbound::Next { text, event_at } => (text, event_at),
-                    Outbound::Finished { id, text } => {
-                        if let Some(done) = active.remove(&id) {
-                            shared.metrics.subscriptions_active.with_label_values(&[&done.field]).dec();
-                        }
-                        (text, None)
-                    }
-                };
-                if let Err(closing) = send(&mut session, text, &shared, &slow).await {
-                    break closing;
-                }
-                if let Some(at) = event_at {
-                    let now = chrono::Utc::now().timestamp_micros();
-                    shared.metrics.delivery_latency.observe((now - at).max(0) as f64 / 1e6);
-                }
-            }
             _ = keepalive.tick(), if claims.is_some() => {
-                if let Err(closing) = send(&mut session, protocol::keepalive(protocol), &shared, &slow).await {
-                    break closing;
+                if !link.push_text(&protocol::keepalive(protocol)) {
+                    break Closing::refused(&link, &shared.metrics);
                 }
+                shared.metrics.messages_sent.inc();
             }
-            frame = messages.next() => {
-                let text = match frame {
-                    None => break Closing::new(close::NORMAL, ""),
-                    Some(Err(err)) => {
-                        let code = match err {
-                            actix_ws::ProtocolError::Overflow => close::TOO_BIG,
-                            _ => close::BAD_REQUEST,
-                        };
-                        break Closing::new(code, format!("websocket protocol error: {err}"));
-                    }
-                    Some(Ok(AggregatedMessage::Text(text))) => text,
-                    Some(Ok(AggregatedMessage::Binary(_))) => {
-                        break Closing::new(close::UNSUPPORTED_DATA, "binary messages are not supported; send JSON text");
-                    }
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        // A websocket-level ping is not a protocol error: answer it.
-                        if session.pong(&bytes).await.is_err() {
-                            break Closing::gone();
-                        }
-                        continue;
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => continue,
-                    Some(Ok(AggregatedMessage::Close(_))) => break Closing::new(close::NORMAL, ""),
-                };
-                let message = match protocol::parse(protocol, &text) {
-                    Ok(message) => message,
-                    Err(err) => break Closing::new(close::BAD_REQUEST, err.to_string()),
-                };
-                match message {
-                    ClientMessage::Init { payload } => {
-                        if claims.is_some() {
-                            break Closing::new(close::TOO_MANY_INITS, "Too many initialisation requests");
-                        }
-                        let token = connection_token(&payload, header_authorization.as_deref());
-                        match shared.verifier.authenticate(token.as_deref()).await {
-                            Ok(verified) => {
-                                let left = verified.exp - chrono::Utc::now().timestamp();
-                                expiry.as_mut().reset(
-                                    tokio::time::Instant::now() + Duration::from_secs(left.max(0) as u64),
-                                );
-                                claims = Some(verified);
-                                if let Err(closing) = send(&mut session, protocol::connection_ack(), &shared, &slow).await {
-                                    break closing;
-                                }
-                                // The legacy protocol expects a first `ka` right after the ack.
-                                if protocol == Protocol::LegacyWs
-                                    {
-                                    if let Err(closing) = send(&mut session, protocol::keepalive(protocol), &shared, &slow).await {
-                                        break closing;
-                                    }
-                                }
-                            }
-                            Err(err) => {
-                                let reason = auth_reason(&err);
-                                if protocol == Protocol::LegacyWs {
-                                    let _ = tokio::time::timeout(
-                                        shared.limits.write_timeout,
-                                        session.text(protocol::connection_error(&reason)),
-                                    )
-                                    .await;
-                                }
-                                break Closing::new(close::FORBIDDEN, reason);
-                            }
-                        }
-                    }
-                    ClientMessage::Subscribe { id, payload } => {
-                        let Some(_) = &claims else {
-                            break Closing::new(close::UNAUTHORIZED, "Unauthorized: send connection_init with a token first");
-                        };
-                        if active.contains_key(&id) {
-                            break Closing::new(close::SUBSCRIBER_EXISTS, format!("Subscriber for {id} already exists"));
-                        }
-                        if active.len() >= shared.limits.max_subscriptions {
-                            let errors = protocol::errors(
-                                &format!("too many subscriptions on this connection (at most {})", shared.limits.max_subscriptions),
-                                "TOO_MANY_SUBSCRIPTIONS",
-                            );
-                            if let Err(closing) = send(&mut session, protocol::operation_error(&id, errors), &shared, &slow).await {
-                                break closing;
-                            }
-                            continue;
-                        }
-                        let request = match graphql_request(payload.clone()) {
-                            Ok(request) => request,
-                            Err(message) => {
-                                let errors = protocol::errors(&message, "BAD_REQUEST");
-                                if let Err(closing) = send(&mut session, protocol::operation_error(&id, errors), &shared, &slow).await {
-                                    break closing;
-                                }
-                                continue;
-                            }
-                        };
-                        let Some(verified) = &claims else { continue };
-                        let membership = shared.executions.join(Start {
-                            coordinator: &shared.coordinator,
-                            hub: &shared.hub,
-                            claims: verified,
-                            request,
-                            subscriber: Subscriber {
-                                protocol,
-                                id: id.clone(),
-                                out: out_tx.clone(),
-                                slow: slow.clone(),
-                            },
-                        });
-                        let field = root_field(&payload);
-                        shared.metrics.subscriptions_active.with_label_values(&[&field]).inc();
-                        active.insert(id, Active { field, _membership: membership });
-                    }
-                    ClientMessage::Stop { id } => {
-                        if let Some(stopped) = active.remove(&id) {
-                            shared.metrics.subscriptions_active.with_label_values(&[&stopped.field]).dec();
-                            // graphql-transport-ws: the client's `complete` needs no answer; the
-                            // legacy protocol confirms a `stop` with `complete`.
-                            if protocol == Protocol::LegacyWs
-                                {
-                                if let Err(closing) = send(&mut session, protocol::complete(&id), &shared, &slow).await {
-                                    break closing;
-                                }
-                            }
-                        }
-                    }
-                    ClientMessage::Ping { payload } => {
-                        if let Err(closing) = send(&mut session, protocol::pong(payload), &shared, &slow).await {
-                            break closing;
-                        }
-                    }
-                    ClientMessage::Pong => {}
-                    ClientMessage::Terminate => break Closing::new(close::NORMAL, "connection terminated"),
+            readable = link.stream().readable() => {
+                if readable.is_err() {
+                    break Closing::gone();
+                }
+                match inbound.fill(link.stream()) {
+                    Filled::Data => ready_input = true,
+                    Filled::Closed => break Closing::gone(),
                 }
             }
         }
@@ -340,12 +272,177 @@ pub async fn run(
         .with_label_values(&[&closing.code.to_string()])
         .inc();
     shared.metrics.connections_open.dec();
-    let reason = CloseReason {
-        code: CloseCode::from(closing.code),
-        description: Some(protocol::close_reason(&closing.reason)).filter(|r| !r.is_empty()),
+    close_socket(&link, &closing).await;
+}
+
+/// Sends the close frame behind whatever still waits (at most [`CLOSE_TIMEOUT`]), closes our
+/// side, and gives the client [`CLOSE_LINGER`] to close its own.
+async fn close_socket(link: &Link, closing: &Closing) {
+    if link.state() == LinkState::Gone {
+        return;
+    }
+    link.push_close(closing.code, &protocol::close_reason(&closing.reason));
+    let flushed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        loop {
+            match link.flush() {
+                Ok(true) => return true,
+                Ok(false) => {
+                    if link.stream().writable().await.is_err() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    if !matches!(flushed, Ok(true)) {
+        return;
+    }
+    let _ = socket2::SockRef::from(link.stream()).shutdown(std::net::Shutdown::Write);
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        loop {
+            if link.stream().readable().await.is_err() {
+                return;
+            }
+            if let Filled::Closed = Inbound::discard(link.stream()) {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// One message from the client. `Ok(Some(exp))` when it authenticated the connection (the
+/// token's expiry), an error when the connection has to close.
+async fn handle(
+    shared: &Shared,
+    protocol: Protocol,
+    link: &Arc<Link>,
+    message: ClientMessage,
+    claims: &mut Option<Claims>,
+    active: &mut HashMap<String, Active>,
+    header_authorization: Option<&str>,
+) -> Result<Option<i64>, Closing> {
+    let send = |text: String| -> Result<(), Closing> {
+        if link.push_text(&text) {
+            shared.metrics.messages_sent.inc();
+            Ok(())
+        } else {
+            Err(Closing::refused(link, &shared.metrics))
+        }
     };
-    // Dropping the session after the timeout ends the connection even if the frame never fits.
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.close(Some(reason))).await;
+    match message {
+        ClientMessage::Init { payload } => {
+            if claims.is_some() {
+                return Err(Closing::new(
+                    close::TOO_MANY_INITS,
+                    "Too many initialisation requests",
+                ));
+            }
+            let token = connection_token(&payload, header_authorization);
+            // Boxed: the verifier's future (a JWKS fetch, possibly) is large and rare, and
+            // would otherwise make every idle connection's task as large as it.
+            match Box::pin(shared.verifier.authenticate(token.as_deref())).await {
+                Ok(verified) => {
+                    let exp = verified.exp;
+                    *claims = Some(verified);
+                    send(protocol::connection_ack())?;
+                    // The legacy protocol expects a first `ka` right after the ack.
+                    if protocol == Protocol::LegacyWs {
+                        send(protocol::keepalive(protocol))?;
+                    }
+                    Ok(Some(exp))
+                }
+                Err(err) => {
+                    let reason = auth_reason(&err);
+                    if protocol == Protocol::LegacyWs {
+                        let _ = send(protocol::connection_error(&reason));
+                    }
+                    Err(Closing::new(close::FORBIDDEN, reason))
+                }
+            }
+        }
+        ClientMessage::Subscribe { id, payload } => {
+            let Some(verified) = claims.as_ref() else {
+                return Err(Closing::new(
+                    close::UNAUTHORIZED,
+                    "Unauthorized: send connection_init with a token first",
+                ));
+            };
+            if active.contains_key(&id) {
+                return Err(Closing::new(
+                    close::SUBSCRIBER_EXISTS,
+                    format!("Subscriber for {id} already exists"),
+                ));
+            }
+            if active.len() >= shared.limits.max_subscriptions {
+                let errors = protocol::errors(
+                    &format!(
+                        "too many subscriptions on this connection (at most {})",
+                        shared.limits.max_subscriptions
+                    ),
+                    "TOO_MANY_SUBSCRIPTIONS",
+                );
+                send(protocol::operation_error(&id, errors))?;
+                return Ok(None);
+            }
+            let request = match graphql_request(payload.clone()) {
+                Ok(request) => request,
+                Err(message) => {
+                    let errors = protocol::errors(&message, "BAD_REQUEST");
+                    send(protocol::operation_error(&id, errors))?;
+                    return Ok(None);
+                }
+            };
+            let membership = shared.executions.join(Start {
+                coordinator: &shared.coordinator,
+                hub: &shared.hub,
+                claims: verified,
+                request,
+                subscriber: Subscriber {
+                    protocol,
+                    id: id.clone(),
+                    link: link.clone(),
+                },
+            });
+            let field = root_field(&payload);
+            shared
+                .metrics
+                .subscriptions_active
+                .with_label_values(&[&field])
+                .inc();
+            active.insert(
+                id,
+                Active {
+                    field,
+                    _membership: membership,
+                },
+            );
+            Ok(None)
+        }
+        ClientMessage::Stop { id } => {
+            if let Some(stopped) = active.remove(&id) {
+                shared
+                    .metrics
+                    .subscriptions_active
+                    .with_label_values(&[&stopped.field])
+                    .dec();
+                // graphql-transport-ws: the client's `complete` needs no answer; the legacy
+                // protocol confirms a `stop` with `complete`.
+                if protocol == Protocol::LegacyWs {
+                    send(protocol::complete(&id))?;
+                }
+            }
+            Ok(None)
+        }
+        ClientMessage::Ping { payload } => {
+            send(protocol::pong(payload))?;
+            Ok(None)
+        }
+        ClientMessage::Pong => Ok(None),
+        ClientMessage::Terminate => Err(Closing::new(close::NORMAL, "connection terminated")),
+    }
 }
 
 fn graphql_request(

@@ -2,13 +2,15 @@
 //! gateway process are executed once per event, not once per subscriber.
 //!
 //! The first subscriber of an operation starts an [`Execution`]: one task that runs the juniper
-//! stream (resolvers, filtering, the selection set) and serializes each result once. For every
-//! result it then walks its subscribers and puts a frame on each one's connection queue, wrapping
-//! the shared payload with the subscriber's id (`{"type":"next","id":…,"payload":<shared>}`).
-//! There is no task or channel per subscriber: per delivery the cost is one small string and one
-//! `try_send`. A full queue means that connection reads too slowly; it is told to close (1013)
-//! and the others are not held up. The last subscriber to leave drops the execution, which stops
-//! its task and, through the hub's guard, unsubscribes the Redis channel when nobody else needs it.
+//! stream (resolvers, filtering, the selection set) and serializes each result once. Its
+//! subscribers are kept in one [`Group`] per worker thread, each served by a task on that worker,
+//! so a large fan-out is written by all workers at once. For every result, each group's task builds
+//! the frame once per distinct (protocol, subscription id) — most clients use the id `"1"` — and
+//! writes it straight into every member's socket ([`Link::push`]): per delivery the cost is one
+//! non-blocking `send`, without a task wake-up or a copy. A member whose socket is full gets the
+//! frame queued on its link; a member too far behind is told to close (1013) and the others are
+//! not held up. The last subscriber to leave drops the execution, which stops its tasks and,
+//! through the hub's guard, unsubscribes the Redis channel when nobody else needs it.
 //!
 //! Results do not depend on who subscribed (any signed-in user may read every car, and each
 //! connection's own token was checked at `connection_init` and is watched for expiry and
@@ -19,29 +21,35 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::ThreadId;
 
+use bytes::Bytes;
 use common::graphql::Context;
 use futures_util::{FutureExt as _, StreamExt as _};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
-use crate::connection::{Coordinator, Outbound};
+use crate::connection::Coordinator;
 use crate::hub::{ConnectionEvents, Hub, EVENT_AT};
+use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, Protocol};
+use crate::socket::{text_frame, Link};
 
 /// The running executions of this process, by operation key.
 pub struct Executions {
     running: Mutex<HashMap<String, Weak<Execution>>>,
-    /// `gateway_executions_active`: distinct operations being executed.
-    gauge: prometheus::IntGauge,
+    metrics: GatewayMetrics,
+    /// Results that may wait for one worker's group task (FANOUT_BUFFER); a group that far
+    /// behind holds up its execution, which then lags behind the hub and cuts everyone off.
+    group_buffer: usize,
 }
 
 /// One shared execution. Dropping the last [`Membership`] stops it.
 pub struct Execution {
     key: String,
-    subscribers: Mutex<HashMap<u64, Subscriber>>,
-    next_slot: AtomicU64,
+    /// One group per worker thread that has subscribers; dropping the senders ends the tasks.
+    groups: Mutex<Vec<GroupHandle>>,
     /// Set (under the registry lock) when the task has delivered its last message, so that
     /// nobody joins an execution that will never send again.
     finished: AtomicBool,
@@ -49,26 +57,49 @@ pub struct Execution {
     registry: Weak<Executions>,
 }
 
+/// A group and the queue of its task.
+type GroupHandle = (Arc<Group>, mpsc::Sender<Arc<Batch>>);
+
+/// The subscribers of one execution on one worker thread.
+pub struct Group {
+    thread: ThreadId,
+    members: Mutex<HashMap<u64, Subscriber>>,
+    next_slot: AtomicU64,
+}
+
+/// What the execution hands to its groups.
+enum Batch {
+    /// A result: the serialized `{data, errors?}` and the commit time of the event behind it
+    /// (µs since the epoch).
+    Next {
+        payload: String,
+        event_at: Option<i64>,
+    },
+    /// The last message: an error list, or `complete` when `None`.
+    Finish(Option<String>),
+    /// The execution missed events: every member's connection closes as slow.
+    CutOff,
+}
+
 /// Where one subscription's messages go.
 pub struct Subscriber {
     pub protocol: Protocol,
     /// The subscription's id.
     pub id: String,
-    /// Its connection's outbound queue.
-    pub out: mpsc::Sender<Outbound>,
-    /// Tells its connection that the queue overflowed.
-    pub slow: Arc<Notify>,
+    /// Its connection's socket.
+    pub link: Arc<Link>,
 }
 
 /// A subscription's place in an execution; dropping it leaves.
 pub struct Membership {
-    execution: Arc<Execution>,
+    _execution: Arc<Execution>,
+    group: Arc<Group>,
     slot: u64,
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        lock(&self.execution.subscribers).remove(&self.slot);
+        lock(&self.group.members).remove(&self.slot);
     }
 }
 
@@ -78,7 +109,7 @@ impl Drop for Execution {
             task.abort();
         }
         if let Some(registry) = self.registry.upgrade() {
-            registry.gauge.dec();
+            registry.metrics.executions_active.dec();
             let mut running = lock(&registry.running);
             // Only remove our own entry; a newer execution may have taken the key.
             if running
@@ -101,21 +132,23 @@ pub struct Start<'a> {
 }
 
 impl Executions {
-    pub fn new(gauge: prometheus::IntGauge) -> Self {
+    pub fn new(metrics: GatewayMetrics, group_buffer: usize) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
-            gauge,
+            metrics,
+            group_buffer: group_buffer.max(1),
         }
     }
 
     /// Joins the running execution of the request, or starts one. The subscriber receives every
-    /// result from now on, for as long as the returned membership lives.
+    /// result from now on, for as long as the returned membership lives. Called on the worker
+    /// thread that serves the subscriber's connection.
     pub fn join(self: &Arc<Self>, start: Start<'_>) -> Membership {
         let key = operation_key(&start.request);
         let mut running = lock(&self.running);
         if let Some(execution) = running.get(&key).and_then(Weak::upgrade) {
             if !execution.finished.load(Ordering::Acquire) {
-                return execution.add(start.subscriber);
+                return execution.add(self, start.subscriber);
             }
         }
         // The shared task falling more than FANOUT_BUFFER events behind the hub ends its stream
@@ -129,13 +162,12 @@ impl Executions {
             }));
         let execution = Arc::new(Execution {
             key: key.clone(),
-            subscribers: Mutex::new(HashMap::new()),
-            next_slot: AtomicU64::new(0),
+            groups: Mutex::new(Vec::new()),
             finished: AtomicBool::new(false),
             task: Mutex::new(None),
             registry: Arc::downgrade(self),
         });
-        let membership = execution.add(start.subscriber);
+        let membership = execution.add(self, start.subscriber);
         let task = actix_web::rt::spawn(EVENT_AT.scope(
             Cell::new(None),
             drive(
@@ -148,63 +180,128 @@ impl Executions {
         ));
         *lock(&execution.task) = Some(task);
         running.insert(key, Arc::downgrade(&execution));
-        self.gauge.inc();
+        self.metrics.executions_active.inc();
         membership
     }
 }
 
 impl Execution {
-    fn add(self: &Arc<Self>, subscriber: Subscriber) -> Membership {
-        let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
-        lock(&self.subscribers).insert(slot, subscriber);
+    /// Adds the subscriber to this thread's group, starting the group (and its task on this
+    /// worker) if it is the thread's first.
+    fn add(self: &Arc<Self>, registry: &Executions, subscriber: Subscriber) -> Membership {
+        let thread = std::thread::current().id();
+        let mut groups = lock(&self.groups);
+        let group = match groups.iter().find(|(group, _)| group.thread == thread) {
+            Some((group, _)) => group.clone(),
+            None => {
+                let group = Arc::new(Group {
+                    thread,
+                    members: Mutex::new(HashMap::new()),
+                    next_slot: AtomicU64::new(0),
+                });
+                let (tx, rx) = mpsc::channel(registry.group_buffer);
+                actix_web::rt::spawn(serve_group(group.clone(), rx, registry.metrics.clone()));
+                groups.push((group.clone(), tx));
+                group
+            }
+        };
+        drop(groups);
+        let slot = group.next_slot.fetch_add(1, Ordering::Relaxed);
+        lock(&group.members).insert(slot, subscriber);
         Membership {
-            execution: self.clone(),
+            _execution: self.clone(),
+            group,
             slot,
         }
     }
 
-    /// One result to every subscriber.
-    fn deliver(&self, payload: &str, event_at: Option<i64>) {
-        for subscriber in lock(&self.subscribers).values() {
-            let text = protocol::next_raw(subscriber.protocol, &id_json(&subscriber.id), payload);
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                subscriber.out.try_send(Outbound::Next { text, event_at })
-            {
-                subscriber.slow.notify_one();
-            }
+    /// Hands a batch to every group, in order. A group's queue being full holds this execution
+    /// up (and with it, eventually, its place in the hub's buffer) rather than dropping results.
+    async fn broadcast(&self, batch: Batch) {
+        let senders: Vec<mpsc::Sender<Arc<Batch>>> = lock(&self.groups)
+            .iter()
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        let batch = Arc::new(batch);
+        for tx in senders {
+            // A closed queue means its group's task is gone with the execution.
+            let _ = tx.send(batch.clone()).await;
         }
     }
 
-    /// The last message to every subscriber (an error list, or `complete` when `errors` is
-    /// `None`), marked under the registry lock so that nobody joins afterwards.
-    fn finish(&self, errors: Option<&str>) {
+    /// Marks the execution finished under the registry lock, so that nobody joins afterwards.
+    fn mark_finished(&self) {
         let registry = self.registry.upgrade();
         let _guard = registry.as_ref().map(|r| lock(&r.running));
         self.finished.store(true, Ordering::Release);
-        for subscriber in lock(&self.subscribers).values() {
-            let text = match errors {
-                Some(errors) => protocol::operation_error_raw(&id_json(&subscriber.id), errors),
-                None => protocol::complete(&subscriber.id),
-            };
-            let finished = Outbound::Finished {
-                id: subscriber.id.clone(),
-                text,
-            };
-            if let Err(mpsc::error::TrySendError::Full(_)) = subscriber.out.try_send(finished) {
-                subscriber.slow.notify_one();
+    }
+}
+
+/// Serves one worker's members of an execution: writes each batch to all of them.
+async fn serve_group(
+    group: Arc<Group>,
+    mut batches: mpsc::Receiver<Arc<Batch>>,
+    metrics: GatewayMetrics,
+) {
+    while let Some(batch) = batches.recv().await {
+        match &*batch {
+            Batch::Next { payload, event_at } => group.deliver(payload, *event_at, &metrics),
+            Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
+            Batch::CutOff => {
+                for member in lock(&group.members).values() {
+                    member.link.mark_slow();
+                }
             }
         }
     }
 }
 
-impl Execution {
-    /// The execution missed events: every subscriber's connection closes as slow (1013).
-    fn cut_off_everyone(&self) {
-        let registry = self.registry.upgrade();
-        let _guard = registry.as_ref().map(|r| lock(&r.running));
-        self.finished.store(true, Ordering::Release);
-        for subscriber in lock(&self.subscribers).values() {
-            subscriber.slow.notify_one();
+impl Group {
+    /// One result to every member: the frame is built once per (protocol, id).
+    fn deliver(&self, payload: &str, event_at: Option<i64>, metrics: &GatewayMetrics) {
+        let members = lock(&self.members);
+        let mut frames: Vec<(Protocol, &str, Bytes)> = Vec::with_capacity(2);
+        let mut sent = 0u64;
+        let latency = metrics.delivery_latency.local();
+        for member in members.values() {
+            let frame = match frames
+                .iter()
+                .find(|(protocol, id, _)| *protocol == member.protocol && *id == member.id)
+            {
+                Some((_, _, frame)) => frame.clone(),
+                None => {
+                    let frame = text_frame(&protocol::next_raw(
+                        member.protocol,
+                        &id_json(&member.id),
+                        payload,
+                    ));
+                    frames.push((member.protocol, &member.id, frame.clone()));
+                    frame
+                }
+            };
+            if member.link.push(&frame) {
+                sent += 1;
+                if let Some(at) = event_at {
+                    let now = chrono::Utc::now().timestamp_micros();
+                    latency.observe((now - at).max(0) as f64 / 1e6);
+                }
+            }
+        }
+        latency.flush();
+        metrics.messages_sent.inc_by(sent);
+    }
+
+    /// The last message to every member, who is told that the subscription ended.
+    fn finish(&self, errors: Option<&str>, metrics: &GatewayMetrics) {
+        for member in lock(&self.members).values() {
+            let text = match errors {
+                Some(errors) => protocol::operation_error_raw(&id_json(&member.id), errors),
+                None => protocol::complete(&member.id),
+            };
+            if member.link.push_text(&text) {
+                metrics.messages_sent.inc();
+            }
+            member.link.finished(&member.id);
         }
     }
 }
@@ -232,7 +329,10 @@ async fn drive(
                     .unwrap_or_else(|| protocol::errors(&other.to_string(), "BAD_REQUEST")),
             };
             if let Some(execution) = execution.upgrade() {
-                execution.finish(Some(&errors.to_string()));
+                execution.mark_finished();
+                execution
+                    .broadcast(Batch::Finish(Some(errors.to_string())))
+                    .await;
             }
             return;
         }
@@ -244,15 +344,16 @@ async fn drive(
         let Some(execution) = execution.upgrade() else {
             return;
         };
-        execution.deliver(&payload, event_at);
+        execution.broadcast(Batch::Next { payload, event_at }).await;
     }
     let Some(execution) = execution.upgrade() else {
         return;
     };
+    execution.mark_finished();
     if lagged.notified().now_or_never().is_some() {
-        execution.cut_off_everyone();
+        execution.broadcast(Batch::CutOff).await;
     } else {
-        execution.finish(None);
+        execution.broadcast(Batch::Finish(None)).await;
     }
 }
 

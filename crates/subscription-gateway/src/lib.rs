@@ -3,7 +3,11 @@
 //! Layout:
 //! - [`settings`]: the command line and environment of the binary.
 //! - [`startup`]: [`startup::Application`]: builds everything, serves, drains on shutdown; its
-//!   `state`, `upgrade` and `drain` are also what the embedded single-process server uses.
+//!   `state` and `drain` are also what the embedded single-process server uses.
+//! - [`server`]: the HTTP server with actix-http's upgrade hook: websockets leave the HTTP
+//!   dispatcher with their bare TCP stream; everything else goes to an actix-web app.
+//! - [`socket`]: a websocket's own I/O: frames, small on-demand buffers, the shared write side
+//!   that executions write results into.
 //! - [`hub`]: the one Redis subscriber of the process (or the in-memory bus of the embedded
 //!   mode) and the in-memory fan-out to local subscribers; also the revocation feed.
 //! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`).
@@ -17,5 +21,7 @@ pub mod executions;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod server;
 pub mod settings;
+pub mod socket;
 pub mod startup;

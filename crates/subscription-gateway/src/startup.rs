@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::dev::Server;
 use actix_web::http::header;
-use actix_web::{middleware, web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{middleware, web, App, HttpRequest, HttpResponse};
 use common::config::ConfigError;
 use common::graphql::DocumentLimits;
 use common::http::{healthz, not_found};
@@ -16,10 +16,9 @@ use common::metrics::{self, Metrics};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{self, ConnectionLimits, Coordinator, Shared};
+use crate::connection::{ConnectionLimits, Coordinator, Shared};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
-use crate::protocol::{Protocol, LEGACY_WS, TRANSPORT_WS};
 use crate::settings::Settings;
 
 /// Why the gateway could not start. Configuration errors exit with status 2, the rest with 1.
@@ -41,8 +40,8 @@ pub struct Application {
 
 /// What the upgrade handler shares ([`upgrade`] reads it as app data).
 pub struct GatewayState {
-    shared: Arc<Shared>,
-    max_frame_bytes: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) max_frame_bytes: usize,
     drain_timeout: Duration,
 }
 
@@ -93,7 +92,8 @@ pub async fn state(
         verifier,
         hub,
         executions: Arc::new(crate::executions::Executions::new(
-            gateway_metrics.executions_active.clone(),
+            gateway_metrics.clone(),
+            settings.fanout_buffer as usize,
         )),
         limits: ConnectionLimits {
             keepalive: Duration::from_secs(settings.keepalive_secs),
@@ -147,24 +147,25 @@ impl Application {
 
         let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
-        let server = common::start_server!(
-            HttpServer::new(move || {
-                App::new()
-                    .app_data(server_state.clone())
-                    .app_data(metrics.clone())
-                    .wrap(middleware::from_fn(metrics::record))
-                    .route("/graphql", web::get().to(upgrade))
-                    .route("/graphql/", web::get().to(upgrade))
-                    .route("/healthz", web::get().to(healthz))
-                    .route("/readyz", web::get().to(readyz))
-                    .route("/metrics", web::get().to(metrics::handler))
-                    .default_service(web::to(not_found))
-            }),
+        let server = crate::server::serve(
             listener,
             common::http::ServerOptions {
                 workers: settings.http.http_workers,
                 shutdown_timeout_secs: settings.drain_timeout_secs.max(1),
-            }
+            },
+            state.clone(),
+            move || {
+                App::new()
+                    .app_data(server_state.clone())
+                    .app_data(metrics.clone())
+                    .wrap(middleware::from_fn(metrics::record))
+                    .route("/graphql", web::get().to(not_upgraded))
+                    .route("/graphql/", web::get().to(not_upgraded))
+                    .route("/healthz", web::get().to(healthz))
+                    .route("/readyz", web::get().to(readyz))
+                    .route("/metrics", web::get().to(metrics::handler))
+                    .default_service(web::to(not_found))
+            },
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "subscription-gateway listening");
@@ -200,70 +201,31 @@ impl Application {
     }
 }
 
-/// `GET /graphql`: the websocket upgrade, with the subprotocol negotiated from the client's list.
-pub async fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<GatewayState>,
-) -> HttpResponse {
-    let is_upgrade = req
+/// `GET /graphql` that actix-http did not hand to the upgrade service ([`crate::server`]): either
+/// no websocket upgrade at all (426, with what to do instead) or an incomplete one, e.g.
+/// `Upgrade: websocket` without `Connection: upgrade` (400).
+pub async fn not_upgraded(req: HttpRequest) -> HttpResponse {
+    let wants_websocket = req
         .headers()
         .get(header::UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !is_upgrade {
-        return HttpResponse::build(actix_web::http::StatusCode::UPGRADE_REQUIRED)
-            .insert_header((header::UPGRADE, "websocket"))
-            .json(json!({
-                "detail": "this endpoint serves GraphQL subscriptions over websockets \
-                           (graphql-transport-ws or graphql-ws); send queries and mutations \
-                           with HTTP POST to the API",
-                "code": "upgrade_required",
-            }));
-    }
-    let offered: Vec<&str> = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let Some(protocol) = Protocol::negotiate(&offered.join(",")) else {
-        return HttpResponse::BadRequest().json(json!({
-            "detail": format!(
-                "unsupported or missing websocket subprotocol: offer {TRANSPORT_WS} or {LEGACY_WS} \
-                 in Sec-WebSocket-Protocol"
-            ),
-            "code": "subprotocol_not_acceptable",
-            "supported": [TRANSPORT_WS, LEGACY_WS],
-        }));
-    };
-    if state.shared.shutdown.is_cancelled() {
-        return HttpResponse::ServiceUnavailable().json(json!({
-            "detail": "this gateway is shutting down; reconnect",
-            "code": "shutting_down",
-        }));
-    }
-    let header_authorization = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let (response, session, messages) =
-        match actix_ws::handle_with_protocols(&req, body, &[protocol.name()]) {
-            Ok(parts) => parts,
-            Err(err) => return actix_web::ResponseError::error_response(err.as_response_error()),
+    if wants_websocket {
+        let detail = match actix_http::ws::verify_handshake(req.head()) {
+            Err(err) => format!("invalid websocket upgrade: {err}"),
+            // Complete, yet not upgraded: the `Connection` header lacks `upgrade`.
+            Ok(()) => "invalid websocket upgrade: `Connection: upgrade` is required".to_owned(),
         };
-    let messages = messages
-        .max_frame_size(state.max_frame_bytes)
-        .aggregate_continuations()
-        .max_continuation_size(state.max_frame_bytes);
-    actix_web::rt::spawn(connection::run(
-        state.shared.clone(),
-        protocol,
-        session,
-        messages,
-        header_authorization,
-    ));
-    response
+        return HttpResponse::BadRequest().json(json!({"detail": detail, "code": "bad_handshake"}));
+    }
+    HttpResponse::build(actix_web::http::StatusCode::UPGRADE_REQUIRED)
+        .insert_header((header::UPGRADE, "websocket"))
+        .json(json!({
+            "detail": "this endpoint serves GraphQL subscriptions over websockets \
+                       (graphql-transport-ws or graphql-ws); send queries and mutations \
+                       with HTTP POST to the API",
+            "code": "upgrade_required",
+        }))
 }
 
 /// `GET /readyz`: ready while the Redis subscriber connection is up.

@@ -262,3 +262,109 @@ async fn the_binary_drains_on_sigterm_and_exits_0() {
         }
     }
 }
+
+/// Sends `request` on a fresh TCP connection and returns everything the gateway writes within a
+/// short while (or until it closes).
+async fn raw_exchange(port: u16, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(500), stream.read(&mut chunk)).await
+    {
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+    }
+    received
+}
+
+fn upgrade_request(path: &str, extra_headers: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: graphql-transport-ws\r\n{extra_headers}\r\n"
+    )
+}
+
+#[actix_web::test]
+async fn upgrades_are_checked_and_bytes_sent_with_the_request_are_not_lost() {
+    let gateway = TestGateway::spawn(&[]).await;
+    // A client may send its first frame in the same packet as the upgrade request: the bytes
+    // after the head belong to the websocket and must reach it.
+    let mut request =
+        upgrade_request("/graphql", "Upgrade: websocket\r\nConnection: Upgrade\r\n").into_bytes();
+    let init = json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {}", access(1))}});
+    let mut frame = actix_web::web::BytesMut::new();
+    actix_http::ws::Parser::write_message(
+        &mut frame,
+        init.to_string(),
+        actix_http::ws::OpCode::Text,
+        true,
+        true,
+    );
+    request.extend_from_slice(&frame);
+    let answer = raw_exchange(gateway.port, &request).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 101 "), "{text}");
+    // RFC 6455's own example key and answer.
+    assert!(
+        text.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sec-websocket-protocol: graphql-transport-ws\r\n"),
+        "{text}"
+    );
+    let head_end = text.find("\r\n\r\n").unwrap() + 4;
+    let mut frames = actix_web::web::BytesMut::from(&answer[head_end..]);
+    let decoded =
+        actix_codec::Decoder::decode(&mut actix_http::ws::Codec::new().client_mode(), &mut frames)
+            .unwrap();
+    match decoded {
+        Some(actix_http::ws::Frame::Text(bytes)) => {
+            assert_eq!(&bytes[..], br#"{"type":"connection_ack"}"#)
+        }
+        other => panic!("expected the ack, got {other:?}"),
+    }
+
+    // Elsewhere than /graphql: 404, as for any unknown path.
+    let answer = raw_exchange(
+        gateway.port,
+        upgrade_request("/other", "Upgrade: websocket\r\nConnection: Upgrade\r\n").as_bytes(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 404 "), "{text}");
+
+    // An unsupported websocket version: 400 naming the problem.
+    let answer = raw_exchange(
+        gateway.port,
+        upgrade_request("/graphql", "Upgrade: websocket\r\nConnection: Upgrade\r\n")
+            .replace("Version: 13", "Version: 8")
+            .as_bytes(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("bad_handshake"), "{text}");
+
+    // `Upgrade: websocket` without `Connection: upgrade` is not an upgrade: 400, not a hang.
+    let answer = raw_exchange(
+        gateway.port,
+        upgrade_request(
+            "/graphql",
+            "Upgrade: websocket\r\nConnection: keep-alive\r\n",
+        )
+        .as_bytes(),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("connection upgrade is expected"), "{text}");
+}

@@ -1,0 +1,415 @@
+//! The websocket's own I/O, after the upgrade has taken the TCP stream out of actix-http.
+//!
+//! Two reasons for owning the socket instead of keeping it inside actix-http's dispatcher:
+//! - Memory: the dispatcher keeps an 8 KiB read and an 8 KiB write buffer for the life of every
+//!   upgraded connection. Here an idle connection holds no buffer at all: the read buffer exists
+//!   only while a frame is incomplete, the write buffer only while the kernel refuses bytes.
+//! - Fan-out cost: a shared execution writes a result straight into each subscriber's socket
+//!   ([`Link::push`]: one `send` system call, no task wake-up, no copy into a queue). Only when the
+//!   kernel's buffer is full do bytes wait in [`Link`]'s queue, for the connection's own task to
+//!   write once the socket is writable again.
+//!
+//! Writers are serialized by the link's mutex, so frames never interleave; it is held only for
+//! one non-blocking `send`, never across an `.await`.
+
+use std::io;
+use std::sync::{Mutex, MutexGuard};
+
+use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, OpCode, Parser, ProtocolError};
+use bytes::{Buf as _, Bytes, BytesMut};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Bytes read from the socket per read call.
+const READ_CHUNK: usize = 8 * 1024;
+/// Most bytes taken from the socket before the received frames are handled; the rest waits for
+/// the next turn of the connection's loop, so one flooding client cannot hold a worker.
+const READ_BUDGET: usize = 64 * 1024;
+
+/// The write side of one connection, shared by its task and by the executions it subscribes to.
+pub struct Link {
+    stream: TcpStream,
+    out: Mutex<Outgoing>,
+    /// Wakes the connection's task: bytes wait to be written, a subscription ended, or the
+    /// connection has to close.
+    wake: Notify,
+    /// Most messages that may wait in `pending` (OUTBOUND_QUEUE).
+    max_queued: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Open,
+    /// The client reads too slowly: more than `max_queued` messages wait. Nothing more is
+    /// accepted except the close frame.
+    Slow,
+    /// The close frame is queued: nothing may follow it.
+    Closing,
+    /// The socket failed; the client is gone.
+    Gone,
+}
+
+struct Outgoing {
+    /// What the kernel has not taken yet, oldest first.
+    pending: BytesMut,
+    /// Messages added to `pending` since it was last empty.
+    queued: usize,
+    state: LinkState,
+    /// Subscriptions whose execution ended; their last message is already written or queued.
+    finished: Vec<String>,
+}
+
+impl Link {
+    pub fn new(stream: TcpStream, max_queued: usize) -> Self {
+        Self {
+            stream,
+            out: Mutex::new(Outgoing {
+                pending: BytesMut::new(),
+                queued: 0,
+                state: LinkState::Open,
+                finished: Vec::new(),
+            }),
+            wake: Notify::new(),
+            max_queued: max_queued.max(1),
+        }
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Resolves when the connection's task has something to do (see [`Link::wake`]).
+    pub async fn woken(&self) {
+        self.wake.notified().await
+    }
+
+    pub fn state(&self) -> LinkState {
+        lock(&self.out).state
+    }
+
+    /// Writes one whole frame, or queues it behind the bytes still waiting. `false` when the
+    /// frame was refused: the connection is slow or gone and its task has been told.
+    pub fn push(&self, frame: &[u8]) -> bool {
+        let mut out = lock(&self.out);
+        if out.state != LinkState::Open {
+            return false;
+        }
+        if !out.pending.is_empty() {
+            if out.queued >= self.max_queued {
+                out.state = LinkState::Slow;
+                drop(out);
+                self.wake.notify_one();
+                return false;
+            }
+            out.pending.extend_from_slice(frame);
+            out.queued += 1;
+            return true;
+        }
+        let written = match self.stream.try_write(frame) {
+            Ok(n) if n == frame.len() => return true,
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => {
+                out.state = LinkState::Gone;
+                drop(out);
+                self.wake.notify_one();
+                return false;
+            }
+        };
+        out.pending.extend_from_slice(&frame[written..]);
+        out.queued = 1;
+        drop(out);
+        self.wake.notify_one();
+        true
+    }
+
+    /// [`Link::push`] of a text message.
+    pub fn push_text(&self, text: &str) -> bool {
+        self.push(&text_frame(text))
+    }
+
+    /// Queues the close frame even when the connection is slow (it is the last frame).
+    pub fn push_close(&self, code: u16, reason: &str) {
+        let mut frame = BytesMut::new();
+        let reason = CloseReason {
+            code: CloseCode::from(code),
+            description: Some(reason.to_owned()).filter(|r| !r.is_empty()),
+        };
+        Parser::write_close(&mut frame, Some(reason), false);
+        let mut out = lock(&self.out);
+        if matches!(out.state, LinkState::Gone | LinkState::Closing) {
+            return;
+        }
+        out.pending.extend_from_slice(&frame);
+        out.queued += 1;
+        out.state = LinkState::Closing;
+    }
+
+    /// Marks the connection as too slow (an execution it subscribes to fell behind).
+    pub fn mark_slow(&self) {
+        let mut out = lock(&self.out);
+        if out.state == LinkState::Open {
+            out.state = LinkState::Slow;
+        }
+        drop(out);
+        self.wake.notify_one();
+    }
+
+    /// Tells the connection that subscription `id` has ended on the server's side.
+    pub fn finished(&self, id: &str) {
+        lock(&self.out).finished.push(id.to_owned());
+        self.wake.notify_one();
+    }
+
+    pub fn take_finished(&self) -> Vec<String> {
+        std::mem::take(&mut lock(&self.out).finished)
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !lock(&self.out).pending.is_empty()
+    }
+
+    /// Writes as much of the queue as the kernel takes. `Ok(true)` when it is empty; an error
+    /// means the client is gone.
+    pub fn flush(&self) -> io::Result<bool> {
+        let mut out = lock(&self.out);
+        while !out.pending.is_empty() {
+            match self.stream.try_write(&out.pending) {
+                Ok(n) => out.pending.advance(n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) => {
+                    out.state = LinkState::Gone;
+                    return Err(err);
+                }
+            }
+        }
+        // Give the buffer back: an idle connection holds none.
+        out.pending = BytesMut::new();
+        out.queued = 0;
+        Ok(true)
+    }
+}
+
+/// One unmasked text frame (servers never mask).
+pub fn text_frame(text: &str) -> Bytes {
+    let mut frame = BytesMut::with_capacity(text.len() + 10);
+    Parser::write_message(&mut frame, text, OpCode::Text, true, false);
+    frame.freeze()
+}
+
+/// One pong frame answering a websocket-level ping.
+pub fn pong_frame(payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(payload.len() + 2);
+    Parser::write_message(&mut frame, payload, OpCode::Pong, true, false);
+    frame.freeze()
+}
+
+/// A whole message from the client, fragments reassembled.
+#[derive(Debug)]
+pub enum Incoming {
+    Text(Bytes),
+    Binary,
+    Ping(Bytes),
+    Pong,
+    Close,
+}
+
+/// Why the client's bytes are not a websocket stream we accept.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("message larger than {0} bytes")]
+    TooBig(usize),
+    #[error("websocket protocol error: {0}")]
+    Protocol(ProtocolError),
+}
+
+/// What one read turn found.
+pub enum Filled {
+    /// Bytes were read (or the budget was reached); decode them with [`Inbound::next`].
+    Data,
+    /// The client closed its side or the socket failed.
+    Closed,
+}
+
+/// The read side: frame decoding with the size limit and reassembly of fragmented messages.
+pub struct Inbound {
+    codec: Codec,
+    buf: BytesMut,
+    /// A fragmented message being reassembled: is it text, and its bytes so far.
+    partial: Option<(bool, BytesMut)>,
+    max_bytes: usize,
+}
+
+impl Inbound {
+    /// `leftover` is what the upgrade request's reader had already taken past the request head.
+    pub fn new(max_bytes: usize, leftover: BytesMut) -> Self {
+        Self {
+            codec: Codec::new().max_size(max_bytes),
+            buf: leftover,
+            partial: None,
+            max_bytes,
+        }
+    }
+
+    /// Reads what the kernel has, up to [`READ_BUDGET`], without waiting.
+    pub fn fill(&mut self, stream: &TcpStream) -> Filled {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut taken = 0;
+        while taken < READ_BUDGET {
+            match stream.try_read(&mut chunk) {
+                Ok(0) => return Filled::Closed,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    taken += n;
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Filled::Closed,
+            }
+        }
+        Filled::Data
+    }
+
+    /// Reads and drops what the kernel has (the client's last words after our close frame).
+    pub fn discard(stream: &TcpStream) -> Filled {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
+            match stream.try_read(&mut chunk) {
+                Ok(0) => return Filled::Closed,
+                Ok(_) => continue,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Filled::Data,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Filled::Closed,
+            }
+        }
+    }
+
+    /// The next whole message in what was read, if any.
+    pub fn next_message(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            let frame = match actix_codec::Decoder::decode(&mut self.codec, &mut self.buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    // Give the buffer back when nothing is half-read: an idle connection holds
+                    // no read buffer.
+                    if self.buf.is_empty() && self.buf.capacity() > 0 {
+                        self.buf = BytesMut::new();
+                    }
+                    return Ok(None);
+                }
+                Err(ProtocolError::Overflow) => return Err(ReadError::TooBig(self.max_bytes)),
+                Err(err) => return Err(ReadError::Protocol(err)),
+            };
+            return Ok(Some(match frame {
+                Frame::Text(bytes) => Incoming::Text(bytes),
+                Frame::Binary(_) => Incoming::Binary,
+                Frame::Ping(bytes) => Incoming::Ping(bytes),
+                Frame::Pong(_) => Incoming::Pong,
+                Frame::Close(_) => Incoming::Close,
+                Frame::Continuation(item) => match self.continuation(item)? {
+                    Some(message) => message,
+                    None => continue,
+                },
+            }));
+        }
+    }
+
+    fn continuation(&mut self, item: Item) -> Result<Option<Incoming>, ReadError> {
+        let (first, bytes, last) = match item {
+            Item::FirstText(bytes) => (Some(true), bytes, false),
+            Item::FirstBinary(bytes) => (Some(false), bytes, false),
+            Item::Continue(bytes) => (None, bytes, false),
+            Item::Last(bytes) => (None, bytes, true),
+        };
+        if let Some(text) = first {
+            self.partial = Some((text, BytesMut::new()));
+        }
+        let Some((text, so_far)) = self.partial.as_mut() else {
+            return Err(ReadError::Protocol(ProtocolError::ContinuationNotStarted));
+        };
+        if so_far.len() + bytes.len() > self.max_bytes {
+            return Err(ReadError::TooBig(self.max_bytes));
+        }
+        so_far.extend_from_slice(&bytes);
+        if !last {
+            return Ok(None);
+        }
+        let text = *text;
+        let Some((_, whole)) = self.partial.take() else {
+            return Ok(None);
+        };
+        Ok(Some(if text {
+            Incoming::Text(whole.freeze())
+        } else {
+            Incoming::Binary
+        }))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(op: OpCode, fin: bool, payload: &[u8]) -> BytesMut {
+        let mut frame = BytesMut::new();
+        Parser::write_message(&mut frame, payload, op, fin, true);
+        frame
+    }
+
+    #[test]
+    fn fragments_are_reassembled_within_the_limit() {
+        let mut bytes = masked(OpCode::Text, false, b"{\"type\":");
+        bytes.extend_from_slice(&masked(OpCode::Continue, false, b"\"connection"));
+        bytes.extend_from_slice(&masked(OpCode::Ping, true, b"hi"));
+        bytes.extend_from_slice(&masked(OpCode::Continue, true, b"_init\"}"));
+        let mut inbound = Inbound::new(1024, bytes);
+        assert!(matches!(inbound.next_message(), Ok(Some(Incoming::Ping(p))) if &p[..] == b"hi"));
+        match inbound.next_message() {
+            Ok(Some(Incoming::Text(text))) => {
+                assert_eq!(&text[..], b"{\"type\":\"connection_init\"}")
+            }
+            other => panic!("expected the whole text, got {other:?}"),
+        }
+        assert!(matches!(inbound.next_message(), Ok(None)));
+        assert_eq!(inbound.buf.capacity(), 0, "an idle reader keeps no buffer");
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_whole_or_in_pieces() {
+        let mut whole = Inbound::new(16, masked(OpCode::Text, true, &[b'x'; 17]));
+        assert!(matches!(whole.next_message(), Err(ReadError::TooBig(16))));
+        let mut bytes = masked(OpCode::Text, false, &[b'x'; 10]);
+        bytes.extend_from_slice(&masked(OpCode::Continue, true, &[b'x'; 10]));
+        let mut pieces = Inbound::new(16, bytes);
+        assert!(matches!(pieces.next_message(), Err(ReadError::TooBig(16))));
+    }
+
+    #[test]
+    fn unmasked_client_frames_are_a_protocol_error() {
+        let mut bytes = BytesMut::new();
+        Parser::write_message(&mut bytes, b"{}", OpCode::Text, true, false);
+        let mut inbound = Inbound::new(1024, bytes);
+        assert!(matches!(
+            inbound.next_message(),
+            Err(ReadError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn an_incomplete_frame_waits_for_more() {
+        let frame = masked(OpCode::Text, true, b"{\"type\":\"ping\"}");
+        let mut inbound = Inbound::new(1024, BytesMut::from(&frame[..5]));
+        assert!(matches!(inbound.next_message(), Ok(None)));
+        inbound.buf.extend_from_slice(&frame[5..]);
+        assert!(matches!(
+            inbound.next_message(),
+            Ok(Some(Incoming::Text(_)))
+        ));
+    }
+}
