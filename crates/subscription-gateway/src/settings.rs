@@ -44,11 +44,12 @@ pub struct Settings {
     /// Largest websocket message accepted from a client, in bytes (reassembled fragments count).
     #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u64).range(256..=16_777_216))]
     pub max_frame_bytes: u64,
-    /// Messages that may wait for a slow client before it is disconnected (1013).
+    /// Messages that may wait for a client whose socket buffer is full before it is disconnected
+    /// (1013).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub outbound_queue: u64,
-    /// Longest wait for a client to accept one message before it is disconnected as too slow
-    /// (1013), in seconds.
+    /// Longest a client may leave waiting messages unread (no byte taken) before it is
+    /// disconnected as too slow (1013), in seconds.
     #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub write_timeout_secs: u64,
     /// Events buffered per event type for the shared executions; an execution further behind
