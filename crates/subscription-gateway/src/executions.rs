@@ -20,7 +20,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
 
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::connection::Coordinator;
 use crate::hub::{ConnectionEvents, Hub, EVENT_AT};
+use crate::lock;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, Protocol};
 use crate::socket::{text_frame, Link};
@@ -392,10 +393,4 @@ fn operation_key(request: &juniper::http::GraphQLRequest<DefaultScalarValue>) ->
         variables,
         request.query
     )
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::events::{
@@ -26,6 +26,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::lock;
 use crate::metrics::GatewayMetrics;
 
 /// How many event ids are remembered for dropping duplicates.
@@ -393,14 +394,6 @@ async fn with_timeout<T>(
 fn set_connected(hub: &Hub, connected: bool) {
     hub.inner.connected.store(connected, Ordering::Relaxed);
     hub.inner.metrics.redis_connected.set(i64::from(connected));
-}
-
-/// A poisoned lock only means another thread panicked mid-update of plain counters and maps;
-/// carrying on is better than taking the whole gateway down.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A bounded set of the most recent event ids.

@@ -25,3 +25,12 @@ pub mod server;
 pub mod settings;
 pub mod socket;
 pub mod startup;
+
+/// A mutex's guard even if a thread panicked while holding it: every mutex here guards plain
+/// data that stays consistent between statements, and one panicking connection must not take
+/// the others down with a poisoned lock.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -13,12 +13,14 @@
 //! one non-blocking `send`, never across an `.await`.
 
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use actix_http::ws::{CloseCode, CloseReason, Codec, Frame, Item, OpCode, Parser, ProtocolError};
 use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+
+use crate::lock;
 
 /// Bytes read from the socket per read call.
 const READ_CHUNK: usize = 8 * 1024;
@@ -344,12 +346,6 @@ impl Inbound {
             Incoming::Binary
         }))
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
