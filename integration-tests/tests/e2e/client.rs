@@ -302,7 +302,7 @@ impl NodeSubscriber {
     /// `client` is `graphql-ws` or `subscriptions-transport-ws`; `token` `None` sends no
     /// connectionParams.
     pub fn spawn(
-        stack: &Stack,
+        ws_url: &str,
         client: &str,
         token: Option<&str>,
         query: &str,
@@ -318,7 +318,7 @@ impl NodeSubscriber {
         command
             .current_dir(&node_dir)
             .arg("subscribe.mjs")
-            .args(["--url", &stack.ws_url(), "--client", client])
+            .args(["--url", ws_url, "--client", client])
             .args(["--query", query, "--count", &count.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -6,13 +6,15 @@
 //! token over REST, `{ hi }`, a subscription with the token in `connectionParams`,
 //! `trigger-event`, the update arriving; bad tokens refused on queries and subscriptions; two
 //! gateway and two api processes; a gateway killed under its clients. Clients: the Rust one
-//! (awc) and the npm packages `graphql-ws` and `subscriptions-transport-ws` (`node/`).
+//! (awc) and the npm packages `graphql-ws` and `subscriptions-transport-ws` (`node/`). The npm
+//! clients also walk the embedded mode's binary, `gqlws` (`embedded`).
 //!
 //! Needs: the release binaries (`cargo build --release -p auth-service -p api-service
-//! -p subscription-gateway`), `npm ci` in `integration-tests/node`, nginx, supervisord and psql
+//! -p subscription-gateway -p embedded`), `npm ci` in `integration-tests/node`, nginx, supervisord and psql
 //! on the PATH; scripts/test prepares all of it.
 
 mod client;
+mod embedded;
 mod npm_clients;
 mod reference;
 mod replicas;

@@ -14,7 +14,8 @@ use crate::stack::Stack;
 async fn receives_a_trigger_event_update_of_car_1(client: &str) {
     let stack = Stack::shared();
     let (access, _) = admin_tokens(stack).await;
-    let mut subscriber = NodeSubscriber::spawn(stack, client, Some(&access), CAR_1_UPDATED, 1);
+    let mut subscriber =
+        NodeSubscriber::spawn(&stack.ws_url(), client, Some(&access), CAR_1_UPDATED, 1);
     assert_eq!(subscriber.next().await, json!({"connected": true}));
 
     // As in the reference: trigger-event, then the update shows. Triggered again until it
@@ -58,8 +59,13 @@ async fn npm_clients_are_refused_with_the_documented_errors_for_bad_tokens() {
     cases.push(("no token", None, "no token"));
     for (label, token, word) in cases {
         // graphql-ws: the socket closes with 4403 and the reason.
-        let mut subscriber =
-            NodeSubscriber::spawn(stack, "graphql-ws", token.as_deref(), CAR_1_UPDATED, 1);
+        let mut subscriber = NodeSubscriber::spawn(
+            &stack.ws_url(),
+            "graphql-ws",
+            token.as_deref(),
+            CAR_1_UPDATED,
+            1,
+        );
         let line = subscriber.next().await;
         let close = &line["error"]["close"];
         assert_eq!(close["code"], 4403, "graphql-ws, {label}: {line}");
@@ -69,7 +75,7 @@ async fn npm_clients_are_refused_with_the_documented_errors_for_bad_tokens() {
 
         // subscriptions-transport-ws: connection_error with the message.
         let mut subscriber = NodeSubscriber::spawn(
-            stack,
+            &stack.ws_url(),
             "subscriptions-transport-ws",
             token.as_deref(),
             CAR_1_UPDATED,

@@ -2,7 +2,7 @@
 //! free ports, with a database and a Redis key prefix of its own.
 //!
 //! Nothing is built here: the binaries come from `cargo build --release -p auth-service
-//! -p api-service -p subscription-gateway` (scripts/test runs it before `cargo test`).
+//! -p api-service -p subscription-gateway -p embedded` (scripts/test runs it before `cargo test`).
 //!
 //! Starting and stopping: a watchdog process (`bash`, in its own process group) runs
 //! `scripts/stack up`, reports how that went on its stdout, then waits for EOF on its stdin, a

@@ -1,0 +1,154 @@
+//! The embedded mode's binary, `gqlws` (what the README's `cargo run --release` runs), walked
+//! with the npm clients a user of GraphQL Playground or Apollo would bring: a token from
+//! `/api/token/`, a subscription with `connectionParams`, `gqlws trigger-event` from a second
+//! process, the update arriving; a bad token refused as the distributed stack refuses it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::{http, NodeSubscriber, CAR_1_UPDATED, PATIENCE, TRIGGER_MAKES};
+use crate::stack::bin_dir;
+
+/// One `gqlws` process on a free port with an SQLite file of its own; killed when dropped.
+struct Gqlws {
+    child: Child,
+    url: String,
+    database_url: String,
+    dir: PathBuf,
+}
+
+impl Gqlws {
+    async fn start() -> Gqlws {
+        let binary = bin_dir().join("gqlws");
+        assert!(
+            binary.is_file(),
+            "{} is missing: cargo build --release -p embedded (scripts/test does)",
+            binary.display()
+        );
+        let dir = std::env::temp_dir().join(format!("gqlws-e2e-{}", test_support::random_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let database_url = format!("sqlite://{}/gqlws.db", dir.display());
+        // A free port can be taken between the probe and gqlws's bind; then try another.
+        for _ in 0..3 {
+            let port = test_support::free_port();
+            let mut child = Command::new(&binary)
+                .env("GQLWS_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+                .env("GQLWS_DATABASE_URL", &database_url)
+                .env("OUTBOX_RELAY_INTERVAL_MS", "100")
+                .env("LOG_LEVEL", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap_or_else(|err| panic!("cannot run {}: {err}", binary.display()));
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + PATIENCE;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                let ready = http().get(format!("{url}/readyz")).send().await;
+                if ready.is_ok_and(|response| response.status().is_success()) {
+                    return Gqlws {
+                        child,
+                        url,
+                        database_url,
+                        dir,
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("gqlws did not become ready (see its log above)");
+    }
+
+    fn ws_url(&self) -> String {
+        format!("{}/graphql/", self.url.replacen("http://", "ws://", 1))
+    }
+
+    async fn access_token(&self) -> String {
+        let mut response = http()
+            .post(format!("{}/api/token/", self.url))
+            .send_json(&json!({"username": "admin", "password": "letmein"}))
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&response.body().await.unwrap()).unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{body}");
+        body["access"].as_str().unwrap().to_owned()
+    }
+
+    /// `gqlws trigger-event`: a second process that commits the change to the SQLite file; the
+    /// server's relay publishes it.
+    fn trigger_event(&self, pk: i64) {
+        let output = Command::new(bin_dir().join("gqlws"))
+            .args(["trigger-event", "--pk", &pk.to_string()])
+            .env("GQLWS_DATABASE_URL", &self.database_url)
+            .env("LOG_LEVEL", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "gqlws trigger-event failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+impl Drop for Gqlws {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[actix_web::test]
+async fn npm_clients_receive_trigger_event_updates_from_the_embedded_binary() {
+    let gqlws = Gqlws::start().await;
+    let access = gqlws.access_token().await;
+    for client in ["graphql-ws", "subscriptions-transport-ws"] {
+        let mut subscriber =
+            NodeSubscriber::spawn(&gqlws.ws_url(), client, Some(&access), CAR_1_UPDATED, 1);
+        assert_eq!(
+            subscriber.next().await,
+            json!({"connected": true}),
+            "{client}"
+        );
+        // Triggered until it shows: the client's `subscribe` may reach the server after an
+        // event went out (the protocol does not acknowledge a subscription).
+        let mut line = None;
+        for _ in 0..20 {
+            gqlws.trigger_event(1);
+            line = subscriber.next_within(Duration::from_secs(2)).await;
+            if line.is_some() {
+                break;
+            }
+        }
+        let line = line.unwrap_or_else(|| panic!("{client}: no update of car 1 arrived"));
+        let car = &line["payload"]["data"]["carModelUpdated"];
+        assert_eq!(car["id"], "1", "{client}: {line}");
+        assert!(
+            TRIGGER_MAKES.contains(&car["make"].as_str().unwrap_or_default()),
+            "{client}: {line}"
+        );
+        assert_eq!(subscriber.wait(), Some(0), "{client} did not exit cleanly");
+    }
+
+    // A token that is not one: graphql-ws sees 4403 with the reason.
+    let mut refused = NodeSubscriber::spawn(
+        &gqlws.ws_url(),
+        "graphql-ws",
+        Some("not.a.jwt"),
+        CAR_1_UPDATED,
+        1,
+    );
+    let line = refused.next().await;
+    assert_eq!(line["error"]["close"]["code"], 4403, "{line}");
+    assert_eq!(refused.wait(), Some(1));
+}
