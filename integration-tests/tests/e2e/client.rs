@@ -366,6 +366,33 @@ impl NodeSubscriber {
     }
 }
 
+/// Runs `trigger` (a `trigger-event` for car 1) until `subscriber` prints the update, then checks
+/// it is car 1 with one of trigger-event's makes and that the client exits cleanly. Triggered
+/// again and again because the protocol does not acknowledge a subscription: the client's
+/// `subscribe` may reach the server after an event went out.
+pub async fn expect_trigger_event_update(
+    mut subscriber: NodeSubscriber,
+    client: &str,
+    trigger: impl Fn(),
+) {
+    let mut line = None;
+    for _ in 0..20 {
+        trigger();
+        line = subscriber.next_within(Duration::from_secs(2)).await;
+        if line.is_some() {
+            break;
+        }
+    }
+    let line = line.unwrap_or_else(|| panic!("{client}: no update of car 1 arrived"));
+    let car = &line["payload"]["data"]["carModelUpdated"];
+    assert_eq!(car["id"], "1", "{client}: {line}");
+    assert!(
+        TRIGGER_MAKES.contains(&car["make"].as_str().unwrap_or_default()),
+        "{client}: {line}"
+    );
+    assert_eq!(subscriber.wait(), Some(0), "{client} did not exit cleanly");
+}
+
 impl Drop for NodeSubscriber {
     fn drop(&mut self) {
         let _ = self.child.kill();
