@@ -6,6 +6,8 @@
 //! - [`PrivateRedis`]: a `redis-server` process of the test's own on a free port, for tests that
 //!   stop and restart Redis.
 //! - [`Response`] and [`into_response`]: an HTTP answer read whole, its body as JSON.
+//! - [`ws::WsClient`]: a websocket client (awc's) for the servers that speak the subscription
+//!   protocols.
 //!
 //! Settings: `TEST_DATABASE_URL` (an admin connection, default
 //! `postgres://postgres@127.0.0.1:5432/postgres`), `TEST_REDIS_URL` (default
@@ -18,6 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
+
+pub mod ws;
 
 pub fn admin_url() -> String {
     std::env::var("TEST_DATABASE_URL")

@@ -1,17 +1,15 @@
 //! `TestApp`: the real embedded application (`Application::build`, as `main` runs it) on port 0
-//! with its own SQLite file; `WsClient`: awc's websocket client.
+//! with its own SQLite file. The websocket client is `test_support::ws::WsClient`.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use awc::ws;
 use clap::Parser as _;
 use embedded::server::Application;
 use embedded::settings::Cli;
-use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
+pub use test_support::ws::{Incoming, WsClient};
 
 pub struct TestApp {
     pub port: u16,
@@ -155,89 +153,6 @@ impl Drop for TestApp {
             let _ = stop.send(());
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// What the client saw next.
-#[derive(Debug)]
-pub enum Incoming {
-    Json(Value),
-    Close(Option<u16>, String),
-}
-
-pub struct WsClient {
-    framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
-}
-
-impl WsClient {
-    pub async fn connect(url: &str, protocol: &str) -> WsClient {
-        let (_, framed) = awc::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .finish()
-            .ws(url)
-            .protocols([protocol])
-            .connect()
-            .await
-            .unwrap();
-        WsClient { framed }
-    }
-
-    pub async fn send(&mut self, message: Value) {
-        self.framed
-            .send(ws::Message::Text(message.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    /// The next JSON message or close, skipping pings and keep-alives; panics after 10 s.
-    pub async fn recv(&mut self) -> Incoming {
-        loop {
-            let frame = tokio::time::timeout(Duration::from_secs(10), self.framed.next())
-                .await
-                .expect("no message in time");
-            match frame {
-                Some(Ok(ws::Frame::Text(bytes))) => {
-                    let value: Value = serde_json::from_slice(&bytes).unwrap();
-                    if value["type"] == "ping" || value["type"] == "ka" {
-                        continue;
-                    }
-                    return Incoming::Json(value);
-                }
-                Some(Ok(ws::Frame::Close(reason))) => {
-                    return Incoming::Close(
-                        reason.as_ref().map(|r| u16::from(r.code)),
-                        reason.and_then(|r| r.description).unwrap_or_default(),
-                    )
-                }
-                Some(Ok(ws::Frame::Ping(bytes))) => {
-                    let _ = self.framed.send(ws::Message::Pong(bytes)).await;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(err)) => panic!("websocket error: {err}"),
-                None => return Incoming::Close(None, "stream ended".into()),
-            }
-        }
-    }
-
-    pub async fn expect_json(&mut self) -> Value {
-        match self.recv().await {
-            Incoming::Json(value) => value,
-            other => panic!("expected a message, got {other:?}"),
-        }
-    }
-
-    pub async fn expect_close(&mut self) -> (Option<u16>, String) {
-        loop {
-            if let Incoming::Close(code, reason) = self.recv().await {
-                return (code, reason);
-            }
-        }
-    }
-
-    pub async fn init(&mut self, token: &str) -> Value {
-        self.send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
-            .await;
-        self.expect_json().await
     }
 }
 

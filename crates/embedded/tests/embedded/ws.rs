@@ -94,7 +94,7 @@ async fn logging_out_closes_the_users_sockets() {
         .post("/api/token/blacklist/", json!({"refresh": refresh}), &[])
         .await;
     assert_eq!(status, 200);
-    match client.recv().await {
+    match client.recv_skip_keepalive().await {
         Incoming::Close(code, reason) => {
             assert_eq!(code, Some(4403));
             assert!(reason.contains("revoked"), "{reason}");
