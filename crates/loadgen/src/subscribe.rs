@@ -1156,6 +1156,7 @@ fn report(
     let measured = phases.expected.len();
     let mut latencies_us: Vec<u32> = Vec::with_capacity(tally.receipts.len());
     let mut last_us: Vec<Option<u32>> = vec![None; measured];
+    let mut first_us: Vec<Option<u32>> = vec![None; measured];
     let mut received: Vec<u64> = vec![0; measured];
     let mut last_receipt_ns = 0u64;
     for (index, at_ns) in &tally.receipts {
@@ -1169,6 +1170,7 @@ fn report(
         let k = index - warmups;
         received[k] += 1;
         last_us[k] = Some(last_us[k].map_or(latency, |l| l.max(latency)));
+        first_us[k] = Some(first_us[k].map_or(latency, |f| f.min(latency)));
         last_receipt_ns = last_receipt_ns.max(*at_ns);
     }
     latencies_us.sort_unstable();
@@ -1269,6 +1271,13 @@ fn report(
             "p50": ms(&last_sorted, 50.0),
             "p99": ms(&last_sorted, 99.0),
             "max": ms(&last_sorted, 100.0),
+        },
+        // Event by event, in publishing order: when its first and its last subscriber had it
+        // (null: nobody did). A slow event with a late first delivery was held up before the
+        // fan-out (Redis, the hub, the execution); one with an early first, during it.
+        "by_event_ms": {
+            "first": first_us.iter().map(|us| us.map(|us| f64::from(us) / 1000.0)).collect::<Vec<_>>(),
+            "last": last_us.iter().map(|us| us.map(|us| f64::from(us) / 1000.0)).collect::<Vec<_>>(),
         },
         "errors": {
             "connect": tally.connect_errors,
