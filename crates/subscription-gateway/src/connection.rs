@@ -85,7 +85,7 @@ impl Closing {
         Self::new(close::GOING_AWAY, "server shutting down; reconnect")
     }
 
-    /// Why the link refused a message.
+    /// Why the link refused a message, or woke its connection to end it.
     fn refused(link: &Link, metrics: &GatewayMetrics) -> Self {
         match link.state() {
             LinkState::Slow => Self::slow(metrics),
@@ -209,10 +209,8 @@ pub async fn run(
                         shared.metrics.subscriptions_active.with_label_values(&[&done.field]).dec();
                     }
                 }
-                match link.state() {
-                    LinkState::Open => {}
-                    LinkState::Slow => break Closing::slow(&shared.metrics),
-                    LinkState::Gone | LinkState::Closing => break Closing::gone(),
+                if link.state() != LinkState::Open {
+                    break Closing::refused(&link, &shared.metrics);
                 }
             }
             writable = link.stream().writable(), if flushing => {

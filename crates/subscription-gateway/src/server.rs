@@ -99,15 +99,14 @@ async fn accept(
 ) {
     let parts = framed.into_parts();
     let mut stream = parts.io;
-    let answer = match check(&gateway, &request) {
-        Ok(protocol) => protocol,
+    let (protocol, key) = match check(&gateway, &request) {
+        Ok(accepted) => accepted,
         Err(refusal) => {
             let _ = tokio::time::timeout(ANSWER_TIMEOUT, stream.write_all(&refusal)).await;
             let _ = tokio::time::timeout(ANSWER_TIMEOUT, stream.shutdown()).await;
             return;
         }
     };
-    let (protocol, key) = answer;
     let accept_key = actix_http::ws::hash_key(key.as_bytes());
     let head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
@@ -199,7 +198,7 @@ fn check(gateway: &GatewayState, request: &Request) -> Result<(Protocol, String)
 
 /// The first subprotocol of the client's list (over all its `Sec-WebSocket-Protocol` headers)
 /// that we speak.
-pub fn offered_protocol(headers: &HeaderMap) -> Option<Protocol> {
+fn offered_protocol(headers: &HeaderMap) -> Option<Protocol> {
     let offered: Vec<&str> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|v| v.to_str().ok())

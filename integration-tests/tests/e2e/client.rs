@@ -27,10 +27,10 @@ pub fn http() -> awc::Client {
         .finish()
 }
 
-/// `POST /api/token/`: the status and the JSON body.
-pub async fn post_token(stack: &Stack, username: &str, password: &str) -> (u16, Value) {
+/// `POST /api/token/` on `base_url` (a stack's NGINX, or gqlws): the status and the JSON body.
+pub async fn post_token(base_url: &str, username: &str, password: &str) -> (u16, Value) {
     let mut response = http()
-        .post(format!("{}/api/token/", stack.url))
+        .post(format!("{base_url}/api/token/"))
         .send_json(&json!({"username": username, "password": password}))
         .await
         .unwrap();
@@ -43,7 +43,12 @@ pub async fn post_token(stack: &Stack, username: &str, password: &str) -> (u16, 
 
 /// The demo user's token pair (step 2 of the reference): `(access, refresh)`.
 pub async fn admin_tokens(stack: &Stack) -> (String, String) {
-    let (status, body) = post_token(stack, "admin", "letmein").await;
+    admin_tokens_at(&stack.url).await
+}
+
+/// [`admin_tokens`] from any server with the token endpoints.
+pub async fn admin_tokens_at(base_url: &str) -> (String, String) {
+    let (status, body) = post_token(base_url, "admin", "letmein").await;
     assert_eq!(status, 200, "{body}");
     (
         body["access"].as_str().unwrap().to_owned(),

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::client::{expect_trigger_event_update, http, NodeSubscriber, CAR_1_UPDATED, PATIENCE};
+use crate::client::{
+    admin_tokens_at, expect_trigger_event_update, http, NodeSubscriber, CAR_1_UPDATED, PATIENCE,
+};
 use crate::stack::bin_dir;
 
 /// One `gqlws` process on a free port with an SQLite file of its own; killed when dropped.
@@ -71,17 +73,6 @@ impl Gqlws {
         format!("{}/graphql/", self.url.replacen("http://", "ws://", 1))
     }
 
-    async fn access_token(&self) -> String {
-        let mut response = http()
-            .post(format!("{}/api/token/", self.url))
-            .send_json(&json!({"username": "admin", "password": "letmein"}))
-            .await
-            .unwrap();
-        let body: Value = serde_json::from_slice(&response.body().await.unwrap()).unwrap();
-        assert_eq!(response.status().as_u16(), 200, "{body}");
-        body["access"].as_str().unwrap().to_owned()
-    }
-
     /// `gqlws trigger-event`: a second process that commits the change to the SQLite file; the
     /// server's relay publishes it.
     fn trigger_event(&self, pk: i64) {
@@ -111,7 +102,7 @@ impl Drop for Gqlws {
 #[actix_web::test]
 async fn npm_clients_receive_trigger_event_updates_from_the_embedded_binary() {
     let gqlws = Gqlws::start().await;
-    let access = gqlws.access_token().await;
+    let (access, _) = admin_tokens_at(&gqlws.url).await;
     for client in ["graphql-ws", "subscriptions-transport-ws"] {
         let mut subscriber =
             NodeSubscriber::spawn(&gqlws.ws_url(), client, Some(&access), CAR_1_UPDATED, 1);

@@ -70,7 +70,7 @@ async fn token_hi_subscription_and_trigger_event_through_nginx() {
 #[actix_web::test]
 async fn bad_credentials_and_tokens_fail_on_queries_with_unauthenticated() {
     let stack = Stack::shared();
-    let (status, body) = post_token(stack, "admin", "wrong password").await;
+    let (status, body) = post_token(&stack.url, "admin", "wrong password").await;
     assert_eq!(status, 401);
     assert_eq!(body["code"], "no_active_account", "{body}");
 
