@@ -10,11 +10,12 @@
 use std::sync::Arc;
 
 use actix_web::http::{header, Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
 use common::auth::TokenVerifier;
 use common::graphql::{extensions, Context, Schema, SUBSCRIPTION_OVER_HTTP};
+use common::error::ApiError;
+use common::http::BodyLimits;
 use common::repository::Store;
-use futures_util::StreamExt as _;
 use juniper::http::GraphQLRequest;
 use juniper::{DefaultScalarValue, GraphQLError, OperationType, ParseError, ValidatedOperation};
 use serde::{Deserialize, Serialize};
@@ -25,8 +26,11 @@ pub struct ApiState {
     pub schema: Arc<Schema>,
     pub store: Store,
     pub verifier: TokenVerifier,
-    pub max_body_bytes: usize,
+    pub body_limits: BodyLimits,
     pub max_batch_size: usize,
+    /// Fields a whole batch may select (MAX_QUERY_FIELDS): without it, a batch of ten
+    /// operations each within the document limit did ten documents' work in one request.
+    pub max_batch_fields: usize,
     pub playground: bool,
 }
 
@@ -99,7 +103,7 @@ async fn graphql_post(
             "UNSUPPORTED_MEDIA_TYPE",
         );
     }
-    let body = match read_body(&req, payload, state.max_body_bytes).await {
+    let body = match read_body(&req, payload, state.body_limits).await {
         Ok(body) => body,
         Err(response) => return response,
     };
@@ -134,9 +138,33 @@ async fn graphql_post(
                     "BATCH_TOO_LARGE",
                 );
             }
-            let mut results = Vec::with_capacity(items.len());
-            for item in items {
-                let outcome = match parse_request(item) {
+            let requests: Vec<Result<GraphQLRequest, String>> =
+                items.into_iter().map(parse_request).collect();
+            let fields: usize = requests
+                .iter()
+                .flatten()
+                .filter_map(|request| {
+                    common::graphql::operation_field_count(
+                        &state.schema,
+                        &request.query,
+                        request.operation_name.as_deref(),
+                    )
+                })
+                .fold(0, usize::saturating_add);
+            if fields > state.max_batch_fields {
+                return http_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "this batch selects {fields} fields in all; a batch may select at most {} \
+                         (the limit of one document), so split it into several requests",
+                        state.max_batch_fields
+                    ),
+                    "BATCH_TOO_EXPENSIVE",
+                );
+            }
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                let outcome = match request {
                     Ok(request) => execute(&state, &request, &context, &Method::POST).await,
                     Err(message) => Outcome {
                         body: error_body(&message, "BAD_REQUEST"),
@@ -435,35 +463,21 @@ fn html(page: String) -> HttpResponse {
 /// streaming, so an oversized body is never buffered whole).
 async fn read_body(
     req: &HttpRequest,
-    mut payload: web::Payload,
-    limit: usize,
+    payload: web::Payload,
+    limits: BodyLimits,
 ) -> Result<web::BytesMut, HttpResponse> {
-    let too_large = || {
-        http_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("the request body exceeds the limit of {limit} bytes"),
-            "PAYLOAD_TOO_LARGE",
-        )
-    };
-    let declared = header_str(req, header::CONTENT_LENGTH).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(too_large());
-    }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|err| {
-            http_error(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the request body: {err}"),
-                "BAD_REQUEST",
-            )
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(too_large());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
+    common::http::read_body(req, payload, limits)
+        .await
+        .map_err(|err| {
+            let mut response = http_error(err.status_code(), &err.to_string(), err.graphql_code());
+            if let ApiError::BodyTimeout { .. } = err {
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+            }
+            response
+        })
 }
 
 fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {

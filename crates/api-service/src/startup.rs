@@ -9,6 +9,7 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 use common::auth::TokenVerifier;
 use common::config::ConfigError;
+use common::revocations::RevokedBefore;
 use common::events::{EventBus, RedisBus};
 use common::graphql::DocumentLimits;
 use common::http::{health_routes, not_found, Readiness};
@@ -35,6 +36,10 @@ pub struct Application {
     port: u16,
     server: Server,
     store: Store,
+    /// Where logouts' cutoffs are read from, for the verifier's copy.
+    redis: common::redis::RedisPool,
+    key_prefix: String,
+    revoked: Arc<RevokedBefore>,
 }
 
 impl Application {
@@ -47,7 +52,8 @@ impl Application {
             settings.redis.redis_key_prefix.clone(),
         ));
         let store = store(&settings, pool.clone(), bus, &metrics);
-        let state = state(&settings, store.clone()).await?;
+        let revoked = revoked_before(&settings);
+        let state = state(&settings, store.clone(), revoked.clone()).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
         }
@@ -56,9 +62,10 @@ impl Application {
         }
         let readiness = web::Data::new(Readiness {
             database: Some(pool),
-            redis: Some(redis),
+            redis: Some(redis.clone()),
         });
         let metrics = web::Data::new(metrics);
+        let address_limit = web::Data::new(settings.http.address_limit());
 
         let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server = common::start_server!(
@@ -67,6 +74,8 @@ impl Application {
                     .app_data(state.clone())
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
+                    .app_data(address_limit.clone())
+                    .wrap(middleware::from_fn(common::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     .configure(routes::config)
                     .configure(health_routes)
@@ -81,6 +90,9 @@ impl Application {
             port,
             server,
             store,
+            redis,
+            key_prefix: settings.redis.redis_key_prefix.clone(),
+            revoked,
         })
     }
 
@@ -101,10 +113,21 @@ impl Application {
         let relay = tokio::spawn(common::repository::run_relay(self.store, async move {
             let _ = relay_stopped.await;
         }));
+        let (stop_poll, poll_stopped) = tokio::sync::oneshot::channel::<()>();
+        let poll = tokio::spawn(common::revocations::poll(
+            self.redis,
+            self.key_prefix,
+            self.revoked,
+            async move {
+                let _ = poll_stopped.await;
+            },
+        ));
         shutdown.await;
         handle.stop(true).await;
         let _ = stop_relay.send(());
+        let _ = stop_poll.send(());
         let _ = relay.await;
+        let _ = poll.await;
         match server.await {
             Ok(result) => result,
             Err(err) => Err(std::io::Error::other(err)),
@@ -132,8 +155,12 @@ pub fn outbox_config(settings: &Settings) -> OutboxConfig {
 /// What the GraphQL handlers share ([`routes::config`] reads it as app data): the schema with
 /// its document limits, the store and the token verifier. Used by [`Application::build`] and by
 /// the embedded single-process server. Touches no database.
-pub async fn state(settings: &Settings, store: Store) -> Result<web::Data<ApiState>, StartupError> {
-    let verifier = verifier(settings).await?;
+pub async fn state(
+    settings: &Settings,
+    store: Store,
+    revoked: Arc<RevokedBefore>,
+) -> Result<web::Data<ApiState>, StartupError> {
+    let verifier = verifier(settings).await?.with_revocations(revoked);
     let max_body_bytes = usize::try_from(settings.max_body_bytes)
         .map_err(|_| ConfigError::new("MAX_BODY_BYTES", "too large"))?;
     let limits = DocumentLimits {
@@ -145,8 +172,9 @@ pub async fn state(settings: &Settings, store: Store) -> Result<web::Data<ApiSta
         schema: Arc::new(common::graphql::schema(limits)),
         store,
         verifier,
-        max_body_bytes,
+        body_limits: settings.http.body_limits(max_body_bytes),
         max_batch_size: settings.max_batch_size,
+        max_batch_fields: limits.max_fields,
         playground: settings.playground,
     }))
 }
@@ -158,6 +186,14 @@ pub async fn seed_demo(pool: &common::db::DbPool) -> Result<(), StartupError> {
         .map_err(|err| StartupError::Other(format!("cannot create the demo data: {err}")))?;
     tracing::warn!("demo mode: demo user and cars are present");
     Ok(())
+}
+
+/// The logout cutoffs this process follows (see [`common::revocations`]).
+pub fn revoked_before(settings: &Settings) -> Arc<RevokedBefore> {
+    RevokedBefore::new(
+        settings.jwt.access_token_lifetime_secs,
+        settings.jwt.jwt_leeway_secs,
+    )
 }
 
 /// The token verifier: auth-service's JWKS when JWKS_URL is set (no secret or private key is

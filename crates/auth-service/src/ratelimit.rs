@@ -1,13 +1,21 @@
 //! Failed-login counters in Redis, per username and per client address, shared by every replica.
 //!
-//! A failure increments both counters (created with the window as their expiry); a login is
-//! refused with 429 while either counter is at its maximum, for the rest of that counter's window.
+//! Checking a counter and counting the attempt are one atomic step: every attempt first takes a
+//! slot ([`LoginLimiter::reserve`]: `INCR` of both counters in one `MULTI`, the window set by the
+//! first), and is evaluated only if neither count went past its maximum. A failure keeps its
+//! slot; a success gives the username's counter back (it is deleted) and the address's slot
+//! ([`LoginLimiter::succeeded`]). Checking first and counting after the password check, as
+//! before, let 40 simultaneous guesses all be evaluated against a limit of 5, because each one
+//! read the counter before any had failed. Refused attempts keep their slot too: they are
+//! guesses, and the window is never extended by them (`EXPIRE … NX`).
+//!
 //! When Redis is unreachable the limiter lets logins through and counts the outage in a metric:
-//! the argon2 cost still slows guessing, and an outage of the cache should not lock every user out.
+//! the argon2 cost and the login concurrency bound ([`crate::routes::LoginGate`]) still slow
+//! guessing, and an outage of the cache should not lock every user out.
 //!
 //! The embedded single-process mode has no Redis: there the counters live in this process's
-//! memory ([`Counters::Memory`]), with the same keys, windows and answers. One process is the
-//! whole deployment there, so nothing needs sharing.
+//! memory ([`Counters::Memory`]), with the same keys, windows and answers, under one lock. One
+//! process is the whole deployment there, so nothing needs sharing.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -56,8 +64,9 @@ impl LoginLimiter {
         )
     }
 
-    /// Refuses with 429 and the seconds left when either counter is exhausted.
-    pub async fn check(&self, username: &str, address: IpAddr) -> Result<(), ApiError> {
+    /// Counts this attempt, and refuses it with 429 and the seconds left when that takes either
+    /// counter past its maximum.
+    pub async fn reserve(&self, username: &str, address: IpAddr) -> Result<(), ApiError> {
         let (user_key, addr_key) = self.keys(username, address);
         let redis_pool = match &self.counters {
             Counters::Redis(pool) => pool,
@@ -65,113 +74,122 @@ impl LoginLimiter {
                 let mut map = lock(map);
                 let now = Instant::now();
                 map.retain(|_, (_, until)| *until > now);
-                let left = |key: &str, max: u64| match map.get(key) {
-                    Some((count, until)) if *count >= max => {
-                        until.saturating_duration_since(now).as_secs().max(1)
+                let window = Duration::from_secs(self.window_secs);
+                let mut count = |key: String, max: u64| {
+                    // The window starts at the first attempt and is never extended.
+                    let entry = map.entry(key).or_insert((0, now + window));
+                    entry.0 += 1;
+                    if entry.0 > max {
+                        entry.1.saturating_duration_since(now).as_secs().max(1)
+                    } else {
+                        0
                     }
-                    _ => 0,
                 };
                 let retry_after =
-                    left(&user_key, self.max_per_user).max(left(&addr_key, self.max_per_address));
-                return if retry_after > 0 {
-                    Err(ApiError::RateLimited {
-                        retry_after_secs: retry_after,
-                    })
-                } else {
-                    Ok(())
-                };
+                    count(user_key, self.max_per_user).max(count(addr_key, self.max_per_address));
+                return limited(retry_after);
             }
         };
         let mut pipe = redis_client::pipe();
-        pipe.get(&user_key)
-            .ttl(&user_key)
-            .get(&addr_key)
-            .ttl(&addr_key);
-        let result: Result<(Option<u64>, i64, Option<u64>, i64), _> =
-            redis::query(redis_pool, &pipe).await;
-        let (user_count, user_ttl, addr_count, addr_ttl) = match result {
-            Ok(values) => values,
-            Err(err) => {
-                self.errors.with_label_values(&["check"]).inc();
-                tracing::warn!(%err, "login rate limit unavailable; allowing the attempt");
-                return Ok(());
-            }
-        };
-        let mut retry_after = 0;
-        if user_count.unwrap_or(0) >= self.max_per_user {
-            retry_after = retry_after.max(ttl_or_window(user_ttl, self.window_secs));
-        }
-        if addr_count.unwrap_or(0) >= self.max_per_address {
-            retry_after = retry_after.max(ttl_or_window(addr_ttl, self.window_secs));
-        }
-        if retry_after > 0 {
-            Err(ApiError::RateLimited {
-                retry_after_secs: retry_after,
-            })
-        } else {
-            Ok(())
-        }
-    }
-
-    pub async fn record_failure(&self, username: &str, address: IpAddr) {
-        let (user_key, addr_key) = self.keys(username, address);
-        let redis_pool = match &self.counters {
-            Counters::Redis(pool) => pool,
-            Counters::Memory(map) => {
-                let mut map = lock(map);
-                let now = Instant::now();
-                let window = Duration::from_secs(self.window_secs);
-                for key in [user_key, addr_key] {
-                    let entry = map.entry(key).or_insert((0, now + window));
-                    // The window starts at the first failure and is never extended (EXPIRE NX).
-                    if entry.1 <= now {
-                        *entry = (0, now + window);
-                    }
-                    entry.0 += 1;
-                }
-                return;
-            }
-        };
-        let mut pipe = redis_client::pipe();
-        // EXPIRE … NX starts the window at the first failure and never extends it.
+        // EXPIRE … NX starts the window at the first attempt and never extends it.
         pipe.atomic()
             .incr(&user_key, 1)
-            .ignore()
             .cmd("EXPIRE")
             .arg(&user_key)
             .arg(self.window_secs)
             .arg("NX")
             .ignore()
+            .ttl(&user_key)
             .incr(&addr_key, 1)
-            .ignore()
             .cmd("EXPIRE")
             .arg(&addr_key)
             .arg(self.window_secs)
             .arg("NX")
-            .ignore();
-        if let Err(err) = redis::query::<()>(redis_pool, &pipe).await {
-            self.errors.with_label_values(&["record"]).inc();
-            tracing::warn!(%err, "cannot record failed login");
+            .ignore()
+            .ttl(&addr_key);
+        let result: Result<(u64, i64, u64, i64), _> = redis::query(redis_pool, &pipe).await;
+        let (user_count, user_ttl, addr_count, addr_ttl) = match result {
+            Ok(values) => values,
+            Err(err) => {
+                self.errors.with_label_values(&["reserve"]).inc();
+                tracing::warn!(%err, "login rate limit unavailable; allowing the attempt");
+                return Ok(());
+            }
+        };
+        let mut retry_after = 0;
+        if user_count > self.max_per_user {
+            retry_after = retry_after.max(ttl_or_window(user_ttl, self.window_secs));
         }
+        if addr_count > self.max_per_address {
+            retry_after = retry_after.max(ttl_or_window(addr_ttl, self.window_secs));
+        }
+        limited(retry_after)
     }
 
-    /// A successful login clears the username's counter (not the address's: one address guessing
-    /// many accounts stays limited).
-    pub async fn reset_user(&self, username: &str, address: IpAddr) {
-        let (user_key, _) = self.keys(username, address);
+    /// A successful login: the username's counter is cleared, and the address's slot given back
+    /// (one address guessing many accounts stays limited by its failures).
+    pub async fn succeeded(&self, username: &str, address: IpAddr) {
+        self.give_back(username, address, true).await
+    }
+
+    /// An attempt that was counted but not evaluated (the server was too busy): both slots are
+    /// given back, so an overloaded server never locks a user out.
+    pub async fn not_evaluated(&self, username: &str, address: IpAddr) {
+        self.give_back(username, address, false).await
+    }
+
+    async fn give_back(&self, username: &str, address: IpAddr, clear_user: bool) {
+        let (user_key, addr_key) = self.keys(username, address);
         let redis_pool = match &self.counters {
             Counters::Redis(pool) => pool,
             Counters::Memory(map) => {
-                lock(map).remove(&user_key);
+                let mut map = lock(map);
+                if clear_user {
+                    map.remove(&user_key);
+                }
+                let keys = if clear_user {
+                    vec![addr_key]
+                } else {
+                    vec![user_key, addr_key]
+                };
+                for key in keys {
+                    if let Some(entry) = map.get_mut(&key) {
+                        entry.0 = entry.0.saturating_sub(1);
+                    }
+                }
                 return;
             }
         };
-        if let Err(err) =
-            redis::query::<()>(redis_pool, redis_client::cmd("DEL").arg(&user_key)).await
-        {
-            self.errors.with_label_values(&["reset"]).inc();
-            tracing::warn!(%err, "cannot reset failed-login counter");
+        let mut pipe = redis_client::pipe();
+        pipe.atomic();
+        if clear_user {
+            pipe.cmd("DEL").arg(&user_key).ignore();
+        } else {
+            decrement_existing(&mut pipe, &user_key);
         }
+        decrement_existing(&mut pipe, &addr_key);
+        if let Err(err) = redis::query::<()>(redis_pool, &pipe).await {
+            self.errors.with_label_values(&["give_back"]).inc();
+            tracing::warn!(%err, "cannot give a login attempt back to its counters");
+        }
+    }
+}
+
+/// `DECR` only if the key still exists: a counter whose window ended meanwhile must not come
+/// back as -1 without an expiry.
+fn decrement_existing(pipe: &mut redis_client::Pipeline, key: &str) {
+    pipe.cmd("EVAL")
+        .arg("if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0")
+        .arg(1)
+        .arg(key)
+        .ignore();
+}
+
+fn limited(retry_after_secs: u64) -> Result<(), ApiError> {
+    if retry_after_secs > 0 {
+        Err(ApiError::RateLimited { retry_after_secs })
+    } else {
+        Ok(())
     }
 }
 

@@ -1,7 +1,6 @@
 //! The token endpoints: SimpleJWT's request and response shapes, status codes and messages, so
 //! that clients written for the reference stack work unchanged.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -10,8 +9,9 @@ use common::db::tokens::{self, BlacklistEntry};
 use common::db::{users, DbPool};
 use common::error::ApiError;
 use common::events::{revocation_channel, Revocation};
-use common::http::{read_json_object, required_strings};
+use common::http::{client_address, read_json_object, required_strings, BodyLimits};
 use common::jwt::{new_jti, Claims, JwtKeys, TokenError, TokenType};
+use common::revocations::RevokedBefore;
 use prometheus::IntCounterVec;
 use serde_json::json;
 
@@ -22,7 +22,11 @@ use crate::ratelimit::LoginLimiter;
 /// in-memory bus of the embedded mode.
 pub enum Revocations {
     Redis(common::redis::RedisPool),
-    Memory(common::events::MemoryBus),
+    /// The embedded mode: the bus, and the cutoffs its verifiers read.
+    Memory {
+        bus: common::events::MemoryBus,
+        revoked: Arc<RevokedBefore>,
+    },
 }
 
 /// What the handlers share; built once by [`crate::startup::Application::build`].
@@ -30,13 +34,17 @@ pub struct AuthState {
     pub pool: DbPool,
     pub keys: Arc<JwtKeys>,
     pub limiter: LoginLimiter,
+    /// Bounds the password checks in flight (each holds ~19 MiB and a blocking thread).
+    pub login_gate: LoginGate,
     /// Where logouts are announced to the gateways.
     pub revocations: Revocations,
     pub access_lifetime_secs: i64,
+    /// How long a logout's cutoff matters: the access lifetime plus the verifiers' leeway.
+    pub revocation_retention_secs: u64,
     pub refresh_lifetime_secs: i64,
     pub rotate_refresh_tokens: bool,
     pub blacklist_after_rotation: bool,
-    pub max_body_bytes: usize,
+    pub body_limits: BodyLimits,
     pub trust_forwarded_for: bool,
     /// A hash of a random password, verified against when the username is unknown so that the
     /// response time does not reveal which usernames exist.
@@ -68,6 +76,63 @@ pub fn config(cfg: &mut web::ServiceConfig) {
         .route("/api/token/jwks/", web::get().to(jwks));
 }
 
+/// How many logins this process evaluates at once, and how many may wait for a turn.
+///
+/// Each password check is an argon2id computation holding about 19 MiB and a blocking thread
+/// for ~35 ms; unbounded, 150 parallel logins took the process to 3 GB (never given back to the
+/// system). At most `checking` run at once; up to `waiting` more wait their turn; a login beyond
+/// that is refused at once with 503 and `Retry-After: 1`, before any other work is done.
+pub struct LoginGate {
+    checking: tokio::sync::Semaphore,
+    admitted: std::sync::atomic::AtomicUsize,
+    max_admitted: usize,
+}
+
+/// A login that passed [`LoginGate::admit`]; its place is freed when dropped.
+pub struct Admitted<'a> {
+    gate: &'a LoginGate,
+}
+
+impl LoginGate {
+    pub fn new(checking: usize, waiting: usize) -> Self {
+        let checking = checking.max(1);
+        Self {
+            checking: tokio::sync::Semaphore::new(checking),
+            admitted: std::sync::atomic::AtomicUsize::new(0),
+            max_admitted: checking + waiting,
+        }
+    }
+
+    pub fn admit(&self) -> Option<Admitted<'_>> {
+        use std::sync::atomic::Ordering;
+        let previous = self.admitted.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_admitted {
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admitted { gate: self })
+    }
+}
+
+impl Admitted<'_> {
+    /// Checks the password once a checking slot is free.
+    pub async fn verify(&self, stored_hash: String, password: String) -> bool {
+        // The semaphore is never closed; a failure would mean no check, which is a refusal.
+        let Ok(_slot) = self.gate.checking.acquire().await else {
+            return false;
+        };
+        passwords::verify_blocking(stored_hash, password).await
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.gate
+            .admitted
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Handler {
     Obtain,
@@ -91,23 +156,36 @@ async fn obtain(
     payload: web::Payload,
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_json_object(&req, payload, state.max_body_bytes).await?;
+    let body = read_json_object(&req, payload, state.body_limits).await?;
     let [username, password] = required_strings(&body, ["username", "password"])?;
     let address = client_address(&req, state.trust_forwarded_for);
 
-    if let Err(limited) = state.limiter.check(&username, address).await {
+    // Admission first: it costs nothing, and a refused login must not touch Redis or a counter.
+    let Some(admitted) = state.login_gate.admit() else {
+        state.login_failures.with_label_values(&["busy"]).inc();
+        return Err(ApiError::Busy {
+            what: "logins",
+        });
+    };
+    if let Err(limited) = state.limiter.reserve(&username, address).await {
         state
             .login_failures
             .with_label_values(&["rate_limited"])
             .inc();
         return Err(limited);
     }
-    let user = users::find_by_username(&state.pool, username.clone()).await?;
+    let user = match users::find_by_username(&state.pool, username.clone()).await {
+        Ok(user) => user,
+        Err(err) => {
+            state.limiter.not_evaluated(&username, address).await;
+            return Err(err.into());
+        }
+    };
     let stored_hash = user
         .as_ref()
         .map(|u| u.password_hash.clone())
         .unwrap_or_else(|| state.dummy_hash.clone());
-    let password_ok = passwords::verify_blocking(stored_hash, password).await;
+    let password_ok = admitted.verify(stored_hash, password).await;
     let user = match user {
         Some(user) if password_ok && user.is_active => user,
         other => {
@@ -117,11 +195,10 @@ async fn obtain(
                 None => "unknown_user",
             };
             state.login_failures.with_label_values(&[reason]).inc();
-            state.limiter.record_failure(&username, address).await;
             return Err(ApiError::NoActiveAccount);
         }
     };
-    state.limiter.reset_user(&username, address).await;
+    state.limiter.succeeded(&username, address).await;
     let refresh = sign(&state, user.id, &user.username, TokenType::Refresh)?;
     let access = sign(&state, user.id, &user.username, TokenType::Access)?;
     Ok(HttpResponse::Ok().json(json!({"refresh": refresh.0, "access": access.0})))
@@ -188,13 +265,16 @@ async fn blacklist(
     Ok(HttpResponse::Ok().json(json!({})))
 }
 
-/// Tells every gateway that this user logged out, so their open sockets close now rather than at
-/// the access token's expiry. Best effort: the blacklist entry is already committed, and when Redis
-/// is away the sockets still close when their access tokens expire (minutes at most).
+/// Revokes the user's access tokens issued so far, on every replica ([`common::revocations`]),
+/// and tells every gateway, so that the open sockets of those tokens close now rather than at
+/// their expiry. Best effort: the blacklist entry is already committed; when Redis is away the
+/// access tokens stay valid until they expire (minutes at most), as before.
 async fn announce_revocation(state: &AuthState, claims: &Claims) {
+    let cutoff = Utc::now().timestamp();
     let message = Revocation {
         user_id: claims.user_id,
         jti: claims.jti.clone(),
+        revoked_before: Some(cutoff),
     };
     let payload = match serde_json::to_string(&message) {
         Ok(payload) => payload,
@@ -206,11 +286,28 @@ async fn announce_revocation(state: &AuthState, claims: &Claims) {
     let channel_name = revocation_channel(&state.limiter.key_prefix);
     let redis_pool = match &state.revocations {
         Revocations::Redis(pool) => pool,
-        Revocations::Memory(bus) => {
+        Revocations::Memory { bus, revoked } => {
+            revoked.record(claims.user_id, cutoff);
             bus.send(channel_name, &payload);
             return;
         }
     };
+    if let Err(err) = common::revocations::write(
+        redis_pool,
+        &state.limiter.key_prefix,
+        claims.user_id,
+        cutoff,
+        state.revocation_retention_secs,
+    )
+    .await
+    {
+        state
+            .limiter
+            .errors
+            .with_label_values(&["write_revocation"])
+            .inc();
+        tracing::warn!(%err, "cannot record the revocation; access tokens stay valid until they expire");
+    }
     let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
     cmd.arg(channel_name).arg(payload);
     if let Err(err) = common::redis::query::<i64>(redis_pool, &cmd).await {
@@ -239,7 +336,7 @@ async fn token_in_body(
     field: &str,
     expected: Option<TokenType>,
 ) -> Result<Claims, ApiError> {
-    let body = read_json_object(req, payload, state.max_body_bytes).await?;
+    let body = read_json_object(req, payload, state.body_limits).await?;
     let [token] = required_strings(&body, [field])?;
     let verification = &state.keys.verification;
     match expected {
@@ -291,20 +388,3 @@ fn blacklist_entry(claims: &Claims) -> BlacklistEntry {
     }
 }
 
-/// The client's address for rate limiting. Behind the repo's NGINX the last `X-Forwarded-For`
-/// entry is the one NGINX appended (earlier ones come from the client and may be forged).
-fn client_address(req: &HttpRequest, trust_forwarded_for: bool) -> IpAddr {
-    let peer = req
-        .peer_addr()
-        .map(|addr| addr.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    if !trust_forwarded_for {
-        return peer;
-    }
-    req.headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(peer)
-}

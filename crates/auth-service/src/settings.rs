@@ -83,4 +83,10 @@ pub struct Settings {
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     pub max_body_bytes: usize,
+    /// Password checks (argon2id, ~19 MiB each) run at once; 0 means one per core.
+    #[arg(long, env = "LOGIN_CONCURRENCY", default_value_t = 0)]
+    pub login_concurrency: usize,
+    /// Logins that may wait for a password check; beyond that a login gets 503 at once.
+    #[arg(long, env = "LOGIN_QUEUE", default_value_t = 64)]
+    pub login_queue: usize,
 }

@@ -14,7 +14,7 @@ use common::jwt::{JwtKeys, SecretPolicy};
 use common::metrics::{self, Metrics};
 
 use crate::ratelimit::{Counters, LoginLimiter};
-use crate::routes::{self, AuthState, Revocations};
+use crate::routes::{self, AuthState, LoginGate, Revocations};
 use crate::settings::Settings;
 
 /// Why the service could not start. Configuration errors exit with status 2, the rest with 1.
@@ -59,6 +59,7 @@ impl Application {
             redis: Some(redis),
         });
         let metrics = web::Data::new(metrics);
+        let address_limit = web::Data::new(settings.http.address_limit());
 
         let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
@@ -68,6 +69,8 @@ impl Application {
                     .app_data(server_state.clone())
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
+                    .app_data(address_limit.clone())
+                    .wrap(middleware::from_fn(common::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     .configure(routes::config)
                     .configure(health_routes)
@@ -169,12 +172,23 @@ pub async fn state(
             window_secs: settings.login_failure_window_secs,
             errors: limiter_errors,
         },
+        login_gate: LoginGate::new(
+            match settings.login_concurrency {
+                0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+                n => n,
+            },
+            settings.login_queue,
+        ),
         revocations: backends.revocations,
         access_lifetime_secs: lifetime(settings.jwt.access_token_lifetime_secs)?,
+        revocation_retention_secs: settings
+            .jwt
+            .access_token_lifetime_secs
+            .saturating_add(settings.jwt.jwt_leeway_secs),
         refresh_lifetime_secs: lifetime(settings.jwt.refresh_token_lifetime_secs)?,
         rotate_refresh_tokens: settings.rotate_refresh_tokens,
         blacklist_after_rotation: settings.blacklist_after_rotation,
-        max_body_bytes: settings.max_body_bytes,
+        body_limits: settings.http.body_limits(settings.max_body_bytes),
         trust_forwarded_for: settings.http.trust_forwarded_for,
         dummy_hash,
         tokens_issued,

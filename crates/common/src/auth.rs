@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::jwt::{Claims, TokenError, TokenType, VerificationKeys};
+use crate::revocations::RevokedBefore;
 
 /// Why a request is not authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +43,8 @@ pub fn bearer_token(header: Option<&str>) -> Result<&str, AuthError> {
 #[derive(Clone)]
 pub struct TokenVerifier {
     source: Source,
+    /// Logouts' cutoffs ([`crate::revocations`]); none in a process that does not follow them.
+    revoked: Option<Arc<RevokedBefore>>,
 }
 
 #[derive(Clone)]
@@ -75,6 +78,7 @@ impl TokenVerifier {
     pub fn from_keys(keys: VerificationKeys) -> Self {
         Self {
             source: Source::Static(Arc::new(keys)),
+            revoked: None,
         }
     }
 
@@ -89,6 +93,16 @@ impl TokenVerifier {
         cache.refresh(Duration::ZERO).await;
         Self {
             source: Source::Jwks(cache),
+            revoked: None,
+        }
+    }
+
+    /// Seconds a token is still accepted after its `exp`: a socket stays open as long as an HTTP
+    /// request with the same token would be served.
+    pub fn leeway_secs(&self) -> u64 {
+        match &self.source {
+            Source::Static(keys) => keys.leeway_secs(),
+            Source::Jwks(cache) => cache.settings.leeway_secs,
         }
     }
 
@@ -98,13 +112,27 @@ impl TokenVerifier {
         self.verify_access(token).await
     }
 
+    /// Refuses tokens issued before their user's logout, as `list` knows them.
+    pub fn with_revocations(mut self, list: Arc<RevokedBefore>) -> Self {
+        self.revoked = Some(list);
+        self
+    }
+
     pub async fn verify_access(&self, token: &str) -> Result<Claims, AuthError> {
-        match &self.source {
+        let claims = match &self.source {
             Source::Static(keys) => keys
                 .verify(token, TokenType::Access)
                 .map_err(AuthError::Token),
             Source::Jwks(cache) => cache.verify(token).await,
+        }?;
+        if self
+            .revoked
+            .as_ref()
+            .is_some_and(|list| list.is_revoked(&claims))
+        {
+            return Err(AuthError::Token(TokenError::Revoked));
         }
+        Ok(claims)
     }
 }
 

@@ -177,6 +177,29 @@ pub struct HttpArgs {
     /// such as the repo's NGINX, which overwrites it; otherwise clients could spoof it).
     #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
     pub trust_forwarded_for: bool,
+    /// Longest a client may take to send a request body, in seconds (then 408 and the connection
+    /// closes).
+    #[arg(long, env = "BODY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_secs: u64,
+    /// Requests one client address may have in flight at once; more get 429.
+    #[arg(long, env = "MAX_REQUESTS_PER_ADDRESS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_requests_per_address: u64,
+}
+
+impl HttpArgs {
+    pub fn body_limits(&self, max_bytes: usize) -> crate::http::BodyLimits {
+        crate::http::BodyLimits {
+            max_bytes,
+            timeout: std::time::Duration::from_secs(self.body_timeout_secs),
+        }
+    }
+
+    pub fn address_limit(&self) -> crate::http::AddressLimit {
+        crate::http::AddressLimit::new(
+            usize::try_from(self.max_requests_per_address).unwrap_or(usize::MAX),
+            self.trust_forwarded_for,
+        )
+    }
 }
 
 /// Settings of the JWT keys. Which of them are required depends on the algorithm; [`crate::jwt`]

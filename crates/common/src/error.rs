@@ -27,6 +27,13 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("not found")]
     NotFound,
+    /// Too much of one kind of work is in flight in this process (e.g. password checks); not the
+    /// client's fault, so 503 rather than 429.
+    #[error("busy: {what}")]
+    Busy { what: &'static str },
+    /// The client did not finish sending the body in time.
+    #[error("request body not received within {secs} s")]
+    BodyTimeout { secs: u64 },
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -48,6 +55,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             ApiError::RateLimited { .. } => "RATE_LIMITED",
             ApiError::NotFound => "NOT_FOUND",
+            ApiError::Busy { .. } => "BUSY",
+            ApiError::BodyTimeout { .. } => "REQUEST_TIMEOUT",
             ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL_SERVER_ERROR",
         }
@@ -71,6 +80,8 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -97,6 +108,14 @@ impl ResponseError for ApiError {
                 "code": "throttled",
             }),
             ApiError::NotFound => json!({"detail": "Not found.", "code": "not_found"}),
+            ApiError::Busy { what } => json!({
+                "detail": format!("Too many {what} in progress; try again in a second."),
+                "code": "busy",
+            }),
+            ApiError::BodyTimeout { secs } => json!({
+                "detail": format!("The request body was not received within {secs} seconds."),
+                "code": "request_timeout",
+            }),
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "dependency unavailable");
                 json!({"detail": "Service temporarily unavailable, try again later.", "code": "service_unavailable"})
@@ -107,8 +126,18 @@ impl ResponseError for ApiError {
             }
         };
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::RateLimited { retry_after_secs } = self {
-            response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        match self {
+            ApiError::RateLimited { retry_after_secs } => {
+                response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+            }
+            ApiError::Busy { .. } => {
+                response.insert_header((header::RETRY_AFTER, "1"));
+            }
+            // The connection carries an unfinished body: it cannot serve another request.
+            ApiError::BodyTimeout { .. } => {
+                response.insert_header((header::CONNECTION, "close"));
+            }
+            _ => {}
         }
         response.json(body)
     }

@@ -229,6 +229,10 @@ pub struct Revocation {
     pub user_id: i64,
     /// The blacklisted refresh token's id.
     pub jti: String,
+    /// Access tokens of the user issued before this (unix seconds) are revoked
+    /// ([`crate::revocations`]). Absent from older senders: then every socket of the user closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_before: Option<i64>,
 }
 
 fn rfc3339<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {

@@ -3,12 +3,13 @@
 //! claims (or why there are none), errors with a stable `extensions.code`, document limits, and
 //! [`sdl`], which prints the schema checked in as `schema.graphql`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 
 use futures_util::StreamExt as _;
 use juniper::{
     graphql_object, graphql_subscription, FieldError, GraphQLInputObject, GraphQLObject,
-    IntoFieldError, Object, RootNode, ScalarValue, Value, ID,
+    DefaultScalarValue, IntoFieldError, Object, RootNode, ScalarValue, Value, ID,
 };
 
 use crate::auth::AuthError;
@@ -53,6 +54,153 @@ pub fn schema(limits: DocumentLimits) -> Schema {
 
 /// Largest page of `cars`.
 pub const MAX_PAGE_SIZE: i32 = 100;
+/// What a subscription document selects at its root, fragments expanded, as the GraphQL spec's
+/// "single root field" rule counts it: `None` when the document does not parse or the operation
+/// is not a subscription (juniper's own validation reports those).
+pub fn subscription_root_fields(
+    schema: &Schema,
+    query: &str,
+    operation_name: Option<&str>,
+) -> Option<Vec<String>> {
+    let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
+    let mut operations = document.iter().filter_map(|definition| match definition {
+        juniper::Definition::Operation(operation) => Some(&operation.item),
+        juniper::Definition::Fragment(_) => None,
+    });
+    let operation = match operation_name {
+        Some(name) => operations.find(|op| op.name.as_ref().is_some_and(|n| n.item == name))?,
+        None => {
+            let only = operations.next()?;
+            if operations.next().is_some() {
+                return None;
+            }
+            only
+        }
+    };
+    if operation.operation_type != juniper::OperationType::Subscription {
+        return None;
+    }
+    let fragments = fragments_of(&document);
+    let mut fields = Vec::new();
+    collect_root_fields(&operation.selection_set, &fragments, &mut Vec::new(), &mut fields);
+    Some(fields)
+}
+
+fn collect_root_fields<'d>(
+    selections: &'d [juniper::Selection<'d, DefaultScalarValue>],
+    fragments: &Fragments<'d>,
+    open: &mut Vec<&'d str>,
+    fields: &mut Vec<String>,
+) {
+    for selection in selections {
+        match selection {
+            juniper::Selection::Field(field) => {
+                // Aliases name the response key; the rule is about fields, so `a: f, b: f`
+                // selects two.
+                fields.push(field.item.name.item.to_owned());
+            }
+            juniper::Selection::InlineFragment(inline) => {
+                collect_root_fields(&inline.item.selection_set, fragments, open, fields);
+            }
+            juniper::Selection::FragmentSpread(spread) => {
+                let name = spread.item.name.item;
+                // A cycle is a validation error juniper reports; it must not recurse here.
+                if open.contains(&name) {
+                    continue;
+                }
+                if let Some(selection_set) = fragments.get(name) {
+                    open.push(name);
+                    collect_root_fields(selection_set, fragments, open, fields);
+                    open.pop();
+                }
+            }
+        }
+    }
+}
+
+/// How many fields an operation selects, fragments expanded and aliases counted, as the
+/// document field limit counts them: what a batch's operations add up to. `None` when the
+/// document does not parse within the schema's limits or names no such operation (its own
+/// execution then reports why).
+pub fn operation_field_count(
+    schema: &Schema,
+    query: &str,
+    operation_name: Option<&str>,
+) -> Option<usize> {
+    let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
+    let fragments = fragments_of(&document);
+    let mut operations = document.iter().filter_map(|definition| match definition {
+        juniper::Definition::Operation(operation) => Some(&operation.item),
+        juniper::Definition::Fragment(_) => None,
+    });
+    let operation = match operation_name {
+        Some(name) => operations.find(|op| op.name.as_ref().is_some_and(|n| n.item == name))?,
+        None => operations.next()?,
+    };
+    // The parser has checked that the expansion is within the field limit, so this walk is
+    // bounded by it too.
+    Some(count_fields(&operation.selection_set, &fragments, &mut Vec::new()))
+}
+
+type Fragments<'d> = HashMap<&'d str, &'d [juniper::Selection<'d, DefaultScalarValue>]>;
+
+fn fragments_of<'d>(document: &'d [juniper::Definition<'d, DefaultScalarValue>]) -> Fragments<'d> {
+    document
+        .iter()
+        .filter_map(|definition| match definition {
+            juniper::Definition::Fragment(fragment) => Some((
+                fragment.item.name.item,
+                fragment.item.selection_set.as_slice(),
+            )),
+            juniper::Definition::Operation(_) => None,
+        })
+        .collect()
+}
+
+fn count_fields<'d>(
+    selections: &'d [juniper::Selection<'d, DefaultScalarValue>],
+    fragments: &Fragments<'d>,
+    open: &mut Vec<&'d str>,
+) -> usize {
+    let mut count = 0usize;
+    for selection in selections {
+        count = count.saturating_add(match selection {
+            juniper::Selection::Field(field) => field
+                .item
+                .selection_set
+                .as_deref()
+                .map_or(0, |nested| count_fields(nested, fragments, open))
+                .saturating_add(1),
+            juniper::Selection::InlineFragment(inline) => {
+                count_fields(&inline.item.selection_set, fragments, open)
+            }
+            juniper::Selection::FragmentSpread(spread) => {
+                let name = spread.item.name.item;
+                match fragments.get(name) {
+                    Some(selection_set) if !open.contains(&name) => {
+                        open.push(name);
+                        let nested = count_fields(selection_set, fragments, open);
+                        open.pop();
+                        nested
+                    }
+                    _ => 0,
+                }
+            }
+        });
+    }
+    count
+}
+
+/// Whether `name` is a field of the schema's Subscription type: metric labels are taken only
+/// from the schema, so clients cannot create label values.
+pub fn is_subscription_field(schema: &Schema, name: &str) -> bool {
+    schema
+        .schema
+        .concrete_subscription_type()
+        .and_then(|ty| ty.field_by_name(name))
+        .is_some()
+}
+
 /// Longest value of a car's text fields, in characters (the columns are VARCHAR(100)).
 pub const MAX_FIELD_CHARS: usize = 100;
 

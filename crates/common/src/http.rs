@@ -1,11 +1,17 @@
 //! HTTP pieces every service uses: the JSON body reader with its limits and DRF-shaped errors, and
 //! the health endpoints.
 
-use std::net::{SocketAddr, TcpListener};
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
 use futures_util::StreamExt as _;
 use serde_json::{json, Map, Value};
 
@@ -14,13 +20,60 @@ use crate::db::{self, DbPool};
 use crate::error::ApiError;
 use crate::redis::{self, RedisPool};
 
-/// Reads a JSON object body, refusing a wrong content type, a body over `limit` bytes (413, checked
-/// against `Content-Length` first and then while streaming, so an oversized body is never buffered
-/// whole), malformed JSON, and JSON that is not an object.
-pub async fn read_json_object(
+/// How much of a request body a service reads, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    /// From the first byte of the head to the last of the body. The server cuts slow heads
+    /// itself (after 5 s), but not slow bodies: 19,980 requests that each declared 100 bytes and
+    /// sent one held 19,980 descriptors until the process could accept nothing else.
+    pub timeout: Duration,
+}
+
+/// Reads a whole body: 413 when it exceeds the limit (checked against `Content-Length` first and
+/// then while streaming, so an oversized body is never buffered whole), 408 when it has not
+/// arrived within the timeout.
+pub async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
-    limit: usize,
+    limits: BodyLimits,
+) -> Result<web::BytesMut, ApiError> {
+    let limit = limits.max_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|err| ApiError::BadRequest {
+                detail: format!("Could not read the request body: {err}"),
+                code: "bad_request",
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(limits.timeout, read)
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout {
+            secs: limits.timeout.as_secs(),
+        }))
+}
+
+/// Reads a JSON object body, refusing a wrong content type, what [`read_body`] refuses,
+/// malformed JSON, and JSON that is not an object.
+pub async fn read_json_object(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limits: BodyLimits,
 ) -> Result<Map<String, Value>, ApiError> {
     let content_type = req
         .headers()
@@ -37,25 +90,7 @@ pub async fn read_json_object(
             code: "unsupported_media_type",
         });
     }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|err| ApiError::BadRequest {
-            detail: format!("Could not read the request body: {err}"),
-            code: "bad_request",
-        })?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = read_body(req, payload, limits).await?;
     let value: Value = serde_json::from_slice(&body).map_err(|err| ApiError::BadRequest {
         detail: format!("JSON parse error - {err}"),
         code: "parse_error",
@@ -109,6 +144,142 @@ fn json_type_name(value: &Value) -> &'static str {
         Value::Array(_) => "list",
         Value::Object(_) => "dict",
     }
+}
+
+/// The client's address: the peer, or with `trust_forwarded_for` the last `X-Forwarded-For`
+/// entry (the one the repo's NGINX appends; earlier entries are the client's own claims).
+pub fn client_address(req: &HttpRequest, trust_forwarded_for: bool) -> IpAddr {
+    client_address_of(
+        req.headers(),
+        req.peer_addr().map(|addr| addr.ip()),
+        trust_forwarded_for,
+    )
+}
+
+/// [`client_address`] from a request's parts (the gateway's upgrade has no `HttpRequest`).
+pub fn client_address_of(
+    headers: &header::HeaderMap,
+    peer: Option<IpAddr>,
+    trust_forwarded_for: bool,
+) -> IpAddr {
+    let peer = peer.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    if !trust_forwarded_for {
+        return peer;
+    }
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(peer)
+}
+
+/// Counts of things in flight per key (requests per address, sockets per user), each bounded by
+/// the same maximum. A counted thing holds a [`Counted`] guard, which gives its place back when
+/// dropped, whichever way it ends.
+pub struct Tally<K: Eq + Hash + Clone> {
+    max: usize,
+    counts: Mutex<HashMap<K, usize>>,
+}
+
+impl<K: Eq + Hash + Clone> Tally<K> {
+    /// `max` of 0 means no bound.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts one more for `key`, or `None` when it has the maximum already.
+    pub fn enter(self: &Arc<Self>, key: K) -> Option<Counted<K>> {
+        let mut counts = lock(&self.counts);
+        let count = counts.entry(key.clone()).or_insert(0);
+        if self.max > 0 && *count >= self.max {
+            if *count == 0 {
+                counts.remove(&key);
+            }
+            return None;
+        }
+        *count += 1;
+        Some(Counted {
+            tally: self.clone(),
+            key,
+        })
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// One counted thing; its place is given back when dropped.
+pub struct Counted<K: Eq + Hash + Clone> {
+    tally: Arc<Tally<K>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Drop for Counted<K> {
+    fn drop(&mut self) {
+        let mut counts = lock(&self.tally.counts);
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Requests in flight per client address, each service's own (registered as app data; the
+/// [`limit_per_address`] middleware applies it). One address cannot hold more than the maximum
+/// of requests open at once, however slowly it sends them; the others are answered 429 at once.
+pub struct AddressLimit {
+    in_flight: Arc<Tally<IpAddr>>,
+    trust_forwarded_for: bool,
+}
+
+impl AddressLimit {
+    pub fn new(max: usize, trust_forwarded_for: bool) -> Self {
+        Self {
+            in_flight: Tally::new(max),
+            trust_forwarded_for,
+        }
+    }
+}
+
+/// Middleware: refuses a request with 429 while its address has [`AddressLimit`]'s maximum in
+/// flight. Without an `AddressLimit` in the app data it lets everything through.
+pub async fn limit_per_address(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let Some(limit) = req.app_data::<web::Data<AddressLimit>>().cloned() else {
+        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+    };
+    let address = client_address(req.request(), limit.trust_forwarded_for);
+    let Some(_in_flight) = limit.in_flight.enter(address) else {
+        let response = ApiError::RateLimited {
+            retry_after_secs: 1,
+        }
+        .error_response();
+        let mut response = req.into_response(response);
+        // The body the client may still be sending is not read: the connection cannot carry
+        // another request.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return Ok(response);
+    };
+    next.call(req).await.map(ServiceResponse::map_into_boxed_body)
+}
+
+/// A poisoned lock only means another thread panicked while counting; the counts are still usable.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What `/readyz` checks; a service registers the dependencies it has.

@@ -70,6 +70,8 @@ pub enum TokenError {
     BadSignature,
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (nbf is in the future)")]
+    NotYetValid,
     #[error("{found} token used where an {expected} token is required")]
     WrongType {
         expected: TokenType,
@@ -139,6 +141,11 @@ impl fmt::Debug for VerificationKeys {
 }
 
 impl VerificationKeys {
+    /// Seconds a token is still accepted after its `exp` (and before its `nbf`).
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway_secs
+    }
+
     /// Checks signature, algorithm, key, expiry and the token type.
     pub fn verify(&self, token: &str, expected: TokenType) -> Result<Claims, TokenError> {
         let claims = self.verify_untyped(token)?;
@@ -179,10 +186,14 @@ impl VerificationKeys {
         validation.leeway = self.leeway_secs;
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_exp = true;
+        // `nbf` is optional (our tokens carry none), but a token that says it is not valid yet
+        // is refused, within the same leeway as `exp`.
+        validation.validate_nbf = true;
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(
                 |err| match err.kind() {
                     ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                     ErrorKind::InvalidSignature => TokenError::BadSignature,
                     ErrorKind::InvalidAlgorithm => {
                         TokenError::AlgorithmNotAllowed(format!("{:?}", header.alg))

@@ -13,9 +13,11 @@
 //! - [`repository`]: the one write path for cars: change and event in one transaction, publish
 //!   after commit, and the relay that publishes what did not get out.
 //! - [`auth`]: the `Authorization: Bearer` check against configured keys or a cached JWKS.
+//! - [`revocations`]: per-user logout cutoffs that revoke access tokens on every replica.
 //! - [`graphql`]: the one GraphQL schema (juniper) shared by api-service and the gateway.
 //! - [`error`]: the error type every HTTP handler returns, mapped once to status codes and bodies.
-//! - [`http`]: request-body reading with limits, and the `/healthz`, `/readyz`, `/metrics` handlers.
+//! - [`http`]: request-body reading with limits and a timeout, per-address request limits, the
+//!   listening socket, and the `/healthz`, `/readyz`, `/metrics` handlers.
 //! - [`metrics`]: the Prometheus registry and the request-metrics middleware.
 //! - [`telemetry`]: tracing set-up (pretty or JSON logs).
 //! - [`shutdown`]: the future that resolves on SIGINT/SIGTERM.
@@ -31,5 +33,6 @@ pub mod jwt;
 pub mod metrics;
 pub mod redis;
 pub mod repository;
+pub mod revocations;
 pub mod shutdown;
 pub mod telemetry;

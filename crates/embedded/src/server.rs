@@ -96,12 +96,17 @@ impl Application {
 
         let metrics = Metrics::new("gqlws");
         let bus = MemoryBus::new(BUS_PREFIX, BUS_CAPACITY);
+        // One process: logouts are recorded where the verifiers read them.
+        let revoked = api_service::startup::revoked_before(&services.api);
         let auth = auth_service::startup::state(
             &services.auth,
             auth_service::startup::Backends {
                 pool: pool.clone(),
                 counters: auth_service::ratelimit::Counters::memory(),
-                revocations: auth_service::routes::Revocations::Memory(bus.clone()),
+                revocations: auth_service::routes::Revocations::Memory {
+                    bus: bus.clone(),
+                    revoked: revoked.clone(),
+                },
             },
             &metrics,
         )
@@ -112,13 +117,14 @@ impl Application {
             api_service::startup::outbox_config(&services.api),
             &metrics,
         );
-        let api = api_service::startup::state(&services.api, store.clone()).await?;
+        let api = api_service::startup::state(&services.api, store.clone(), revoked.clone()).await?;
         let hub_shutdown = CancellationToken::new();
         let gateway = subscription_gateway::startup::state(
             &services.gateway,
             HubSource::Memory(bus),
             &metrics,
             hub_shutdown.clone(),
+            revoked,
         )
         .await?;
         let readiness = web::Data::new(Readiness {
@@ -126,6 +132,7 @@ impl Application {
             redis: None,
         });
         let metrics = web::Data::new(metrics);
+        let address_limit = web::Data::new(services.api.http.address_limit());
 
         let (listener, port) = common::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
         let (auth_data, gateway_data) = (auth.clone(), gateway.clone());
@@ -142,11 +149,14 @@ impl Application {
                     .app_data(gateway_data.clone())
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
+                    .app_data(address_limit.clone())
+                    .wrap(middleware::from_fn(common::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     // NGINX's rules: `/api/token/…` → auth; `/graphql` → api. An incomplete
                     // websocket upgrade gets the gateway's answer rather than the API's.
                     .configure(auth_service::routes::config)
                     .configure(websocket_routes)
+                    .configure(metrics_from_loopback_only)
                     .configure(api_service::routes::config)
                     .configure(health_routes)
                     .default_service(web::to(not_found))
@@ -217,6 +227,20 @@ fn websocket_routes(cfg: &mut web::ServiceConfig) {
                 .to(subscription_gateway::startup::not_upgraded),
         );
     }
+}
+
+/// This one port is the public one (there is no NGINX in front keeping `/metrics` to private
+/// addresses), so `/metrics` answers only clients on this machine; others get the JSON 404.
+fn metrics_from_loopback_only(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/metrics")
+            .guard(guard::fn_guard(|ctx| {
+                !ctx.head()
+                    .peer_addr
+                    .is_some_and(|addr| addr.ip().is_loopback())
+            }))
+            .to(not_found),
+    );
 }
 
 /// What a newcomer needs to follow the walk-through, printed once the server listens.

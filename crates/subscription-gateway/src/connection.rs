@@ -11,11 +11,13 @@
 //! instead of buffering without bound.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::auth::{AuthError, TokenVerifier};
-use common::graphql::{Context, Mutation, Query, Subscription};
+use common::graphql::{Context, Mutation, Query, Schema, Subscription};
+use common::http::{Counted, Tally};
 use common::jwt::Claims;
 use juniper::DefaultScalarValue;
 use serde_json::Value;
@@ -25,7 +27,7 @@ use crate::executions::{Executions, Membership, Start, Subscriber};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
-use crate::socket::{pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError};
+use crate::socket::{ping_frame, pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError};
 
 pub type Coordinator =
     juniper_subscriptions::Coordinator<Query, Mutation, Subscription, Context, DefaultScalarValue>;
@@ -44,6 +46,11 @@ pub struct ConnectionLimits {
 /// What every connection shares.
 pub struct Shared {
     pub coordinator: Arc<Coordinator>,
+    /// The same schema, for checks before an execution starts (one root field per
+    /// subscription) and for metric labels.
+    pub schema: Arc<Schema>,
+    /// Authenticated sockets per user (MAX_CONNECTIONS_PER_USER).
+    pub users: Arc<Tally<i64>>,
     pub verifier: TokenVerifier,
     pub hub: Hub,
     /// Subscriptions with the same operation share one execution (see [`crate::executions`]).
@@ -100,6 +107,12 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// dropped (dropping it with unread input would reset the connection and could lose the frame).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// An authenticated connection: its token's claims, and its place in the user's count.
+struct Authenticated {
+    claims: Claims,
+    _user_slot: Counted<i64>,
+}
+
 struct Active {
     field: String,
     /// Leaving the execution when dropped.
@@ -114,11 +127,12 @@ pub async fn run(
     link: Link,
     mut inbound: Inbound,
     header_authorization: Option<String>,
+    _address_slot: Counted<IpAddr>,
 ) {
     shared.metrics.connections_open.inc();
     let link = Arc::new(link);
     let mut revocations = shared.hub.revocations();
-    let mut claims: Option<Claims> = None;
+    let mut claims: Option<Authenticated> = None;
     let mut active: HashMap<String, Active> = HashMap::new();
     let init_deadline = tokio::time::sleep(shared.limits.init_timeout);
     tokio::pin!(init_deadline);
@@ -129,6 +143,11 @@ pub async fn run(
     let stalled = tokio::time::sleep(shared.limits.write_timeout);
     tokio::pin!(stalled);
     let mut flushing = false;
+    // When the client last sent anything: a socket silent for two keep-alive intervals (whose
+    // pings would each have been answered) is taken for half-open and closed, instead of
+    // holding its descriptor and memory until the kernel gives up on it, hours later.
+    let mut last_heard = tokio::time::Instant::now();
+    let leeway = Duration::from_secs(shared.verifier.leeway_secs());
     let mut keepalive = tokio::time::interval(shared.limits.keepalive);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     keepalive.tick().await;
@@ -184,9 +203,13 @@ pub async fn run(
                 .await;
                 match handled {
                     Ok(Some(exp)) => {
+                        // As long as an HTTP request with the same token is served: until
+                        // `exp` plus the verifier's leeway.
                         let left = exp - chrono::Utc::now().timestamp();
                         expiry.as_mut().reset(
-                            tokio::time::Instant::now() + Duration::from_secs(left.max(0) as u64),
+                            tokio::time::Instant::now()
+                                + Duration::from_secs(left.max(0) as u64)
+                                + leeway,
                         );
                     }
                     Ok(None) => {}
@@ -233,14 +256,26 @@ pub async fn run(
                 break Closing::new(close::FORBIDDEN, "token expired");
             }
             revoked = revocations.recv(), if claims.is_some() => {
-                if let (Ok(revoked), Some(claims)) = (revoked, &claims) {
-                    if revoked.user_id == claims.user_id {
+                if let (Ok(revoked), Some(auth)) = (revoked, &claims) {
+                    // Without a cutoff (an older auth-service) every socket of the user closes.
+                    let covered = revoked
+                        .revoked_before
+                        .is_none_or(|cutoff| auth.claims.iat < cutoff);
+                    if revoked.user_id == auth.claims.user_id && covered {
                         break Closing::new(close::FORBIDDEN, "token revoked (logged out)");
                     }
                 }
             }
             _ = keepalive.tick(), if claims.is_some() => {
+                if last_heard.elapsed() >= 2 * shared.limits.keepalive {
+                    break Closing::new(close::GOING_AWAY, "no answer to keep-alive pings");
+                }
                 if !link.push_text(&protocol::keepalive(protocol)) {
+                    break Closing::refused(&link, &shared.metrics);
+                }
+                // The legacy protocol's `ka` asks for no answer; a websocket ping gets one from
+                // every client's websocket layer.
+                if protocol == Protocol::LegacyWs && !link.push(&ping_frame()) {
                     break Closing::refused(&link, &shared.metrics);
                 }
                 shared.metrics.messages_sent.inc();
@@ -250,7 +285,10 @@ pub async fn run(
                     break Closing::gone();
                 }
                 match inbound.fill(link.stream()) {
-                    Filled::Data => ready_input = true,
+                    Filled::Data => {
+                        ready_input = true;
+                        last_heard = tokio::time::Instant::now();
+                    }
                     Filled::Closed => break Closing::gone(),
                 }
             }
@@ -318,7 +356,7 @@ async fn handle(
     protocol: Protocol,
     link: &Arc<Link>,
     message: ClientMessage,
-    claims: &mut Option<Claims>,
+    claims: &mut Option<Authenticated>,
     active: &mut HashMap<String, Active>,
     header_authorization: Option<&str>,
 ) -> Result<Option<i64>, Closing> {
@@ -344,7 +382,20 @@ async fn handle(
             match Box::pin(shared.verifier.authenticate(token.as_deref())).await {
                 Ok(verified) => {
                     let exp = verified.exp;
-                    *claims = Some(verified);
+                    let Some(user_slot) = shared.users.enter(verified.user_id) else {
+                        let reason = format!(
+                            "too many connections for this user (at most {})",
+                            shared.users.max()
+                        );
+                        if protocol == Protocol::LegacyWs {
+                            let _ = send(protocol::connection_error(&reason));
+                        }
+                        return Err(Closing::new(close::POLICY_VIOLATION, reason));
+                    };
+                    *claims = Some(Authenticated {
+                        claims: verified,
+                        _user_slot: user_slot,
+                    });
                     send(protocol::connection_ack())?;
                     // The legacy protocol expects a first `ka` right after the ack.
                     if protocol == Protocol::LegacyWs {
@@ -362,7 +413,7 @@ async fn handle(
             }
         }
         ClientMessage::Subscribe { id, payload } => {
-            let Some(verified) = claims.as_ref() else {
+            let Some(verified) = claims.as_ref().map(|auth| &auth.claims) else {
                 return Err(Closing::new(
                     close::UNAUTHORIZED,
                     "Unauthorized: send connection_init with a token first",
@@ -385,7 +436,7 @@ async fn handle(
                 send(protocol::operation_error(&id, errors))?;
                 return Ok(None);
             }
-            let request = match graphql_request(payload.clone()) {
+            let request = match graphql_request(payload) {
                 Ok(request) => request,
                 Err(message) => {
                     let errors = protocol::errors(&message, "BAD_REQUEST");
@@ -393,6 +444,29 @@ async fn handle(
                     return Ok(None);
                 }
             };
+            let root_fields = common::graphql::subscription_root_fields(
+                &shared.schema,
+                &request.query,
+                request.operation_name.as_deref(),
+            );
+            // The spec's "single root field" rule, which juniper does not check: with two, one
+            // event would be answered for one field and the other silently dropped.
+            if let Some(fields) = root_fields.as_ref().filter(|fields| fields.len() != 1) {
+                let errors = protocol::errors(
+                    &format!(
+                        "a subscription must select exactly one root field; this one selects {}",
+                        fields.len()
+                    ),
+                    "GRAPHQL_VALIDATION_FAILED",
+                );
+                send(protocol::operation_error(&id, errors))?;
+                return Ok(None);
+            }
+            // Labels come from the schema, so clients cannot create label values.
+            let field = root_fields
+                .and_then(|fields| fields.into_iter().next())
+                .filter(|field| common::graphql::is_subscription_field(&shared.schema, field))
+                .unwrap_or_else(|| "unknown".to_owned());
             let membership = shared.executions.join(Start {
                 coordinator: &shared.coordinator,
                 hub: &shared.hub,
@@ -404,7 +478,6 @@ async fn handle(
                     link: link.clone(),
                 },
             });
-            let field = root_field(&payload);
             shared
                 .metrics
                 .subscriptions_active
@@ -435,7 +508,9 @@ async fn handle(
             Ok(None)
         }
         ClientMessage::Ping { payload } => {
-            send(protocol::pong(payload))?;
+            // A payload is echoed (the protocol allows it), but never one carrying a token.
+            let echoed = payload.filter(|payload| connection_token(payload, None).is_none());
+            send(protocol::pong(echoed))?;
             Ok(None)
         }
         ClientMessage::Pong => Ok(None),
@@ -463,18 +538,6 @@ fn graphql_request(
     }
     serde_json::from_value(Value::Object(request))
         .map_err(|err| format!("invalid subscription payload: {err}"))
-}
-
-/// The metrics label of a subscription: its first root field, or `unknown`. Only the three known
-/// field names are used, so clients cannot create label values.
-fn root_field(payload: &Value) -> String {
-    let query = payload.get("query").and_then(Value::as_str).unwrap_or("");
-    ["carModelUpdated", "carCreated", "carDeleted"]
-        .into_iter()
-        .filter_map(|field| query.find(field).map(|at| (at, field)))
-        .min()
-        .map(|(_, field)| field.to_owned())
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// The token of a connection: `connectionParams.Authorization` (or `authorization`), as GraphQL
@@ -528,17 +591,5 @@ mod tests {
             Some("Bearer b")
         );
         assert_eq!(connection_token(&json!({"Authorization": 5}), None), None);
-    }
-
-    #[test]
-    fn root_fields_are_labelled_from_a_fixed_set() {
-        assert_eq!(
-            root_field(&json!({"query": "subscription { carCreated { id } }"})),
-            "carCreated"
-        );
-        assert_eq!(
-            root_field(&json!({"query": "subscription { evil }"})),
-            "unknown"
-        );
     }
 }

@@ -146,11 +146,18 @@ impl Executions {
     /// thread that serves the subscriber's connection.
     pub fn join(self: &Arc<Self>, start: Start<'_>) -> Membership {
         let key = operation_key(&start.request);
+        // A finished execution upgraded here may be the last reference to it (its members left
+        // on other workers meanwhile): it must be dropped after `running` is unlocked, because
+        // `Execution::drop` locks `running` itself, and a std mutex locked twice on one thread
+        // deadlocks that worker and every socket on it. Declared before the guard, so that it
+        // is dropped after it.
+        let _finished: Option<Arc<Execution>>;
         let mut running = lock(&self.running);
-        if let Some(execution) = running.get(&key).and_then(Weak::upgrade) {
-            if !execution.finished.load(Ordering::Acquire) {
+        match running.get(&key).and_then(Weak::upgrade) {
+            Some(execution) if !execution.finished.load(Ordering::Acquire) => {
                 return execution.add(self, start.subscriber);
             }
+            other => _finished = other,
         }
         // The shared task falling more than FANOUT_BUFFER events behind the hub ends its stream
         // and leaves a permit here; its subscribers' connections are then closed as slow (1013),

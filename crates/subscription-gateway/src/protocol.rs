@@ -20,6 +20,7 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const BAD_REQUEST: u16 = 4400;

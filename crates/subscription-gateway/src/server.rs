@@ -99,7 +99,28 @@ async fn accept(
 ) {
     let parts = framed.into_parts();
     let mut stream = parts.io;
-    let (protocol, key) = match check(&gateway, &request) {
+    let checked = check(&gateway, &request).and_then(|accepted| {
+        let address = common::http::client_address_of(
+            request.head().headers(),
+            stream.peer_addr().ok().map(|addr| addr.ip()),
+            gateway.trust_forwarded_for,
+        );
+        match gateway.addresses.enter(address) {
+            Some(slot) => Ok((accepted, slot)),
+            None => Err(refusal(
+                429,
+                "Too Many Requests",
+                json!({
+                    "detail": format!(
+                        "too many open websockets from this address (at most {})",
+                        gateway.addresses.max()
+                    ),
+                    "code": "too_many_connections",
+                }),
+            )),
+        }
+    });
+    let ((protocol, key), address_slot) = match checked {
         Ok(accepted) => accepted,
         Err(refusal) => {
             let _ = tokio::time::timeout(ANSWER_TIMEOUT, stream.write_all(&refusal)).await;
@@ -140,6 +161,7 @@ async fn accept(
         link,
         inbound,
         header_authorization,
+        address_slot,
     ));
 }
 

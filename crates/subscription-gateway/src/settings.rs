@@ -31,13 +31,23 @@ pub struct Settings {
     /// Demo mode: allow the built-in demo JWT secret (with a warning). Never in production.
     #[arg(long, env = "DEMO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub demo: bool,
-    /// Interval of keep-alive messages (`ping` / legacy `ka`), in seconds. Keep it well below every
-    /// proxy's idle timeout (the repo's NGINX allows an hour).
+    /// Interval of keep-alive messages (`ping` / legacy `ka`, with a websocket ping), in seconds.
+    /// Keep it well below every proxy's idle timeout (the repo's NGINX allows an hour). A client
+    /// from which nothing arrived for two intervals is taken for gone and disconnected (1001).
     #[arg(long, env = "KEEPALIVE_SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub keepalive_secs: u64,
     /// Time a client has to send `connection_init` after connecting, in seconds (then 4408).
     #[arg(long, env = "INIT_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub init_timeout_secs: u64,
+    /// Most sockets one client address may hold open (behind NGINX, the address NGINX saw, with
+    /// TRUST_FORWARDED_FOR); more get 429 at the upgrade. 0: no bound.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_connections_per_address: u64,
+    /// Most authenticated sockets one user may hold on this gateway; one more is closed at
+    /// `connection_init` with 1008 (the legacy protocol gets `connection_error` first). 0: no
+    /// bound.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_connections_per_user: u64,
     /// Most subscriptions one connection may hold at once.
     #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_subscriptions_per_connection: u64,

@@ -199,6 +199,13 @@ pub fn text_frame(text: &str) -> Bytes {
     frame.freeze()
 }
 
+/// One empty websocket-level ping (every client's websocket layer answers it with a pong).
+pub fn ping_frame() -> Bytes {
+    let mut frame = BytesMut::with_capacity(2);
+    Parser::write_message(&mut frame, &b""[..], OpCode::Ping, true, false);
+    frame.freeze()
+}
+
 /// One pong frame answering a websocket-level ping.
 pub fn pong_frame(payload: &[u8]) -> Bytes {
     let mut frame = BytesMut::with_capacity(payload.len() + 2);
@@ -227,7 +234,7 @@ pub enum ReadError {
 
 /// What one read turn found.
 pub enum Filled {
-    /// Bytes were read (or the budget was reached); decode them with [`Inbound::next`].
+    /// Bytes were read (or the budget was reached); decode them with [`Inbound::next_message`].
     Data,
     /// The client closed its side or the socket failed.
     Closed,
@@ -286,9 +293,22 @@ impl Inbound {
         }
     }
 
+    /// Bytes this reader holds (its read buffer and a message being reassembled), for tests
+    /// and fuzzing that check the limit bounds memory.
+    pub fn held_bytes(&self) -> usize {
+        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, so_far)| so_far.capacity())
+    }
+
     /// The next whole message in what was read, if any.
     pub fn next_message(&mut self) -> Result<Option<Incoming>, ReadError> {
         loop {
+            // actix-http's parser checks its size limit only once the whole frame has arrived,
+            // and until then keeps buffering: a header declaring 2^63 bytes followed by a
+            // stream of payload would grow this buffer without bound. The declared length is
+            // checked here, as soon as the header is in.
+            if declared_length(&self.buf).is_some_and(|len| len > self.max_bytes as u64) {
+                return Err(ReadError::TooBig(self.max_bytes));
+            }
             let frame = match actix_codec::Decoder::decode(&mut self.codec, &mut self.buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
@@ -348,6 +368,17 @@ impl Inbound {
     }
 }
 
+/// The payload length a frame's header declares, once the header's length bytes are in
+/// (RFC 6455 §5.2: 7 bits, or 126 + 16 bits, or 127 + 64 bits).
+fn declared_length(buf: &[u8]) -> Option<u64> {
+    let short = u64::from(*buf.get(1)? & 0x7F);
+    match short {
+        126 => Some(u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?))),
+        127 => Some(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)),
+        len => Some(len),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,6 +415,24 @@ mod tests {
         bytes.extend_from_slice(&masked(OpCode::Continue, true, &[b'x'; 10]));
         let mut pieces = Inbound::new(16, bytes);
         assert!(matches!(pieces.next_message(), Err(ReadError::TooBig(16))));
+    }
+
+    #[test]
+    fn a_huge_declared_length_is_refused_before_the_payload_arrives() {
+        // FIN + text, masked, 64-bit length 2^63 - 1, a mask key, and a little payload.
+        let mut bytes = BytesMut::from(&[0x81u8, 0xFF][..]);
+        bytes.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
+        bytes.extend_from_slice(&[1, 2, 3, 4]);
+        bytes.extend_from_slice(&[b'x'; 100]);
+        let mut inbound = Inbound::new(1024, bytes);
+        assert!(matches!(inbound.next_message(), Err(ReadError::TooBig(1024))));
+        // Just over the limit with the 16-bit form, before any payload byte.
+        let mut inbound = Inbound::new(1024, BytesMut::from(&[0x81u8, 0xFE, 0x04, 0x01][..]));
+        assert!(matches!(inbound.next_message(), Err(ReadError::TooBig(1024))));
+        // At the limit it waits for the payload, holding no more than the frame.
+        let mut inbound = Inbound::new(1024, BytesMut::from(&[0x81u8, 0xFE, 0x04, 0x00][..]));
+        assert!(matches!(inbound.next_message(), Ok(None)));
+        assert!(inbound.held_bytes() <= 1024 + 14);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! port 0, and stop it with a future of their own.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,8 @@ use actix_web::http::header;
 use actix_web::{middleware, web, App, HttpRequest, HttpResponse};
 use common::config::ConfigError;
 use common::graphql::DocumentLimits;
-use common::http::{healthz, not_found};
+use common::http::{healthz, not_found, Tally};
+use common::revocations::RevokedBefore;
 use common::jwt::SecretPolicy;
 use common::metrics::{self, Metrics};
 use serde_json::json;
@@ -42,6 +44,10 @@ pub struct Application {
 pub struct GatewayState {
     pub(crate) shared: Arc<Shared>,
     pub(crate) max_frame_bytes: usize,
+    /// Open sockets per client address (MAX_CONNECTIONS_PER_ADDRESS), counted from the upgrade.
+    pub(crate) addresses: Arc<Tally<IpAddr>>,
+    /// Whether the upgrade's `X-Forwarded-For` names the client (behind the repo's NGINX).
+    pub(crate) trust_forwarded_for: bool,
     drain_timeout: Duration,
 }
 
@@ -60,13 +66,16 @@ pub async fn state(
     source: HubSource,
     metrics: &Metrics,
     hub_shutdown: CancellationToken,
+    revoked: Arc<RevokedBefore>,
 ) -> Result<web::Data<GatewayState>, StartupError> {
     let policy = if settings.demo {
         SecretPolicy::AllowDemoSecret
     } else {
         SecretPolicy::RequireConfigured
     };
-    let verifier = common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy).await?;
+    let verifier = common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy)
+        .await?
+        .with_revocations(revoked);
     let limits = DocumentLimits {
         max_depth: settings.max_query_depth as usize,
         max_fields: settings.max_query_fields as usize,
@@ -89,6 +98,8 @@ pub async fn state(
     };
     let shared = Arc::new(Shared {
         coordinator: Arc::new(Coordinator::new(common::graphql::schema(limits))),
+        schema: Arc::new(common::graphql::schema(limits)),
+        users: Tally::new(usize::try_from(settings.max_connections_per_user).unwrap_or(0)),
         verifier,
         hub,
         executions: Arc::new(crate::executions::Executions::new(
@@ -108,6 +119,8 @@ pub async fn state(
     Ok(web::Data::new(GatewayState {
         shared,
         max_frame_bytes: settings.max_frame_bytes as usize,
+        addresses: Tally::new(usize::try_from(settings.max_connections_per_address).unwrap_or(0)),
+        trust_forwarded_for: settings.http.trust_forwarded_for,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
     }))
 }
@@ -142,8 +155,28 @@ impl Application {
             url: settings.redis.redis_url.clone(),
             key_prefix: settings.redis.redis_key_prefix.clone(),
         };
-        let state = state(&settings, source, &metrics, hub_shutdown.clone()).await?;
+        let revoked = RevokedBefore::new(
+            settings.jwt.access_token_lifetime_secs,
+            settings.jwt.jwt_leeway_secs,
+        );
+        let state = state(
+            &settings,
+            source,
+            &metrics,
+            hub_shutdown.clone(),
+            revoked.clone(),
+        )
+        .await?;
+        // Logouts' cutoffs, read from Redis until the hub stops.
+        let redis = common::redis::pool(&settings.redis)?;
+        actix_web::rt::spawn(common::revocations::poll(
+            redis,
+            settings.redis.redis_key_prefix.clone(),
+            revoked,
+            hub_shutdown.clone().cancelled_owned(),
+        ));
         let metrics = web::Data::new(metrics);
+        let address_limit = web::Data::new(settings.http.address_limit());
 
         let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
@@ -158,6 +191,8 @@ impl Application {
                 App::new()
                     .app_data(server_state.clone())
                     .app_data(metrics.clone())
+                    .app_data(address_limit.clone())
+                    .wrap(middleware::from_fn(common::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     .route("/graphql", web::get().to(not_upgraded))
                     .route("/graphql/", web::get().to(not_upgraded))
