@@ -9,13 +9,13 @@ use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
 use common::auth::TokenVerifier;
 use common::config::ConfigError;
-use common::revocations::RevokedBefore;
 use common::events::{EventBus, RedisBus};
 use common::graphql::DocumentLimits;
 use common::http::{health_routes, not_found, Readiness};
 use common::jwt::SecretPolicy;
 use common::metrics::{self, Metrics};
 use common::repository::{OutboxConfig, Store};
+use common::revocations::RevokedBefore;
 
 use crate::routes::{self, ApiState};
 use crate::settings::Settings;

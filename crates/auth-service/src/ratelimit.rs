@@ -19,6 +19,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+#[cfg(test)]
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -207,4 +209,57 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter() -> Arc<LoginLimiter> {
+        Arc::new(LoginLimiter {
+            counters: Counters::memory(),
+            key_prefix: "t:".into(),
+            max_per_user: 5,
+            max_per_address: 20,
+            window_secs: 300,
+            errors: IntCounterVec::new(prometheus::Opts::new("e", "e"), &["operation"])
+                .expect("a valid metric"),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_attempts_get_no_more_slots_than_the_limit() {
+        let limiter = limiter();
+        let address: IpAddr = "127.0.0.1".parse().expect("an address");
+        let attempts = (0..40).map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.reserve("admin", address).await.is_ok() })
+        });
+        let mut admitted = 0;
+        for attempt in attempts {
+            admitted += usize::from(attempt.await.expect("the task ran"));
+        }
+        assert_eq!(admitted, 5);
+    }
+
+    #[tokio::test]
+    async fn a_success_gives_the_slots_back() {
+        let limiter = limiter();
+        let address: IpAddr = "127.0.0.1".parse().expect("an address");
+        for _ in 0..4 {
+            assert!(limiter.reserve("admin", address).await.is_ok());
+        }
+        assert!(limiter.reserve("admin", address).await.is_ok());
+        limiter.succeeded("admin", address).await;
+        for _ in 0..5 {
+            assert!(limiter.reserve("admin", address).await.is_ok());
+        }
+        // The fifth slot of the window is taken; one not evaluated comes back.
+        limiter.not_evaluated("admin", address).await;
+        assert!(limiter.reserve("admin", address).await.is_ok());
+        assert!(matches!(
+            limiter.reserve("admin", address).await,
+            Err(ApiError::RateLimited { .. })
+        ));
+    }
 }

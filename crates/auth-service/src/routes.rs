@@ -163,9 +163,7 @@ async fn obtain(
     // Admission first: it costs nothing, and a refused login must not touch Redis or a counter.
     let Some(admitted) = state.login_gate.admit() else {
         state.login_failures.with_label_values(&["busy"]).inc();
-        return Err(ApiError::Busy {
-            what: "logins",
-        });
+        return Err(ApiError::Busy { what: "logins" });
     };
     if let Err(limited) = state.limiter.reserve(&username, address).await {
         state
@@ -199,8 +197,21 @@ async fn obtain(
         }
     };
     state.limiter.succeeded(&username, address).await;
-    let refresh = sign(&state, user.id, &user.username, TokenType::Refresh)?;
-    let access = sign(&state, user.id, &user.username, TokenType::Access)?;
+    let issued_at = issue_time(&state, user.id).await;
+    let refresh = sign(
+        &state,
+        user.id,
+        &user.username,
+        TokenType::Refresh,
+        issued_at,
+    )?;
+    let access = sign(
+        &state,
+        user.id,
+        &user.username,
+        TokenType::Access,
+        issued_at,
+    )?;
     Ok(HttpResponse::Ok().json(json!({"refresh": refresh.0, "access": access.0})))
 }
 
@@ -226,9 +237,22 @@ async fn refresh(
         return Err(ApiError::TokenNotValid(TokenError::Revoked));
     }
 
-    let access = sign(&state, user.id, &user.username, TokenType::Access)?;
+    let issued_at = issue_time(&state, user.id).await;
+    let access = sign(
+        &state,
+        user.id,
+        &user.username,
+        TokenType::Access,
+        issued_at,
+    )?;
     if state.rotate_refresh_tokens {
-        let refresh = sign(&state, user.id, &user.username, TokenType::Refresh)?;
+        let refresh = sign(
+            &state,
+            user.id,
+            &user.username,
+            TokenType::Refresh,
+            issued_at,
+        )?;
         Ok(HttpResponse::Ok().json(json!({"access": access.0, "refresh": refresh.0})))
     } else {
         Ok(HttpResponse::Ok().json(json!({"access": access.0})))
@@ -346,13 +370,32 @@ async fn token_in_body(
     .map_err(ApiError::TokenNotValid)
 }
 
+/// The `iat` of new tokens for the user: now, or the second after the user's last logout if
+/// that is later. A logout revokes every token issued at or before its second
+/// ([`common::revocations`]), so a login in that same second must not be caught by it.
+async fn issue_time(state: &AuthState, user_id: i64) -> i64 {
+    let now = Utc::now().timestamp();
+    let cutoff = match &state.revocations {
+        Revocations::Memory { revoked, .. } => revoked.cutoff(user_id),
+        Revocations::Redis(pool) => {
+            common::revocations::read(pool, &state.limiter.key_prefix, user_id)
+                .await
+                .unwrap_or_else(|err| {
+                    tracing::warn!(%err, "cannot read the user's logout cutoff");
+                    None
+                })
+        }
+    };
+    cutoff.map_or(now, |cutoff| now.max(cutoff + 1))
+}
+
 fn sign(
     state: &AuthState,
     user_id: i64,
     username: &str,
     token_type: TokenType,
+    now: i64,
 ) -> Result<(String, Claims), ApiError> {
-    let now = Utc::now().timestamp();
     let lifetime = match token_type {
         TokenType::Access => state.access_lifetime_secs,
         TokenType::Refresh => state.refresh_lifetime_secs,
@@ -387,4 +430,3 @@ fn blacklist_entry(claims: &Claims) -> BlacklistEntry {
             .unwrap_or_else(Utc::now),
     }
 }
-

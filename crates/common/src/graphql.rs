@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use futures_util::StreamExt as _;
 use juniper::{
-    graphql_object, graphql_subscription, FieldError, GraphQLInputObject, GraphQLObject,
-    DefaultScalarValue, IntoFieldError, Object, RootNode, ScalarValue, Value, ID,
+    graphql_object, graphql_subscription, DefaultScalarValue, FieldError, GraphQLInputObject,
+    GraphQLObject, IntoFieldError, Object, RootNode, ScalarValue, Value, ID,
 };
 
 use crate::auth::AuthError;
@@ -82,7 +82,12 @@ pub fn subscription_root_fields(
     }
     let fragments = fragments_of(&document);
     let mut fields = Vec::new();
-    collect_root_fields(&operation.selection_set, &fragments, &mut Vec::new(), &mut fields);
+    collect_root_fields(
+        &operation.selection_set,
+        &fragments,
+        &mut Vec::new(),
+        &mut fields,
+    );
     Some(fields)
 }
 
@@ -139,7 +144,11 @@ pub fn operation_field_count(
     };
     // The parser has checked that the expansion is within the field limit, so this walk is
     // bounded by it too.
-    Some(count_fields(&operation.selection_set, &fragments, &mut Vec::new()))
+    Some(count_fields(
+        &operation.selection_set,
+        &fragments,
+        &mut Vec::new(),
+    ))
 }
 
 type Fragments<'d> = HashMap<&'d str, &'d [juniper::Selection<'d, DefaultScalarValue>]>;
@@ -766,5 +775,60 @@ fn type_ref(ty: &serde_json::Value) -> String {
         Some("NON_NULL") => format!("{}!", type_ref(&ty["ofType"])),
         Some("LIST") => format!("[{}]", type_ref(&ty["ofType"])),
         _ => ty["name"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_fields_of_a_subscription_are_counted_through_fragments() {
+        let schema = schema(DocumentLimits::default());
+        let fields = |query: &str| subscription_root_fields(&schema, query, None);
+        assert_eq!(
+            fields("subscription { carCreated { id } }"),
+            Some(vec!["carCreated".to_owned()])
+        );
+        assert_eq!(
+            fields("subscription { a: carCreated { id } b: carCreated { id } }").map(|f| f.len()),
+            Some(2)
+        );
+        assert_eq!(
+            fields(
+                "subscription { ...Both } fragment Both on Subscription { carCreated { id } \
+                 ... on Subscription { carDeleted { id } } }"
+            )
+            .map(|f| f.len()),
+            Some(2)
+        );
+        // A cycle is juniper's to report; here it only must not recurse forever.
+        assert!(fields("subscription { ...A } fragment A on Subscription { ...A }").is_some());
+        assert_eq!(fields("{ hi }"), None, "not a subscription");
+        assert_eq!(fields("subscription {"), None, "does not parse");
+        assert_eq!(
+            subscription_root_fields(
+                &schema,
+                "query Q { hi } subscription S { carCreated { id } }",
+                Some("S")
+            ),
+            Some(vec!["carCreated".to_owned()])
+        );
+        assert!(is_subscription_field(&schema, "carModelUpdated"));
+        assert!(!is_subscription_field(&schema, "hi"));
+    }
+
+    #[test]
+    fn field_counts_expand_fragments_and_count_aliases() {
+        let schema = schema(DocumentLimits::default());
+        let count = |query: &str| operation_field_count(&schema, query, None);
+        assert_eq!(count("{ hi }"), Some(1));
+        assert_eq!(count("{ a: hi b: hi }"), Some(2));
+        assert_eq!(count("{ cars { id make } }"), Some(3));
+        assert_eq!(
+            count("{ ...F ...F } fragment F on Query { cars { id } }"),
+            Some(4)
+        );
+        assert_eq!(count("{"), None);
     }
 }

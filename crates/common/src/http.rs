@@ -255,7 +255,10 @@ pub async fn limit_per_address(
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let Some(limit) = req.app_data::<web::Data<AddressLimit>>().cloned() else {
-        return next.call(req).await.map(ServiceResponse::map_into_boxed_body);
+        return next
+            .call(req)
+            .await
+            .map(ServiceResponse::map_into_boxed_body);
     };
     let address = client_address(req.request(), limit.trust_forwarded_for);
     let Some(_in_flight) = limit.in_flight.enter(address) else {
@@ -272,7 +275,9 @@ pub async fn limit_per_address(
         );
         return Ok(response);
     };
-    next.call(req).await.map(ServiceResponse::map_into_boxed_body)
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_boxed_body)
 }
 
 /// A poisoned lock only means another thread panicked while counting; the counts are still usable.

@@ -1,4 +1,4 @@
-//! Logouts that reach access tokens: a per-user cutoff, "tokens issued before this second are
+//! Logouts that reach access tokens: a per-user cutoff, "tokens issued up to this second are
 //! revoked", shared by every replica.
 //!
 //! A logout blacklists the refresh token in PostgreSQL, but an access token is checked without a
@@ -11,8 +11,9 @@
 //! at `connection_init` alike; the gateway also closes the open sockets of that token at once
 //! (the announcement on the revocation channel carries the cutoff).
 //!
-//! The granularity is JWT's: `iat` is in whole seconds, so a token issued in the same second as
-//! the logout stays valid. Entries older than an access token's lifetime (plus leeway) can no
+//! `iat` is in whole seconds, so the cutoff covers the logout's own second (`iat <= cutoff`), and
+//! auth-service issues the user's next tokens with an `iat` after it (a login in the same second
+//! as a logout gets `iat` = cutoff + 1). Entries older than an access token's lifetime (plus leeway) can no
 //! longer match any unexpired token and are dropped, in Redis and in memory. The embedded mode
 //! shares one [`RevokedBefore`] between its auth routes and its verifiers.
 
@@ -50,15 +51,19 @@ impl RevokedBefore {
         })
     }
 
-    /// Whether the token was issued before its user's cutoff.
+    /// Whether the token was issued at or before its user's cutoff.
     pub fn is_revoked(&self, claims: &Claims) -> bool {
+        self.cutoff(claims.user_id)
+            .is_some_and(|cutoff| claims.iat <= cutoff)
+    }
+
+    /// The user's cutoff, if one is known.
+    pub fn cutoff(&self, user_id: i64) -> Option<i64> {
         let cutoffs = match self.cutoffs.read() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        cutoffs
-            .get(&claims.user_id)
-            .is_some_and(|cutoff| claims.iat < *cutoff)
+        cutoffs.get(&user_id).copied()
     }
 
     /// Raises the user's cutoff (never lowers it) and forgets cutoffs no token can be under.
@@ -104,6 +109,17 @@ pub async fn write(
         .arg(retention_secs.max(1))
         .ignore();
     crate::redis::query::<()>(pool, &pipe).await
+}
+
+/// The user's cutoff as Redis has it.
+pub async fn read(
+    pool: &RedisPool,
+    key_prefix: &str,
+    user_id: i64,
+) -> Result<Option<i64>, crate::redis::RedisError> {
+    let mut cmd = redis::cmd("ZSCORE");
+    cmd.arg(key(key_prefix)).arg(user_id);
+    crate::redis::query::<Option<i64>>(pool, &cmd).await
 }
 
 /// Keeps `list` up to date from Redis until `shutdown` resolves: every [`POLL_INTERVAL`] the
@@ -169,7 +185,11 @@ mod tests {
         let now = chrono::Utc::now().timestamp();
         list.record(7, now);
         assert!(list.is_revoked(&claims(7, now - 1)));
-        assert!(!list.is_revoked(&claims(7, now)), "same second: still valid");
+        assert!(
+            list.is_revoked(&claims(7, now)),
+            "the logout's own second is covered"
+        );
+        assert!(!list.is_revoked(&claims(7, now + 1)));
         assert!(!list.is_revoked(&claims(8, now - 1)), "another user");
         // A cutoff is never lowered.
         list.record(7, now - 100);

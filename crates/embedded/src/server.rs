@@ -117,7 +117,8 @@ impl Application {
             api_service::startup::outbox_config(&services.api),
             &metrics,
         );
-        let api = api_service::startup::state(&services.api, store.clone(), revoked.clone()).await?;
+        let api =
+            api_service::startup::state(&services.api, store.clone(), revoked.clone()).await?;
         let hub_shutdown = CancellationToken::new();
         let gateway = subscription_gateway::startup::state(
             &services.gateway,
@@ -272,4 +273,32 @@ pub fn banner(settings: &Settings, port: u16) -> String {
         "  Stop with Ctrl-C.".to_owned(),
     ]
     .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::test::{call_service, init_service, TestRequest};
+
+    use super::*;
+
+    #[actix_web::test]
+    async fn metrics_answer_only_this_machine() {
+        let app = init_service(
+            App::new()
+                .configure(metrics_from_loopback_only)
+                .route("/metrics", web::get().to(|| async { "metrics" })),
+        )
+        .await;
+        for (peer, status) in [
+            ("127.0.0.1:5000", 200),
+            ("[::1]:5000", 200),
+            ("192.0.2.7:5000", 404),
+        ] {
+            let request = TestRequest::get()
+                .uri("/metrics")
+                .peer_addr(peer.parse().expect("an address"))
+                .to_request();
+            assert_eq!(call_service(&app, request).await.status(), status, "{peer}");
+        }
+    }
 }

@@ -27,7 +27,9 @@ use crate::executions::{Executions, Membership, Start, Subscriber};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
-use crate::socket::{ping_frame, pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError};
+use crate::socket::{
+    ping_frame, pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError,
+};
 
 pub type Coordinator =
     juniper_subscriptions::Coordinator<Query, Mutation, Subscription, Context, DefaultScalarValue>;
@@ -260,7 +262,7 @@ pub async fn run(
                     // Without a cutoff (an older auth-service) every socket of the user closes.
                     let covered = revoked
                         .revoked_before
-                        .is_none_or(|cutoff| auth.claims.iat < cutoff);
+                        .is_none_or(|cutoff| auth.claims.iat <= cutoff);
                     if revoked.user_id == auth.claims.user_id && covered {
                         break Closing::new(close::FORBIDDEN, "token revoked (logged out)");
                     }

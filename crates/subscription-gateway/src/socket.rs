@@ -296,7 +296,11 @@ impl Inbound {
     /// Bytes this reader holds (its read buffer and a message being reassembled), for tests
     /// and fuzzing that check the limit bounds memory.
     pub fn held_bytes(&self) -> usize {
-        self.buf.capacity() + self.partial.as_ref().map_or(0, |(_, so_far)| so_far.capacity())
+        self.buf.capacity()
+            + self
+                .partial
+                .as_ref()
+                .map_or(0, |(_, so_far)| so_far.capacity())
     }
 
     /// The next whole message in what was read, if any.
@@ -373,7 +377,9 @@ impl Inbound {
 fn declared_length(buf: &[u8]) -> Option<u64> {
     let short = u64::from(*buf.get(1)? & 0x7F);
     match short {
-        126 => Some(u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?))),
+        126 => Some(u64::from(u16::from_be_bytes(
+            buf.get(2..4)?.try_into().ok()?,
+        ))),
         127 => Some(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)),
         len => Some(len),
     }
@@ -425,10 +431,16 @@ mod tests {
         bytes.extend_from_slice(&[1, 2, 3, 4]);
         bytes.extend_from_slice(&[b'x'; 100]);
         let mut inbound = Inbound::new(1024, bytes);
-        assert!(matches!(inbound.next_message(), Err(ReadError::TooBig(1024))));
+        assert!(matches!(
+            inbound.next_message(),
+            Err(ReadError::TooBig(1024))
+        ));
         // Just over the limit with the 16-bit form, before any payload byte.
         let mut inbound = Inbound::new(1024, BytesMut::from(&[0x81u8, 0xFE, 0x04, 0x01][..]));
-        assert!(matches!(inbound.next_message(), Err(ReadError::TooBig(1024))));
+        assert!(matches!(
+            inbound.next_message(),
+            Err(ReadError::TooBig(1024))
+        ));
         // At the limit it waits for the payload, holding no more than the frame.
         let mut inbound = Inbound::new(1024, BytesMut::from(&[0x81u8, 0xFE, 0x04, 0x00][..]));
         assert!(matches!(inbound.next_message(), Ok(None)));

@@ -12,9 +12,9 @@ use actix_web::{middleware, web, App, HttpRequest, HttpResponse};
 use common::config::ConfigError;
 use common::graphql::DocumentLimits;
 use common::http::{healthz, not_found, Tally};
-use common::revocations::RevokedBefore;
 use common::jwt::SecretPolicy;
 use common::metrics::{self, Metrics};
+use common::revocations::RevokedBefore;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 

@@ -150,6 +150,16 @@ pub fn bad_tokens(access: &str, refresh: &str) -> Vec<(&'static str, String, &'s
 /// `access` with its lifetime moved to `exp_in_secs` from now, signed with the demo secret
 /// (what the stack verifies with) or with `secret`.
 fn resigned(access: &str, exp_in_secs: i64, secret: Option<&str>) -> String {
+    let now = chrono::Utc::now().timestamp();
+    resigned_with(
+        access,
+        json!({"exp": now + exp_in_secs, "iat": now + exp_in_secs - 300}),
+        secret,
+    )
+}
+
+/// `access` with the claims in `changes` replaced, signed with the demo secret or `secret`.
+pub fn resigned_with(access: &str, changes: Value, secret: Option<&str>) -> String {
     use base64::Engine as _;
     let decode = |part: &str| -> Value {
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -160,9 +170,9 @@ fn resigned(access: &str, exp_in_secs: i64, secret: Option<&str>) -> String {
     let mut parts = access.split('.');
     let header = decode(parts.next().unwrap());
     let mut claims = decode(parts.next().unwrap());
-    let now = chrono::Utc::now().timestamp();
-    claims["exp"] = json!(now + exp_in_secs);
-    claims["iat"] = json!(now + exp_in_secs - 300);
+    for (name, value) in changes.as_object().unwrap() {
+        claims[name] = value.clone();
+    }
     let mut jwt_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     jwt_header.kid = header["kid"].as_str().map(str::to_owned);
     let secret = secret.unwrap_or(common::jwt::DEMO_SECRET);
@@ -191,8 +201,13 @@ pub struct WsClient {
 impl WsClient {
     /// Connects through NGINX; `Err` with the reason when the handshake fails.
     pub async fn connect(stack: &Stack, protocol: &'static str) -> Result<WsClient, String> {
+        WsClient::connect_to(&stack.ws_url(), protocol).await
+    }
+
+    /// Connects to any websocket URL (e.g. the embedded binary's).
+    pub async fn connect_to(url: &str, protocol: &'static str) -> Result<WsClient, String> {
         let (_, framed) = http()
-            .ws(stack.ws_url())
+            .ws(url)
             .protocols([protocol])
             .max_frame_size(1 << 20)
             .connect()

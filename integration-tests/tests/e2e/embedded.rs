@@ -15,15 +15,20 @@ use crate::client::{
 use crate::stack::bin_dir;
 
 /// One `gqlws` process on a free port with an SQLite file of its own; killed when dropped.
-struct Gqlws {
+pub struct Gqlws {
     child: Child,
-    url: String,
+    pub url: String,
     database_url: String,
     dir: PathBuf,
 }
 
 impl Gqlws {
-    async fn start() -> Gqlws {
+    pub async fn start() -> Gqlws {
+        Gqlws::start_with(&[]).await
+    }
+
+    /// With more settings in its environment (`("KEEPALIVE_SECS", "1")`, …).
+    pub async fn start_with(settings: &[(&str, &str)]) -> Gqlws {
         let binary = bin_dir().join("gqlws");
         assert!(
             binary.is_file(),
@@ -41,6 +46,7 @@ impl Gqlws {
                 .env("GQLWS_DATABASE_URL", &database_url)
                 .env("OUTBOX_RELAY_INTERVAL_MS", "100")
                 .env("LOG_LEVEL", "warn")
+                .envs(settings.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
@@ -69,13 +75,21 @@ impl Gqlws {
         panic!("gqlws did not become ready (see its log above)");
     }
 
-    fn ws_url(&self) -> String {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.url.trim_start_matches("http://").parse().unwrap()
+    }
+
+    pub fn ws_url(&self) -> String {
         format!("{}/graphql/", self.url.replacen("http://", "ws://", 1))
     }
 
     /// `gqlws trigger-event`: a second process that commits the change to the SQLite file; the
     /// server's relay publishes it.
-    fn trigger_event(&self, pk: i64) {
+    pub fn trigger_event(&self, pk: i64) {
         let output = Command::new(bin_dir().join("gqlws"))
             .args(["trigger-event", "--pk", &pk.to_string()])
             .env("GQLWS_DATABASE_URL", &self.database_url)

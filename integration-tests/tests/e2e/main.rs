@@ -15,6 +15,7 @@
 
 mod client;
 mod embedded;
+mod hardening;
 mod npm_clients;
 mod reference;
 mod replicas;
