@@ -30,6 +30,9 @@ async fn main() -> ExitCode {
             staff,
             update,
         } => create_user_command(&cli.settings, &username, password_stdin, staff, update).await,
+        Command::DeactivateUser { username } => {
+            deactivate_user_command(&cli.settings, &username).await
+        }
         Command::GenerateKey { out } => generate_key(&out),
     };
     match result {
@@ -47,6 +50,41 @@ async fn serve(settings: auth_service::settings::Settings) -> Result<(), Startup
     app.run_until_stopped(common::shutdown::signal())
         .await
         .map_err(|err| StartupError::Other(err.to_string()))
+}
+
+async fn deactivate_user_command(
+    settings: &auth_service::settings::Settings,
+    username: &str,
+) -> Result<(), StartupError> {
+    let pool = common::db::pool(&settings.database);
+    let user = common::db::users::find_by_username(&pool, username.to_owned())
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .ok_or_else(|| StartupError::Other(format!("no user `{username}`")))?;
+    common::db::users::set_active(&pool, username.to_owned(), false)
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?;
+    let redis = common::redis::pool(&settings.redis)?;
+    let failures = auth_service::routes::revoke_access_tokens(
+        &auth_service::routes::Revocations::Redis(redis),
+        &settings.redis.redis_key_prefix,
+        settings
+            .jwt
+            .access_token_lifetime_secs
+            .saturating_add(settings.jwt.jwt_leeway_secs),
+        user.id,
+        "deactivated",
+    )
+    .await;
+    if !failures.is_empty() {
+        return Err(StartupError::Other(format!(
+            "user `{username}` is deactivated, but its access tokens could not be revoked \
+             ({}); they stay valid until they expire",
+            failures.join(", ")
+        )));
+    }
+    println!("deactivated user `{username}`; its access tokens are revoked");
+    Ok(())
 }
 
 async fn create_user_command(

@@ -294,54 +294,67 @@ async fn blacklist(
 /// their expiry. Best effort: the blacklist entry is already committed; when Redis is away the
 /// access tokens stay valid until they expire (minutes at most), as before.
 async fn announce_revocation(state: &AuthState, claims: &Claims) {
-    let cutoff = Utc::now().timestamp();
+    let failures = revoke_access_tokens(
+        &state.revocations,
+        &state.limiter.key_prefix,
+        state.revocation_retention_secs,
+        claims.user_id,
+        &claims.jti,
+    )
+    .await;
+    for failed in failures {
+        state.limiter.errors.with_label_values(&[failed]).inc();
+    }
+}
+
+/// Revokes every access token of the user issued so far and tells the gateways (a logout, or
+/// `deactivate-user`). `jti` names the session that ended, for the logs. Returns the steps that
+/// failed (`write_revocation`, `announce_revocation`), each already logged.
+pub async fn revoke_access_tokens(
+    revocations: &Revocations,
+    key_prefix: &str,
+    retention_secs: u64,
+    user_id: i64,
+    jti: &str,
+) -> Vec<&'static str> {
+    // Tokens issued since the previous logout may carry that logout's second + 1 as `iat`
+    // ([`issue_time`]); this cutoff covers them too.
+    let cutoff = issue_time_after(revocations, key_prefix, user_id).await;
     let message = Revocation {
-        user_id: claims.user_id,
-        jti: claims.jti.clone(),
+        user_id,
+        jti: jti.to_owned(),
         revoked_before: Some(cutoff),
     };
     let payload = match serde_json::to_string(&message) {
         Ok(payload) => payload,
         Err(err) => {
             tracing::error!(%err, "cannot encode the revocation");
-            return;
+            return vec!["announce_revocation"];
         }
     };
-    let channel_name = revocation_channel(&state.limiter.key_prefix);
-    let redis_pool = match &state.revocations {
+    let channel_name = revocation_channel(key_prefix);
+    let redis_pool = match revocations {
         Revocations::Redis(pool) => pool,
         Revocations::Memory { bus, revoked } => {
-            revoked.record(claims.user_id, cutoff);
+            revoked.record(user_id, cutoff);
             bus.send(channel_name, &payload);
-            return;
+            return Vec::new();
         }
     };
-    if let Err(err) = common::revocations::write(
-        redis_pool,
-        &state.limiter.key_prefix,
-        claims.user_id,
-        cutoff,
-        state.revocation_retention_secs,
-    )
-    .await
+    let mut failures = Vec::new();
+    if let Err(err) =
+        common::revocations::write(redis_pool, key_prefix, user_id, cutoff, retention_secs).await
     {
-        state
-            .limiter
-            .errors
-            .with_label_values(&["write_revocation"])
-            .inc();
+        failures.push("write_revocation");
         tracing::warn!(%err, "cannot record the revocation; access tokens stay valid until they expire");
     }
     let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
     cmd.arg(channel_name).arg(payload);
     if let Err(err) = common::redis::query::<i64>(redis_pool, &cmd).await {
-        state
-            .limiter
-            .errors
-            .with_label_values(&["announce_revocation"])
-            .inc();
+        failures.push("announce_revocation");
         tracing::warn!(%err, "cannot announce the revocation; sockets close at token expiry");
     }
+    failures
 }
 
 /// `GET /api/token/jwks/`: the public verification keys (none when only HS256 is configured).
@@ -374,17 +387,19 @@ async fn token_in_body(
 /// that is later. A logout revokes every token issued at or before its second
 /// ([`common::revocations`]), so a login in that same second must not be caught by it.
 async fn issue_time(state: &AuthState, user_id: i64) -> i64 {
+    issue_time_after(&state.revocations, &state.limiter.key_prefix, user_id).await
+}
+
+async fn issue_time_after(revocations: &Revocations, key_prefix: &str, user_id: i64) -> i64 {
     let now = Utc::now().timestamp();
-    let cutoff = match &state.revocations {
+    let cutoff = match revocations {
         Revocations::Memory { revoked, .. } => revoked.cutoff(user_id),
-        Revocations::Redis(pool) => {
-            common::revocations::read(pool, &state.limiter.key_prefix, user_id)
-                .await
-                .unwrap_or_else(|err| {
-                    tracing::warn!(%err, "cannot read the user's logout cutoff");
-                    None
-                })
-        }
+        Revocations::Redis(pool) => common::revocations::read(pool, key_prefix, user_id)
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(%err, "cannot read the user's logout cutoff");
+                None
+            }),
     };
     cutoff.map_or(now, |cutoff| now.max(cutoff + 1))
 }

@@ -38,6 +38,12 @@ pub enum Command {
         #[arg(long)]
         update: bool,
     },
+    /// Deactivate a user: no more logins or refreshes, and every access token already issued is
+    /// revoked on every replica (its open sockets close).
+    DeactivateUser {
+        #[arg(long)]
+        username: String,
+    },
     /// Write a new Ed25519 key pair as PEM files, for JWT_ALGORITHM=EdDSA.
     GenerateKey {
         /// Path of the private key; the public key is written beside it with `.pub.pem`.

@@ -196,7 +196,7 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
     let target = Target::parse(&args.target)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_seconds);
-    let token = actix_web::rt::System::new().block_on(obtain_token(args))?;
+    let tokens = Arc::new(actix_web::rt::System::new().block_on(obtain_tokens(args))?);
     let warmups = args.pks.len();
     let total_events = warmups + args.events as usize;
     let shared = Arc::new(Shared {
@@ -219,7 +219,7 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
         .map(|thread| {
             let args = args.clone();
             let shared = shared.clone();
-            let token = token.clone();
+            let tokens = tokens.clone();
             let target = target.clone();
             let stop = stop.clone();
             std::thread::spawn(move || -> Result<Tally, String> {
@@ -231,7 +231,7 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
                     .build()
                     .map_err(|err| format!("cannot start a client thread's runtime: {err}"))?;
                 Ok(runtime.block_on(client_thread(
-                    thread, threads, args, shared, token, target, stop,
+                    thread, threads, args, shared, tokens, target, stop,
                 )))
             })
         })
@@ -430,7 +430,14 @@ async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Resu
         .map_err(|err| crate::truncate(&err.to_string()))
 }
 
-async fn obtain_token(args: &SubscribeArgs) -> Result<String, String> {
+/// Connections that share one minted user, within the gateway's default
+/// MAX_CONNECTIONS_PER_USER (100). With `--auth` every connection is the one logged-in user, so
+/// that gateway needs MAX_CONNECTIONS_PER_USER=0 (or at least `--connections`).
+const CONNECTIONS_PER_USER: u32 = 100;
+
+/// The access tokens the connections use: with `--auth` the one from logging in; else one
+/// minted per [`CONNECTIONS_PER_USER`] connections, each for a user of its own.
+async fn obtain_tokens(args: &SubscribeArgs) -> Result<Vec<String>, String> {
     if let Some(auth) = &args.auth {
         let client = awc::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -445,7 +452,7 @@ async fn obtain_token(args: &SubscribeArgs) -> Result<String, String> {
         .await?;
         return pair["access"]
             .as_str()
-            .map(str::to_owned)
+            .map(|token| vec![token.to_owned()])
             .ok_or_else(|| "login returned no access token".to_owned());
     }
     let secret = match (&args.jwt_secret, args.demo_secret) {
@@ -455,7 +462,10 @@ async fn obtain_token(args: &SubscribeArgs) -> Result<String, String> {
             return Err("give --jwt-secret (or JWT_SECRET), --demo-secret, or --auth".into())
         }
     };
-    mint(&secret, args.max_seconds)
+    let users = args.connections.div_ceil(CONNECTIONS_PER_USER).max(1);
+    (1..=i64::from(users))
+        .map(|user_id| mint(&secret, args.max_seconds, user_id))
+        .collect()
 }
 
 /// The JWT settings as the services parse them, so the key id is derived exactly as the gateway
@@ -467,7 +477,7 @@ struct JwtOnly {
 }
 
 /// An access token as auth-service would sign it, valid for the whole run and a margin.
-fn mint(secret: &str, run_secs: u64) -> Result<String, String> {
+fn mint(secret: &str, run_secs: u64, user_id: i64) -> Result<String, String> {
     let settings = JwtOnly::try_parse_from([
         "loadgen",
         "--jwt-algorithm=HS256",
@@ -483,8 +493,8 @@ fn mint(secret: &str, run_secs: u64) -> Result<String, String> {
             exp: now + run_secs as i64 + 600,
             iat: now,
             jti: new_jti(),
-            user_id: 1,
-            username: "loadgen".into(),
+            user_id,
+            username: format!("loadgen-{user_id}"),
         })
         .map_err(|err| format!("cannot sign the token: {err}"))
 }
@@ -510,12 +520,15 @@ async fn client_thread(
     threads: u32,
     args: SubscribeArgs,
     shared: Arc<Shared>,
-    token: String,
+    tokens: Arc<Vec<String>>,
     target: Target,
     stop: Arc<Stop>,
 ) -> Tally {
     let target = Arc::new(target);
-    let init = Arc::new(init_message(args.protocol, &token));
+    let inits: Vec<Arc<String>> = tokens
+        .iter()
+        .map(|token| Arc::new(init_message(args.protocol, token)))
+        .collect();
     let thread_rate = f64::from(args.rate) / f64::from(threads);
     let ramp_start = Instant::now();
     let mut tasks = Vec::new();
@@ -530,6 +543,7 @@ async fn client_thread(
         let local = Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8);
         let pk_index = index as usize % args.pks.len();
         let subscribe = subscribe_message(args.protocol, args.pks[pk_index]);
+        let init = &inits[(index / CONNECTIONS_PER_USER) as usize % inits.len()];
         tasks.push(tokio::spawn(subscriber(
             local,
             target.clone(),

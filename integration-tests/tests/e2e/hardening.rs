@@ -782,4 +782,44 @@ async fn logout_reaches_every_replica_through_redis() {
             matches!(ws.init(fresh).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
         );
     }
+
+    // Deactivating the user (the operator's command) revokes its tokens the same way.
+    let mut open = WsClient::subscribed(stack, "graphql-transport-ws", fresh, CAR_1_UPDATED).await;
+    let output = std::process::Command::new(bin_dir().join("auth-service"))
+        .args(["deactivate-user", "--username", &username])
+        .env("DATABASE_URL", &stack.database_url)
+        .env("REDIS_URL", &stack.redis_url)
+        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
+        .env("MIGRATE", "false")
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    match open.recv().await {
+        Incoming::Closed(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("the deactivated user's socket was not closed: {other:?}"),
+    }
+    let (status, body) = post_token(&stack.url, &username, "s3cret-pass").await;
+    assert_eq!(status, 401, "{body}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut refused_in_a_row = 0;
+    while refused_in_a_row < 4 && tokio::time::Instant::now() < deadline {
+        let answer = graphql(
+            stack,
+            Some(&format!("Bearer {fresh}")),
+            "{ hi }",
+            Value::Null,
+        )
+        .await;
+        if answer["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED" {
+            refused_in_a_row += 1;
+        } else {
+            refused_in_a_row = 0;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        refused_in_a_row, 4,
+        "the deactivated user's token is still served"
+    );
 }
