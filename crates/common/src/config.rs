@@ -181,6 +181,10 @@ pub struct HttpArgs {
     /// closes).
     #[arg(long, env = "BODY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub body_timeout_secs: u64,
+    /// Blocking threads (database calls, password checks) of the process, shared by its HTTP
+    /// workers; more work waits for one.
+    #[arg(long, env = "BLOCKING_THREADS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub blocking_threads: u64,
     /// Requests one client address may have in flight at once; more get 429.
     #[arg(long, env = "MAX_REQUESTS_PER_ADDRESS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_requests_per_address: u64,

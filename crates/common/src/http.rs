@@ -380,6 +380,23 @@ pub struct ServerOptions {
     pub workers: usize,
     /// How long a graceful stop waits for in-flight requests.
     pub shutdown_timeout_secs: u64,
+    /// Blocking threads (database calls, password checks) of all workers together; each worker
+    /// gets its share. actix's default is 512, and it was reached: one GraphQL document with 100
+    /// aliased `car` fields resolves them concurrently, and 20 such requests took 522 threads.
+    /// Past the database pool's size more threads only wait for a connection; work beyond the
+    /// bound waits in the pool's queue instead, which costs no thread.
+    pub blocking_threads: usize,
+}
+
+impl ServerOptions {
+    /// Each worker's share of [`ServerOptions::blocking_threads`], at least one.
+    pub fn blocking_threads_per_worker(&self) -> usize {
+        let workers = match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        (self.blocking_threads / workers).max(1)
+    }
 }
 
 impl From<&crate::config::HttpArgs> for ServerOptions {
@@ -387,6 +404,7 @@ impl From<&crate::config::HttpArgs> for ServerOptions {
         Self {
             workers: http.http_workers,
             shutdown_timeout_secs: http.shutdown_timeout_secs,
+            blocking_threads: usize::try_from(http.blocking_threads).unwrap_or(usize::MAX),
         }
     }
 }
@@ -402,7 +420,8 @@ macro_rules! start_server {
         let options: $crate::http::ServerOptions = $options;
         let server = $server
             .disable_signals()
-            .shutdown_timeout(options.shutdown_timeout_secs);
+            .shutdown_timeout(options.shutdown_timeout_secs)
+            .worker_max_blocking_threads(options.blocking_threads_per_worker());
         let server = match options.workers {
             0 => server,
             workers => server.workers(workers),

@@ -59,7 +59,8 @@ where
     let addr = listener.local_addr()?;
     let mut builder = actix_server::Server::build()
         .disable_signals()
-        .shutdown_timeout(options.shutdown_timeout_secs);
+        .shutdown_timeout(options.shutdown_timeout_secs)
+        .worker_max_blocking_threads(options.blocking_threads_per_worker());
     if options.workers > 0 {
         builder = builder.workers(options.workers);
     }

@@ -183,8 +183,8 @@ impl Application {
         let server = crate::server::serve(
             listener,
             common::http::ServerOptions {
-                workers: settings.http.http_workers,
                 shutdown_timeout_secs: settings.drain_timeout_secs.max(1),
+                ..common::http::ServerOptions::from(&settings.http)
             },
             state.clone(),
             move || {

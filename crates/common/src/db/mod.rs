@@ -179,14 +179,6 @@ pub fn pool(args: &DatabaseArgs) -> DbPool {
         })
 }
 
-/// Most database calls of this process on the blocking pool at once. Past the pool's size they
-/// would only wait for a connection there, each holding a thread: one GraphQL document with 100
-/// aliased `car` fields resolves them concurrently, and 20 such requests took 522 threads. Here
-/// they wait as futures instead, which cost no thread.
-const MAX_BLOCKING_DB_CALLS: usize = 64;
-static BLOCKING_DB_CALLS: tokio::sync::Semaphore =
-    tokio::sync::Semaphore::const_new(MAX_BLOCKING_DB_CALLS);
-
 /// Runs blocking diesel work on tokio's blocking pool so it never stalls the async workers.
 pub async fn run<T, F>(pool: &DbPool, work: F) -> Result<T, DbError>
 where
@@ -194,11 +186,8 @@ where
     F: FnOnce(&mut AnyConnection) -> Result<T, diesel::result::Error> + Send + 'static,
 {
     let pool = pool.clone();
-    // Never closed; an error would mean no permit can ever be had.
-    let _permit = BLOCKING_DB_CALLS
-        .acquire()
-        .await
-        .map_err(|_| DbError::Cancelled)?;
+    // The blocking pool is bounded (`common::http::ServerOptions::blocking_threads`): past its
+    // size, calls wait in its queue, not in threads of their own.
     tokio::task::spawn_blocking(move || {
         let mut conn: DbConn = pool
             .get()
