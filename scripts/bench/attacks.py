@@ -782,15 +782,15 @@ async def attack_slow_bodies(run: Run, args):
         for a, src in enumerate(srcs)
         for n in range(per_address)
     ]
-    # Opening: until every connection is made (or failed), at most 15 s.
-    while finished_opening < len(tasks) and time.monotonic() - t0 < 15.0:
+    # Opening: until every connection is made (or failed), at most 12 s.
+    while finished_opening < len(tasks) and time.monotonic() - t0 < 12.0:
         await asyncio.sleep(0.05)
     open_s = time.monotonic() - t0
     made = sum(1 for s in states if s not in ("connecting",) and not s.startswith("connect:"))
     failures = [s for s in states if s.startswith("connect:") or s == "connecting"]
     fds_while_open = (proc_snapshot(run.pid) or {}).get("fds")
-    health = await http_request(run.port, "GET", "/healthz", timeout=10.0)
-    normal_login = await login(run.port, timeout=15.0)
+    health = await http_request(run.port, "GET", "/healthz", timeout=5.0)
+    normal_login = await login(run.port, timeout=10.0)
     # What the slow connections got, with a 15 s overall deadline from the end of the opening.
     deadline = t0 + open_s + 15.0
     pending = [t for t in tasks if not t.done()]
@@ -849,12 +849,12 @@ async def attack_batches(run: Run, args):
     tasks = [
         asyncio.create_task(
             http_request(run.port, "POST", "/graphql/", src="127.0.0.7", body=batch, headers=headers,
-                         timeout=35.0, gate=gate)
+                         timeout=30.0, gate=gate)
         )
         for _ in range(20)
     ]
     await gate.open_when_all_arrived(5.0)
-    normal_login = asyncio.create_task(login(run.port, timeout=35.0))
+    normal_login = asyncio.create_task(login(run.port, timeout=30.0))
     answers = await asyncio.gather(*tasks)
     normal = await normal_login
     sizes = [len(a.body) for a in answers if isinstance(a.status, int)]
