@@ -2,8 +2,10 @@
 //! enforced by juniper's parser before validation): no document panics or overflows the stack
 //! while being parsed and validated (libFuzzer's -timeout catches blow-ups), and a document that
 //! got past the parser nests `{`/`[` no deeper than `max_depth` and has no more than
-//! `max_tokens` tokens, counted by a scan of our own. (The field limit counts fields with
-//! fragments expanded; there is no cheap independent count of it, so it is not asserted.)
+//! `max_tokens` tokens, counted by a scan of our own. The walks the services run on a document
+//! before validation (`operation_field_count` for the batch budget, `subscription_root_fields`
+//! for the one-root-field rule) finish quickly and, as they claim, count within the field limit
+//! the parser enforced. `max_depth` is the production default; the token limit is small.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -13,7 +15,7 @@ use juniper::{GraphQLError, ValidatedOperation};
 use libfuzzer_sys::fuzz_target;
 
 const LIMITS: DocumentLimits = DocumentLimits {
-    max_depth: 8,
+    max_depth: 24,
     max_fields: 50,
     max_tokens: 500,
 };
@@ -30,6 +32,12 @@ fuzz_target!(|data: &[u8]| {
         let (depth, tokens) = scan(&text);
         assert!(depth <= LIMITS.max_depth, "parsed a document nesting {depth} deep");
         assert!(tokens <= LIMITS.max_tokens, "parsed a document of at least {tokens} tokens");
+    }
+    if let Some(count) = common::graphql::operation_field_count(schema, &text, None) {
+        assert!(count <= LIMITS.max_fields, "operation_field_count {count}");
+    }
+    if let Some(fields) = common::graphql::subscription_root_fields(schema, &text, None) {
+        assert!(fields.len() <= LIMITS.max_fields, "{} root fields", fields.len());
     }
 });
 

@@ -1140,7 +1140,7 @@ async def main_async(args) -> int:
             rows.append(row)
     info = file_info(args.binary)
     header = (
-        f"Binary `{info['path']}` (sha256 {info['sha256'][:12]}, {info['size'] / MIB:.0f} MiB, built "
+        f"Binary `{info['path']}` (sha256 {info['sha256'][:12]}, {info['size'] / MIB:.0f} MiB, mtime "
         f"{info['mtime']}); {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; {os.cpu_count()} CPUs, load average "
         f"at start {args.loadavg}; RLIMIT_NOFILE {args.nofile}"
         + (f"; extra server env {' '.join(args.env)}" if args.env else "")

@@ -78,12 +78,18 @@ pub fn config(cfg: &mut web::ServiceConfig) {
 
 /// How many logins this process evaluates at once, and how many may wait for a turn.
 ///
-/// Each password check is an argon2id computation holding about 19 MiB and a blocking thread
-/// for ~35 ms; unbounded, 150 parallel logins took the process to 3 GB (never given back to the
-/// system). At most `checking` run at once; up to `waiting` more wait their turn; a login beyond
-/// that is refused at once with 503 and `Retry-After: 1`, before any other work is done.
+/// Each password check is an argon2id computation holding about 19 MiB for ~35 ms. Unbounded,
+/// 150 parallel logins took the process to 3 GB. At most `checking` run at once, each on one of
+/// `checking` threads of their own ([`passwords::CheckThreads`]); up to `waiting` more wait their
+/// turn; a login beyond that is refused at once with 503 and `Retry-After: 1`, before any other
+/// work is done. Each check thread keeps its 19 MiB of working memory for its life
+/// ([`passwords::verify_with`]), so the memory of checks is `checking` × 19 MiB however many
+/// logins come: argon2's own verification allocates it anew each time, and glibc keeps freed
+/// buffers of that size in the allocating thread's arena, so checks spread over the 40–70 blocking
+/// threads of a busy process had left ~19 MiB in each (780 MiB after 80 logins, 60 MiB now;
+/// `scripts/bench/attacks.py --only parallel-logins`).
 pub struct LoginGate {
-    checking: tokio::sync::Semaphore,
+    threads: passwords::CheckThreads,
     admitted: std::sync::atomic::AtomicUsize,
     max_admitted: usize,
 }
@@ -97,7 +103,7 @@ impl LoginGate {
     pub fn new(checking: usize, waiting: usize) -> Self {
         let checking = checking.max(1);
         Self {
-            checking: tokio::sync::Semaphore::new(checking),
+            threads: passwords::CheckThreads::start(checking),
             admitted: std::sync::atomic::AtomicUsize::new(0),
             max_admitted: checking + waiting,
         }
@@ -115,13 +121,9 @@ impl LoginGate {
 }
 
 impl Admitted<'_> {
-    /// Checks the password once a checking slot is free.
+    /// Checks the password on one of the gate's threads, in turn.
     pub async fn verify(&self, stored_hash: String, password: String) -> bool {
-        // The semaphore is never closed; a failure would mean no check, which is a refusal.
-        let Ok(_slot) = self.gate.checking.acquire().await else {
-            return false;
-        };
-        passwords::verify_blocking(stored_hash, password).await
+        self.gate.threads.verify(stored_hash, password).await
     }
 }
 
