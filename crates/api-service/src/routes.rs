@@ -318,6 +318,12 @@ async fn execute(
     context: &Context,
     method: &Method,
 ) -> Outcome {
+    if let Some(message) = common::graphql::unknown_variable_type(&state.schema, &request.query) {
+        return Outcome {
+            body: error_body(&message, "GRAPHQL_VALIDATION_FAILED"),
+            kind: OutcomeKind::RequestError,
+        };
+    }
     let operation = match ValidatedOperation::new(
         &request.query,
         request.operation_name.as_deref(),

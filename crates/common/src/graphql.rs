@@ -54,150 +54,249 @@ pub fn schema(limits: DocumentLimits) -> Schema {
 
 /// Largest page of `cars`.
 pub const MAX_PAGE_SIZE: i32 = 100;
-/// What a subscription document selects at its root, fragments expanded, as the GraphQL spec's
-/// "single root field" rule counts it: `None` when the document does not parse or the operation
-/// is not a subscription (juniper's own validation reports those).
+/// What a subscription's root selects, fragments expanded, as the GraphQL spec's "single root
+/// field" rule counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootFields {
+    pub count: usize,
+    /// The first root field's name (the metric label), if any.
+    pub first: Option<String>,
+}
+
+/// The root fields of a subscription document: `None` when the document does not parse, names
+/// no such operation, is not a subscription or has a fragment cycle (juniper's own validation
+/// reports those).
 pub fn subscription_root_fields(
     schema: &Schema,
     query: &str,
     operation_name: Option<&str>,
-) -> Option<Vec<String>> {
+) -> Option<RootFields> {
     let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
-    let mut operations = document.iter().filter_map(|definition| match definition {
-        juniper::Definition::Operation(operation) => Some(&operation.item),
-        juniper::Definition::Fragment(_) => None,
-    });
-    let operation = match operation_name {
-        Some(name) => operations.find(|op| op.name.as_ref().is_some_and(|n| n.item == name))?,
-        None => {
-            let only = operations.next()?;
-            if operations.next().is_some() {
-                return None;
-            }
-            only
-        }
-    };
+    let walk = DocumentWalk::new(&document)?;
+    let operation = walk.operation(operation_name)?;
     if operation.operation_type != juniper::OperationType::Subscription {
         return None;
     }
-    let fragments = fragments_of(&document);
-    let mut fields = Vec::new();
-    collect_root_fields(
-        &operation.selection_set,
-        &fragments,
-        &mut Vec::new(),
-        &mut fields,
-    );
-    Some(fields)
-}
-
-fn collect_root_fields<'d>(
-    selections: &'d [juniper::Selection<'d, DefaultScalarValue>],
-    fragments: &Fragments<'d>,
-    open: &mut Vec<&'d str>,
-    fields: &mut Vec<String>,
-) {
-    for selection in selections {
-        match selection {
-            juniper::Selection::Field(field) => {
-                // Aliases name the response key; the rule is about fields, so `a: f, b: f`
-                // selects two.
-                fields.push(field.item.name.item.to_owned());
-            }
-            juniper::Selection::InlineFragment(inline) => {
-                collect_root_fields(&inline.item.selection_set, fragments, open, fields);
-            }
-            juniper::Selection::FragmentSpread(spread) => {
-                let name = spread.item.name.item;
-                // A cycle is a validation error juniper reports; it must not recurse here.
-                if open.contains(&name) {
-                    continue;
-                }
-                if let Some(selection_set) = fragments.get(name) {
-                    open.push(name);
-                    collect_root_fields(selection_set, fragments, open, fields);
-                    open.pop();
-                }
-            }
-        }
-    }
+    let mut memo = HashMap::new();
+    let (count, first) = walk.root_fields(&operation.selection_set, &mut memo);
+    Some(RootFields {
+        count,
+        first: first.map(str::to_owned),
+    })
 }
 
 /// How many fields an operation selects, fragments expanded and aliases counted, as the
 /// document field limit counts them: what a batch's operations add up to. `None` when the
-/// document does not parse within the schema's limits or names no such operation (its own
-/// execution then reports why).
+/// document does not parse within the schema's limits, names no such operation or has a
+/// fragment cycle (its own execution then reports why).
 pub fn operation_field_count(
     schema: &Schema,
     query: &str,
     operation_name: Option<&str>,
 ) -> Option<usize> {
     let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
-    let fragments = fragments_of(&document);
-    let mut operations = document.iter().filter_map(|definition| match definition {
-        juniper::Definition::Operation(operation) => Some(&operation.item),
-        juniper::Definition::Fragment(_) => None,
-    });
-    let operation = match operation_name {
-        Some(name) => operations.find(|op| op.name.as_ref().is_some_and(|n| n.item == name))?,
-        None => operations.next()?,
-    };
-    // The parser has checked that the expansion is within the field limit, so this walk is
-    // bounded by it too.
-    Some(count_fields(
-        &operation.selection_set,
-        &fragments,
-        &mut Vec::new(),
-    ))
+    let walk = DocumentWalk::new(&document)?;
+    let operation = walk.operation(operation_name)?;
+    Some(walk.fields(&operation.selection_set, &mut HashMap::new()))
 }
 
-type Fragments<'d> = HashMap<&'d str, &'d [juniper::Selection<'d, DefaultScalarValue>]>;
-
-fn fragments_of<'d>(document: &'d [juniper::Definition<'d, DefaultScalarValue>]) -> Fragments<'d> {
-    document
-        .iter()
-        .filter_map(|definition| match definition {
-            juniper::Definition::Fragment(fragment) => Some((
-                fragment.item.name.item,
-                fragment.item.selection_set.as_slice(),
-            )),
-            juniper::Definition::Operation(_) => None,
+/// A variable whose type the schema does not know, if the document has one. juniper's
+/// validation panics on such a variable when it has a default value (`query($v: Nope = 1)`,
+/// found by the `graphql_limits` fuzz target); checked before validation, it is an error instead.
+pub fn unknown_variable_type(schema: &Schema, query: &str) -> Option<String> {
+    let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
+    document.iter().find_map(|definition| {
+        let juniper::Definition::Operation(operation) = definition else {
+            return None;
+        };
+        let variables = operation.item.variables_definition.as_ref()?;
+        variables.item.iter().find_map(|(name, definition)| {
+            let type_name = definition.var_type.item.innermost_name();
+            schema
+                .schema
+                .concrete_type_by_name(type_name)
+                .is_none()
+                .then(|| {
+                    format!(
+                        "Unknown type \"{type_name}\" of variable \"${}\"",
+                        name.item
+                    )
+                })
         })
-        .collect()
+    })
 }
 
-fn count_fields<'d>(
-    selections: &'d [juniper::Selection<'d, DefaultScalarValue>],
-    fragments: &Fragments<'d>,
-    open: &mut Vec<&'d str>,
-) -> usize {
-    let mut count = 0usize;
-    for selection in selections {
-        count = count.saturating_add(match selection {
-            juniper::Selection::Field(field) => field
-                .item
-                .selection_set
-                .as_deref()
-                .map_or(0, |nested| count_fields(nested, fragments, open))
-                .saturating_add(1),
-            juniper::Selection::InlineFragment(inline) => {
-                count_fields(&inline.item.selection_set, fragments, open)
+type Selections<'d> = [juniper::Selection<'d, DefaultScalarValue>];
+
+/// A parsed document's operations and fragments, for walks that expand fragment spreads. Each
+/// fragment's result is computed once (memoized), so a walk costs the size of the document,
+/// not of its expansion; documents with a fragment cycle are not walked at all.
+struct DocumentWalk<'d> {
+    document: &'d [juniper::Definition<'d, DefaultScalarValue>],
+    fragments: HashMap<&'d str, &'d Selections<'d>>,
+}
+
+impl<'d> DocumentWalk<'d> {
+    fn new(document: &'d [juniper::Definition<'d, DefaultScalarValue>]) -> Option<Self> {
+        let fragments = document
+            .iter()
+            .filter_map(|definition| match definition {
+                juniper::Definition::Fragment(fragment) => Some((
+                    fragment.item.name.item,
+                    fragment.item.selection_set.as_slice(),
+                )),
+                juniper::Definition::Operation(_) => None,
+            })
+            .collect();
+        let walk = Self {
+            document,
+            fragments,
+        };
+        (!walk.has_cycle()).then_some(walk)
+    }
+
+    fn operation(
+        &self,
+        name: Option<&str>,
+    ) -> Option<&'d juniper::Operation<'d, DefaultScalarValue>> {
+        let mut operations = self
+            .document
+            .iter()
+            .filter_map(|definition| match definition {
+                juniper::Definition::Operation(operation) => Some(&operation.item),
+                juniper::Definition::Fragment(_) => None,
+            });
+        match name {
+            Some(name) => operations.find(|op| op.name.as_ref().is_some_and(|n| n.item == name)),
+            None => {
+                let only = operations.next()?;
+                operations.next().is_none().then_some(only)
             }
-            juniper::Selection::FragmentSpread(spread) => {
-                let name = spread.item.name.item;
-                match fragments.get(name) {
-                    Some(selection_set) if !open.contains(&name) => {
-                        open.push(name);
-                        let nested = count_fields(selection_set, fragments, open);
-                        open.pop();
-                        nested
+        }
+    }
+
+    /// Whether some fragment spreads itself, directly or through others (depth-first search
+    /// with three colours over the spread graph).
+    fn has_cycle(&self) -> bool {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            Open,
+            Done,
+        }
+        fn spreads<'d>(selections: &'d Selections<'d>, out: &mut Vec<&'d str>) {
+            for selection in selections {
+                match selection {
+                    juniper::Selection::Field(field) => {
+                        if let Some(nested) = field.item.selection_set.as_deref() {
+                            spreads(nested, out);
+                        }
                     }
-                    _ => 0,
+                    juniper::Selection::InlineFragment(inline) => {
+                        spreads(&inline.item.selection_set, out)
+                    }
+                    juniper::Selection::FragmentSpread(spread) => out.push(spread.item.name.item),
                 }
             }
-        });
+        }
+        let mut marks: HashMap<&str, Mark> = HashMap::new();
+        for &start in self.fragments.keys() {
+            if marks.contains_key(start) {
+                continue;
+            }
+            // An explicit stack: (fragment, its spreads, next index).
+            let mut stack: Vec<(&str, Vec<&str>, usize)> = Vec::new();
+            let mut targets = Vec::new();
+            spreads(self.fragments[start], &mut targets);
+            marks.insert(start, Mark::Open);
+            stack.push((start, targets, 0));
+            while let Some((name, targets, next)) = stack.last_mut() {
+                let Some(&target) = targets.get(*next) else {
+                    marks.insert(name, Mark::Done);
+                    stack.pop();
+                    continue;
+                };
+                *next += 1;
+                match marks.get(target) {
+                    Some(Mark::Open) => return true,
+                    Some(Mark::Done) => {}
+                    None => {
+                        if let Some(selections) = self.fragments.get(target) {
+                            let mut nested = Vec::new();
+                            spreads(selections, &mut nested);
+                            marks.insert(target, Mark::Open);
+                            stack.push((target, nested, 0));
+                        }
+                    }
+                }
+            }
+        }
+        false
     }
-    count
+
+    fn fields(&self, selections: &'d Selections<'d>, memo: &mut HashMap<&'d str, usize>) -> usize {
+        let mut count = 0usize;
+        for selection in selections {
+            count = count.saturating_add(match selection {
+                juniper::Selection::Field(field) => field
+                    .item
+                    .selection_set
+                    .as_deref()
+                    .map_or(0, |nested| self.fields(nested, memo))
+                    .saturating_add(1),
+                juniper::Selection::InlineFragment(inline) => {
+                    self.fields(&inline.item.selection_set, memo)
+                }
+                juniper::Selection::FragmentSpread(spread) => {
+                    let name = spread.item.name.item;
+                    match (memo.get(name), self.fragments.get(name)) {
+                        (Some(known), _) => *known,
+                        (None, Some(selections)) => {
+                            let counted = self.fields(selections, memo);
+                            memo.insert(name, counted);
+                            counted
+                        }
+                        (None, None) => 0,
+                    }
+                }
+            });
+        }
+        count
+    }
+
+    /// The number of root fields and the first one's name.
+    fn root_fields(
+        &self,
+        selections: &'d Selections<'d>,
+        memo: &mut HashMap<&'d str, (usize, Option<&'d str>)>,
+    ) -> (usize, Option<&'d str>) {
+        let mut count = 0usize;
+        let mut first = None;
+        for selection in selections {
+            let (more, name) = match selection {
+                // Aliases name the response key; the rule is about fields, so `a: f, b: f`
+                // selects two.
+                juniper::Selection::Field(field) => (1, Some(field.item.name.item)),
+                juniper::Selection::InlineFragment(inline) => {
+                    self.root_fields(&inline.item.selection_set, memo)
+                }
+                juniper::Selection::FragmentSpread(spread) => {
+                    let name = spread.item.name.item;
+                    match (memo.get(name), self.fragments.get(name)) {
+                        (Some(known), _) => *known,
+                        (None, Some(selections)) => {
+                            let found = self.root_fields(selections, memo);
+                            memo.insert(name, found);
+                            found
+                        }
+                        (None, None) => (0, None),
+                    }
+                }
+            };
+            count = count.saturating_add(more);
+            first = first.or(name);
+        }
+        (count, first)
+    }
 }
 
 /// Whether `name` is a field of the schema's Subscription type: metric labels are taken only
@@ -786,24 +885,30 @@ mod tests {
     fn root_fields_of_a_subscription_are_counted_through_fragments() {
         let schema = schema(DocumentLimits::default());
         let fields = |query: &str| subscription_root_fields(&schema, query, None);
+        let count = |query: &str| fields(query).map(|f| f.count);
         assert_eq!(
             fields("subscription { carCreated { id } }"),
-            Some(vec!["carCreated".to_owned()])
+            Some(RootFields {
+                count: 1,
+                first: Some("carCreated".to_owned())
+            })
         );
         assert_eq!(
-            fields("subscription { a: carCreated { id } b: carCreated { id } }").map(|f| f.len()),
+            count("subscription { a: carCreated { id } b: carCreated { id } }"),
             Some(2)
         );
         assert_eq!(
-            fields(
+            count(
                 "subscription { ...Both } fragment Both on Subscription { carCreated { id } \
                  ... on Subscription { carDeleted { id } } }"
-            )
-            .map(|f| f.len()),
+            ),
             Some(2)
         );
-        // A cycle is juniper's to report; here it only must not recurse forever.
-        assert!(fields("subscription { ...A } fragment A on Subscription { ...A }").is_some());
+        // A cycle is juniper's to report; it is not walked.
+        assert_eq!(
+            fields("subscription { ...A } fragment A on Subscription { ...A }"),
+            None
+        );
         assert_eq!(fields("{ hi }"), None, "not a subscription");
         assert_eq!(fields("subscription {"), None, "does not parse");
         assert_eq!(
@@ -811,8 +916,9 @@ mod tests {
                 &schema,
                 "query Q { hi } subscription S { carCreated { id } }",
                 Some("S")
-            ),
-            Some(vec!["carCreated".to_owned()])
+            )
+            .and_then(|f| f.first),
+            Some("carCreated".to_owned())
         );
         assert!(is_subscription_field(&schema, "carModelUpdated"));
         assert!(!is_subscription_field(&schema, "hi"));
@@ -830,5 +936,37 @@ mod tests {
             Some(4)
         );
         assert_eq!(count("{"), None);
+        // Fragments spreading each other in a ring: refused without walking their paths (an
+        // unmemoized walk of eleven such fragments took minutes: found by fuzzing).
+        let ring: String = (0..11)
+            .map(|n| {
+                let others: String = (0..11)
+                    .filter(|m| *m != n)
+                    .map(|m| format!("...F{m} "))
+                    .collect();
+                format!("fragment F{n} on Query {{ {others} }} ")
+            })
+            .collect();
+        assert_eq!(count(&format!("{{ ...F0 }} {ring}")), None);
+        // A diamond (each fragment spreading the next twice) is counted once per fragment.
+        assert_eq!(
+            count(
+                "{ ...A } fragment A on Query { ...B ...B } fragment B on Query { ...C ...C } \
+                 fragment C on Query { hi }"
+            ),
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn unknown_variable_types_are_found_before_validation() {
+        let schema = schema(DocumentLimits::default());
+        assert!(unknown_variable_type(&schema, "query($i: I = D) { hi }")
+            .is_some_and(|message| message.contains("\"I\"")));
+        assert_eq!(
+            unknown_variable_type(&schema, "query($pk: ID!) { car(pk: $pk) { id } }"),
+            None
+        );
+        assert_eq!(unknown_variable_type(&schema, "{ hi }"), None);
     }
 }

@@ -446,6 +446,13 @@ async fn handle(
                     return Ok(None);
                 }
             };
+            if let Some(message) =
+                common::graphql::unknown_variable_type(&shared.schema, &request.query)
+            {
+                let errors = protocol::errors(&message, "GRAPHQL_VALIDATION_FAILED");
+                send(protocol::operation_error(&id, errors))?;
+                return Ok(None);
+            }
             let root_fields = common::graphql::subscription_root_fields(
                 &shared.schema,
                 &request.query,
@@ -453,11 +460,11 @@ async fn handle(
             );
             // The spec's "single root field" rule, which juniper does not check: with two, one
             // event would be answered for one field and the other silently dropped.
-            if let Some(fields) = root_fields.as_ref().filter(|fields| fields.len() != 1) {
+            if let Some(fields) = root_fields.as_ref().filter(|fields| fields.count != 1) {
                 let errors = protocol::errors(
                     &format!(
                         "a subscription must select exactly one root field; this one selects {}",
-                        fields.len()
+                        fields.count
                     ),
                     "GRAPHQL_VALIDATION_FAILED",
                 );
@@ -466,7 +473,7 @@ async fn handle(
             }
             // Labels come from the schema, so clients cannot create label values.
             let field = root_fields
-                .and_then(|fields| fields.into_iter().next())
+                .and_then(|fields| fields.first)
                 .filter(|field| common::graphql::is_subscription_field(&shared.schema, field))
                 .unwrap_or_else(|| "unknown".to_owned());
             let membership = shared.executions.join(Start {

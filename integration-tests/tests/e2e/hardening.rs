@@ -823,3 +823,62 @@ async fn logout_reaches_every_replica_through_redis() {
         "the deactivated user's token is still served"
     );
 }
+
+/// Found by the `graphql_limits` fuzz target: juniper's validation panics on a variable of an
+/// unknown type with a default value, and a ring of fragments spreading each other made the
+/// document walks run for minutes. Both are now answered at once with a validation error, on
+/// HTTP (alone and in a batch) and on the socket, and the server goes on serving.
+#[actix_web::test]
+async fn documents_found_by_fuzzing_are_refused_cleanly() {
+    let gqlws = Gqlws::start().await;
+    let (access, _) = admin_tokens_at(&gqlws.url).await;
+    let bearer = format!("Bearer {access}");
+    let ring: String = (0..11)
+        .map(|n| {
+            let others: String = (0..11)
+                .filter(|m| *m != n)
+                .map(|m| format!("...F{m} "))
+                .collect();
+            format!("fragment F{n} on Query {{ {others} }} ")
+        })
+        .collect();
+    let ring_query = format!("{{ ...F0 }} {ring}");
+    for body in [
+        json!({"query": "query($i: I = D) { hi }"}),
+        json!([{"query": ring_query}, {"query": "{ hi }"}]),
+    ] {
+        let mut response = http_from(ip("127.0.0.1"))
+            .post(format!("{}/graphql/", gqlws.url))
+            .insert_header(("Authorization", bearer.as_str()))
+            .send_json(&body)
+            .await
+            .unwrap();
+        let answer: Value = response.json().await.unwrap();
+        let first = if answer.is_array() {
+            &answer[0]
+        } else {
+            &answer
+        };
+        assert!(first["errors"][0]["message"].is_string(), "{answer}");
+        assert!(first.get("data").is_none_or(Value::is_null), "{answer}");
+    }
+    let mut ws = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+        .await
+        .unwrap();
+    assert!(
+        matches!(ws.init(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
+    );
+    ws.subscribe("v", "subscription($i: I = D) { carCreated { id } }")
+        .await;
+    match ws.recv().await {
+        Incoming::Json(message) => {
+            assert_eq!(message["type"], "error", "{message}");
+            assert_eq!(
+                message["payload"][0]["extensions"]["code"], "GRAPHQL_VALIDATION_FAILED",
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    normal_client_is_served(&gqlws).await;
+}
