@@ -104,6 +104,10 @@ pub fn operation_field_count(
 /// validation panics on such a variable when it has a default value (`query($v: Nope = 1)`,
 /// found by the `graphql_limits` fuzz target); checked before validation, it is an error instead.
 pub fn unknown_variable_type(schema: &Schema, query: &str) -> Option<String> {
+    // A document without `$` has no variables: the common case is spared a second parse.
+    if !query.contains('$') {
+        return None;
+    }
     let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
     document.iter().find_map(|definition| {
         let juniper::Definition::Operation(operation) = definition else {
