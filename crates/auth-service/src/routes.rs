@@ -200,20 +200,8 @@ async fn obtain(
     };
     state.limiter.succeeded(&username, address).await;
     let issued_at = issue_time(&state, user.id).await;
-    let refresh = sign(
-        &state,
-        user.id,
-        &user.username,
-        TokenType::Refresh,
-        issued_at,
-    )?;
-    let access = sign(
-        &state,
-        user.id,
-        &user.username,
-        TokenType::Access,
-        issued_at,
-    )?;
+    let refresh = sign(&state, &user, TokenType::Refresh, issued_at)?;
+    let access = sign(&state, &user, TokenType::Access, issued_at)?;
     Ok(HttpResponse::Ok().json(json!({"refresh": refresh.0, "access": access.0})))
 }
 
@@ -240,21 +228,9 @@ async fn refresh(
     }
 
     let issued_at = issue_time(&state, user.id).await;
-    let access = sign(
-        &state,
-        user.id,
-        &user.username,
-        TokenType::Access,
-        issued_at,
-    )?;
+    let access = sign(&state, &user, TokenType::Access, issued_at)?;
     if state.rotate_refresh_tokens {
-        let refresh = sign(
-            &state,
-            user.id,
-            &user.username,
-            TokenType::Refresh,
-            issued_at,
-        )?;
+        let refresh = sign(&state, &user, TokenType::Refresh, issued_at)?;
         Ok(HttpResponse::Ok().json(json!({"access": access.0, "refresh": refresh.0})))
     } else {
         Ok(HttpResponse::Ok().json(json!({"access": access.0})))
@@ -408,8 +384,7 @@ async fn issue_time_after(revocations: &Revocations, key_prefix: &str, user_id: 
 
 fn sign(
     state: &AuthState,
-    user_id: i64,
-    username: &str,
+    user: &users::User,
     token_type: TokenType,
     now: i64,
 ) -> Result<(String, Claims), ApiError> {
@@ -422,8 +397,8 @@ fn sign(
         exp: now + lifetime,
         iat: now,
         jti: new_jti(),
-        user_id,
-        username: username.to_owned(),
+        user_id: user.id,
+        username: user.username.clone(),
     };
     let token = state
         .keys

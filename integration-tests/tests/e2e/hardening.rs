@@ -58,17 +58,22 @@ fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
-/// The normal client of every test: `/healthz` answers, and `{ hi }` with a fresh token.
+/// The normal client of every test: a fresh token, and `{ hi }` with it.
 async fn normal_client_is_served(gqlws: &Gqlws) {
     let (access, _) = admin_tokens_at(&gqlws.url).await;
+    let body = hi_with(gqlws, &access).await;
+    assert_eq!(body["data"]["hi"], "Hi!", "{body}");
+}
+
+/// `{ hi }` over HTTP with `token`; the JSON answer.
+async fn hi_with(gqlws: &Gqlws, token: &str) -> Value {
     let mut response = http_from(ip("127.0.0.1"))
         .post(format!("{}/graphql/", gqlws.url))
-        .insert_header(("Authorization", format!("Bearer {access}")))
+        .insert_header(("Authorization", format!("Bearer {token}")))
         .send_json(&json!({"query": "{ hi }"}))
         .await
         .unwrap();
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["data"]["hi"], "Hi!", "{body}");
+    response.json().await.unwrap()
 }
 
 /// A websocket spoken by hand: the upgrade request and masked frames written as bytes, the
@@ -514,13 +519,7 @@ async fn logout_revokes_the_access_token_on_http_and_sockets() {
         Incoming::Closed(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
         other => panic!("a new socket with the revoked token: {other:?}"),
     }
-    let mut response = http_from(ip("127.0.0.1"))
-        .post(format!("{}/graphql/", gqlws.url))
-        .insert_header(("Authorization", format!("Bearer {access}")))
-        .send_json(&json!({"query": "{ hi }"}))
-        .await
-        .unwrap();
-    let body: Value = response.json().await.unwrap();
+    let body = hi_with(&gqlws, &access).await;
     assert_eq!(
         body["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
         "{body}"
@@ -610,13 +609,7 @@ async fn nbf_leeway_and_one_root_field() {
     let now = chrono::Utc::now().timestamp();
 
     let not_yet = resigned_with(&access, json!({"nbf": now + 3600}), None);
-    let mut response = http_from(ip("127.0.0.1"))
-        .post(format!("{}/graphql/", gqlws.url))
-        .insert_header(("Authorization", format!("Bearer {not_yet}")))
-        .send_json(&json!({"query": "{ hi }"}))
-        .await
-        .unwrap();
-    let body: Value = response.json().await.unwrap();
+    let body = hi_with(&gqlws, &not_yet).await;
     assert_eq!(
         body["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
         "{body}"
