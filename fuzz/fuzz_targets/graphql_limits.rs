@@ -35,14 +35,24 @@ fuzz_target!(|data: &[u8]| {
     };
     if parsed {
         let (depth, tokens) = scan(&text);
-        assert!(depth <= LIMITS.max_depth, "parsed a document nesting {depth} deep");
-        assert!(tokens <= LIMITS.max_tokens, "parsed a document of at least {tokens} tokens");
+        assert!(
+            depth <= LIMITS.max_depth,
+            "parsed a document nesting {depth} deep"
+        );
+        assert!(
+            tokens <= LIMITS.max_tokens,
+            "parsed a document of at least {tokens} tokens"
+        );
     }
     if let Some(count) = common::graphql::operation_field_count(schema, &text, None) {
         assert!(count <= LIMITS.max_fields, "operation_field_count {count}");
     }
     if let Some(fields) = common::graphql::subscription_root_fields(schema, &text, None) {
-        assert!(fields.count <= LIMITS.max_fields, "{} root fields", fields.count);
+        assert!(
+            fields.count <= LIMITS.max_fields,
+            "{} root fields",
+            fields.count
+        );
     }
 });
 

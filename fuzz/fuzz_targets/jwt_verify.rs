@@ -47,19 +47,22 @@ fn fixture() -> &'static Fixture {
         let public = dir.join("ed.pub.pem");
         let pem = ed.to_pkcs8_pem(LineEnding::LF).expect("pkcs8");
         std::fs::write(&private, pem.as_bytes()).expect("write key");
-        let pub_pem = ed.verifying_key().to_public_key_pem(LineEnding::LF).expect("spki");
+        let pub_pem = ed
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("spki");
         std::fs::write(&public, pub_pem).expect("write key");
 
         let mut ed_args = args("EdDSA");
         ed_args.jwt_private_key_file = Some(private);
         ed_args.jwt_key_id = Some("ed-1".into());
-        let (ed_keys, _) = JwtKeys::from_args(&ed_args, SecretPolicy::RequireConfigured)
-            .expect("EdDSA keys");
+        let (ed_keys, _) =
+            JwtKeys::from_args(&ed_args, SecretPolicy::RequireConfigured).expect("EdDSA keys");
         let mut hs_args = args("HS256");
         hs_args.jwt_secret = Some("fuzz-secret-0123456789-0123456789-0123456789".into());
         hs_args.jwt_verify_keys = vec![format!("ed-1={}", public.display())];
-        let (hs_keys, _) = JwtKeys::from_args(&hs_args, SecretPolicy::RequireConfigured)
-            .expect("HS256 keys");
+        let (hs_keys, _) =
+            JwtKeys::from_args(&hs_args, SecretPolicy::RequireConfigured).expect("HS256 keys");
         let _ = std::fs::remove_dir_all(&dir);
 
         let claims = |token_type, user_id, username: &str| Claims {
@@ -79,7 +82,10 @@ fn fixture() -> &'static Fixture {
         .map(|(keys, claims)| (keys.signing.sign(&claims).expect("sign"), claims))
         .collect::<Vec<_>>();
         for (token, claims) in &tokens {
-            assert_eq!(hs_keys.verification.verify_untyped(token).as_ref(), Ok(claims));
+            assert_eq!(
+                hs_keys.verification.verify_untyped(token).as_ref(),
+                Ok(claims)
+            );
         }
         Fixture {
             keys: hs_keys.verification,
@@ -101,7 +107,10 @@ fuzz_target!(|data: &[u8]| {
         String::from_utf8_lossy(ops).into_owned()
     } else {
         // Edits of a genuine token, 4 bytes each: operation, position (16 bits), value.
-        let mut token = fixture.tokens[usize::from(first) % 3].0.clone().into_bytes();
+        let mut token = fixture.tokens[usize::from(first) % 3]
+            .0
+            .clone()
+            .into_bytes();
         for op in ops.chunks_exact(4) {
             let pos = usize::from(u16::from_be_bytes([op[1], op[2]])) % (token.len() + 1);
             let b64 = B64URL[usize::from(op[3]) % 64];
@@ -117,7 +126,8 @@ fuzz_target!(|data: &[u8]| {
                     let i = usize::from(op[1]) % 3;
                     let mut parts: Vec<Vec<u8>> =
                         token.split(|&b| b == b'.').map(<[u8]>::to_vec).collect();
-                    if let (Some(part), Some(theirs)) = (parts.get_mut(i), other.split('.').nth(i)) {
+                    if let (Some(part), Some(theirs)) = (parts.get_mut(i), other.split('.').nth(i))
+                    {
                         *part = theirs.as_bytes().to_vec();
                     }
                     token = parts.join(&b'.');

@@ -3,8 +3,9 @@
 //! waited for (actix-http's parser alone would keep buffering toward 2^63 bytes); memory held
 //! never follows a declared length; reassembled text stays within the limit; nothing panics.
 //!
-//! Whole inputs only: `Inbound` has no public way to append bytes after `new` (only `fill`,
-//! from a TcpStream), so incomplete frames are covered as truncated inputs, not as pieces.
+//! Each input is also fed in two pieces (cut where its last byte says), as two reads would
+//! deliver it: the messages, and the error if any, must be exactly those of the whole input, so
+//! frames and fragmented messages split across reads are reassembled the same way.
 #![no_main]
 
 use bytes::BytesMut;
@@ -16,6 +17,35 @@ const MAX: usize = 1024;
 const MAX_HEADER: usize = 14;
 
 fuzz_target!(|data: &[u8]| {
+    whole_input(data);
+    let whole = messages(&mut Inbound::new(MAX, BytesMut::from(data)));
+    let cut = data.len() * usize::from(data.last().copied().unwrap_or(0)) / 256;
+    let mut inbound = Inbound::new(MAX, BytesMut::from(&data[..cut]));
+    let mut pieces = messages(&mut inbound);
+    if !pieces.last().is_some_and(|last| last.starts_with("error")) {
+        inbound.push_bytes(&data[cut..]);
+        pieces.extend(messages(&mut inbound));
+    }
+    assert_eq!(pieces, whole, "cut at {cut} of {}", data.len());
+});
+
+/// What the reader makes of the bytes it has, until it waits for more or refuses them.
+fn messages(inbound: &mut Inbound) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match inbound.next_message() {
+            Ok(Some(Incoming::Text(text))) => seen.push(format!("text {text:?}")),
+            Ok(Some(other)) => seen.push(format!("{other:?}")),
+            Ok(None) => return seen,
+            Err(err) => {
+                seen.push(format!("error {err}"));
+                return seen;
+            }
+        }
+    }
+}
+
+fn whole_input(data: &[u8]) {
     let mut inbound = Inbound::new(MAX, BytesMut::from(data));
     // The input buffer itself (the allocator may double it once, when the parser reserves room
     // for the next frame: at most MAX + MAX_HEADER), and a reassembly buffer of at most MAX
@@ -24,7 +54,11 @@ fuzz_target!(|data: &[u8]| {
     loop {
         let result = inbound.next_message();
         let held = inbound.held_bytes();
-        assert!(held <= bound, "holds {held} bytes for a {}-byte input", data.len());
+        assert!(
+            held <= bound,
+            "holds {held} bytes for a {}-byte input",
+            data.len()
+        );
         match result {
             Ok(Some(Incoming::Text(text))) => assert!(text.len() <= MAX, "text of {}", text.len()),
             Ok(Some(_)) => {}
@@ -32,9 +66,16 @@ fuzz_target!(|data: &[u8]| {
                 // Every complete frame was taken; it waits only for a frame it could accept.
                 let (tail, declared) = after_complete_frames(data);
                 if let Some(declared) = declared {
-                    assert!(declared <= MAX as u64, "waits for a frame declaring {declared}");
+                    assert!(
+                        declared <= MAX as u64,
+                        "waits for a frame declaring {declared}"
+                    );
                 }
-                assert!(tail.len() < MAX_HEADER + MAX, "waits with {} bytes", tail.len());
+                assert!(
+                    tail.len() < MAX_HEADER + MAX,
+                    "waits with {} bytes",
+                    tail.len()
+                );
                 if tail.is_empty() {
                     // Idle: no read buffer, at most a message being reassembled.
                     assert!(held <= 2 * MAX + 64, "idle reader holds {held}");
@@ -44,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
             Err(_) => return,
         }
     }
-});
+}
 
 /// The bytes after the last complete frame, and the payload length the incomplete frame there
 /// declares once its length bytes are in. Written from the RFC, not from socket.rs.
