@@ -195,10 +195,8 @@ impl<K: Eq + Hash + Clone> Tally<K> {
     pub fn enter(self: &Arc<Self>, key: K) -> Option<Counted<K>> {
         let mut counts = lock(&self.counts);
         let count = counts.entry(key.clone()).or_insert(0);
+        // A full count is at least 1, so refusing never leaves an empty entry behind.
         if self.max > 0 && *count >= self.max {
-            if *count == 0 {
-                counts.remove(&key);
-            }
             return None;
         }
         *count += 1;
