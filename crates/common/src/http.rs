@@ -24,7 +24,7 @@ use crate::redis::{self, RedisPool};
 #[derive(Debug, Clone, Copy)]
 pub struct BodyLimits {
     pub max_bytes: usize,
-    /// From the first byte of the head to the last of the body. The server cuts slow heads
+    /// From when the handler starts reading to the body's last byte. The server cuts slow heads
     /// itself (after 5 s), but not slow bodies: 19,980 requests that each declared 100 bytes and
     /// sent one held 19,980 descriptors until the process could accept nothing else.
     pub timeout: Duration,
