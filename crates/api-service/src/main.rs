@@ -52,10 +52,10 @@ async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError>
         }
         _ => {
             let redis = common::redis::pool(&settings.redis)?;
-            let bus = std::sync::Arc::new(common::events::RedisBus::new(
-                redis,
-                settings.redis.redis_key_prefix.clone(),
-            ));
+            let bus = std::sync::Arc::new(
+                common::events::RedisBus::new(redis, settings.redis.redis_key_prefix.clone())
+                    .with_retention(common::events::Retention::from(&settings.events)),
+            );
             startup::store(settings, pool, bus, &metrics)
         }
     };

@@ -1,7 +1,7 @@
 //! Every setting of api-service, from flags or the environment (`api-service --help` lists them).
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{DatabaseArgs, HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
+use common::config::{DatabaseArgs, EventLogArgs, HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +43,8 @@ pub struct Settings {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub redis: RedisArgs,
+    #[command(flatten)]
+    pub events: EventLogArgs,
     #[command(flatten)]
     pub jwt: JwtArgs,
     #[command(flatten)]

@@ -47,10 +47,10 @@ impl Application {
         let pool = common::db::pool(&settings.database);
         let redis = common::redis::pool(&settings.redis)?;
         let metrics = Metrics::new("api-service");
-        let bus = Arc::new(RedisBus::new(
-            redis.clone(),
-            settings.redis.redis_key_prefix.clone(),
-        ));
+        let bus = Arc::new(
+            RedisBus::new(redis.clone(), settings.redis.redis_key_prefix.clone())
+                .with_retention(common::events::Retention::from(&settings.events)),
+        );
         let store = store(&settings, pool.clone(), bus, &metrics);
         let revoked = revoked_before(&settings);
         let state = state(&settings, store.clone(), revoked.clone()).await?;

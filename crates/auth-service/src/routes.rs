@@ -326,9 +326,12 @@ pub async fn revoke_access_tokens(
         failures.push("write_revocation");
         tracing::warn!(%err, "cannot record the revocation; access tokens stay valid until they expire");
     }
-    let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
-    cmd.arg(channel_name).arg(payload);
-    if let Err(err) = common::redis::query::<i64>(redis_pool, &cmd).await {
+    let append = common::events::append_command(
+        &channel_name,
+        &payload,
+        common::events::REVOCATION_RETENTION,
+    );
+    if let Err(err) = common::redis::query::<(String,)>(redis_pool, &append).await {
         failures.push("announce_revocation");
         tracing::warn!(%err, "cannot announce the revocation; sockets close at token expiry");
     }

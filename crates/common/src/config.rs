@@ -162,6 +162,28 @@ pub struct RedisArgs {
     pub redis_pool_size: u32,
 }
 
+/// The event log: how much history each event type keeps for subscribers that resume
+/// ([`crate::events`]). Set on the processes that publish (api-service, `trigger-event`, the
+/// embedded server); a subscriber whose cursor is older gets `recovered: false`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct EventLogArgs {
+    /// Events kept per event type (Redis `XADD … MAXLEN ~`, so a little more may stay).
+    #[arg(long, env = "EVENT_RETENTION_COUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_retention_count: u64,
+    /// Longest an event is kept, in seconds (0 = no age limit; the count still applies).
+    #[arg(long, env = "EVENT_RETENTION_SECS", default_value_t = 3_600)]
+    pub event_retention_secs: u64,
+}
+
+impl Default for EventLogArgs {
+    fn default() -> Self {
+        Self {
+            event_retention_count: 10_000,
+            event_retention_secs: 3_600,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
     /// Address to listen on.

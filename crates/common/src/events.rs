@@ -1,10 +1,18 @@
-//! Events between services: the JSON envelope of every change, the Redis channel of each event
-//! type, the [`EventBus`] that publishes envelopes (on Redis, or in memory for the embedded
+//! Events between services: the JSON envelope of every change, the log of each event type, the
+//! [`EventBus`] that appends envelopes to it (a Redis stream, or in memory for the embedded
 //! mode), and the [`EventSource`] that subscription resolvers read them from.
 //!
 //! Envelope (version 1), one per committed write:
 //! `{"v":1,"id":"<32 hex>","type":"car.updated","at":"<RFC 3339>","data":{…the car…}}`.
 //! Delivery is at-least-once (see [`crate::repository`]): a consumer drops an `id` it has seen.
+//!
+//! Each event type has a log, `<REDIS_KEY_PREFIX>events:<type>`: a Redis stream whose entry ids
+//! are the events' [`Position`]s, the same for every gateway, kept for a bounded retention
+//! ([`EventLogArgs`]). A gateway reads it with `XREAD` from the last position it has seen, so a
+//! reconnection to Redis loses nothing, and a client that resumes names a [`Cursor`] (the log's
+//! [`epoch`](epoch_key), the type and the position) to get what it missed. The epoch changes
+//! when the log is reset (a Redis that restarted empty): cursors of an older epoch are not
+//! covered any more.
 
 use std::fmt;
 use std::pin::Pin;
@@ -16,6 +24,7 @@ use futures_util::future::BoxFuture;
 use futures_util::Stream;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::config::EventLogArgs;
 use crate::db::cars::Car;
 use crate::redis::RedisPool;
 
@@ -89,11 +98,134 @@ impl Envelope {
     }
 }
 
-/// The Redis channel of an event type: `<REDIS_KEY_PREFIX>events:<type>`, e.g.
+/// The log (a Redis stream) of an event type: `<REDIS_KEY_PREFIX>events:<type>`, e.g.
 /// `gqlws:events:car.updated`.
 pub fn channel(key_prefix: &str, event_type: EventType) -> String {
     format!("{key_prefix}events:{}", event_type.as_str())
 }
+
+/// The event type whose log is `key`, if it is one.
+pub fn channel_type(key_prefix: &str, key: &str) -> Option<EventType> {
+    EventType::parse(key.strip_prefix(key_prefix)?.strip_prefix("events:")?)
+}
+
+/// The Redis string naming the logs' epoch: a random value set (`SET NX`) by the first gateway
+/// that finds none. A Redis that lost its data loses it too, and the next one set tells every
+/// gateway (and every cursor) that the history before it is gone.
+pub fn epoch_key(key_prefix: &str) -> String {
+    format!("{key_prefix}events:epoch")
+}
+
+/// A new epoch: 64 random bits as 16 hex characters.
+pub fn new_epoch() -> String {
+    let mut id = new_event_id();
+    id.truncate(16);
+    id
+}
+
+/// Where an event is in its type's log: a Redis stream id `<ms>-<seq>` (the in-memory log uses
+/// `0-<n>`). Ordered as the log is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    pub const ZERO: Position = Position { ms: 0, seq: 0 };
+
+    /// A stream id, `<ms>-<seq>`.
+    pub fn parse(text: &str) -> Option<Position> {
+        let (ms, seq) = text.split_once('-')?;
+        Some(Position {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// What a result's `extensions.cursor` names and `extensions.resumeFrom` gives back: the
+/// position of an event in the log of its type, in the log's epoch. Written as
+/// `<epoch>:<type>:<ms>-<seq>`; clients treat it as opaque.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub epoch: String,
+    pub event_type: EventType,
+    pub position: Position,
+}
+
+impl Cursor {
+    pub fn parse(text: &str) -> Result<Cursor, String> {
+        let malformed = || {
+            format!(
+                "`extensions.resumeFrom` is not a cursor of this server: {:?} (send back a \
+                 result's `extensions.cursor` unchanged)",
+                text.chars().take(80).collect::<String>()
+            )
+        };
+        let mut parts = text.splitn(3, ':');
+        let (Some(epoch), Some(event_type), Some(position)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(malformed());
+        };
+        if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(malformed());
+        }
+        Ok(Cursor {
+            epoch: epoch.to_owned(),
+            event_type: EventType::parse(event_type).ok_or_else(malformed)?,
+            position: Position::parse(position).ok_or_else(malformed)?,
+        })
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.epoch, self.event_type, self.position)
+    }
+}
+
+/// One event read back from a log.
+#[derive(Debug, Clone)]
+pub struct LoggedEvent {
+    pub position: Position,
+    /// The result cursor naming it, built once.
+    pub cursor: Arc<str>,
+    pub envelope: Envelope,
+}
+
+/// How much of each log is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub count: u64,
+    /// 0: no age limit.
+    pub max_age_secs: u64,
+}
+
+impl From<&EventLogArgs> for Retention {
+    fn from(args: &EventLogArgs) -> Self {
+        Self {
+            count: args.event_retention_count.max(1),
+            max_age_secs: args.event_retention_secs,
+        }
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self::from(&EventLogArgs::default())
+    }
+}
+
+/// The field of a stream entry that holds the envelope.
+pub const ENTRY_FIELD: &str = "e";
 
 /// 128 random bits as 32 hex characters.
 pub fn new_event_id() -> String {
@@ -117,11 +249,13 @@ pub trait EventBus: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), BusError>>;
 }
 
-/// Publishes with `PUBLISH <prefix>events:<type> <envelope>` on the shared Redis pool.
+/// Appends with `XADD <prefix>events:<type> MAXLEN ~ <count> * e <envelope>` (and trims by age)
+/// on the shared Redis pool.
 #[derive(Clone)]
 pub struct RedisBus {
     pool: RedisPool,
     key_prefix: String,
+    retention: Retention,
 }
 
 impl RedisBus {
@@ -129,8 +263,38 @@ impl RedisBus {
         Self {
             pool,
             key_prefix: key_prefix.into(),
+            retention: Retention::default(),
         }
     }
+
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+}
+
+/// `XADD` of one envelope to `key`, trimmed to `retention` in the same round trip.
+pub fn append_command(key: &str, payload: &str, retention: Retention) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XADD")
+        .arg(key)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(retention.count)
+        .arg("*")
+        .arg(ENTRY_FIELD)
+        .arg(payload);
+    if retention.max_age_secs > 0 {
+        let oldest = (Utc::now().timestamp_millis().max(0) as u64)
+            .saturating_sub(retention.max_age_secs.saturating_mul(1000));
+        pipe.cmd("XTRIM")
+            .arg(key)
+            .arg("MINID")
+            .arg("~")
+            .arg(oldest)
+            .ignore();
+    }
+    pipe
 }
 
 impl EventBus for RedisBus {
@@ -140,38 +304,81 @@ impl EventBus for RedisBus {
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(channel(&self.key_prefix, event_type)).arg(payload);
-            crate::redis::query::<i64>(&self.pool, &cmd)
+            let pipe = append_command(
+                &channel(&self.key_prefix, event_type),
+                payload,
+                self.retention,
+            );
+            crate::redis::query::<(String,)>(&self.pool, &pipe)
                 .await
-                .map(|_receivers| ())
+                .map(|_id| ())
                 .map_err(|err| BusError::Unavailable(err.to_string()))
         })
     }
 }
 
-/// One message on the in-memory bus: the channel it would have on Redis, and the payload.
+/// One message on the in-memory bus: the channel (log) it would have on Redis, its position
+/// there, and the payload.
 #[derive(Debug, Clone)]
 pub struct BusMessage {
     pub channel: String,
+    pub position: Position,
     pub payload: Arc<str>,
 }
 
-/// The bus of the embedded single-process mode: a tokio broadcast channel in place of Redis
-/// pub/sub, carrying the same channel names and payloads, so the gateway's hub consumes it with
-/// the same decoding, dedupe and fan-out. Cheap to clone; every clone is the same bus.
+/// The bus of the embedded single-process mode: a bounded log per channel with the Redis
+/// streams' semantics (positions, retention, an epoch), and a tokio broadcast channel that
+/// carries each message, in log order, to the gateway's hub, which consumes it with the same
+/// decoding, dedupe and fan-out as Redis entries. Cheap to clone; every clone is the same bus.
 #[derive(Clone)]
 pub struct MemoryBus {
     sender: tokio::sync::broadcast::Sender<BusMessage>,
     key_prefix: String,
+    log: Arc<std::sync::Mutex<MemoryLog>>,
+    epoch: Arc<str>,
+}
+
+struct MemoryLog {
+    channels: std::collections::HashMap<String, ChannelLog>,
+    retention: Retention,
+}
+
+#[derive(Default)]
+struct ChannelLog {
+    entries: std::collections::VecDeque<(Position, i64, Arc<str>)>,
+    last: Position,
+    /// The highest position trimmed away (Redis's `max-deleted-entry-id`).
+    trimmed: Position,
+}
+
+/// What a log still holds after a cursor.
+#[derive(Debug)]
+pub struct History {
+    /// Whether every event after the cursor is still there.
+    pub covered: bool,
+    /// Those events, oldest first, as (position, serialized envelope).
+    pub entries: Vec<(Position, Arc<str>)>,
 }
 
 impl MemoryBus {
     /// `capacity` messages may wait for the slowest receiver (the hub) before it lags.
     pub fn new(key_prefix: impl Into<String>, capacity: usize) -> Self {
+        Self::with_retention(key_prefix, capacity, Retention::default())
+    }
+
+    pub fn with_retention(
+        key_prefix: impl Into<String>,
+        capacity: usize,
+        retention: Retention,
+    ) -> Self {
         Self {
             sender: tokio::sync::broadcast::channel(capacity.max(1)).0,
             key_prefix: key_prefix.into(),
+            log: Arc::new(std::sync::Mutex::new(MemoryLog {
+                channels: std::collections::HashMap::new(),
+                retention,
+            })),
+            epoch: Arc::from(new_epoch()),
         }
     }
 
@@ -179,18 +386,74 @@ impl MemoryBus {
         &self.key_prefix
     }
 
+    /// This process's epoch: the log starts empty with every start.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
     /// Every message published from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BusMessage> {
         self.sender.subscribe()
     }
 
-    /// Publishes `payload` on `channel_name`. Nobody listening is not an error (as with Redis
-    /// `PUBLISH`, which reports zero receivers).
+    /// Appends `payload` to `channel_name`'s log and hands it to the listeners. Nobody
+    /// listening is not an error (as with Redis, where nobody may be reading the stream).
     pub fn send(&self, channel_name: String, payload: &str) {
+        let mut log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let retention = log.retention;
+        let now = Utc::now().timestamp();
+        let entry = log.channels.entry(channel_name.clone()).or_default();
+        let position = Position {
+            ms: 0,
+            seq: entry.last.seq + 1,
+        };
+        entry.last = position;
+        let payload: Arc<str> = Arc::from(payload);
+        entry.entries.push_back((position, now, payload.clone()));
+        let too_old = |at: i64| {
+            retention.max_age_secs > 0
+                && now.saturating_sub(at)
+                    > i64::try_from(retention.max_age_secs).unwrap_or(i64::MAX)
+        };
+        while entry.entries.len() as u64 > retention.count
+            || entry.entries.front().is_some_and(|(_, at, _)| too_old(*at))
+        {
+            if let Some((trimmed, _, _)) = entry.entries.pop_front() {
+                entry.trimmed = trimmed;
+            }
+        }
+        // Sent under the log's lock, so that the hub receives messages in log order.
         let _ = self.sender.send(BusMessage {
             channel: channel_name,
-            payload: Arc::from(payload),
+            position,
+            payload,
         });
+    }
+
+    /// The entries of `channel_name` after `after`.
+    pub fn history(&self, channel_name: &str, after: Position) -> History {
+        let log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(entry) = log.channels.get(channel_name) else {
+            return History {
+                covered: after == Position::ZERO,
+                entries: Vec::new(),
+            };
+        };
+        History {
+            covered: entry.trimmed <= after && after <= entry.last,
+            entries: entry
+                .entries
+                .iter()
+                .filter(|(position, _, _)| *position > after)
+                .map(|(position, _, payload)| (*position, payload.clone()))
+                .collect(),
+        }
     }
 }
 
@@ -217,11 +480,19 @@ pub trait EventSource: Send + Sync + 'static {
 /// A shared event source, as the GraphQL context holds it.
 pub type SharedEventSource = Arc<dyn EventSource>;
 
-/// The Redis channel on which auth-service announces revoked sessions (a blacklisted refresh
-/// token); gateways close that user's sockets at once. `<REDIS_KEY_PREFIX>auth:revoked`.
+/// The Redis stream on which auth-service announces revoked sessions (a blacklisted refresh
+/// token); gateways read it with the event logs and close that user's sockets at once.
+/// `<REDIS_KEY_PREFIX>auth:revoked`, trimmed to [`REVOCATION_RETENTION`] entries.
 pub fn revocation_channel(key_prefix: &str) -> String {
     format!("{key_prefix}auth:revoked")
 }
+
+/// Announcements kept on the revocation stream: a gateway reconnecting to Redis reads those it
+/// missed; older ones are covered by the cutoffs of [`crate::revocations`].
+pub const REVOCATION_RETENTION: Retention = Retention {
+    count: 1_000,
+    max_age_secs: 0,
+};
 
 /// The message on [`revocation_channel`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -95,7 +95,11 @@ impl Application {
         api_service::startup::seed_demo(&pool).await?;
 
         let metrics = Metrics::new("gqlws");
-        let bus = MemoryBus::new(BUS_PREFIX, BUS_CAPACITY);
+        let bus = MemoryBus::with_retention(
+            BUS_PREFIX,
+            BUS_CAPACITY,
+            common::events::Retention::from(&services.api.events),
+        );
         // One process: logouts are recorded where the verifiers read them.
         let revoked = api_service::startup::revoked_before(&services.api);
         let auth = auth_service::startup::state(

@@ -23,7 +23,7 @@ use juniper::DefaultScalarValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::executions::{Executions, Membership, Start, Subscriber};
+use crate::executions::{Executions, Gate, Membership, Start, Subscriber};
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
@@ -438,6 +438,14 @@ async fn handle(
                 send(protocol::operation_error(&id, errors))?;
                 return Ok(None);
             }
+            let resume = match resume_from(&payload) {
+                Ok(resume) => resume,
+                Err(message) => {
+                    let errors = protocol::errors(&message, "BAD_USER_INPUT");
+                    send(protocol::operation_error(&id, errors))?;
+                    return Ok(None);
+                }
+            };
             let request = match graphql_request(payload) {
                 Ok(request) => request,
                 Err(message) => {
@@ -485,7 +493,11 @@ async fn handle(
                     protocol,
                     id: id.clone(),
                     link: link.clone(),
+                    gate: resume
+                        .as_ref()
+                        .map(|_| Gate::new(shared.limits.outbound_queue)),
                 },
+                resume,
             });
             shared
                 .metrics
@@ -517,13 +529,48 @@ async fn handle(
             Ok(None)
         }
         ClientMessage::Ping { payload } => {
-            // A payload is echoed (the protocol allows it), but never one carrying a token.
-            let echoed = payload.filter(|payload| connection_token(payload, None).is_none());
-            send(protocol::pong(echoed))?;
-            Ok(None)
+            let token = payload
+                .as_ref()
+                .and_then(|payload| connection_token(payload, None));
+            let (Some(token), Some(auth)) = (token, claims.as_mut()) else {
+                // A payload is echoed (the protocol allows it), but never one carrying a token
+                // (before `connection_init`, a token renews nothing).
+                let echoed = payload.filter(|payload| connection_token(payload, None).is_none());
+                send(protocol::pong(echoed))?;
+                return Ok(None);
+            };
+            // Renewal on the open socket: the new token is checked as at `connection_init`,
+            // must be the same user's, and moves the connection's expiry to its own.
+            match Box::pin(shared.verifier.authenticate(Some(&token))).await {
+                Ok(renewed) if renewed.user_id == auth.claims.user_id => {
+                    let exp = renewed.exp;
+                    auth.claims = renewed;
+                    send(protocol::pong(Some(serde_json::json!({ "exp": exp }))))?;
+                    Ok(Some(exp))
+                }
+                Ok(_) => Err(Closing::new(
+                    close::FORBIDDEN,
+                    "Forbidden: the renewal token belongs to another user",
+                )),
+                Err(err) => Err(Closing::new(close::FORBIDDEN, auth_reason(&err))),
+            }
         }
         ClientMessage::Pong => Ok(None),
         ClientMessage::Terminate => Err(Closing::new(close::NORMAL, "connection terminated")),
+    }
+}
+
+/// `extensions.resumeFrom` of a `subscribe`/`start` payload, if any.
+fn resume_from(payload: &Value) -> Result<Option<common::events::Cursor>, String> {
+    match payload
+        .get("extensions")
+        .and_then(|extensions| extensions.get("resumeFrom"))
+    {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => common::events::Cursor::parse(text).map(Some),
+        Some(_) => Err(
+            "`extensions.resumeFrom` must be a string: a result's `extensions.cursor`".to_owned(),
+        ),
     }
 }
 

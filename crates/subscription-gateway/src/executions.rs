@@ -28,10 +28,12 @@ use common::graphql::Context;
 use futures_util::{FutureExt as _, StreamExt as _};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
+
+use common::events::{Cursor, Position};
 
 use crate::connection::Coordinator;
-use crate::hub::{ConnectionEvents, Hub, EVENT_AT};
+use crate::hub::{ConnectionEvents, Hub, ReplayError, ReplayEvents, ReplayOutcome, CURRENT_EVENT};
 use crate::lock;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, Protocol};
@@ -56,6 +58,9 @@ pub struct Execution {
     finished: AtomicBool,
     task: Mutex<Option<actix_web::rt::task::JoinHandle<()>>>,
     registry: Weak<Executions>,
+    /// True once the execution's stream reads the hub (or failed to start): from then on every
+    /// event the hub takes in reaches its members, which is what a resuming member waits for.
+    started: watch::Sender<bool>,
 }
 
 /// A group and the queue of its task.
@@ -70,11 +75,12 @@ pub struct Group {
 
 /// What the execution hands to its groups.
 enum Batch {
-    /// A result: the serialized `{data, errors?}` and the commit time of the event behind it
-    /// (µs since the epoch).
+    /// A result: the serialized `{data, errors?, extensions: {cursor}}`, the commit time of
+    /// the event behind it (µs since the epoch) and its position.
     Next {
-        payload: String,
+        payload: Arc<str>,
         event_at: Option<i64>,
+        position: Option<Position>,
     },
     /// The last message: an error list, or `complete` when `None`.
     Finish(Option<String>),
@@ -89,6 +95,117 @@ pub struct Subscriber {
     pub id: String,
     /// Its connection's socket.
     pub link: Arc<Link>,
+    /// Set for a subscription that resumes: live results wait behind the replay.
+    pub gate: Option<Arc<Gate>>,
+}
+
+/// Where a resuming subscriber's live results wait while what it missed is replayed, and what
+/// decides afterwards which of them it still needs.
+pub struct Gate {
+    /// Set once the subscriber is served as every other member is.
+    plain: AtomicBool,
+    state: Mutex<GateState>,
+    /// Live results that may wait (OUTBOUND_QUEUE); more makes the client slow (1013), and it
+    /// resumes again from its cursor.
+    limit: usize,
+}
+
+enum GateState {
+    /// Replaying: live results wait here.
+    Holding(Vec<(Option<Position>, Arc<str>)>),
+    /// Live results at or before `after` were replayed already; the first one delivered says
+    /// `recovered` when that is still to be said.
+    Live {
+        after: Option<Position>,
+        recovered: Option<bool>,
+    },
+}
+
+/// What the gate does with one live result.
+enum Offer {
+    /// As for everyone.
+    Plain,
+    /// This text instead (the first result, carrying `recovered`).
+    Send(String),
+    /// Nothing now (held, or replayed already).
+    Skip,
+    /// The subscriber is too far behind.
+    Overflow,
+}
+
+impl Gate {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            plain: AtomicBool::new(false),
+            state: Mutex::new(GateState::Holding(Vec::new())),
+            limit: limit.max(1),
+        })
+    }
+
+    fn offer(&self, position: Option<Position>, payload: &Arc<str>) -> Offer {
+        let mut state = lock(&self.state);
+        match &mut *state {
+            GateState::Holding(held) => {
+                if held.len() >= self.limit {
+                    return Offer::Overflow;
+                }
+                held.push((position, payload.clone()));
+                Offer::Skip
+            }
+            GateState::Live { after, recovered } => {
+                if replayed(*after, position) {
+                    return Offer::Skip;
+                }
+                // Results come in log order: once one is past `after`, all later ones are.
+                self.plain.store(true, Ordering::Relaxed);
+                match recovered.take() {
+                    Some(flag) => Offer::Send(with_recovered(payload, flag)),
+                    None => Offer::Plain,
+                }
+            }
+        }
+    }
+
+    /// Ends the replay: live results after `after` go out from now on (`None`: all of them),
+    /// and the first says `recovered` if given. Returns the held results to send first.
+    fn open(&self, after: Option<Position>, mut recovered: Option<bool>) -> Vec<String> {
+        let mut state = lock(&self.state);
+        let held = match std::mem::replace(&mut *state, GateState::Holding(Vec::new())) {
+            GateState::Holding(held) => held,
+            GateState::Live { .. } => Vec::new(),
+        };
+        let mut texts = Vec::new();
+        for (position, payload) in held {
+            if replayed(after, position) {
+                continue;
+            }
+            texts.push(match recovered.take() {
+                Some(flag) => with_recovered(&payload, flag),
+                None => payload.to_string(),
+            });
+        }
+        if !texts.is_empty() {
+            self.plain.store(recovered.is_none(), Ordering::Relaxed);
+        }
+        *state = GateState::Live { after, recovered };
+        texts
+    }
+}
+
+/// Whether a live result at `position` was part of a replay that ended at `after`.
+fn replayed(after: Option<Position>, position: Option<Position>) -> bool {
+    matches!((after, position), (Some(after), Some(position)) if position <= after)
+}
+
+/// A result payload built by [`result_payload`] (it ends with its `extensions` object) with
+/// `recovered` added to its extensions.
+fn with_recovered(payload: &str, recovered: bool) -> String {
+    match payload.strip_suffix("}}") {
+        Some(head) if payload.contains(r#""extensions":{"#) => {
+            format!(r#"{head},"recovered":{recovered}}}}}"#)
+        }
+        _ => payload.to_owned(),
+    }
 }
 
 /// A subscription's place in an execution; dropping it leaves.
@@ -96,10 +213,15 @@ pub struct Membership {
     _execution: Arc<Execution>,
     group: Arc<Group>,
     slot: u64,
+    /// A resuming subscriber's replay, stopped when it leaves.
+    replay: Option<actix_web::rt::task::JoinHandle<()>>,
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
+        if let Some(replay) = self.replay.take() {
+            replay.abort();
+        }
         lock(&self.group.members).remove(&self.slot);
     }
 }
@@ -130,6 +252,8 @@ pub struct Start<'a> {
     pub claims: &'a common::jwt::Claims,
     pub request: juniper::http::GraphQLRequest<DefaultScalarValue>,
     pub subscriber: Subscriber,
+    /// `extensions.resumeFrom`: replay what the subscriber missed after it, then go live.
+    pub resume: Option<Cursor>,
 }
 
 impl Executions {
@@ -145,7 +269,55 @@ impl Executions {
     /// result from now on, for as long as the returned membership lives. Called on the worker
     /// thread that serves the subscriber's connection.
     pub fn join(self: &Arc<Self>, start: Start<'_>) -> Membership {
-        let key = operation_key(&start.request);
+        let resume = match (start.resume, &start.subscriber.gate) {
+            (Some(cursor), Some(gate)) => Some((cursor, gate.clone())),
+            _ => None,
+        };
+        let replay_of = resume.as_ref().map(|_| {
+            (
+                start.request.clone(),
+                start.subscriber.protocol,
+                start.subscriber.id.clone(),
+                start.subscriber.link.clone(),
+            )
+        });
+        let mut membership = self.join_live(
+            start.coordinator,
+            start.hub,
+            start.claims,
+            start.request,
+            start.subscriber,
+        );
+        if let (Some((cursor, gate)), Some((request, protocol, id, link))) = (resume, replay_of) {
+            let replay = Replay {
+                coordinator: start.coordinator.clone(),
+                request,
+                claims: start.claims.clone(),
+                hub: start.hub.clone(),
+                cursor,
+                gate,
+                protocol,
+                id,
+                link,
+                started: membership._execution.started.subscribe(),
+                metrics: self.metrics.clone(),
+            };
+            membership.replay = Some(actix_web::rt::spawn(
+                CURRENT_EVENT.scope(Cell::new(None), replay.run()),
+            ));
+        }
+        membership
+    }
+
+    fn join_live(
+        self: &Arc<Self>,
+        coordinator: &Arc<Coordinator>,
+        hub: &Hub,
+        claims: &common::jwt::Claims,
+        request: juniper::http::GraphQLRequest<DefaultScalarValue>,
+        subscriber: Subscriber,
+    ) -> Membership {
+        let key = operation_key(&request);
         // A finished execution upgraded here may be the last reference to it (its members left
         // on other workers meanwhile): it must be dropped after `running` is unlocked, because
         // `Execution::drop` locks `running` itself, and a std mutex locked twice on one thread
@@ -155,32 +327,32 @@ impl Executions {
         let mut running = lock(&self.running);
         match running.get(&key).and_then(Weak::upgrade) {
             Some(execution) if !execution.finished.load(Ordering::Acquire) => {
-                return execution.add(self, start.subscriber);
+                return execution.add(self, subscriber);
             }
             other => _finished = other,
         }
         // The shared task falling more than FANOUT_BUFFER events behind the hub ends its stream
         // and leaves a permit here; its subscribers' connections are then closed as slow (1013),
-        // so that clients reconnect and resubscribe rather than silently miss events.
+        // so that clients reconnect and resume rather than silently miss events.
         let lagged = Arc::new(Notify::new());
-        let context =
-            Context::new(Ok(start.claims.clone())).with_events(Arc::new(ConnectionEvents {
-                hub: start.hub.clone(),
-                slow: lagged.clone(),
-            }));
+        let context = Context::new(Ok(claims.clone())).with_events(Arc::new(ConnectionEvents {
+            hub: hub.clone(),
+            slow: lagged.clone(),
+        }));
         let execution = Arc::new(Execution {
             key: key.clone(),
             groups: Mutex::new(Vec::new()),
             finished: AtomicBool::new(false),
             task: Mutex::new(None),
             registry: Arc::downgrade(self),
+            started: watch::channel(false).0,
         });
-        let membership = execution.add(self, start.subscriber);
-        let task = actix_web::rt::spawn(EVENT_AT.scope(
+        let membership = execution.add(self, subscriber);
+        let task = actix_web::rt::spawn(CURRENT_EVENT.scope(
             Cell::new(None),
             drive(
-                start.coordinator.clone(),
-                start.request,
+                coordinator.clone(),
+                request,
                 context,
                 Arc::downgrade(&execution),
                 lagged,
@@ -190,6 +362,87 @@ impl Executions {
         running.insert(key, Arc::downgrade(&execution));
         self.metrics.executions_active.inc();
         membership
+    }
+}
+
+/// One resuming subscriber's catch-up: the same operation run once more over the log after its
+/// cursor, with its own connection's identity, written to its socket ahead of the live results
+/// its [`Gate`] holds meanwhile.
+struct Replay {
+    coordinator: Arc<Coordinator>,
+    request: juniper::http::GraphQLRequest<DefaultScalarValue>,
+    /// The resuming connection's: replayed events are authorized as live ones.
+    claims: common::jwt::Claims,
+    hub: Hub,
+    cursor: Cursor,
+    gate: Arc<Gate>,
+    protocol: Protocol,
+    id: String,
+    link: Arc<Link>,
+    started: watch::Receiver<bool>,
+    metrics: GatewayMetrics,
+}
+
+impl Replay {
+    async fn run(mut self) {
+        // Until the live execution reads the hub, events could pass between the two unseen.
+        if self.started.wait_for(|started| *started).await.is_err() {
+            return;
+        }
+        let outcome = Arc::new(Mutex::new(ReplayOutcome::default()));
+        let context = Context::new(Ok(self.claims.clone())).with_events(Arc::new(ReplayEvents {
+            hub: self.hub.clone(),
+            cursor: self.cursor.clone(),
+            outcome: outcome.clone(),
+        }));
+        let id_json = id_json(&self.id);
+        let mut first = true;
+        if let Ok(stream) = self.coordinator.subscribe(&self.request, &context).await {
+            tokio::pin!(stream);
+            while let Some(output) = stream.next().await {
+                let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
+                let mut payload = result_payload(output, mark.as_ref().map(|m| &*m.cursor));
+                if first {
+                    // Results only come from a log that covered the cursor.
+                    payload = with_recovered(&payload, true);
+                    first = false;
+                }
+                let text = protocol::next_raw(self.protocol, &id_json, &payload);
+                if !self.link.push_text(&text) {
+                    return;
+                }
+                self.metrics.messages_sent.inc();
+            }
+        }
+        // (A document that does not start fails the live execution too, which tells the member.)
+        let result = lock(&outcome).result.take();
+        let (after, recovered) = match result {
+            Some(Ok(replay)) if replay.recovered => (Some(replay.until), first.then_some(true)),
+            Some(Ok(_)) => (None, Some(false)),
+            Some(Err(err)) => {
+                let code = match err {
+                    ReplayError::OtherType { .. } => "BAD_USER_INPUT",
+                    ReplayError::Unavailable(_) => "SERVICE_UNAVAILABLE",
+                };
+                let errors = protocol::errors(&err.to_string(), code);
+                if self.link.push_text(&protocol::operation_error_raw(
+                    &id_json,
+                    &errors.to_string(),
+                )) {
+                    self.metrics.messages_sent.inc();
+                }
+                self.link.finished(&self.id);
+                return;
+            }
+            None => (None, None),
+        };
+        for payload in self.gate.open(after, recovered) {
+            let text = protocol::next_raw(self.protocol, &id_json, &payload);
+            if !self.link.push_text(&text) {
+                return;
+            }
+            self.metrics.messages_sent.inc();
+        }
     }
 }
 
@@ -220,6 +473,7 @@ impl Execution {
             _execution: self.clone(),
             group,
             slot,
+            replay: None,
         }
     }
 
@@ -253,7 +507,11 @@ async fn serve_group(
 ) {
     while let Some(batch) = batches.recv().await {
         match &*batch {
-            Batch::Next { payload, event_at } => group.deliver(payload, *event_at, &metrics),
+            Batch::Next {
+                payload,
+                event_at,
+                position,
+            } => group.deliver(payload, *event_at, *position, &metrics),
             Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
             Batch::CutOff => {
                 for member in lock(&group.members).values() {
@@ -266,12 +524,39 @@ async fn serve_group(
 
 impl Group {
     /// One result to every member: the frame is built once per (protocol, id).
-    fn deliver(&self, payload: &str, event_at: Option<i64>, metrics: &GatewayMetrics) {
+    fn deliver(
+        &self,
+        payload: &Arc<str>,
+        event_at: Option<i64>,
+        position: Option<Position>,
+        metrics: &GatewayMetrics,
+    ) {
         let members = lock(&self.members);
         let mut frames: Vec<(Protocol, &str, Bytes)> = Vec::with_capacity(2);
         let mut sent = 0u64;
         let latency = metrics.delivery_latency.local();
         for member in members.values() {
+            if let Some(gate) = member
+                .gate
+                .as_ref()
+                .filter(|g| !g.plain.load(Ordering::Relaxed))
+            {
+                match gate.offer(position, payload) {
+                    Offer::Plain => {}
+                    Offer::Skip => continue,
+                    Offer::Overflow => {
+                        member.link.mark_slow();
+                        continue;
+                    }
+                    Offer::Send(text) => {
+                        let text = protocol::next_raw(member.protocol, &id_json(&member.id), &text);
+                        if member.link.push_text(&text) {
+                            sent += 1;
+                        }
+                        continue;
+                    }
+                }
+            }
             let frame = match frames
                 .iter()
                 .find(|(protocol, id, _)| *protocol == member.protocol && *id == member.id)
@@ -322,7 +607,11 @@ async fn drive(
     execution: Weak<Execution>,
     lagged: Arc<Notify>,
 ) {
-    let stream = match coordinator.subscribe(&request, &context).await {
+    let subscribed = coordinator.subscribe(&request, &context).await;
+    if let Some(execution) = execution.upgrade() {
+        execution.started.send_replace(true);
+    }
+    let stream = match subscribed {
         Ok(stream) => stream,
         Err(err) => {
             let errors = match err {
@@ -347,12 +636,18 @@ async fn drive(
     };
     tokio::pin!(stream);
     while let Some(output) = stream.next().await {
-        let payload = result_payload(output);
-        let event_at = EVENT_AT.try_with(Cell::take).ok().flatten();
+        let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
+        let payload = Arc::from(result_payload(output, mark.as_ref().map(|m| &*m.cursor)));
         let Some(execution) = execution.upgrade() else {
             return;
         };
-        execution.broadcast(Batch::Next { payload, event_at }).await;
+        execution
+            .broadcast(Batch::Next {
+                payload,
+                event_at: mark.as_ref().map(|m| m.at),
+                position: mark.map(|m| m.position),
+            })
+            .await;
     }
     let Some(execution) = execution.upgrade() else {
         return;
@@ -365,20 +660,30 @@ async fn drive(
     }
 }
 
-/// `{data, errors}` with `errors` left out when empty, as the GraphQL response format asks,
-/// serialized once.
-fn result_payload(output: ExecutionOutput<DefaultScalarValue>) -> String {
-    let serialized = if output.errors.is_empty() {
-        serde_json::to_string(&DataOnly { data: &output.data })
-    } else {
-        serde_json::to_string(&output)
+/// `{data, errors, extensions}` with `errors` left out when empty, as the GraphQL response format
+/// asks, and `extensions.cursor` naming the event behind the result; serialized once.
+fn result_payload(output: ExecutionOutput<DefaultScalarValue>, cursor: Option<&str>) -> String {
+    let payload = Payload {
+        data: &output.data,
+        errors: (!output.errors.is_empty()).then_some(&output.errors),
+        extensions: cursor.map(|cursor| Extensions { cursor }),
     };
-    serialized.unwrap_or_else(|_| r#"{"data":null}"#.to_owned())
+    serde_json::to_string(&payload).unwrap_or_else(|_| r#"{"data":null}"#.to_owned())
 }
 
 #[derive(serde::Serialize)]
-struct DataOnly<'a> {
+struct Payload<'a> {
     data: &'a juniper::Value<DefaultScalarValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<&'a Vec<juniper::ExecutionError<DefaultScalarValue>>>,
+    /// Last, so that [`with_recovered`] can add to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extensions: Option<Extensions<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct Extensions<'a> {
+    cursor: &'a str,
 }
 
 fn id_json(id: &str) -> String {

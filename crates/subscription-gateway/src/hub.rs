@@ -1,29 +1,38 @@
-//! The fan-out: one Redis pub/sub connection per process (or, in the embedded mode, the in-memory
-//! bus: [`Hub::start_memory`]), and in memory a broadcast channel per event type that every local
-//! subscriber of that type reads.
+//! The fan-out: one Redis connection per process reading the event logs (or, in the embedded
+//! mode, the in-memory bus: [`Hub::start_memory`]), and in memory a broadcast channel per event
+//! type that every local subscriber of that type reads.
 //!
-//! - A Redis channel is subscribed when the first local subscriber of its type appears and
-//!   unsubscribed when the last one leaves ([`TopicGuard`] counts them).
-//! - Each message is decoded once, checked against recently seen event ids (delivery is
+//! - The logs are Redis streams ([`common::events`]). The hub's connection runs `XREAD BLOCK`
+//!   over the logs its subscribers need, each from the last position it has seen, and over the
+//!   revocation stream. A log is added when the first local subscriber of its type appears
+//!   (starting at the log's tip then; the blocked read is interrupted with `CLIENT UNBLOCK` so it
+//!   is picked up at once) and left out when the last one leaves ([`TopicGuard`] counts them).
+//! - Each entry is decoded once, checked against recently seen event ids (delivery is
 //!   at-least-once, so duplicates are expected), and handed to the broadcast channel as one shared
-//!   `Arc<Envelope>`: no per-subscriber decoding or copying here.
+//!   `Arc<LoggedEvent>` with its position and cursor: no per-subscriber decoding or copying.
 //! - A subscriber that falls more than `FANOUT_BUFFER` events behind is a slow consumer: its
 //!   connection is closed rather than buffered without bound.
-//! - When Redis goes away, the task reconnects with capped exponential backoff and subscribes again
-//!   to every channel still wanted; sockets stay open meanwhile and `/readyz` says not ready.
+//! - When Redis goes away, the task reconnects with capped exponential backoff and reads on from
+//!   the positions it had, so nothing published meanwhile is skipped; sockets stay open and
+//!   `/readyz` says not ready. A changed epoch (Redis lost its data) restarts every log at 0.
+//! - [`Hub::replay`] reads a log after a client's cursor, for subscriptions that resume.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use common::events::{
-    channel, revocation_channel, BusMessage, Envelope, EnvelopeStream, EventSource, EventType,
-    MemoryBus, Revocation,
+    channel, channel_type, epoch_key, new_epoch, revocation_channel, BusMessage, Cursor, Envelope,
+    EnvelopeStream, EventSource, EventType, LoggedEvent, MemoryBus, Position, Revocation,
+    ENTRY_FIELD,
 };
+use common::redis::RedisPool;
 use deadpool_redis::redis;
+use deadpool_redis::redis::Value;
 use futures_util::StreamExt as _;
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::lock;
@@ -33,10 +42,15 @@ use crate::metrics::GatewayMetrics;
 const RECENT_IDS: usize = 16_384;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// How often the subscriber connection is pinged: a Redis that hangs without closing the socket
-/// is noticed within this time plus the ping timeout.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long one `XREAD` blocks: also the health check of the connection, since a Redis that
+/// hangs without closing the socket is noticed when a read does not return within this time
+/// plus [`REDIS_TIMEOUT`].
+const BLOCK: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Entries per `XREAD` and per page of a replay.
+const READ_COUNT: usize = 512;
+/// Longest a replay waits for the hub to know where a log stands (Redis reconnecting).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Cheap to clone; one per process.
 #[derive(Clone)]
@@ -48,83 +62,129 @@ struct Inner {
     key_prefix: String,
     buffer: usize,
     topics: Mutex<HashMap<EventType, Topic>>,
-    commands: mpsc::UnboundedSender<Command>,
+    /// Tells the Redis task that a topic needs a start position and a place in the read.
+    wake: Notify,
+    /// Woken whenever a topic's start position becomes known.
+    ready: Notify,
     connected: AtomicBool,
+    /// The logs' epoch; empty until the Redis task has read it.
+    epoch: RwLock<Arc<str>>,
     revocations: broadcast::Sender<Arc<Revocation>>,
     recent: Mutex<RecentIds>,
     metrics: GatewayMetrics,
+    backend: Backend,
+}
+
+enum Backend {
+    Redis(RedisPool),
+    Memory {
+        bus: MemoryBus,
+        /// The last position dispatched per type, subscribed or not: a new topic starts there.
+        seen: Mutex<HashMap<EventType, Position>>,
+    },
 }
 
 struct Topic {
-    sender: broadcast::Sender<Arc<Envelope>>,
+    sender: broadcast::Sender<Arc<LoggedEvent>>,
     subscribers: usize,
+    /// The last position read from the log; `None` until the Redis task has read its tip.
+    position: Option<Position>,
 }
 
-enum Command {
-    Subscribe(String),
-    Unsubscribe(String),
+/// What [`Hub::replay`] found after a cursor.
+#[derive(Debug)]
+pub struct Replay {
+    /// Whether the history still covers the cursor; when not, `events` is empty and the
+    /// subscriber continues live.
+    pub recovered: bool,
+    pub events: Vec<Arc<LoggedEvent>>,
+    /// Every event after this position reaches the subscription live: the last one read, or
+    /// the cursor's own when there was nothing after it.
+    pub until: Position,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "`extensions.resumeFrom` names a position among {cursor} events, but this subscription \
+         reads {wanted} events; resume with a cursor of this subscription's results"
+    )]
+    OtherType {
+        cursor: EventType,
+        wanted: EventType,
+    },
+    #[error("the event history cannot be read right now ({0}); resubscribe with the same cursor")]
+    Unavailable(String),
 }
 
 impl Hub {
     /// Creates the hub over Redis and spawns its Redis task, which runs until `shutdown` is
-    /// cancelled.
+    /// cancelled. `pool` serves replays and the rare `CLIENT UNBLOCK`; events arrive on the
+    /// task's own connection.
     pub fn start(
         redis_url: &str,
         key_prefix: &str,
+        pool: RedisPool,
         buffer: usize,
         metrics: GatewayMetrics,
         shutdown: CancellationToken,
     ) -> Result<Hub, String> {
         let client = redis::Client::open(redis_url).map_err(|err| err.to_string())?;
-        let (commands, command_rx) = mpsc::unbounded_channel();
-        let (revocations, _) = broadcast::channel(256);
-        let hub = Hub {
-            inner: Arc::new(Inner {
-                key_prefix: key_prefix.to_owned(),
-                buffer: buffer.max(1),
-                topics: Mutex::new(HashMap::new()),
-                commands,
-                connected: AtomicBool::new(false),
-                revocations,
-                recent: Mutex::new(RecentIds::default()),
-                metrics,
-            }),
-        };
-        tokio::spawn(run(hub.clone(), client, command_rx, shutdown));
+        let hub = Hub::new(key_prefix, buffer, metrics, Backend::Redis(pool), "");
+        tokio::spawn(run(hub.clone(), client, shutdown));
         Ok(hub)
     }
 
     /// Creates the hub over the in-memory bus of the embedded mode and spawns the task that feeds
     /// it, which runs until `shutdown` is cancelled. Messages go through the same decoding,
-    /// dedupe and fan-out as Redis messages; the bus carries every channel, so there is nothing
-    /// to subscribe to and the hub is connected from the start.
+    /// dedupe and fan-out as Redis entries; the bus carries every log, so there is nothing to
+    /// subscribe to and the hub is connected from the start.
     pub fn start_memory(
         bus: &MemoryBus,
         buffer: usize,
         metrics: GatewayMetrics,
         shutdown: CancellationToken,
     ) -> Hub {
-        // Nobody reads the subscribe/unsubscribe commands: sending them fails quietly.
-        let (commands, _) = mpsc::unbounded_channel();
-        let (revocations, _) = broadcast::channel(256);
-        let hub = Hub {
-            inner: Arc::new(Inner {
-                key_prefix: bus.key_prefix().to_owned(),
-                buffer: buffer.max(1),
-                topics: Mutex::new(HashMap::new()),
-                commands,
-                connected: AtomicBool::new(false),
-                revocations,
-                recent: Mutex::new(RecentIds::default()),
-                metrics,
-            }),
-        };
+        let hub = Hub::new(
+            bus.key_prefix(),
+            buffer,
+            metrics,
+            Backend::Memory {
+                bus: bus.clone(),
+                seen: Mutex::new(HashMap::new()),
+            },
+            bus.epoch(),
+        );
         set_connected(&hub, true);
         tokio::spawn(run_memory(hub.clone(), bus.subscribe(), shutdown));
         hub
     }
 
-    /// True while the subscriber connection to Redis is up.
+    fn new(
+        key_prefix: &str,
+        buffer: usize,
+        metrics: GatewayMetrics,
+        backend: Backend,
+        epoch: &str,
+    ) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                key_prefix: key_prefix.to_owned(),
+                buffer: buffer.max(1),
+                topics: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                ready: Notify::new(),
+                connected: AtomicBool::new(false),
+                epoch: RwLock::new(Arc::from(epoch)),
+                revocations: broadcast::channel(256).0,
+                recent: Mutex::new(RecentIds::default()),
+                metrics,
+                backend,
+            }),
+        }
+    }
+
+    /// True while the connection to Redis is up.
     pub fn is_connected(&self) -> bool {
         self.inner.connected.load(Ordering::Relaxed)
     }
@@ -134,23 +194,37 @@ impl Hub {
         self.inner.revocations.subscribe()
     }
 
+    fn epoch(&self) -> Arc<str> {
+        self.inner
+            .epoch
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Registers a local subscriber of `event_type`: the receiver, and a guard that unregisters it
     /// when dropped.
     pub fn subscribe(
         &self,
         event_type: EventType,
-    ) -> (broadcast::Receiver<Arc<Envelope>>, TopicGuard) {
+    ) -> (broadcast::Receiver<Arc<LoggedEvent>>, TopicGuard) {
         let mut topics = lock(&self.inner.topics);
-        let topic = topics.entry(event_type).or_insert_with(|| Topic {
-            sender: broadcast::channel(self.inner.buffer).0,
-            subscribers: 0,
+        let topic = topics.entry(event_type).or_insert_with(|| {
+            let position = match &self.inner.backend {
+                Backend::Memory { seen, .. } => {
+                    Some(lock(seen).get(&event_type).copied().unwrap_or_default())
+                }
+                Backend::Redis(_) => None,
+            };
+            Topic {
+                sender: broadcast::channel(self.inner.buffer).0,
+                subscribers: 0,
+                position,
+            }
         });
         topic.subscribers += 1;
-        if topic.subscribers == 1 {
-            let _ = self.inner.commands.send(Command::Subscribe(channel(
-                &self.inner.key_prefix,
-                event_type,
-            )));
+        if topic.position.is_none() {
+            self.inner.wake.notify_one();
         }
         let receiver = topic.sender.subscribe();
         (
@@ -162,10 +236,10 @@ impl Hub {
         )
     }
 
-    /// Decodes one message and hands it to the local subscribers.
-    fn dispatch(&self, channel_name: &str, payload: &[u8]) {
+    /// Decodes one log entry and hands it to the local subscribers.
+    fn dispatch(&self, key: &str, position: Position, payload: &[u8]) {
         let inner = &self.inner;
-        if channel_name == revocation_channel(&inner.key_prefix) {
+        if key == revocation_channel(&inner.key_prefix) {
             match serde_json::from_slice::<Revocation>(payload) {
                 Ok(revocation) => {
                     let _ = inner.revocations.send(Arc::new(revocation));
@@ -177,48 +251,206 @@ impl Hub {
             }
             return;
         }
-        let envelope: Envelope = match serde_json::from_slice(payload) {
-            Ok(envelope) => envelope,
+        let Some(event_type) = channel_type(&inner.key_prefix, key) else {
+            inner.metrics.events_malformed.inc();
+            tracing::warn!(key, "entry of an unknown log");
+            return;
+        };
+        if let Backend::Memory { seen, .. } = &inner.backend {
+            lock(seen).insert(event_type, position);
+        }
+        let decoded = serde_json::from_slice::<Envelope>(payload);
+        let mut topics = lock(&inner.topics);
+        let topic = topics.get_mut(&event_type);
+        if let Some(topic) = &topic {
+            if topic.position.is_some_and(|last| position <= last) {
+                // Read already (a read that raced with the topic's start).
+                return;
+            }
+        }
+        let topic = topic.map(|topic| {
+            topic.position = Some(position);
+            &topic.sender
+        });
+        let envelope = match decoded {
+            Ok(envelope) if envelope.event_type == event_type => envelope,
+            Ok(_) => {
+                inner.metrics.events_malformed.inc();
+                tracing::warn!(key, %position, "event type does not match its log");
+                return;
+            }
             Err(err) => {
                 inner.metrics.events_malformed.inc();
-                tracing::warn!(%err, channel = channel_name, "malformed event envelope");
+                tracing::warn!(%err, key, %position, "malformed event envelope");
                 return;
             }
         };
-        if channel(&inner.key_prefix, envelope.event_type) != channel_name {
-            inner.metrics.events_malformed.inc();
-            tracing::warn!(
-                channel = channel_name,
-                "event type does not match its channel"
-            );
-            return;
-        }
         inner
             .metrics
             .events_received
-            .with_label_values(&[envelope.event_type.as_str()])
+            .with_label_values(&[event_type.as_str()])
             .inc();
         if !lock(&inner.recent).insert(&envelope.id) {
             inner.metrics.events_duplicate.inc();
             return;
         }
-        let topics = lock(&inner.topics);
-        if let Some(topic) = topics.get(&envelope.event_type) {
+        if let Some(sender) = topic {
+            let cursor = Cursor {
+                epoch: self.epoch().to_string(),
+                event_type,
+                position,
+            };
             // An error only means nobody is listening right now.
-            let _ = topic.sender.send(Arc::new(envelope));
+            let _ = sender.send(Arc::new(LoggedEvent {
+                position,
+                cursor: Arc::from(cursor.to_string()),
+                envelope,
+            }));
         }
     }
 
-    fn wanted_channels(&self) -> Vec<String> {
-        let topics = lock(&self.inner.topics);
-        topics
-            .keys()
-            .map(|t| channel(&self.inner.key_prefix, *t))
+    /// The topics the Redis task must find a start for.
+    fn unstarted(&self) -> Vec<EventType> {
+        lock(&self.inner.topics)
+            .iter()
+            .filter(|(_, topic)| topic.position.is_none())
+            .map(|(event_type, _)| *event_type)
             .collect()
+    }
+
+    fn start_topic(&self, event_type: EventType, tip: Position) {
+        if let Some(topic) = lock(&self.inner.topics).get_mut(&event_type) {
+            topic.position.get_or_insert(tip);
+        }
+        self.inner.ready.notify_waiters();
+    }
+
+    /// The logs to read and where each stands.
+    fn read_set(&self) -> Vec<(String, Position)> {
+        lock(&self.inner.topics)
+            .iter()
+            .filter_map(|(event_type, topic)| {
+                Some((
+                    channel(&self.inner.key_prefix, *event_type),
+                    topic.position?,
+                ))
+            })
+            .collect()
+    }
+
+    /// A new epoch: the log was reset, and every position in it starts again at 0.
+    fn set_epoch(&self, epoch: &str) -> bool {
+        let mut current = self
+            .inner
+            .epoch
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if &**current == epoch {
+            return false;
+        }
+        let had_one = !current.is_empty();
+        *current = Arc::from(epoch);
+        drop(current);
+        if had_one {
+            for topic in lock(&self.inner.topics).values_mut() {
+                if topic.position.is_some() {
+                    topic.position = Some(Position::ZERO);
+                }
+            }
+        }
+        had_one
+    }
+
+    /// Waits until the hub reads `event_type`'s log (a subscription to it exists) and knows
+    /// where it stands: every event after that position reaches the topic's subscribers.
+    async fn until_ready(&self, event_type: EventType) -> Result<(), ReplayError> {
+        let wait = async {
+            loop {
+                let notified = self.inner.ready.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let started = lock(&self.inner.topics)
+                    .get(&event_type)
+                    .is_some_and(|topic| topic.position.is_some());
+                if started && !self.epoch().is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(READY_TIMEOUT, wait)
+            .await
+            .map_err(|_| ReplayError::Unavailable("Redis is not reachable".into()))
+    }
+
+    /// The events of `event_type` after `cursor`, for a subscription that resumes. Called once
+    /// the subscription's live part reads the log, so that [`Replay::until`] joins the two
+    /// without a gap.
+    pub async fn replay(
+        &self,
+        event_type: EventType,
+        cursor: &Cursor,
+    ) -> Result<Replay, ReplayError> {
+        if cursor.event_type != event_type {
+            return Err(ReplayError::OtherType {
+                cursor: cursor.event_type,
+                wanted: event_type,
+            });
+        }
+        self.until_ready(event_type).await?;
+        let epoch = self.epoch();
+        let not_recovered = Replay {
+            recovered: false,
+            events: Vec::new(),
+            until: Position::ZERO,
+        };
+        if *epoch != *cursor.epoch {
+            return Ok(not_recovered);
+        }
+        let key = channel(&self.inner.key_prefix, event_type);
+        let (covered, entries) = match &self.inner.backend {
+            Backend::Memory { bus, .. } => {
+                let history = bus.history(&key, cursor.position);
+                (history.covered, history.entries)
+            }
+            Backend::Redis(pool) => redis_history(pool, &key, cursor.position)
+                .await
+                .map_err(ReplayError::Unavailable)?,
+        };
+        if !covered {
+            return Ok(not_recovered);
+        }
+        let mut until = cursor.position;
+        let mut ids = HashSet::new();
+        let mut events = Vec::with_capacity(entries.len());
+        for (position, payload) in entries {
+            until = until.max(position);
+            let Ok(envelope) = serde_json::from_str::<Envelope>(&payload) else {
+                continue;
+            };
+            if envelope.event_type != event_type || !ids.insert(envelope.id.clone()) {
+                continue;
+            }
+            let cursor = Cursor {
+                epoch: epoch.to_string(),
+                event_type,
+                position,
+            };
+            events.push(Arc::new(LoggedEvent {
+                position,
+                cursor: Arc::from(cursor.to_string()),
+                envelope,
+            }));
+        }
+        Ok(Replay {
+            recovered: true,
+            events,
+            until,
+        })
     }
 }
 
-/// Unregisters a local subscriber on drop; the last one out unsubscribes the Redis channel.
+/// Unregisters a local subscriber on drop; the last one out takes the log out of the read.
 pub struct TopicGuard {
     hub: Hub,
     event_type: EventType,
@@ -226,32 +458,45 @@ pub struct TopicGuard {
 
 impl Drop for TopicGuard {
     fn drop(&mut self) {
-        let inner = &self.hub.inner;
-        let mut topics = lock(&inner.topics);
+        let mut topics = lock(&self.hub.inner.topics);
         if let Some(topic) = topics.get_mut(&self.event_type) {
             topic.subscribers = topic.subscribers.saturating_sub(1);
             if topic.subscribers == 0 {
                 topics.remove(&self.event_type);
-                let _ = inner.commands.send(Command::Unsubscribe(channel(
-                    &inner.key_prefix,
-                    self.event_type,
-                )));
             }
         }
     }
 }
 
-/// The hub as one connection's subscriptions see it: events come from the hub, and falling behind
-/// tells the connection (through `slow`) to close.
-pub struct ConnectionEvents {
-    pub hub: Hub,
-    pub slow: Arc<Notify>,
+/// The event a subscription task is turning into a result: its commit time (`at`, µs since the
+/// epoch, for the delivery-latency histogram), its position and its cursor.
+#[derive(Clone)]
+pub struct EventMark {
+    pub at: i64,
+    pub position: Position,
+    pub cursor: Arc<str>,
 }
 
 tokio::task_local! {
-    /// The commit time (`at`, in µs since the epoch) of the event the current subscription task
-    /// is turning into a message, for the delivery-latency histogram.
-    pub static EVENT_AT: std::cell::Cell<Option<i64>>;
+    /// Set by the event streams as they yield, read by the task after each result.
+    pub static CURRENT_EVENT: Cell<Option<EventMark>>;
+}
+
+fn mark(event: &LoggedEvent) {
+    let _ = CURRENT_EVENT.try_with(|current| {
+        current.set(Some(EventMark {
+            at: event.envelope.at.timestamp_micros(),
+            position: event.position,
+            cursor: event.cursor.clone(),
+        }))
+    });
+}
+
+/// The hub as one shared execution sees it: events come from the hub, and falling behind
+/// tells the execution (through `slow`) to cut its subscribers off.
+pub struct ConnectionEvents {
+    pub hub: Hub,
+    pub slow: Arc<Notify>,
 }
 
 impl EventSource for ConnectionEvents {
@@ -262,10 +507,9 @@ impl EventSource for ConnectionEvents {
             (receiver, guard, slow),
             |(mut receiver, guard, slow)| async move {
                 match receiver.recv().await {
-                    Ok(envelope) => {
-                        let _ =
-                            EVENT_AT.try_with(|at| at.set(Some(envelope.at.timestamp_micros())));
-                        Some((Envelope::clone(&envelope), (receiver, guard, slow)))
+                    Ok(event) => {
+                        mark(&event);
+                        Some((event.envelope.clone(), (receiver, guard, slow)))
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         slow.notify_one();
@@ -278,24 +522,84 @@ impl EventSource for ConnectionEvents {
     }
 }
 
-async fn run(
-    hub: Hub,
-    client: redis::Client,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    shutdown: CancellationToken,
-) {
+/// What a replay ended with, for the task that runs it.
+#[derive(Debug, Default)]
+pub struct ReplayOutcome {
+    /// `None` until the log was read.
+    pub result: Option<Result<ReplayEnd, ReplayError>>,
+}
+
+/// Where a replay ended (see [`Replay`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayEnd {
+    pub recovered: bool,
+    pub until: Position,
+}
+
+/// The log after a cursor as one resuming subscription sees it: a finite stream of the events
+/// it missed, through the same resolver as live ones.
+pub struct ReplayEvents {
+    pub hub: Hub,
+    pub cursor: Cursor,
+    pub outcome: Arc<Mutex<ReplayOutcome>>,
+}
+
+impl EventSource for ReplayEvents {
+    fn subscribe(&self, event_type: EventType) -> EnvelopeStream {
+        let hub = self.hub.clone();
+        let cursor = self.cursor.clone();
+        let outcome = self.outcome.clone();
+        Box::pin(
+            futures_util::stream::once(async move {
+                let replay = hub.replay(event_type, &cursor).await;
+                let mut outcome = lock(&outcome);
+                match replay {
+                    Ok(replay) => {
+                        outcome.result = Some(Ok(ReplayEnd {
+                            recovered: replay.recovered,
+                            until: replay.until,
+                        }));
+                        replay.events
+                    }
+                    Err(err) => {
+                        outcome.result = Some(Err(err));
+                        Vec::new()
+                    }
+                }
+            })
+            .flat_map(|events| {
+                futures_util::stream::iter(events.into_iter().map(|event| {
+                    mark(&event);
+                    event.envelope.clone()
+                }))
+            }),
+        )
+    }
+}
+
+async fn run(hub: Hub, client: redis::Client, shutdown: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
+    // Where the revocation stream stands; kept across reconnections like the logs' positions.
+    let mut revocations: Option<Position> = None;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        // Reads block for BLOCK; each is bounded by a timeout of its own.
+        .set_response_timeout(None);
     loop {
-        let connected = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub()).await;
+        let connected = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await;
         match connected {
-            Ok(Ok(pubsub)) => {
+            Ok(Ok(connection)) => {
                 backoff = Duration::from_millis(100);
-                let reason = serve(&hub, pubsub, &mut commands, &shutdown).await;
+                let reason = serve(&hub, connection, &mut revocations, &shutdown).await;
                 set_connected(&hub, false);
                 match reason {
                     Ended::Shutdown => return,
                     Ended::Lost(err) => {
-                        tracing::warn!(%err, "lost the Redis subscriber connection; reconnecting")
+                        tracing::warn!(%err, "lost the Redis event connection; reconnecting")
                     }
                 }
             }
@@ -320,7 +624,7 @@ async fn run_memory(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             message = messages.recv() => match message {
-                Ok(message) => hub.dispatch(&message.channel, message.payload.as_bytes()),
+                Ok(message) => hub.dispatch(&message.channel, message.position, message.payload.as_bytes()),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "the hub fell behind the in-memory bus; events were lost");
                 }
@@ -338,46 +642,280 @@ enum Ended {
 
 async fn serve(
     hub: &Hub,
-    pubsub: redis::aio::PubSub,
-    commands: &mut mpsc::UnboundedReceiver<Command>,
+    mut connection: redis::aio::MultiplexedConnection,
+    revocations: &mut Option<Position>,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let (mut sink, mut stream) = pubsub.split();
-    let mut channels = hub.wanted_channels();
-    channels.push(revocation_channel(&hub.inner.key_prefix));
-    for name in &channels {
-        if let Err(err) = with_timeout(sink.subscribe(name)).await {
-            return Ended::Lost(err);
+    let Backend::Redis(pool) = &hub.inner.backend else {
+        return Ended::Shutdown;
+    };
+    let prefix = &hub.inner.key_prefix;
+    let revocation_key = revocation_channel(prefix);
+    let client_id: i64 =
+        match with_timeout(redis::cmd("CLIENT").arg("ID").query_async(&mut connection)).await {
+            Ok(id) => id,
+            Err(err) => return Ended::Lost(err),
+        };
+    // The epoch: ours if none is set (a new or emptied Redis), else the one every gateway uses.
+    let mut epoch_pipe = redis::pipe();
+    epoch_pipe
+        .cmd("SET")
+        .arg(epoch_key(prefix))
+        .arg(new_epoch())
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(epoch_key(prefix));
+    let (epoch,): (String,) = match with_timeout(epoch_pipe.query_async(&mut connection)).await {
+        Ok(epoch) => epoch,
+        Err(err) => return Ended::Lost(err),
+    };
+    if hub.set_epoch(&epoch) {
+        tracing::warn!(
+            epoch,
+            "the event logs were reset (Redis lost its data); reading them from the start"
+        );
+        if revocations.is_some() {
+            *revocations = Some(Position::ZERO);
+        }
+    }
+    if revocations.is_none() {
+        match stream_tip(&mut connection, &revocation_key).await {
+            Ok(tip) => *revocations = Some(tip),
+            Err(err) => return Ended::Lost(err),
         }
     }
     set_connected(hub, true);
-    tracing::info!(channels = channels.len(), "subscribed to Redis");
-    let mut health = tokio::time::interval(HEALTH_INTERVAL);
-    health.tick().await;
+    hub.inner.ready.notify_waiters();
+    tracing::info!("reading the event logs from Redis");
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ended::Shutdown,
-            message = stream.next() => match message {
-                Some(message) => hub.dispatch(message.get_channel_name(), message.get_payload_bytes()),
-                None => return Ended::Lost("connection closed".into()),
-            },
-            command = commands.recv() => {
-                let result = match command {
-                    Some(Command::Subscribe(name)) => with_timeout(sink.subscribe(name)).await,
-                    Some(Command::Unsubscribe(name)) => with_timeout(sink.unsubscribe(name)).await,
-                    // The hub (and so every sender) is gone: nothing left to serve.
-                    None => return Ended::Shutdown,
-                };
-                if let Err(err) = result {
-                    return Ended::Lost(err);
+        for event_type in hub.unstarted() {
+            match stream_tip(&mut connection, &channel(prefix, event_type)).await {
+                Ok(tip) => hub.start_topic(event_type, tip),
+                Err(err) => return Ended::Lost(err),
+            }
+        }
+        let mut logs = hub.read_set();
+        logs.push((revocation_key.clone(), revocations.unwrap_or_default()));
+        let mut read = redis::cmd("XREAD");
+        read.arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS");
+        for (key, _) in &logs {
+            read.arg(key);
+        }
+        for (_, position) in &logs {
+            read.arg(position.to_string());
+        }
+        let mut reading = connection.clone();
+        let reply = tokio::time::timeout(
+            BLOCK + REDIS_TIMEOUT,
+            read.query_async::<Value>(&mut reading),
+        );
+        tokio::pin!(reply);
+        let mut unblocked = false;
+        let reply = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                reply = &mut reply => break reply,
+                () = hub.inner.wake.notified(), if !unblocked => {
+                    // A new log to read: end the blocked read now (from another connection, as
+                    // this one waits for the read) rather than at the end of BLOCK.
+                    unblocked = true;
+                    let pool = pool.clone();
+                    tokio::spawn(async move {
+                        let mut unblock = redis::cmd("CLIENT");
+                        unblock.arg("UNBLOCK").arg(client_id);
+                        let _ = common::redis::query::<i64>(&pool, &unblock).await;
+                    });
                 }
             }
-            _ = health.tick() => {
-                if let Err(err) = with_timeout(sink.ping::<redis::Value>()).await {
-                    return Ended::Lost(err);
+        };
+        let entries = match reply {
+            Ok(Ok(value)) => stream_entries(value),
+            Ok(Err(err)) => return Ended::Lost(err.to_string()),
+            Err(_) => return Ended::Lost("read timed out".into()),
+        };
+        for (key, position, payload) in entries {
+            if key == revocation_key {
+                *revocations = Some(revocations.unwrap_or_default().max(position));
+            }
+            hub.dispatch(&key, position, &payload);
+        }
+    }
+}
+
+/// The id of a stream's last entry (`0-0` when it has none).
+async fn stream_tip(
+    connection: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Result<Position, String> {
+    let reply: Value = with_timeout(
+        redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(connection),
+    )
+    .await?;
+    Ok(entries_of(reply)
+        .into_iter()
+        .next()
+        .map(|(position, _)| position)
+        .unwrap_or_default())
+}
+
+/// A log's entries after `after` and whether none was trimmed away since (`max-deleted-entry-id`
+/// of `XINFO STREAM`, read after the entries, so a trim racing with the read counts).
+async fn redis_history(
+    pool: &RedisPool,
+    key: &str,
+    after: Position,
+) -> Result<(bool, Vec<(Position, Arc<str>)>), String> {
+    let mut entries = Vec::new();
+    let mut from = after;
+    loop {
+        let mut range = redis::cmd("XRANGE");
+        range
+            .arg(key)
+            .arg(format!("({from}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(READ_COUNT);
+        let page = entries_of(
+            common::redis::query::<Value>(pool, &range)
+                .await
+                .map_err(|err| err.to_string())?,
+        );
+        let full = page.len() == READ_COUNT;
+        for (position, payload) in page {
+            from = position;
+            entries.push((position, Arc::from(String::from_utf8_lossy(&payload))));
+        }
+        if !full {
+            break;
+        }
+    }
+    let mut info = redis::cmd("XINFO");
+    info.arg("STREAM").arg(key);
+    let covered = match common::redis::query::<Value>(pool, &info).await {
+        Ok(info) => {
+            let field = |name: &str| {
+                pairs(&info)
+                    .into_iter()
+                    .find(|(field, _)| field == name)
+                    .and_then(|(_, value)| text(&value))
+                    .and_then(|text| Position::parse(&text))
+            };
+            let last = field("last-generated-id").unwrap_or_default();
+            match field("max-deleted-entry-id") {
+                Some(trimmed) => trimmed <= after && after <= last,
+                // Redis before 7.0: covered when the first entry kept is not after the cursor.
+                None => {
+                    after <= last
+                        && entries_of(
+                            pairs(&info)
+                                .into_iter()
+                                .find(|(field, _)| field == "first-entry")
+                                .map(|(_, value)| Value::Array(vec![value]))
+                                .unwrap_or(Value::Nil),
+                        )
+                        .first()
+                        .is_none_or(|(first, _)| *first <= after)
                 }
             }
         }
+        // No such log: it was deleted since the cursor's event was in it.
+        Err(common::redis::RedisError::Command(_)) => false,
+        Err(err) => return Err(err.to_string()),
+    };
+    Ok((covered, entries))
+}
+
+/// The entries of an `XREAD` reply, as (log, position, envelope).
+fn stream_entries(reply: Value) -> Vec<(String, Position, Vec<u8>)> {
+    let streams: Vec<(Value, Value)> = match reply {
+        Value::Map(map) => map,
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::Array(mut pair) if pair.len() == 2 => {
+                    let entries = pair.pop()?;
+                    Some((pair.pop()?, entries))
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    streams
+        .into_iter()
+        .filter_map(|(key, entries)| Some((text(&key)?, entries)))
+        .flat_map(|(key, entries)| {
+            entries_of(entries)
+                .into_iter()
+                .map(move |(position, payload)| (key.clone(), position, payload))
+        })
+        .collect()
+}
+
+/// `[[id, [field, value, …]], …]` → (position, the envelope field's value).
+fn entries_of(value: Value) -> Vec<(Position, Vec<u8>)> {
+    let Value::Array(entries) = value else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut entry) = entry else {
+                return None;
+            };
+            if entry.len() != 2 {
+                return None;
+            }
+            let fields = entry.pop()?;
+            let position = Position::parse(&text(&entry.pop()?)?)?;
+            let payload = pairs(&fields)
+                .into_iter()
+                .find(|(field, _)| field == ENTRY_FIELD)
+                .and_then(|(_, value)| match value {
+                    Value::BulkString(bytes) => Some(bytes),
+                    Value::SimpleString(text) => Some(text.into_bytes()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            Some((position, payload))
+        })
+        .collect()
+}
+
+/// A flat `[field, value, …]` array (or a RESP3 map) as pairs.
+fn pairs(value: &Value) -> Vec<(String, Value)> {
+    match value {
+        Value::Map(map) => map
+            .iter()
+            .filter_map(|(k, v)| Some((text(k)?, v.clone())))
+            .collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [k, v] => Some((text(k)?, v.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
     }
 }
 

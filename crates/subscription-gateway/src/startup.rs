@@ -54,7 +54,12 @@ pub struct GatewayState {
 /// Where the hub gets its events: Redis (the distributed stack) or the in-memory bus (the
 /// embedded mode). Everything downstream of the hub is the same.
 pub enum HubSource {
-    Redis { url: String, key_prefix: String },
+    Redis {
+        url: String,
+        key_prefix: String,
+        /// For replays and for interrupting the hub's blocked read.
+        pool: common::redis::RedisPool,
+    },
     Memory(common::events::MemoryBus),
 }
 
@@ -84,9 +89,14 @@ pub async fn state(
     let gateway_metrics = GatewayMetrics::register(metrics);
     let buffer = settings.fanout_buffer as usize;
     let hub = match source {
-        HubSource::Redis { url, key_prefix } => Hub::start(
+        HubSource::Redis {
+            url,
+            key_prefix,
+            pool,
+        } => Hub::start(
             &url,
             &key_prefix,
+            pool,
             buffer,
             gateway_metrics.clone(),
             hub_shutdown,
@@ -151,9 +161,11 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let metrics = Metrics::new("subscription-gateway");
         let hub_shutdown = CancellationToken::new();
+        let redis = common::redis::pool(&settings.redis)?;
         let source = HubSource::Redis {
             url: settings.redis.redis_url.clone(),
             key_prefix: settings.redis.redis_key_prefix.clone(),
+            pool: redis.clone(),
         };
         let revoked = RevokedBefore::new(
             settings.jwt.access_token_lifetime_secs,
@@ -168,7 +180,6 @@ impl Application {
         )
         .await?;
         // Logouts' cutoffs, read from Redis until the hub stops.
-        let redis = common::redis::pool(&settings.redis)?;
         actix_web::rt::spawn(common::revocations::poll(
             redis,
             settings.redis.redis_key_prefix.clone(),

@@ -13,7 +13,6 @@ use common::db::users::{self, NewUser};
 use common::db::DbPool;
 use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
 use deadpool_redis::redis;
-use futures_util::StreamExt as _;
 use serde_json::{json, Value};
 use test_support::{unique_prefix, TestDb};
 
@@ -237,34 +236,70 @@ pub fn error_of(body: &Value) -> (String, String) {
     )
 }
 
-/// A Redis pub/sub connection subscribed to `<prefix>events:*`.
+/// A reader of every event log of this app (`<prefix>events:<type>`), from its start.
 pub struct Subscriber {
-    stream: redis::aio::PubSubStream,
+    connection: redis::aio::MultiplexedConnection,
+    logs: Vec<(String, String)>,
+    read: std::collections::VecDeque<(String, Value)>,
 }
 
 impl Subscriber {
     pub async fn connect(url: &str, prefix: &str) -> Subscriber {
         let client = redis::Client::open(url).unwrap();
-        let mut pubsub = client.get_async_pubsub().await.unwrap();
-        pubsub
-            .psubscribe(format!("{prefix}events:*"))
+        // XREAD blocks for a second; the connection's default response timeout is shorter.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap();
+        let logs = common::events::EventType::ALL
+            .into_iter()
+            .map(|t| (common::events::channel(prefix, t), "0-0".to_owned()))
+            .collect();
         Subscriber {
-            stream: pubsub.into_on_message(),
+            connection,
+            logs,
+            read: Default::default(),
         }
     }
 
-    /// The next message as (channel, envelope); fails the test after 30 s without one.
+    /// The next event as (log, envelope); fails the test after 30 s without one.
     pub async fn next(&mut self) -> (String, Value) {
-        let message = tokio::time::timeout(Duration::from_secs(30), self.stream.next())
-            .await
-            .expect("no event within 30 s")
-            .expect("the subscription ended");
-        let payload: String = message.get_payload().unwrap();
-        (
-            message.get_channel_name().to_owned(),
-            serde_json::from_str(&payload).unwrap(),
-        )
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.read.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no event within 30 s"
+            );
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(100)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS");
+            for (key, _) in &self.logs {
+                cmd.arg(key);
+            }
+            for (_, id) in &self.logs {
+                cmd.arg(id);
+            }
+            type Reply = Option<Vec<(String, Vec<(String, Vec<(String, String)>)>)>>;
+            let reply: Reply = cmd.query_async(&mut self.connection).await.unwrap();
+            for (key, entries) in reply.unwrap_or_default() {
+                for (id, fields) in entries {
+                    if let Some(log) = self.logs.iter_mut().find(|(k, _)| *k == key) {
+                        log.1 = id.clone();
+                    }
+                    let payload = fields
+                        .into_iter()
+                        .find(|(field, _)| field == common::events::ENTRY_FIELD)
+                        .map(|(_, value)| value)
+                        .unwrap_or_default();
+                    self.read
+                        .push_back((key.clone(), serde_json::from_str(&payload).unwrap()));
+                }
+            }
+        }
+        self.read.pop_front().unwrap()
     }
 }

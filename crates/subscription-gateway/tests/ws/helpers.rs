@@ -123,13 +123,17 @@ impl TestGateway {
 
     pub async fn publish_raw(&self, channel_suffix: &str, payload: &str) {
         let pool = common::redis::pool(&redis_args(&self.redis_url)).unwrap();
-        let mut cmd = deadpool_redis::redis::cmd("PUBLISH");
-        cmd.arg(format!("{}{channel_suffix}", self.prefix))
-            .arg(payload);
-        common::redis::query::<i64>(&pool, &cmd).await.unwrap();
+        let append = common::events::append_command(
+            &format!("{}{channel_suffix}", self.prefix),
+            payload,
+            common::events::Retention::default(),
+        );
+        common::redis::query::<(String,)>(&pool, &append)
+            .await
+            .unwrap();
     }
 
-    /// Lets the hub's SUBSCRIBE reach Redis after a client subscribed (it is asynchronous).
+    /// Lets the hub start reading a log after a client subscribed (it is asynchronous).
     pub async fn settle(&self) {
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
