@@ -769,8 +769,11 @@ async fn stream_tip(
         .unwrap_or_default())
 }
 
-/// A log's entries after `after` and whether none was trimmed away since (`max-deleted-entry-id`
-/// of `XINFO STREAM`, read after the entries, so a trim racing with the read counts).
+/// A log's entries after `after` and whether none was trimmed away since. Redis trims from the
+/// oldest end, so the history is whole when the cursor's own entry is still there (or when the
+/// cursor is the last id the log ever gave, so that there is nothing after it); checked after
+/// the entries were read, so a trim racing with the read counts. (`max-deleted-entry-id` would
+/// say it directly, but Redis 7.0 does not raise it when trimming.)
 async fn redis_history(
     pool: &RedisPool,
     key: &str,
@@ -800,34 +803,30 @@ async fn redis_history(
             break;
         }
     }
+    let mut anchor = redis::cmd("XRANGE");
+    anchor
+        .arg(key)
+        .arg(after.to_string())
+        .arg(after.to_string());
+    let anchored = !entries_of(
+        common::redis::query::<Value>(pool, &anchor)
+            .await
+            .map_err(|err| err.to_string())?,
+    )
+    .is_empty();
+    if anchored {
+        return Ok((true, entries));
+    }
     let mut info = redis::cmd("XINFO");
     info.arg("STREAM").arg(key);
     let covered = match common::redis::query::<Value>(pool, &info).await {
         Ok(info) => {
-            let field = |name: &str| {
-                pairs(&info)
-                    .into_iter()
-                    .find(|(field, _)| field == name)
-                    .and_then(|(_, value)| text(&value))
-                    .and_then(|text| Position::parse(&text))
-            };
-            let last = field("last-generated-id").unwrap_or_default();
-            match field("max-deleted-entry-id") {
-                Some(trimmed) => trimmed <= after && after <= last,
-                // Redis before 7.0: covered when the first entry kept is not after the cursor.
-                None => {
-                    after <= last
-                        && entries_of(
-                            pairs(&info)
-                                .into_iter()
-                                .find(|(field, _)| field == "first-entry")
-                                .map(|(_, value)| Value::Array(vec![value]))
-                                .unwrap_or(Value::Nil),
-                        )
-                        .first()
-                        .is_none_or(|(first, _)| *first <= after)
-                }
-            }
+            let last = pairs(&info)
+                .into_iter()
+                .find(|(field, _)| field == "last-generated-id")
+                .and_then(|(_, value)| text(&value))
+                .and_then(|text| Position::parse(&text));
+            last == Some(after) && entries.is_empty()
         }
         // No such log: it was deleted since the cursor's event was in it.
         Err(common::redis::RedisError::Command(_)) => false,

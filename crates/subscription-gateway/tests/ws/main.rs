@@ -7,3 +7,4 @@ mod auth;
 mod delivery;
 mod helpers;
 mod lifecycle;
+mod resume;

@@ -1,0 +1,268 @@
+//! Nothing lost across a reconnect: every result names its event (`extensions.cursor`), a
+//! subscription that resumes from a cursor gets what it missed and then live events, without gap
+//! or duplicate; a token is renewed on the open socket.
+
+use std::time::Duration;
+
+use common::events::EventType;
+use common::jwt::TokenType;
+use serde_json::json;
+
+use crate::helpers::{access, car, token, Incoming, TestGateway, WsClient, MODEL_UPDATED};
+
+/// A graphql-transport-ws client subscribed to Car 1's updates, resuming from `cursor` if given.
+async fn subscriber(gateway: &TestGateway, resume_from: Option<&str>) -> WsClient {
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    let mut payload = json!({"query": MODEL_UPDATED});
+    if let Some(cursor) = resume_from {
+        payload["extensions"] = json!({"resumeFrom": cursor});
+    }
+    client
+        .send(json!({"id": "s", "type": "subscribe", "payload": payload}))
+        .await;
+    client
+}
+
+/// The next result: (make, cursor, recovered).
+async fn next_result(client: &mut WsClient) -> (String, String, Option<bool>) {
+    let message = client.expect_json().await;
+    assert_eq!(message["type"], "next", "{message}");
+    let payload = &message["payload"];
+    (
+        payload["data"]["carModelUpdated"]["make"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        payload["extensions"]["cursor"].as_str().unwrap().to_owned(),
+        payload["extensions"]["recovered"].as_bool(),
+    )
+}
+
+#[actix_web::test]
+async fn a_resumed_subscription_gets_what_it_missed_then_live_events_once_each() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut first = subscriber(&gateway, None).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
+    let (make, cursor, recovered) = next_result(&mut first).await;
+    assert_eq!((make.as_str(), recovered), ("m0", None));
+    drop(first);
+
+    // Missed while away, with another car's update among them (filtered as live ones are).
+    for make in ["m1", "m2"] {
+        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+    }
+    gateway
+        .publish(EventType::CarUpdated, car(2, "other"))
+        .await;
+    gateway.publish(EventType::CarUpdated, car(1, "m3")).await;
+
+    let mut resumed = subscriber(&gateway, Some(&cursor)).await;
+    let mut makes = Vec::new();
+    let mut cursors = vec![cursor];
+    for _ in 0..3 {
+        let (make, cursor, recovered) = next_result(&mut resumed).await;
+        assert_eq!(
+            recovered,
+            makes.is_empty().then_some(true),
+            "only the first result says recovered"
+        );
+        makes.push(make);
+        cursors.push(cursor);
+    }
+    assert_eq!(makes, ["m1", "m2", "m3"]);
+    // Then live, after the replay, in order.
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "m4")).await;
+    let (make, cursor, recovered) = next_result(&mut resumed).await;
+    assert_eq!((make.as_str(), recovered), ("m4", None));
+    cursors.push(cursor);
+    let positions: Vec<_> = cursors
+        .iter()
+        .map(|c| common::events::Cursor::parse(c).unwrap().position)
+        .collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
+    // And nothing else: no duplicate of a replayed event.
+    resumed.send(json!({"type": "ping"})).await;
+    assert_eq!(resumed.expect_json().await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn a_resume_while_others_share_the_execution_neither_loses_nor_repeats() {
+    let gateway = TestGateway::spawn(&[]).await;
+    // Someone else keeps the shared execution running all along.
+    let mut other = subscriber(&gateway, None).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
+    let (_, cursor, _) = next_result(&mut other).await;
+    for make in ["m1", "m2"] {
+        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+    }
+    let mut resumed = subscriber(&gateway, Some(&cursor)).await;
+    // Published while the replay may still run: live, held back behind the replay.
+    for make in ["m3", "m4"] {
+        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+    }
+    let mut makes = Vec::new();
+    for _ in 0..4 {
+        makes.push(next_result(&mut resumed).await.0);
+    }
+    assert_eq!(makes, ["m1", "m2", "m3", "m4"]);
+    resumed.send(json!({"type": "ping"})).await;
+    assert_eq!(resumed.expect_json().await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn a_cursor_the_history_no_longer_covers_says_recovered_false_then_goes_live() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut first = subscriber(&gateway, None).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "old")).await;
+    let (_, cursor, _) = next_result(&mut first).await;
+    drop(first);
+    gateway
+        .publish(EventType::CarUpdated, car(1, "trimmed"))
+        .await;
+    // Retention ends: the log is trimmed past the cursor.
+    let pool = common::redis::pool(&common::config::RedisArgs {
+        redis_url: gateway.redis_url.clone(),
+        redis_key_prefix: gateway.prefix.clone(),
+        redis_pool_size: 1,
+    })
+    .unwrap();
+    let mut trim = deadpool_redis::redis::cmd("XTRIM");
+    trim.arg(common::events::channel(
+        &gateway.prefix,
+        EventType::CarUpdated,
+    ))
+    .arg("MAXLEN")
+    .arg(0);
+    common::redis::query::<i64>(&pool, &trim).await.unwrap();
+
+    let mut resumed = subscriber(&gateway, Some(&cursor)).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "live")).await;
+    let (make, _, recovered) = next_result(&mut resumed).await;
+    assert_eq!((make.as_str(), recovered), ("live", Some(false)));
+    gateway
+        .publish(EventType::CarUpdated, car(1, "live2"))
+        .await;
+    assert_eq!(next_result(&mut resumed).await.2, None);
+}
+
+#[actix_web::test]
+async fn a_malformed_or_foreign_cursor_is_an_error_of_that_operation_only() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = subscriber(&gateway, Some("not-a-cursor")).await;
+    let error = client.expect_json().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["id"], "s");
+    assert_eq!(error["payload"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    assert!(
+        error["payload"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resumeFrom"),
+        "{error}"
+    );
+    // A cursor of another event type.
+    client
+        .send(json!({"id": "t", "type": "subscribe", "payload": {
+            "query": MODEL_UPDATED,
+            "extensions": {"resumeFrom": "00ff:car.created:1-0"}}}))
+        .await;
+    let error = client.expect_json().await;
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["id"], "t");
+    assert!(
+        error["payload"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("car.created"),
+        "{error}"
+    );
+    // The socket stays open and serves.
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.expect_json().await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn a_socket_renewed_in_band_outlives_its_first_tokens_and_keeps_receiving() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    // Lifetimes are whole seconds: a 3 s token lives more than 2 s, a 5 s one more than 4 s.
+    client.init(&token(1, TokenType::Access, 3)).await;
+    client
+        .send(json!({"id": "s", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+    let started = tokio::time::Instant::now();
+    // Renewed at 1.5 s, 4 s and 6.5 s, each time before the token in force expires.
+    for round in 0..3u32 {
+        tokio::time::sleep_until(started + Duration::from_millis(1500 + 2500 * u64::from(round)))
+            .await;
+        let renewal = token(1, TokenType::Access, 5);
+        client
+            .send(
+                json!({"type": "ping", "payload": {"Authorization": format!("Bearer {renewal}")}}),
+            )
+            .await;
+        let pong = client.expect_json().await;
+        assert_eq!(pong["type"], "pong", "{pong}");
+        let exp = pong["payload"]["exp"].as_i64().unwrap();
+        assert!(exp > chrono::Utc::now().timestamp() + 3, "{pong}");
+        assert!(
+            !pong.to_string().contains(&renewal),
+            "a pong never echoes a token"
+        );
+        gateway
+            .publish(EventType::CarUpdated, car(1, &format!("round {round}")))
+            .await;
+        let (make, _, _) = next_result(&mut client).await;
+        assert_eq!(make, format!("round {round}"));
+    }
+    // Past three lifetimes of the first token (9 s), still open and receiving.
+    tokio::time::sleep_until(started + Duration::from_millis(9_500)).await;
+    gateway.publish(EventType::CarUpdated, car(1, "late")).await;
+    assert_eq!(next_result(&mut client).await.0, "late");
+    // Not renewed again: closed at the last token's expiry.
+    match client.recv_within(Duration::from_secs(10)).await {
+        Incoming::Close(code, reason) => {
+            assert_eq!(code, Some(4403));
+            assert!(reason.contains("expired"), "{reason}");
+        }
+        other => panic!("expected the expiry close, got {other:?}"),
+    }
+}
+
+#[actix_web::test]
+async fn renewal_with_another_users_or_a_bad_token_closes_4403() {
+    let gateway = TestGateway::spawn(&[]).await;
+    for (renewal, expected) in [
+        (access(2), "another user"),
+        (token(1, TokenType::Refresh, 300), "Forbidden"),
+        ("garbage".to_owned(), "Forbidden"),
+    ] {
+        let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+        client.init(&access(1)).await;
+        client
+            .send(
+                json!({"type": "ping", "payload": {"Authorization": format!("Bearer {renewal}")}}),
+            )
+            .await;
+        let (code, reason) = client.expect_close().await;
+        assert_eq!(code, Some(4403), "{renewal}");
+        assert!(reason.contains(expected), "{reason}");
+    }
+    // A ping without a token is answered as ever, its payload echoed.
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    client
+        .send(json!({"type": "ping", "payload": {"n": 1}}))
+        .await;
+    assert_eq!(
+        client.expect_json().await,
+        json!({"type": "pong", "payload": {"n": 1}})
+    );
+}
