@@ -116,6 +116,15 @@ pub fn epoch_key(key_prefix: &str) -> String {
     format!("{key_prefix}events:epoch")
 }
 
+/// The `CLIENT SETNAME` of a gateway's event connection: `<prefix>gateway-events` (Redis names
+/// cannot hold spaces or newlines; such characters of a prefix become `_`).
+pub fn events_connection_name(key_prefix: &str) -> String {
+    format!("{key_prefix}gateway-events")
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect()
+}
+
 /// A new epoch: 64 random bits as 16 hex characters.
 pub fn new_epoch() -> String {
     let mut id = new_event_id();

@@ -651,11 +651,19 @@ async fn serve(
     };
     let prefix = &hub.inner.key_prefix;
     let revocation_key = revocation_channel(prefix);
-    let client_id: i64 =
-        match with_timeout(redis::cmd("CLIENT").arg("ID").query_async(&mut connection)).await {
-            Ok(id) => id,
-            Err(err) => return Ended::Lost(err),
-        };
+    // Named, so that an operator (and the tests) can tell it in `CLIENT LIST`.
+    let mut hello = redis::pipe();
+    hello
+        .cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(common::events::events_connection_name(prefix))
+        .ignore()
+        .cmd("CLIENT")
+        .arg("ID");
+    let (client_id,): (i64,) = match with_timeout(hello.query_async(&mut connection)).await {
+        Ok(id) => id,
+        Err(err) => return Ended::Lost(err),
+    };
     // The epoch: ours if none is set (a new or emptied Redis), else the one every gateway uses.
     let mut epoch_pipe = redis::pipe();
     epoch_pipe

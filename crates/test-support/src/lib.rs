@@ -174,14 +174,49 @@ fn ensure_template(conn: &mut PgConnection, admin: &str, template: &str) {
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    /// Where a persistent one keeps its snapshot (`None`: nothing survives a restart).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl PrivateRedis {
     pub fn start() -> Self {
         let port = free_port();
-        let mut redis = Self { port, child: None };
+        let mut redis = Self {
+            port,
+            child: None,
+            dir: None,
+        };
         redis.restart();
         redis
+    }
+
+    /// One that saves its data on `SHUTDOWN` and loads it at start, as a packaged Redis does.
+    pub fn start_persistent() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("redis-{port}-{}", random_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            port,
+            child: None,
+            dir: Some(dir),
+        };
+        redis.restart();
+        redis
+    }
+
+    /// `SHUTDOWN SAVE` (what `systemctl restart redis` does), `down` without a server, then
+    /// the server again on the same port with the saved data.
+    pub fn restart_gracefully(&mut self, down: Duration) {
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SHUTDOWN", "SAVE"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        std::thread::sleep(down);
+        self.restart();
     }
 
     pub fn url(&self) -> String {
@@ -200,17 +235,20 @@ impl PrivateRedis {
     pub fn restart(&mut self) {
         self.stop();
         let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
-        let child = Command::new(&binary)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new(&binary);
+        command.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--appendonly",
+            "no",
+        ]);
+        match &self.dir {
+            Some(dir) => command.arg("--dir").arg(dir).args(["--save", "3600 1"]),
+            None => command.args(["--save", ""]),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -19,4 +19,5 @@ mod hardening;
 mod npm_clients;
 mod reference;
 mod replicas;
+mod resume;
 mod stack;

@@ -44,10 +44,15 @@ const GATEWAY_REPLICAS: usize = 2;
 impl Stack {
     /// A stack of the test's own (for tests that kill processes or count connections).
     pub fn start(label: &str) -> Stack {
+        Self::start_on(label, &test_support::redis_url())
+    }
+
+    /// [`Stack::start`] with a Redis of the test's own (one it restarts).
+    pub fn start_on(label: &str, redis_url: &str) -> Stack {
         let mut last_output = String::new();
         // A free port can be taken between our probe and NGINX's bind; try other ports then.
         for _ in 0..3 {
-            match Self::try_start(label) {
+            match Self::try_start(label, redis_url) {
                 Ok(stack) => return stack,
                 Err(output) if output.contains("is in use") => last_output = output,
                 Err(output) => panic!("scripts/stack up failed:\n{output}"),
@@ -63,7 +68,7 @@ impl Stack {
         SHARED.get_or_init(|| Stack::start("shared"))
     }
 
-    fn try_start(label: &str) -> Result<Stack, String> {
+    fn try_start(label: &str, redis_url: &str) -> Result<Stack, String> {
         let repo = repo_root();
         let bin_dir = bin_dir();
         for binary in ["auth-service", "api-service", "subscription-gateway"] {
@@ -76,7 +81,7 @@ impl Stack {
             );
         }
         let db = TestDb::new();
-        let redis_url = test_support::redis_url();
+        let redis_url = redis_url.to_owned();
         let redis_prefix = test_support::unique_prefix(&format!("e2e-{label}"));
         let dir = repo
             .join("target")

@@ -1,0 +1,418 @@
+//! Nothing lost across reconnects, with the README's client recipe (`node/resume.mjs`: the npm
+//! `graphql-ws` client retrying forever, a fresh token at each connect, resuming from the last
+//! `extensions.cursor`): Car 1 is updated over HTTP every 50 ms for over 30 s while the stack is
+//! disrupted, and the subscriber must have received every committed update exactly once.
+//!
+//! (a) the embedded binary with 10 s access tokens (the socket closes 4403 at each expiry);
+//! (b) rolling SIGTERM of the two gateway replicas behind NGINX; (c) Redis restarted twice
+//! (3 s down each) with mutations committed during the outages; (d) the gateways' Redis event
+//! connections killed (`CLIENT KILL`).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::client::{http, post_token, PATIENCE};
+use crate::embedded::Gqlws;
+use crate::stack::{repo_root, Stack};
+
+/// How long each scenario keeps writing.
+const RUN: Duration = Duration::from_secs(32);
+const EVERY: Duration = Duration::from_millis(50);
+
+/// `node/resume.mjs`, its output lines collected as they come.
+struct Resumer {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Resumer {
+    fn spawn(ws_url: &str, http_url: &str, renew: bool) -> Resumer {
+        let node_dir = repo_root().join("integration-tests/node");
+        let mut command = Command::new("node");
+        command
+            .current_dir(&node_dir)
+            .arg("resume.mjs")
+            .args(["--url", ws_url, "--http", http_url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if renew {
+            command.arg("--renew");
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot run node: {err}"));
+        let stdout = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value = serde_json::from_str(&line).unwrap_or(json!({"unparsed": line}));
+                sink.lock().unwrap().push(value);
+            }
+        });
+        Resumer { child, lines }
+    }
+
+    fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn makes(&self) -> Vec<String> {
+        self.lines()
+            .iter()
+            .filter_map(|line| line["make"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn count(&self, key: &str) -> usize {
+        self.lines()
+            .iter()
+            .filter(|line| !line[key].is_null())
+            .count()
+    }
+
+    async fn until(&self, what: &str, done: impl Fn(&Resumer) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}; the client printed:\n{}",
+                tail(&self.lines())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Resumer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tail(lines: &[Value]) -> String {
+    lines[lines.len().saturating_sub(40)..]
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Updates Car 1 to `u-<n>` every [`EVERY`] until stopped; the makes whose mutation answered.
+struct Writer {
+    committed: Arc<Mutex<Vec<String>>>,
+    failed: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: actix_web::rt::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(base_url: &str) -> Writer {
+        let committed = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = actix_web::rt::spawn(write(
+            base_url.to_owned(),
+            committed.clone(),
+            failed.clone(),
+            stop.clone(),
+        ));
+        Writer {
+            committed,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    async fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.task.await;
+        let failed = self.failed.lock().unwrap().clone();
+        // A mutation whose answer was lost may still have committed; none is expected here.
+        assert!(failed.is_empty(), "mutations that failed: {failed:?}");
+        self.committed.lock().unwrap().clone()
+    }
+}
+
+async fn write(
+    base_url: String,
+    committed: Arc<Mutex<Vec<String>>>,
+    failed: Arc<Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut ticker = tokio::time::interval(EVERY);
+    let mut access = String::new();
+    let mut login_at = Instant::now() - Duration::from_secs(60);
+    for n in 0.. {
+        ticker.tick().await;
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        // Tokens may be short-lived here (scenario a): a fresh one every 3 s.
+        if login_at.elapsed() > Duration::from_secs(3) {
+            let (status, body) = post_token(&base_url, "admin", "letmein").await;
+            assert_eq!(status, 200, "{body}");
+            access = body["access"].as_str().unwrap().to_owned();
+            login_at = Instant::now();
+        }
+        let make = format!("u-{n}");
+        let answer = http()
+            .post(format!("{base_url}/graphql/"))
+            .insert_header(("Authorization", format!("Bearer {access}")))
+            .send_json(&json!({
+                "query": "mutation($make: String!) { updateCar(pk: 1, input: {make: $make}) { make } }",
+                "variables": {"make": make},
+            }))
+            .await;
+        let ok = match answer {
+            Ok(mut response) => response
+                .json::<Value>()
+                .await
+                .is_ok_and(|body| body["data"]["updateCar"]["make"] == make.as_str()),
+            Err(_) => false,
+        };
+        if ok {
+            committed.lock().unwrap().push(make);
+        } else {
+            failed.lock().unwrap().push(make);
+        }
+    }
+}
+
+/// Runs `disrupt` while the writer writes for [`RUN`], then checks that the client received
+/// every committed make exactly once, in commit order. Returns the client, for further checks.
+async fn run_scenario(
+    name: &str,
+    ws_url: &str,
+    http_url: &str,
+    renew: bool,
+    disrupt: impl std::future::Future<Output = ()>,
+) -> Resumer {
+    let client = Resumer::spawn(ws_url, http_url, renew);
+    client
+        .until(&format!("{name}: the client never connected"), |c| {
+            c.count("connected") > 0
+        })
+        .await;
+    // The subscription is not acknowledged by the protocol: write until one result arrived, and
+    // count from the first make received.
+    let writer = Writer::start(http_url);
+    client
+        .until(&format!("{name}: no first result"), |c| {
+            !c.makes().is_empty()
+        })
+        .await;
+    let started = Instant::now();
+    let run = async {
+        disrupt.await;
+        let left = RUN.saturating_sub(started.elapsed());
+        tokio::time::sleep(left).await;
+    };
+    run.await;
+    let committed = writer.finish().await;
+    let last = committed.last().cloned().unwrap();
+    client
+        .until(
+            &format!("{name}: the last committed update {last} never arrived"),
+            |c| c.makes().contains(&last),
+        )
+        .await;
+    let received = client.makes();
+    let first = &received[0];
+    let from = committed.iter().position(|m| m == first).unwrap();
+    let expected = &committed[from..];
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for make in &received {
+        *seen.entry(make).or_default() += 1;
+    }
+    let lost: Vec<&String> = expected
+        .iter()
+        .filter(|m| !seen.contains_key(m.as_str()))
+        .collect();
+    let duplicated: Vec<(&&str, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "{name}: {} committed, {} received, {} lost, {} duplicated, {} connections",
+        expected.len(),
+        received.len(),
+        lost.len(),
+        duplicated.len(),
+        client.count("connected")
+    );
+    assert!(
+        lost.is_empty() && duplicated.is_empty(),
+        "{name}: lost {lost:?}, duplicated {duplicated:?}; the client printed:\n{}",
+        tail(&client.lines())
+    );
+    assert_eq!(received, expected, "{name}: out of commit order");
+    client
+}
+
+#[actix_web::test]
+async fn embedded_token_expiry_reconnects_lose_nothing() {
+    let gqlws = Gqlws::start_with(&[
+        ("ACCESS_TOKEN_LIFETIME_SECS", "10"),
+        ("JWT_LEEWAY_SECS", "0"),
+    ])
+    .await;
+    let client = run_scenario(
+        "embedded, 10 s tokens",
+        &gqlws.ws_url(),
+        &gqlws.url,
+        false,
+        async {},
+    )
+    .await;
+    let closes: Vec<Value> = client
+        .lines()
+        .into_iter()
+        .filter(|line| line["closed"] == 4403)
+        .collect();
+    assert!(
+        closes.len() >= 2,
+        "expected token-expiry closes over 32 s of 10 s tokens: {closes:?}"
+    );
+    let resumed = client
+        .lines()
+        .iter()
+        .filter(|line| line["recovered"] == true)
+        .count();
+    assert!(resumed >= 2, "resumed subscriptions: {resumed}");
+}
+
+#[actix_web::test]
+async fn embedded_in_band_renewal_keeps_one_socket_past_expiry() {
+    // 10 s tokens and renewal 30 s before expiry: renewed at once, again and again.
+    let gqlws = Gqlws::start_with(&[
+        ("ACCESS_TOKEN_LIFETIME_SECS", "10"),
+        ("JWT_LEEWAY_SECS", "0"),
+    ])
+    .await;
+    let client = Resumer::spawn(&gqlws.ws_url(), &gqlws.url, true);
+    client
+        .until("no renewal answered", |c| c.count("renewed") > 0)
+        .await;
+    let writer = Writer::start(&gqlws.url);
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    let committed = writer.finish().await;
+    let last = committed.last().cloned().unwrap();
+    client
+        .until("the last update never arrived", |c| {
+            c.makes().contains(&last)
+        })
+        .await;
+    assert_eq!(
+        client.count("connected"),
+        1,
+        "renewed in band, the socket outlived 2 token lifetimes: {}",
+        tail(&client.lines())
+    );
+    assert_eq!(client.count("closed"), 0);
+}
+
+/// The stack's gateway replicas, as supervisord names them.
+const GATEWAYS: [&str; 2] = [
+    "subscription-gateway:subscription-gateway-0",
+    "subscription-gateway:subscription-gateway-1",
+];
+
+#[actix_web::test]
+async fn rolling_gateway_restarts_lose_nothing() {
+    let stack = Stack::start("resume-rolling");
+    let client = run_scenario(
+        "rolling SIGTERM",
+        &stack.ws_url(),
+        &stack.url,
+        false,
+        async {
+            for round in 0..3 {
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                let process = GATEWAYS[round % 2];
+                let pid = stack.pid_of(process);
+                let status = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+        },
+    )
+    .await;
+    assert!(
+        client.count("closed") >= 1,
+        "no client socket was closed by the restarts"
+    );
+}
+
+#[actix_web::test]
+async fn redis_restarts_with_writes_during_the_outage_lose_nothing() {
+    let redis = Arc::new(Mutex::new(test_support::PrivateRedis::start_persistent()));
+    let url = redis.lock().unwrap().url();
+    let stack = Stack::start_on("resume-redis", &url);
+    run_scenario(
+        "Redis restarted",
+        &stack.ws_url(),
+        &stack.url,
+        false,
+        async {
+            for _ in 0..2 {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                // Blocking, so on a thread of its own: mutations keep committing meanwhile.
+                let redis = redis.clone();
+                actix_web::rt::task::spawn_blocking(move || {
+                    redis
+                        .lock()
+                        .unwrap()
+                        .restart_gracefully(Duration::from_secs(3));
+                })
+                .await
+                .unwrap();
+            }
+        },
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn killed_redis_event_connections_lose_nothing() {
+    let stack = Stack::start("resume-client-kill");
+    let name = common::events::events_connection_name(&stack.redis_prefix);
+    let redis = deadpool_redis::redis::Client::open(stack.redis_url.as_str()).unwrap();
+    run_scenario("CLIENT KILL", &stack.ws_url(), &stack.url, false, async {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+            let list: String = deadpool_redis::redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let ids: Vec<&str> = list
+                .lines()
+                .filter(|line| line.split(' ').any(|field| field == format!("name={name}")))
+                .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+                .collect();
+            assert_eq!(ids.len(), 2, "one event connection per gateway: {list}");
+            for id in ids {
+                let _: i64 = deadpool_redis::redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(id)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+}
