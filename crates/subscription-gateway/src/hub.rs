@@ -269,7 +269,10 @@ impl Hub {
             }
         }
         let topic = topic.map(|topic| {
-            topic.position = Some(position);
+            if topic.position.replace(position).is_none() {
+                // Started by this entry rather than by its tip: a replay may wait for that.
+                inner.ready.notify_waiters();
+            }
             &topic.sender
         });
         let envelope = match decoded {

@@ -8,3 +8,4 @@ mod delivery;
 mod helpers;
 mod lifecycle;
 mod resume;
+mod stress;
