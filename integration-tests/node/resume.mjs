@@ -1,7 +1,8 @@
 // A subscriber that loses nothing, set up as the README's client recipe: the npm `graphql-ws`
 // client retrying forever, a fresh token from `connectionParams` at every (re)connect, the last
 // result's `extensions.cursor` kept and sent back as `extensions.resumeFrom` when it
-// resubscribes, and (with --renew) the token renewed in band 30 s before it expires.
+// resubscribes, and (with --renew) the token renewed in band 30 s before it expires (halfway
+// through its life when that is shorter).
 //
 //   node resume.mjs --url ws://127.0.0.1:8000/graphql/ --http http://127.0.0.1:8000 [--renew]
 //
@@ -77,10 +78,10 @@ const client = createClient({
   },
 });
 
-// Renews 30 s before the token in force expires (at once when it lives shorter than that).
+// Renews 30 s before the token in force expires, or halfway through a shorter life.
 function scheduleRenewal(socket, exp) {
-  const inForce = exp ?? Math.floor(Date.now() / 1000) + 1;
-  const wait = Math.max(0, (inForce - 30) * 1000 - Date.now());
+  const left = (exp ?? Math.floor(Date.now() / 1000) + 1) * 1000 - Date.now();
+  const wait = Math.max(left - 30_000, left / 2, 0);
   renewal = setTimeout(async () => {
     try {
       const token = await freshToken();

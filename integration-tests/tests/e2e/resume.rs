@@ -329,6 +329,11 @@ async fn embedded_in_band_renewal_keeps_one_socket_past_expiry() {
         tail(&client.lines())
     );
     assert_eq!(client.count("closed"), 0);
+    assert!(
+        client.count("renewed") >= 3,
+        "renewals answered: {}",
+        client.count("renewed")
+    );
 }
 
 /// The stack's gateway replicas, as supervisord names them.
