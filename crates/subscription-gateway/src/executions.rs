@@ -269,18 +269,21 @@ impl Executions {
     /// result from now on, for as long as the returned membership lives. Called on the worker
     /// thread that serves the subscriber's connection.
     pub fn join(self: &Arc<Self>, start: Start<'_>) -> Membership {
-        let resume = match (start.resume, &start.subscriber.gate) {
-            (Some(cursor), Some(gate)) => Some((cursor, gate.clone())),
-            _ => None,
-        };
-        let replay_of = resume.as_ref().map(|_| {
-            (
-                start.request.clone(),
-                start.subscriber.protocol,
-                start.subscriber.id.clone(),
-                start.subscriber.link.clone(),
-            )
-        });
+        let replay = start
+            .resume
+            .zip(start.subscriber.gate.clone())
+            .map(|(cursor, gate)| Replay {
+                coordinator: start.coordinator.clone(),
+                request: start.request.clone(),
+                claims: start.claims.clone(),
+                hub: start.hub.clone(),
+                cursor,
+                gate,
+                protocol: start.subscriber.protocol,
+                id: start.subscriber.id.clone(),
+                link: start.subscriber.link.clone(),
+                metrics: self.metrics.clone(),
+            });
         let mut membership = self.join_live(
             start.coordinator,
             start.hub,
@@ -288,22 +291,10 @@ impl Executions {
             start.request,
             start.subscriber,
         );
-        if let (Some((cursor, gate)), Some((request, protocol, id, link))) = (resume, replay_of) {
-            let replay = Replay {
-                coordinator: start.coordinator.clone(),
-                request,
-                claims: start.claims.clone(),
-                hub: start.hub.clone(),
-                cursor,
-                gate,
-                protocol,
-                id,
-                link,
-                started: membership._execution.started.subscribe(),
-                metrics: self.metrics.clone(),
-            };
+        if let Some(replay) = replay {
+            let started = membership._execution.started.subscribe();
             membership.replay = Some(actix_web::rt::spawn(
-                CURRENT_EVENT.scope(Cell::new(None), replay.run()),
+                CURRENT_EVENT.scope(Cell::new(None), replay.run(started)),
             ));
         }
         membership
@@ -379,14 +370,14 @@ struct Replay {
     protocol: Protocol,
     id: String,
     link: Arc<Link>,
-    started: watch::Receiver<bool>,
     metrics: GatewayMetrics,
 }
 
 impl Replay {
-    async fn run(mut self) {
+    /// `started`: the live execution's [`Execution::started`].
+    async fn run(self, mut started: watch::Receiver<bool>) {
         // Until the live execution reads the hub, events could pass between the two unseen.
-        if self.started.wait_for(|started| *started).await.is_err() {
+        if started.wait_for(|started| *started).await.is_err() {
             return;
         }
         let outcome = Arc::new(Mutex::new(ReplayOutcome::default()));
