@@ -9,8 +9,8 @@
 //! 3. **Warm-up.** One event per pk, not counted, until every subscriber has had one: this proves
 //!    each subscription is live at the gateway (the protocol has no ack for a subscription).
 //! 4. **Events.** `--events` envelopes at `--events-per-sec`, published straight into Redis as
-//!    api-service would (`PUBLISH <prefix>events:car.updated`). Each carries a unique make, so
-//!    every delivery is matched to its event and timed from just before the `PUBLISH`.
+//!    api-service would (`XADD <prefix>events:car.updated`). Each carries a unique make, so
+//!    every delivery is matched to its event and timed from just before the `XADD`.
 //! 5. **Drain.** Up to `--drain-secs` for the last deliveries; whatever has not arrived then is
 //!    counted missing.
 //!
@@ -412,7 +412,7 @@ fn live_total(shared: &Shared) -> u64 {
 }
 
 /// Publishes event `index` for car `pk`, as api-service's write path does; the publish time is
-/// taken just before the `PUBLISH`, so it is set before any delivery can arrive.
+/// taken just before the `XADD`, so it is set before any delivery can arrive.
 async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
     let car = Car {
         id: pk,

@@ -89,7 +89,7 @@ impl GatewayMetrics {
             .expect("valid metric"),
             redis_connected: IntGauge::new(
                 "gateway_redis_connected",
-                "1 while the Redis subscriber connection is up.",
+                "1 while the Redis event connection is up.",
             )
             .expect("valid metric"),
         };

@@ -274,15 +274,12 @@ pub async fn not_upgraded(req: HttpRequest) -> HttpResponse {
         }))
 }
 
-/// `GET /readyz`: ready while the Redis subscriber connection is up.
+/// `GET /readyz`: ready while the Redis event connection is up.
 async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
     let (ready, redis) = if state.shared.hub.is_connected() {
         (true, "ok")
     } else {
-        (
-            false,
-            "subscriber connection to Redis is down; reconnecting",
-        )
+        (false, "event connection to Redis is down; reconnecting")
     };
     let draining = state.shared.shutdown.is_cancelled();
     let body = json!({
