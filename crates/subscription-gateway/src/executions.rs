@@ -322,6 +322,8 @@ impl Executions {
             }
             other => _finished = other,
         }
+        #[cfg(test)]
+        tests::after_lookup();
         // The shared task falling more than FANOUT_BUFFER events behind the hub ends its stream
         // and leaves a permit here; its subscribers' connections are then closed as slow (1013),
         // so that clients reconnect and resume rather than silently miss events.
@@ -696,4 +698,127 @@ fn operation_key(request: &juniper::http::GraphQLRequest<DefaultScalarValue>) ->
         variables,
         request.query
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::sync::mpsc as std_mpsc;
+    use std::time::Duration;
+
+    use common::events::MemoryBus;
+    use common::graphql::DocumentLimits;
+    use common::jwt::{Claims, TokenType};
+    use common::metrics::Metrics;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    thread_local! {
+        /// Released by `join_live` right after its lookup, with the registry still locked.
+        static LAST_OTHER_REFERENCE: RefCell<Option<Arc<Execution>>> = const { RefCell::new(None) };
+    }
+
+    /// Stands for the other workers: the finished execution's last member leaves between
+    /// `join_live`'s upgrade and its unlock, which under load is a window of a few instructions.
+    pub(super) fn after_lookup() {
+        drop(LAST_OTHER_REFERENCE.with(|slot| slot.borrow_mut().take()));
+    }
+
+    /// The order the stress test in tests/ws/stress.rs cannot hit reliably, made to happen every
+    /// time: `join` finds a finished execution and ends up holding its last reference. With the
+    /// guard dropped before that reference this deadlocks (the std mutex is locked twice on one
+    /// thread), which the timeout turns into a failure instead of a hung test run.
+    #[test]
+    fn a_finished_execution_whose_last_reference_join_holds_is_dropped_after_the_unlock() {
+        let (done, outcome) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                done.send(join_over_a_finished_execution().await).ok();
+            });
+        });
+        let joined = outcome
+            .recv_timeout(Duration::from_secs(60))
+            .expect("join deadlocked: it dropped the finished execution with the registry locked");
+        assert_eq!(joined, Ok(()));
+    }
+
+    async fn join_over_a_finished_execution() -> Result<(), String> {
+        let metrics = GatewayMetrics::register(&Metrics::new("executions-test"));
+        let executions = Arc::new(Executions::new(metrics.clone(), 16));
+        let request = juniper::http::GraphQLRequest::new(
+            "subscription { carModelUpdated(pk: 1) { pk } }".to_owned(),
+            None,
+            None,
+        );
+        let key = operation_key(&request);
+        let finished = Arc::new(Execution {
+            key: key.clone(),
+            groups: Mutex::new(Vec::new()),
+            finished: AtomicBool::new(true),
+            task: Mutex::new(None),
+            registry: Arc::downgrade(&executions),
+            started: watch::channel(true).0,
+        });
+        metrics.executions_active.inc();
+        let finished_weak = Arc::downgrade(&finished);
+        lock(&executions.running).insert(key.clone(), finished_weak.clone());
+        LAST_OTHER_REFERENCE.with(|slot| *slot.borrow_mut() = Some(finished));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|err| err.to_string())?;
+        let address = listener.local_addr().map_err(|err| err.to_string())?;
+        let (_client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
+        let (stream, _) = accepted.map_err(|err| err.to_string())?;
+        let coordinator = Arc::new(Coordinator::new(common::graphql::schema(
+            DocumentLimits::default(),
+        )));
+        let shutdown = CancellationToken::new();
+        let hub = Hub::start_memory(
+            &MemoryBus::new("executions-test:", 16),
+            16,
+            metrics,
+            shutdown.clone(),
+        );
+        let claims = Claims {
+            token_type: TokenType::Access,
+            exp: i64::MAX,
+            iat: 0,
+            jti: "test".to_owned(),
+            user_id: 1,
+            username: "test".to_owned(),
+        };
+        let membership = executions.join(Start {
+            coordinator: &coordinator,
+            hub: &hub,
+            claims: &claims,
+            request,
+            subscriber: Subscriber {
+                protocol: Protocol::TransportWs,
+                id: "1".to_owned(),
+                link: Arc::new(Link::new(stream, 16)),
+                gate: None,
+            },
+            resume: None,
+        });
+
+        // The hook ran and `join` held the last reference, so the old execution is gone, and a
+        // new one serves the subscriber under the same key.
+        let hook_ran = LAST_OTHER_REFERENCE.with(|slot| slot.borrow().is_none());
+        let old_gone = finished_weak.upgrade().is_none();
+        let new_running = lock(&executions.running)
+            .get(&key)
+            .is_some_and(|weak| weak.strong_count() == 1);
+        drop(membership);
+        let left = lock(&executions.running).is_empty();
+        shutdown.cancel();
+        match (hook_ran, old_gone, new_running, left) {
+            (true, true, true, true) => Ok(()),
+            other => Err(format!(
+                "(hook ran, old execution dropped, new one running, registry empty after leaving) = {other:?}"
+            )),
+        }
+    }
 }

@@ -4,8 +4,9 @@
 //! joins an operation that fails at once, on two workers, hundreds of times over; a frozen
 //! worker leaves its clients without an answer, and the test fails on the first of them. The
 //! window is a few instructions wide: with the drop order reverted, this load did not hit it in
-//! three runs, so it guards the path under load rather than proving the order (which the
-//! comment in `Executions::join_live` explains).
+//! three runs, so it guards the path under load rather than proving the order. The order itself
+//! is proven by the unit test in `executions.rs`, which makes the race happen every time through
+//! a hook between the lookup and the unlock (with the order reverted it fails, deadlocked).
 
 use futures_util::future::join_all;
 use serde_json::json;
