@@ -41,16 +41,17 @@ replica_ports() {
     done
 }
 
-# upstream_servers BASE STEP COUNT: `server` lines for an nginx upstream block.
+# upstream_servers BASE STEP COUNT [PARAMETERS]: `server` lines for an nginx upstream block,
+# each with PARAMETERS (default: out for 5 s after a failed attempt).
 upstream_servers() {
-    local base=$1 step=$2 count=$3 port
+    local base=$1 step=$2 count=$3 parameters=${4:-max_fails=1 fail_timeout=5s} port
     if [ "$count" -eq 0 ]; then
         # An upstream needs a server; this one is never tried, so NGINX answers 502 at once.
         echo "server $GQLWS_BIND_HOST:$base down;  # no replica configured"
         return
     fi
     for port in $(replica_ports "$base" "$step" "$count"); do
-        echo "server $GQLWS_BIND_HOST:$port max_fails=1 fail_timeout=5s;"
+        echo "server $GQLWS_BIND_HOST:$port $parameters;"
     done
 }
 
@@ -63,6 +64,12 @@ write_nginx_env() {
     echo "listen $NGINX_LISTEN;" >"$dir/nginx.d/listen.conf"
     upstream_servers "$AUTH_PORT" "$AUTH_PORT_STEP" "$AUTH_REPLICAS" >"$dir/nginx.d/auth.conf"
     upstream_servers "$API_PORT" "$API_PORT_STEP" "$API_REPLICAS" >"$dir/nginx.d/api.conf"
-    upstream_servers "$GATEWAY_PORT" "$GATEWAY_PORT_STEP" "$GATEWAY_REPLICAS" >"$dir/nginx.d/gateway.conf"
+    # Never out for the gateway: NGINX lets a replica that failed once take one request again
+    # after fail_timeout, and counts it good only when that request ends, which for a websocket
+    # is hours later. Meanwhile every other upgrade finds no live upstream (502): a replica that
+    # restarted, then its peer SIGTERMed, took 1 of 1,000 reconnecting clients (the reconnect
+    # storm in docs/BENCHMARKS.md). A stopped replica refuses at once and NGINX goes on to the
+    # next (proxy_next_upstream error), so counting failures buys nothing here.
+    upstream_servers "$GATEWAY_PORT" "$GATEWAY_PORT_STEP" "$GATEWAY_REPLICAS" "max_fails=0" >"$dir/nginx.d/gateway.conf"
     ln -sfn "$NGINX_CONF" "$dir/nginx.conf"
 }

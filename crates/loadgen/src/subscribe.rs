@@ -14,6 +14,16 @@
 //! 5. **Drain.** Up to `--drain-secs` for the last deliveries; whatever has not arrived then is
 //!    counted missing.
 //!
+//! Two scenarios ride on these phases:
+//! - **Resume** (`--resume`, with `--kill-pid`/`--kill-after-secs` for a reconnect storm): a
+//!   subscriber keeps the cursor of its last delivery and, whenever its socket closes, reconnects
+//!   and subscribes again with `extensions.resumeFrom`, as the README's client recipe does. Each
+//!   subscriber keeps one bit per event, so a duplicate is told from a first delivery; an event
+//!   missing is one that never arrived. Per reconnect it reports when the subscriber held every
+//!   event published before it subscribed again ("caught up"), timed from the SIGTERM.
+//! - **Renew** (`--renew-every-secs`, often with a short `--token-lifetime-secs`): every socket
+//!   sends `ping` with a freshly minted token for its user and times the `pong {"exp"}`.
+//!
 //! The clock is one `Instant` shared by the publisher and the client threads, so publish and
 //! receipt times are comparable. A receipt is stamped right after the read that brought its frame,
 //! so the figures include the client's own queueing (it shares the cores with the gateway).
@@ -109,6 +119,29 @@ pub struct SubscribeArgs {
     /// Write the figures as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Resume after every close, as the README's client recipe does: reconnect at once and
+    /// subscribe again with `extensions.resumeFrom` set to the cursor of the last delivery.
+    #[arg(long, default_value_t = false)]
+    resume: bool,
+    /// With --resume: connection attempts per close before a subscriber gives up (100 ms apart,
+    /// plus up to 100 ms of jitter, so that a storm is spread as a real client spreads it).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    reconnect_attempts: u32,
+    /// SIGTERM this process (a gateway replica) --kill-after-secs into the measured events: the
+    /// reconnect storm of a rolling deploy.
+    #[arg(long, requires = "kill_after_secs")]
+    kill_pid: Option<u32>,
+    #[arg(long, requires = "kill_pid")]
+    kill_after_secs: Option<f64>,
+    /// Renew every connection's token on the open socket this often (graphql-transport-ws
+    /// `ping` carrying `Authorization`, with a freshly minted token for the same user); the
+    /// first renewals are spread over one period.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    renew_every_secs: Option<u64>,
+    /// Lifetime of the minted access tokens, in seconds (default: the whole run and 10
+    /// minutes). Shorter than the run, the sockets live only as long as they renew.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    token_lifetime_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -170,6 +203,28 @@ struct Tally {
     keepalives: u64,
     /// Deliveries whose make was not of this run or not parseable.
     foreign: u64,
+    /// Deliveries of an event this subscriber had already received (not counted as receipts).
+    duplicates: u64,
+    /// With --resume: one per reconnect that subscribed again.
+    resumes: Vec<Resumed>,
+    /// Resumed subscriptions whose first result said `recovered: false`.
+    unrecovered: u64,
+    /// Subscribers that gave up reconnecting.
+    gave_up: u64,
+    /// Renewal `ping`s sent, and the time to their `pong {"exp"}` in µs.
+    renewals_sent: u64,
+    renewal_us: Vec<u32>,
+}
+
+/// One reconnect of a resuming subscriber; times in ns since `base`.
+#[derive(Debug, Clone, Copy)]
+struct Resumed {
+    /// When its socket was closed.
+    dropped_ns: u64,
+    /// When it subscribed again with its cursor.
+    resubscribed_ns: u64,
+    /// When it held every event published before `resubscribed_ns`.
+    caught_up_ns: u64,
 }
 
 pub fn run(args: &SubscribeArgs) -> Result<(), String> {
@@ -184,6 +239,20 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
     if !(0.1..=10_000.0).contains(&args.events_per_sec) {
         return Err("--events-per-sec must be within 0.1..=10000".into());
     }
+    if args.renew_every_secs.is_some() {
+        if args.protocol != WsProtocol::TransportWs {
+            return Err("--renew-every-secs needs --protocol graphql-transport-ws: the legacy protocol has no renewal".into());
+        }
+        if args.auth.is_some() {
+            return Err("--renew-every-secs mints the new tokens: give --jwt-secret or --demo-secret, not --auth".into());
+        }
+    }
+    if args
+        .kill_after_secs
+        .is_some_and(|secs| !(0.0..=600.0).contains(&secs))
+    {
+        return Err("--kill-after-secs must be within 0..=600".into());
+    }
     if let Some(limit) = open_files_limit() {
         let needed = u64::from(args.connections) + 64;
         if needed > limit {
@@ -196,7 +265,9 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
     let target = Target::parse(&args.target)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_seconds);
-    let tokens = Arc::new(actix_web::rt::System::new().block_on(obtain_tokens(args))?);
+    let minter = minter(args)?.map(Arc::new);
+    let tokens =
+        Arc::new(actix_web::rt::System::new().block_on(obtain_tokens(args, minter.as_deref()))?);
     let warmups = args.pks.len();
     let total_events = warmups + args.events as usize;
     let shared = Arc::new(Shared {
@@ -220,6 +291,7 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
             let args = args.clone();
             let shared = shared.clone();
             let tokens = tokens.clone();
+            let minter = minter.clone();
             let target = target.clone();
             let stop = stop.clone();
             std::thread::spawn(move || -> Result<Tally, String> {
@@ -231,7 +303,7 @@ pub fn run(args: &SubscribeArgs) -> Result<(), String> {
                     .build()
                     .map_err(|err| format!("cannot start a client thread's runtime: {err}"))?;
                 Ok(runtime.block_on(client_thread(
-                    thread, threads, args, shared, tokens, target, stop,
+                    thread, threads, args, shared, tokens, minter, target, stop,
                 )))
             })
         })
@@ -279,6 +351,8 @@ struct Phases {
     cpu_ramp: CpuPair,
     cpu_events: CpuPair,
     stopped_by_cap: bool,
+    /// When --kill-pid was sent SIGTERM, and how that went.
+    killed: Option<(u64, Result<(), String>)>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -359,11 +433,21 @@ async fn orchestrate(
     let cpu_before_events = CpuPair::now(args.gateway_pid);
     let period = Duration::from_secs_f64(1.0 / args.events_per_sec);
     let mut ticks = tokio::time::interval(period);
+    let kill_at = args
+        .kill_pid
+        .zip(args.kill_after_secs)
+        .map(|(pid, secs)| (pid, Instant::now() + Duration::from_secs_f64(secs)));
+    let mut killed = None;
     for k in 0..args.events as usize {
         ticks.tick().await;
         if Instant::now() >= deadline {
             stopped_by_cap = true;
             break;
+        }
+        if let Some((pid, at)) = kill_at.filter(|_| killed.is_none()) {
+            if Instant::now() >= at {
+                killed = Some((shared.now_ns(), terminate(pid)));
+            }
         }
         let pk_index = k % args.pks.len();
         expected.push(shared.live_by_pk[pk_index].load(Ordering::Relaxed));
@@ -400,7 +484,21 @@ async fn orchestrate(
         cpu_ramp,
         cpu_events,
         stopped_by_cap,
+        killed,
     })
+}
+
+/// Sends SIGTERM, as a deploy stops a replica.
+fn terminate(pid: u32) -> Result<(), String> {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map_err(|err| format!("cannot run kill: {err}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill -TERM {pid}: {status}"))
+    }
 }
 
 fn live_total(shared: &Shared) -> u64 {
@@ -437,7 +535,10 @@ const CONNECTIONS_PER_USER: u32 = 100;
 
 /// The access tokens the connections use: with `--auth` the one from logging in; else one
 /// minted per [`CONNECTIONS_PER_USER`] connections, each for a user of its own.
-async fn obtain_tokens(args: &SubscribeArgs) -> Result<Vec<String>, String> {
+async fn obtain_tokens(
+    args: &SubscribeArgs,
+    minter: Option<&Minter>,
+) -> Result<Vec<String>, String> {
     if let Some(auth) = &args.auth {
         let client = awc::Client::builder()
             .timeout(Duration::from_secs(30))
@@ -455,17 +556,42 @@ async fn obtain_tokens(args: &SubscribeArgs) -> Result<Vec<String>, String> {
             .map(|token| vec![token.to_owned()])
             .ok_or_else(|| "login returned no access token".to_owned());
     }
+    let minter = minter.ok_or("give --jwt-secret (or JWT_SECRET), --demo-secret, or --auth")?;
+    let users = args.connections.div_ceil(CONNECTIONS_PER_USER).max(1);
+    (1..=i64::from(users))
+        .map(|user_id| minter.mint(user_id))
+        .collect()
+}
+
+/// Signs access tokens as auth-service would: the first ones, and with --renew-every-secs the
+/// renewals.
+struct Minter {
+    keys: JwtKeys,
+    lifetime_secs: u64,
+}
+
+/// The minter, unless the tokens come from logging in (--auth).
+fn minter(args: &SubscribeArgs) -> Result<Option<Minter>, String> {
+    if args.auth.is_some() {
+        return Ok(None);
+    }
     let secret = match (&args.jwt_secret, args.demo_secret) {
         (Some(secret), _) => secret.clone(),
         (None, true) => common::jwt::DEMO_SECRET.to_owned(),
-        (None, false) => {
-            return Err("give --jwt-secret (or JWT_SECRET), --demo-secret, or --auth".into())
-        }
+        (None, false) => return Ok(None),
     };
-    let users = args.connections.div_ceil(CONNECTIONS_PER_USER).max(1);
-    (1..=i64::from(users))
-        .map(|user_id| mint(&secret, args.max_seconds, user_id))
-        .collect()
+    let settings = JwtOnly::try_parse_from([
+        "loadgen",
+        "--jwt-algorithm=HS256",
+        &format!("--jwt-secret={secret}"),
+    ])
+    .map_err(|err| format!("JWT settings: {err}"))?;
+    let (keys, _) = JwtKeys::from_args(&settings.jwt, SecretPolicy::RequireConfigured)
+        .map_err(|err| err.to_string())?;
+    Ok(Some(Minter {
+        keys,
+        lifetime_secs: args.token_lifetime_secs.unwrap_or(args.max_seconds + 600),
+    }))
 }
 
 /// The JWT settings as the services parse them, so the key id is derived exactly as the gateway
@@ -476,27 +602,21 @@ struct JwtOnly {
     jwt: common::config::JwtArgs,
 }
 
-/// An access token as auth-service would sign it, valid for the whole run and a margin.
-fn mint(secret: &str, run_secs: u64, user_id: i64) -> Result<String, String> {
-    let settings = JwtOnly::try_parse_from([
-        "loadgen",
-        "--jwt-algorithm=HS256",
-        &format!("--jwt-secret={secret}"),
-    ])
-    .map_err(|err| format!("JWT settings: {err}"))?;
-    let (keys, _) = JwtKeys::from_args(&settings.jwt, SecretPolicy::RequireConfigured)
-        .map_err(|err| err.to_string())?;
-    let now = chrono_now();
-    keys.signing
-        .sign(&Claims {
-            token_type: TokenType::Access,
-            exp: now + run_secs as i64 + 600,
-            iat: now,
-            jti: new_jti(),
-            user_id,
-            username: format!("loadgen-{user_id}"),
-        })
-        .map_err(|err| format!("cannot sign the token: {err}"))
+impl Minter {
+    fn mint(&self, user_id: i64) -> Result<String, String> {
+        let now = chrono_now();
+        self.keys
+            .signing
+            .sign(&Claims {
+                token_type: TokenType::Access,
+                exp: now + self.lifetime_secs as i64,
+                iat: now,
+                jti: new_jti(),
+                user_id,
+                username: format!("loadgen-{user_id}"),
+            })
+            .map_err(|err| format!("cannot sign the token: {err}"))
+    }
 }
 
 fn chrono_now() -> i64 {
@@ -515,15 +635,18 @@ fn started_nanos() -> u64 {
 
 /// One client thread: its share of the connections (every `threads`-th), ramped at its share of
 /// the rate, each in a task of its own; returns when all have ended.
+#[allow(clippy::too_many_arguments)]
 async fn client_thread(
     thread: u32,
     threads: u32,
     args: SubscribeArgs,
     shared: Arc<Shared>,
     tokens: Arc<Vec<String>>,
+    minter: Option<Arc<Minter>>,
     target: Target,
     stop: Arc<Stop>,
 ) -> Tally {
+    let args = Arc::new(args);
     let target = Arc::new(target);
     let inits: Vec<Arc<String>> = tokens
         .iter()
@@ -540,20 +663,26 @@ async fn client_thread(
         }
         let due = ramp_start + Duration::from_secs_f64(f64::from(nth) / thread_rate);
         tokio::time::sleep_until(due.into()).await;
-        let local = Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8);
-        let pk_index = index as usize % args.pks.len();
-        let subscribe = subscribe_message(args.protocol, args.pks[pk_index]);
-        let init = &inits[(index / CONNECTIONS_PER_USER) as usize % inits.len()];
-        tasks.push(tokio::spawn(subscriber(
-            local,
-            target.clone(),
-            args.protocol,
-            init.clone(),
-            subscribe,
-            pk_index,
-            shared.clone(),
-            stop.clone(),
-        )));
+        let user = (index / CONNECTIONS_PER_USER) as usize % inits.len();
+        // Renewals start spread over one period, so that they do not all come at once.
+        let renew = args.renew_every_secs.map(|every| {
+            let first = Duration::from_secs_f64(
+                every as f64 * f64::from(index) / f64::from(args.connections),
+            );
+            (first, Duration::from_secs(every))
+        });
+        tasks.push(tokio::spawn(subscriber(Subscription {
+            local: Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8),
+            target: target.clone(),
+            args: args.clone(),
+            init: inits[user].clone(),
+            user_id: user as i64 + 1,
+            minter: minter.clone(),
+            renew,
+            pk_index: index as usize % args.pks.len(),
+            shared: shared.clone(),
+            stop: stop.clone(),
+        })));
         nth += 1;
         index += threads;
     }
@@ -572,17 +701,18 @@ fn init_message(protocol: WsProtocol, token: &str) -> String {
         .to_string()
 }
 
-fn subscribe_message(protocol: WsProtocol, pk: i64) -> String {
+fn subscribe_message(protocol: WsProtocol, pk: i64, resume_from: Option<&str>) -> String {
     let kind = match protocol {
         WsProtocol::TransportWs => "subscribe",
         WsProtocol::LegacyWs => "start",
     };
-    json!({
-        "id": "1",
-        "type": kind,
-        "payload": {"query": format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make model }} }}")},
-    })
-    .to_string()
+    let mut payload = json!({
+        "query": format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make model }} }}"),
+    });
+    if let Some(cursor) = resume_from {
+        payload["extensions"] = json!({ "resumeFrom": cursor });
+    }
+    json!({"id": "1", "type": kind, "payload": payload}).to_string()
 }
 
 /// The end of the run, as the client tasks see it. A busy socket is always readable and its read
@@ -651,34 +781,74 @@ enum Handshake {
     Closed(String),
 }
 
-/// One subscriber: connect, init, subscribe, then record deliveries until told to stop or closed.
-/// It keeps a tally of its own, merged when it ends, so that a delivery touches nothing shared
-/// but its event's counter.
-#[allow(clippy::too_many_arguments)]
-async fn subscriber(
+impl Handshake {
+    fn count(self, tally: &mut Tally) {
+        match self {
+            Handshake::Failed(kind) => *tally.connect_errors.entry(kind).or_insert(0) += 1,
+            Handshake::Closed(code) => {
+                *tally
+                    .closes
+                    .entry(format!("{code} before ack"))
+                    .or_insert(0) += 1
+            }
+        }
+    }
+}
+
+/// What one subscriber task is given.
+struct Subscription {
     local: Ipv4Addr,
     target: Arc<Target>,
-    protocol: WsProtocol,
+    args: Arc<SubscribeArgs>,
     init: Arc<String>,
-    subscribe: String,
+    user_id: i64,
+    minter: Option<Arc<Minter>>,
+    /// With --renew-every-secs: the first renewal's delay, then the period.
+    renew: Option<(Duration, Duration)>,
     pk_index: usize,
     shared: Arc<Shared>,
     stop: Arc<Stop>,
-) -> Tally {
+}
+
+/// What a subscriber carries from one connection to the next.
+struct Progress {
+    /// The cursor of the last delivery (--resume).
+    cursor: Option<String>,
+    /// Events received, one bit each, to tell a duplicate from a first delivery.
+    seen: Vec<u64>,
+    /// `connection_init` with the newest token (a renewed one after a renewal).
+    init: Arc<String>,
+    next_renewal: Option<Instant>,
+}
+
+/// One subscriber: connect, init, subscribe, then record deliveries until told to stop or closed;
+/// with --resume, closed is followed by a reconnect that resumes from the last cursor. It keeps a
+/// tally of its own, merged when it ends, so that a delivery touches nothing shared but its
+/// event's counter.
+async fn subscriber(sub: Subscription) -> Tally {
+    let shared = &sub.shared;
+    let args = &sub.args;
     let mut tally = Tally::default();
+    let mut progress = Progress {
+        cursor: None,
+        seen: vec![0; shared.delivered.len().div_ceil(64)],
+        init: sub.init.clone(),
+        next_renewal: sub.renew.map(|(first, _)| Instant::now() + first),
+    };
+    let pk = args.pks[sub.pk_index];
     let began = Instant::now();
-    let mut conn = match handshake(local, &target, protocol, &init, subscribe).await {
+    let mut conn = match handshake(
+        sub.local,
+        &sub.target,
+        args.protocol,
+        &progress.init,
+        subscribe_message(args.protocol, pk, None),
+    )
+    .await
+    {
         Ok(conn) => conn,
         Err(outcome) => {
-            match outcome {
-                Handshake::Failed(kind) => *tally.connect_errors.entry(kind).or_insert(0) += 1,
-                Handshake::Closed(code) => {
-                    *tally
-                        .closes
-                        .entry(format!("{code} before ack"))
-                        .or_insert(0) += 1
-                }
-            }
+            outcome.count(&mut tally);
             shared.attempted.fetch_add(1, Ordering::Relaxed);
             return tally;
         }
@@ -686,47 +856,206 @@ async fn subscriber(
     tally
         .handshake_us
         .push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-    shared.live_by_pk[pk_index].fetch_add(1, Ordering::Relaxed);
+    shared.live_by_pk[sub.pk_index].fetch_add(1, Ordering::Relaxed);
     shared.established.fetch_add(1, Ordering::Relaxed);
     shared
         .last_established_ns
         .fetch_max(shared.now_ns(), Ordering::Relaxed);
     shared.attempted.fetch_add(1, Ordering::Relaxed);
 
-    // One waiter for the connection's life, registered before the flag is first read, so a stop
+    // One waiter for the subscriber's life, registered before the flag is first read, so a stop
     // between the two still wakes this task; re-polling it costs no new registration.
-    let stopped = stop.notify.notified();
+    let stopped = sub.stop.notify.notified();
     tokio::pin!(stopped);
     stopped.as_mut().enable();
+    loop {
+        let ended = serve(&sub, &mut conn, &mut progress, &mut tally, stopped.as_mut()).await;
+        let Some(kind) = ended else {
+            // Our own stop: say goodbye without waiting for the answer.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                conn.send(Message::Close(Some(CloseCode::Normal.into()))),
+            )
+            .await;
+            break;
+        };
+        *tally.closes.entry(kind).or_insert(0) += 1;
+        if !args.resume || sub.stop.flag.load(Ordering::Relaxed) {
+            shared.live_by_pk[sub.pk_index].fetch_sub(1, Ordering::Relaxed);
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+        let dropped_ns = shared.now_ns();
+        match reconnect(&sub, &progress, &mut tally).await {
+            Some((again, resubscribed_ns)) => {
+                conn = again;
+                tally.resumes.push(Resumed {
+                    dropped_ns,
+                    resubscribed_ns,
+                    caught_up_ns: resubscribed_ns,
+                });
+            }
+            None => {
+                tally.gave_up += 1;
+                shared.live_by_pk[sub.pk_index].fetch_sub(1, Ordering::Relaxed);
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
+    caught_up(&mut tally, shared);
+    tally
+}
+
+/// Connects again and subscribes from the last cursor; `None` when every attempt failed or the
+/// run is stopping.
+async fn reconnect(
+    sub: &Subscription,
+    progress: &Progress,
+    tally: &mut Tally,
+) -> Option<(WsConn, u64)> {
+    let args = &sub.args;
+    let pk = args.pks[sub.pk_index];
+    for _ in 0..args.reconnect_attempts {
+        if sub.stop.flag.load(Ordering::Relaxed) {
+            return None;
+        }
+        let subscribe = subscribe_message(args.protocol, pk, progress.cursor.as_deref());
+        match handshake(
+            sub.local,
+            &sub.target,
+            args.protocol,
+            &progress.init,
+            subscribe,
+        )
+        .await
+        {
+            Ok(conn) => return Some((conn, sub.shared.now_ns())),
+            Err(outcome) => outcome.count(tally),
+        }
+        let jitter = rand::random::<u64>() % 100;
+        tokio::time::sleep(Duration::from_millis(100 + jitter)).await;
+    }
+    None
+}
+
+/// For every reconnect, when the subscriber held each event published before it subscribed
+/// again: the latest receipt, after that moment, of such an event.
+fn caught_up(tally: &mut Tally, shared: &Shared) {
+    for resumed in &mut tally.resumes {
+        let at = resumed.resubscribed_ns;
+        resumed.caught_up_ns = tally
+            .receipts
+            .iter()
+            .filter(|(index, received)| {
+                let published = shared.published_ns[*index as usize].load(Ordering::Relaxed);
+                *received >= at && published > 0 && published <= at
+            })
+            .map(|(_, received)| *received)
+            .max()
+            .unwrap_or(at);
+    }
+}
+
+/// What woke a subscriber waiting on its socket.
+enum Wake {
+    Read(std::io::Result<usize>),
+    Stop,
+    Renew,
+}
+
+/// Records one connection's deliveries until it ends: `None` for the run's stop, else why.
+async fn serve(
+    sub: &Subscription,
+    conn: &mut WsConn,
+    progress: &mut Progress,
+    tally: &mut Tally,
+    mut stopped: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+) -> Option<String> {
+    let shared = &sub.shared;
+    let mut renewal = progress
+        .next_renewal
+        .map(|at| Box::pin(tokio::time::sleep_until(at.into())));
+    let mut renewal_sent: Option<Instant> = None;
     // Frames decoded from bytes of the handshake's last read count from the end of the handshake.
     let mut received_ns = shared.now_ns();
-    let ended: Option<String> = loop {
+    loop {
         let frame = match conn.buffered_frame() {
             Ok(Some(frame)) => frame,
             Ok(None) => {
-                if stop.flag.load(Ordering::Relaxed) {
-                    break None;
+                if sub.stop.flag.load(Ordering::Relaxed) {
+                    return None;
                 }
                 // The socket first: while it has data, the stop is seen through the flag.
-                let read = poll_fn(|cx| match conn.poll_read(cx) {
-                    Poll::Ready(read) => Poll::Ready(Some(read)),
-                    Poll::Pending => stopped.as_mut().poll(cx).map(|()| None),
+                let wake = poll_fn(|cx| {
+                    if let Poll::Ready(read) = conn.poll_read(cx) {
+                        return Poll::Ready(Wake::Read(read));
+                    }
+                    if stopped.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Stop);
+                    }
+                    match renewal.as_mut() {
+                        Some(timer) => timer.as_mut().poll(cx).map(|()| Wake::Renew),
+                        None => Poll::Pending,
+                    }
                 })
                 .await;
-                match read {
-                    Some(Ok(0)) => break Some("eof".into()),
-                    Some(Ok(_)) => received_ns = shared.now_ns(),
-                    Some(Err(err)) => break Some(websocket_error(&err)),
-                    None => break None,
+                match wake {
+                    Wake::Read(Ok(0)) => return Some("eof".into()),
+                    Wake::Read(Ok(_)) => received_ns = shared.now_ns(),
+                    Wake::Read(Err(err)) => return Some(websocket_error(&err)),
+                    Wake::Stop => return None,
+                    Wake::Renew => {
+                        let (_, every) = sub.renew.unwrap_or_default();
+                        let next = Instant::now() + every;
+                        progress.next_renewal = Some(next);
+                        renewal = Some(Box::pin(tokio::time::sleep_until(next.into())));
+                        let Some(minter) = &sub.minter else { continue };
+                        let token = match minter.mint(sub.user_id) {
+                            Ok(token) => token,
+                            Err(kind) => {
+                                *tally.protocol_errors.entry(kind).or_insert(0) += 1;
+                                continue;
+                            }
+                        };
+                        let authorization = format!("Bearer {token}");
+                        let ping =
+                            json!({"type": "ping", "payload": {"Authorization": authorization}});
+                        if conn
+                            .send(Message::Text(ping.to_string().into()))
+                            .await
+                            .is_err()
+                        {
+                            return Some("send failed".into());
+                        }
+                        // A reconnect after this one opens with the newest token.
+                        progress.init = Arc::new(init_message(sub.args.protocol, &token));
+                        tally.renewals_sent += 1;
+                        renewal_sent = Some(Instant::now());
+                    }
                 }
                 continue;
             }
-            Err(err) => break Some(websocket_error(&err)),
+            Err(err) => return Some(websocket_error(&err)),
         };
         match frame {
             Frame::Text(bytes) => match classify(&bytes) {
                 Incoming::Data => match event_index(&bytes, &shared.run) {
                     Some(index) if index < shared.delivered.len() => {
+                        if sub.args.resume {
+                            if let Some(cursor) = result_cursor(&bytes) {
+                                progress.cursor = Some(cursor.to_owned());
+                            }
+                            if contains(&bytes, br#""recovered":false"#) {
+                                tally.unrecovered += 1;
+                            }
+                        }
+                        let (word, bit) = (index / 64, 1u64 << (index % 64));
+                        if progress.seen[word] & bit != 0 {
+                            tally.duplicates += 1;
+                            continue;
+                        }
+                        progress.seen[word] |= bit;
                         shared.delivered[index].fetch_add(1, Ordering::Relaxed);
                         tally.receipts.push((index as u32, received_ns));
                     }
@@ -736,19 +1065,27 @@ async fn subscriber(
                     tally.keepalives += 1;
                     let pong = Message::Text(r#"{"type":"pong"}"#.into());
                     if conn.send(pong).await.is_err() {
-                        break Some("send failed".into());
+                        return Some("send failed".into());
                     }
                 }
-                Incoming::KeepAlive => tally.keepalives += 1,
+                Incoming::KeepAlive => match renewal_sent.take() {
+                    Some(sent) if contains(&bytes, br#""exp":"#) => tally
+                        .renewal_us
+                        .push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32),
+                    other => {
+                        renewal_sent = other;
+                        tally.keepalives += 1;
+                    }
+                },
                 Incoming::Other(kind) => *tally.protocol_errors.entry(kind).or_insert(0) += 1,
             },
             Frame::Ping(bytes) => {
                 if conn.send(Message::Pong(bytes)).await.is_err() {
-                    break Some("send failed".into());
+                    return Some("send failed".into());
                 }
             }
             Frame::Close(reason) => {
-                break Some(reason.map_or("close without code".into(), |r| {
+                return Some(reason.map_or("close without code".into(), |r| {
                     u16::from(r.code).to_string()
                 }));
             }
@@ -761,23 +1098,20 @@ async fn subscriber(
             }
             Frame::Binary(_) | Frame::Pong(_) => {}
         }
-    };
-    match ended {
-        Some(kind) => {
-            shared.live_by_pk[pk_index].fetch_sub(1, Ordering::Relaxed);
-            shared.dropped.fetch_add(1, Ordering::Relaxed);
-            *tally.closes.entry(kind).or_insert(0) += 1;
-        }
-        None => {
-            // Our own stop: say goodbye without waiting for the answer.
-            let _ = tokio::time::timeout(
-                Duration::from_millis(200),
-                conn.send(Message::Close(Some(CloseCode::Normal.into()))),
-            )
-            .await;
-        }
     }
-    tally
+}
+
+fn contains(text: &[u8], needle: &[u8]) -> bool {
+    text.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `extensions.cursor` of a result, which the gateway writes as a plain string.
+fn result_cursor(text: &[u8]) -> Option<&str> {
+    let key = br#""cursor":""#;
+    let start = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &text[start..];
+    let end = rest.iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
 }
 
 fn websocket_error(err: &dyn std::fmt::Display) -> String {
@@ -1079,10 +1413,20 @@ fn classify(text: &[u8]) -> Incoming {
     if text.starts_with(br#"{"type":"ka""#) || text.starts_with(br#"{"type":"pong""#) {
         return Incoming::KeepAlive;
     }
-    let kind = serde_json::from_slice::<Value>(text)
-        .ok()
+    let message = serde_json::from_slice::<Value>(text).ok();
+    let kind = message
+        .as_ref()
         .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| "not a message".into());
+    // An operation's `error` says why in its first error's code.
+    if kind == "error" {
+        if let Some(code) = message
+            .as_ref()
+            .and_then(|v| v["payload"][0]["extensions"]["code"].as_str())
+        {
+            return Incoming::Other(format!("error {code}"));
+        }
+    }
     match kind.as_str() {
         "next" | "data" => Incoming::Data,
         "ping" => Incoming::Ping,
@@ -1115,6 +1459,40 @@ fn merge(total: &mut Tally, tally: Tally) {
     }
     total.keepalives += tally.keepalives;
     total.foreign += tally.foreign;
+    total.duplicates += tally.duplicates;
+    total.resumes.extend(tally.resumes);
+    total.unrecovered += tally.unrecovered;
+    total.gave_up += tally.gave_up;
+    total.renewals_sent += tally.renewals_sent;
+    total.renewal_us.extend(tally.renewal_us);
+}
+
+/// The reconnects of resuming subscribers, timed from the SIGTERM (or the first drop).
+fn resume_figures(tally: &Tally, phases: &Phases) -> Value {
+    let from_ns = phases
+        .killed
+        .as_ref()
+        .map(|(at, _)| *at)
+        .or_else(|| tally.resumes.iter().map(|r| r.dropped_ns).min());
+    let since =
+        |ns: Option<u64>| -> Option<f64> { Some(ns?.saturating_sub(from_ns?) as f64 / 1e9) };
+    let mut drop_to_caught_up_us: Vec<u32> = tally
+        .resumes
+        .iter()
+        .map(|r| {
+            (r.caught_up_ns.saturating_sub(r.dropped_ns) / 1000).min(u64::from(u32::MAX)) as u32
+        })
+        .collect();
+    drop_to_caught_up_us.sort_unstable();
+    let ms = |p: f64| crate::percentile(&drop_to_caught_up_us, p);
+    json!({
+        "reconnects": tally.resumes.len(),
+        "gave_up": tally.gave_up,
+        "unrecovered": tally.unrecovered,
+        "last_resubscribed_s": since(tally.resumes.iter().map(|r| r.resubscribed_ns).max()),
+        "last_caught_up_s": since(tally.resumes.iter().map(|r| r.caught_up_ns).max()),
+        "drop_to_caught_up_ms": {"p50": ms(50.0), "p99": ms(99.0), "max": ms(100.0)},
+    })
 }
 
 /// `VmRSS` of a process, in KiB.
@@ -1197,12 +1575,15 @@ fn report(
         .zip(&received)
         .map(|(want, got)| want.saturating_sub(*got))
         .sum();
-    let duplicates: u64 = phases
-        .expected
-        .iter()
-        .zip(&received)
-        .map(|(want, got)| got.saturating_sub(*want))
-        .sum();
+    let duplicates: u64 = tally.duplicates
+        + phases
+            .expected
+            .iter()
+            .zip(&received)
+            .map(|(want, got)| got.saturating_sub(*want))
+            .sum::<u64>();
+    let resume = resume_figures(&tally, &phases);
+    tally.renewal_us.sort_unstable();
     let delivered = latencies_us.len() as u64;
     let first_publish_ns = (warmups..warmups + measured)
         .map(|i| shared.published_ns[i].load(Ordering::Relaxed))
@@ -1318,6 +1699,18 @@ fn report(
         },
         "stopped_by_cap": phases.stopped_by_cap,
         "seconds": (phases.events_ended_ns as f64) / 1e9,
+        "resume": resume,
+        "renewals": {
+            "every_secs": args.renew_every_secs,
+            "token_lifetime_secs": args.token_lifetime_secs,
+            "sent": tally.renewals_sent,
+            "answered": tally.renewal_us.len(),
+            "ping_to_pong_ms": {
+                "p50": ms(&tally.renewal_us, 50.0),
+                "p99": ms(&tally.renewal_us, 99.0),
+                "max": ms(&tally.renewal_us, 100.0),
+            },
+        },
     });
 
     println!(
@@ -1401,6 +1794,34 @@ fn report(
             tally.foreign
         );
     }
+    if args.resume || args.kill_pid.is_some() {
+        let s = |v: &Value| v.as_f64().map_or("-".to_owned(), |v| format!("{v:.2}"));
+        println!(
+            "resume: {} reconnects, {} gave up, {} recovered:false; from {}: last resubscribed +{} s, last caught up +{} s; drop → caught up per reconnect p50 {} ms, p99 {} ms, max {} ms",
+            resume["reconnects"],
+            resume["gave_up"],
+            resume["unrecovered"],
+            if phases.killed.is_some() { "the SIGTERM" } else { "the first drop" },
+            s(&resume["last_resubscribed_s"]),
+            s(&resume["last_caught_up_s"]),
+            s(&resume["drop_to_caught_up_ms"]["p50"]),
+            s(&resume["drop_to_caught_up_ms"]["p99"]),
+            s(&resume["drop_to_caught_up_ms"]["max"]),
+        );
+        if let Some((_, Err(err))) = &phases.killed {
+            println!("  kill failed: {err}");
+        }
+    }
+    if args.renew_every_secs.is_some() {
+        println!(
+            "renewals: {} sent, {} answered with the new exp; ping → pong p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            tally.renewals_sent,
+            tally.renewal_us.len(),
+            ms(&tally.renewal_us, 50.0),
+            ms(&tally.renewal_us, 99.0),
+            ms(&tally.renewal_us, 100.0),
+        );
+    }
     if phases.stopped_by_cap {
         println!("  stopped by --max-seconds");
     }
@@ -1430,6 +1851,10 @@ mod tests {
             Incoming::Other("connection_ack".into())
         );
         assert_eq!(classify(b"nope"), Incoming::Other("not a message".into()));
+        assert_eq!(
+            classify(br#"{"type":"error","id":"1","payload":[{"message":"x","extensions":{"code":"SERVICE_UNAVAILABLE"}}]}"#),
+            Incoming::Other("error SERVICE_UNAVAILABLE".into())
+        );
     }
 
     #[test]
@@ -1646,6 +2071,32 @@ mod tests {
             [0x8a, 0x80 | 2],
             "a masked pong echoing the ping"
         );
+    }
+
+    #[test]
+    fn a_result_s_cursor_is_kept_and_sent_back_as_resume_from() {
+        let text = br#"{"type":"next","id":"1","payload":{"data":{"carModelUpdated":{"make":"lgab-3"}},"extensions":{"cursor":"e1:car.updated:17-0","recovered":false}}}"#;
+        assert_eq!(result_cursor(text), Some("e1:car.updated:17-0"));
+        assert!(contains(text, br#""recovered":false"#));
+        assert_eq!(
+            result_cursor(br#"{"type":"next","payload":{"data":{}}}"#),
+            None
+        );
+        let resume: Value = serde_json::from_str(&subscribe_message(
+            WsProtocol::TransportWs,
+            1,
+            Some("e1:car.updated:17-0"),
+        ))
+        .expect("JSON");
+        assert_eq!(resume["type"], "subscribe");
+        assert_eq!(
+            resume["payload"]["extensions"]["resumeFrom"],
+            "e1:car.updated:17-0"
+        );
+        let first: Value =
+            serde_json::from_str(&subscribe_message(WsProtocol::LegacyWs, 2, None)).expect("JSON");
+        assert_eq!(first["type"], "start");
+        assert!(first["payload"].get("extensions").is_none());
     }
 
     #[test]

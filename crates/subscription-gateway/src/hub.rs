@@ -15,7 +15,10 @@
 //! - When Redis goes away, the task reconnects with capped exponential backoff and reads on from
 //!   the positions it had, so nothing published meanwhile is skipped; sockets stay open and
 //!   `/readyz` says not ready. A changed epoch (Redis lost its data) restarts every log at 0.
-//! - [`Hub::replay`] reads a log after a client's cursor, for subscriptions that resume.
+//! - [`Hub::replay`] reads a log after a client's cursor, for subscriptions that resume. After a
+//!   replica's restart its clients come back at once with the same cursor (the last event they
+//!   all had), so reads for one cursor that wait at the same time are made once ([`Flight`]),
+//!   and at most [`REPLAY_READS`] reads run at a time.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,8 +34,9 @@ use common::events::{
 use common::redis::RedisPool;
 use deadpool_redis::redis;
 use deadpool_redis::redis::Value;
-use futures_util::StreamExt as _;
-use tokio::sync::{broadcast, Notify};
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt as _, StreamExt as _};
+use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::lock;
@@ -51,6 +55,10 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 const READ_COUNT: usize = 512;
 /// Longest a replay waits for the hub to know where a log stands (Redis reconnecting).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replay reads under way at once. More would only queue for the pool's connections (and time
+/// out there under a reconnect storm); while a read waits for its turn, others for the same
+/// cursor join it.
+const REPLAY_READS: usize = 4;
 
 /// Cheap to clone; one per process.
 #[derive(Clone)]
@@ -73,6 +81,20 @@ struct Inner {
     recent: Mutex<RecentIds>,
     metrics: GatewayMetrics,
     backend: Backend,
+    /// Replay reads by cursor that have not begun reading yet, or are reading.
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    replay_reads: Arc<Semaphore>,
+}
+
+/// One read of a log after a cursor, shared by the resuming subscriptions that wait for it.
+///
+/// Sharing is correct only with a subscription whose live part already read the hub when the
+/// read begins: an event the read misses then reaches it live. So a subscription joins a flight
+/// only while `reading` is still false (set under the `flights` lock); once the read has begun,
+/// a newcomer starts a flight of its own.
+struct Flight {
+    reading: AtomicBool,
+    result: Shared<BoxFuture<'static, Result<Arc<Replay>, ReplayError>>>,
 }
 
 enum Backend {
@@ -103,7 +125,7 @@ pub struct Replay {
     pub until: Position,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ReplayError {
     #[error(
         "`extensions.resumeFrom` names a position among {cursor} events, but this subscription \
@@ -180,6 +202,8 @@ impl Hub {
                 recent: Mutex::new(RecentIds::default()),
                 metrics,
                 backend,
+                flights: Mutex::new(HashMap::new()),
+                replay_reads: Arc::new(Semaphore::new(REPLAY_READS)),
             }),
         }
     }
@@ -393,7 +417,7 @@ impl Hub {
         &self,
         event_type: EventType,
         cursor: &Cursor,
-    ) -> Result<Replay, ReplayError> {
+    ) -> Result<Arc<Replay>, ReplayError> {
         if cursor.event_type != event_type {
             return Err(ReplayError::OtherType {
                 cursor: cursor.event_type,
@@ -401,6 +425,59 @@ impl Hub {
             });
         }
         self.until_ready(event_type).await?;
+        let key = cursor.to_string();
+        let flight = {
+            let mut flights = lock(&self.inner.flights);
+            match flights.get(&key) {
+                Some(flight) if !flight.reading.load(Ordering::Acquire) => flight.clone(),
+                _ => {
+                    let flight = self.flight(key.clone(), event_type, cursor.clone());
+                    flights.insert(key, flight.clone());
+                    flight
+                }
+            }
+        };
+        flight.result.clone().await
+    }
+
+    /// A read of the log after `cursor` that begins when one of [`REPLAY_READS`] is free.
+    fn flight(&self, key: String, event_type: EventType, cursor: Cursor) -> Arc<Flight> {
+        Arc::new_cyclic(|this: &std::sync::Weak<Flight>| {
+            let hub = self.clone();
+            let this = this.clone();
+            let result = async move {
+                let permit = hub.inner.replay_reads.clone().acquire_owned().await;
+                {
+                    let mut flights = lock(&hub.inner.flights);
+                    if let Some(flight) = this.upgrade() {
+                        flight.reading.store(true, Ordering::Release);
+                    }
+                    // Gone from the map once reading: later subscriptions start their own.
+                    if flights
+                        .get(&key)
+                        .is_some_and(|f| std::ptr::eq(Arc::as_ptr(f), this.as_ptr()))
+                    {
+                        flights.remove(&key);
+                    }
+                }
+                let result = hub.read_replay(event_type, &cursor).await.map(Arc::new);
+                drop(permit);
+                result
+            }
+            .boxed()
+            .shared();
+            Flight {
+                reading: AtomicBool::new(false),
+                result,
+            }
+        })
+    }
+
+    async fn read_replay(
+        &self,
+        event_type: EventType,
+        cursor: &Cursor,
+    ) -> Result<Replay, ReplayError> {
         let epoch = self.epoch();
         let not_recovered = Replay {
             recovered: false,
@@ -562,7 +639,7 @@ impl EventSource for ReplayEvents {
                             recovered: replay.recovered,
                             until: replay.until,
                         }));
-                        replay.events
+                        replay.events.clone()
                     }
                     Err(err) => {
                         outcome.result = Some(Err(err));

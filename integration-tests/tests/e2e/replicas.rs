@@ -104,9 +104,8 @@ async fn open_connections(gateway_port: u16) -> f64 {
 }
 
 /// Subscribers to car `pk`, opened through NGINX until each gateway holds at least
-/// `per_gateway` of them. NGINX (least_conn) alternates, but it keeps away from a replica for
-/// `fail_timeout` after a failed connect, which `scripts/stack up`'s readiness probes through
-/// NGINX can cause while the replicas start; so the count is checked, not assumed.
+/// `per_gateway` of them. NGINX (least_conn) sends each to the replica holding fewer, and one
+/// still starting refuses it to the other; so the count is checked, not assumed.
 async fn spread_subscribers(
     stack: &Stack,
     access: &str,

@@ -266,3 +266,49 @@ async fn renewal_with_another_users_or_a_bad_token_closes_4403() {
         json!({"type": "pong", "payload": {"n": 1}})
     );
 }
+
+/// A replica's clients come back together with the same cursor; their reads of the log are
+/// shared while they wait for a turn, and must still leave none of them a gap: events are
+/// published while they resubscribe, so some land before a shared read and some after. (The rule
+/// that makes sharing safe, joining only a read that has not begun, is argued at `Flight` in
+/// hub.rs; a read takes well under a millisecond here, so this load seldom tests that window.)
+#[actix_web::test]
+async fn many_resuming_from_one_cursor_at_once_each_get_every_event_once_in_order() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut first = subscriber(&gateway, None).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
+    let (_, cursor, _) = next_result(&mut first).await;
+    drop(first);
+    for n in 1..=5 {
+        gateway
+            .publish(EventType::CarUpdated, car(1, &format!("m{n}")))
+            .await;
+    }
+
+    let resuming =
+        futures_util::future::join_all((0..40).map(|_| subscriber(&gateway, Some(&cursor))));
+    let publishing = async {
+        for n in 6..=15 {
+            gateway
+                .publish(EventType::CarUpdated, car(1, &format!("m{n}")))
+                .await;
+            actix_web::rt::time::sleep(Duration::from_millis(3)).await;
+        }
+    };
+    let (mut clients, ()) = futures_util::join!(resuming, publishing);
+    let expected: Vec<String> = (1..=15).map(|n| format!("m{n}")).collect();
+    for (n, client) in clients.iter_mut().enumerate() {
+        let mut makes = Vec::new();
+        for _ in 0..15 {
+            makes.push(next_result(client).await.0);
+        }
+        assert_eq!(makes, expected, "client {n}");
+        client.send(json!({"type": "ping"})).await;
+        assert_eq!(
+            client.expect_json().await["type"],
+            "pong",
+            "client {n}: no more"
+        );
+    }
+}
