@@ -5,6 +5,11 @@
 // through its life when that is shorter).
 //
 //   node resume.mjs --url ws://127.0.0.1:8000/graphql/ --http http://127.0.0.1:8000 [--renew]
+//                   [--resume-from CURSOR] [--renew-with TOKEN]
+//
+// --resume-from: the first subscription already resumes from CURSOR (a client restarted with a
+// cursor it saved). --renew-with: right after the first connection, renew with TOKEN (the tests
+// give another user's, which the server must refuse with 4403).
 //
 // It logs in as admin/letmein at --http for each token. Output on stdout, a JSON object a line:
 //   {"connected":N}                           the Nth connection was acknowledged
@@ -18,11 +23,13 @@ import { parseArgs } from 'node:util';
 import { createClient } from 'graphql-ws';
 import WebSocket from 'ws';
 
-const { url, http, renew } = parseArgs({
+const { url, http, renew, 'resume-from': resumeFrom, 'renew-with': renewWith } = parseArgs({
   options: {
     url: { type: 'string' },
     http: { type: 'string' },
     renew: { type: 'boolean', default: false },
+    'resume-from': { type: 'string' },
+    'renew-with': { type: 'string' },
   },
 }).values;
 if (!url || !http) {
@@ -65,6 +72,9 @@ const client = createClient({
       if (renew) {
         scheduleRenewal(socket);
       }
+      if (renewWith && connections === 1) {
+        socket.send(JSON.stringify({ type: 'ping', payload: { Authorization: `Bearer ${renewWith}` } }));
+      }
     },
     closed: (event) => {
       clearTimeout(renewal);
@@ -96,7 +106,7 @@ function scheduleRenewal(socket, exp) {
 // The same object is sent again at every resubscription: updating it is how the cursor travels.
 const payload = {
   query: 'subscription { carModelUpdated(pk: 1) { id make } }',
-  extensions: {},
+  extensions: resumeFrom ? { resumeFrom } : {},
 };
 client.subscribe(payload, {
   next: (result) => {

@@ -6,7 +6,8 @@
 //! (a) the embedded binary with 10 s access tokens (the socket closes 4403 at each expiry);
 //! (b) rolling SIGTERM of the two gateway replicas behind NGINX; (c) Redis restarted twice
 //! (3 s down each) with mutations committed during the outages; (d) the gateways' Redis event
-//! connections killed (`CLIENT KILL`).
+//! connections killed (`CLIENT KILL`). Also with that client: in-band renewal, a cursor older
+//! than the retention (`recovered: false`, then live), and another user's token at renewal (4403).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -31,6 +32,11 @@ struct Resumer {
 
 impl Resumer {
     fn spawn(ws_url: &str, http_url: &str, renew: bool) -> Resumer {
+        Self::spawn_with(ws_url, http_url, renew, &[])
+    }
+
+    /// With more of resume.mjs's options (`--resume-from`, `--renew-with`).
+    fn spawn_with(ws_url: &str, http_url: &str, renew: bool, options: &[&str]) -> Resumer {
         let node_dir = repo_root().join("integration-tests/node");
         let mut command = Command::new("node");
         command
@@ -43,6 +49,7 @@ impl Resumer {
         if renew {
             command.arg("--renew");
         }
+        command.args(options);
         let mut child = command
             .spawn()
             .unwrap_or_else(|err| panic!("cannot run node: {err}"));
@@ -334,6 +341,98 @@ async fn embedded_in_band_renewal_keeps_one_socket_past_expiry() {
         "renewals answered: {}",
         client.count("renewed")
     );
+}
+
+#[actix_web::test]
+async fn embedded_cursor_older_than_the_retention_says_recovered_false_then_goes_live() {
+    let gqlws = Gqlws::start_with(&[("EVENT_RETENTION_COUNT", "10")]).await;
+    // A client that saved a cursor, then was away while more than the retention was written.
+    let first = Resumer::spawn(&gqlws.ws_url(), &gqlws.url, false);
+    first
+        .until("the first client never connected", |c| {
+            c.count("connected") > 0
+        })
+        .await;
+    let writer = Writer::start(&gqlws.url);
+    first
+        .until("no first result", |c| !c.makes().is_empty())
+        .await;
+    let cursor = first
+        .lines()
+        .iter()
+        .find_map(|line| line["cursor"].as_str().map(str::to_owned))
+        .unwrap();
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let away = writer.finish().await;
+    assert!(away.len() > 20, "written while away: {}", away.len());
+
+    let back = Resumer::spawn_with(
+        &gqlws.ws_url(),
+        &gqlws.url,
+        false,
+        &["--resume-from", &cursor],
+    );
+    back.until("the returning client never connected", |c| {
+        c.count("connected") > 0
+    })
+    .await;
+    let writer = Writer::start(&gqlws.url);
+    back.until("no live result after the stale cursor", |c| {
+        c.makes().len() >= 3
+    })
+    .await;
+    let live = writer.finish().await;
+    let lines = back.lines();
+    let results: Vec<&Value> = lines.iter().filter(|l| !l["make"].is_null()).collect();
+    assert_eq!(
+        results[0]["recovered"],
+        false,
+        "the first result after a cursor the history lost: {}",
+        tail(&lines)
+    );
+    assert!(
+        results[1..].iter().all(|r| r["recovered"].is_null()),
+        "only the first result says recovered: {}",
+        tail(&lines)
+    );
+    // Nothing of the lost history was replayed: every result is a live write.
+    for result in &results {
+        let make = result["make"].as_str().unwrap();
+        assert!(live.iter().any(|m| m == make), "{make} is not a live write");
+    }
+    assert_eq!(back.count("closed"), 0);
+}
+#[actix_web::test]
+async fn embedded_renewal_with_another_users_token_closes_4403_and_the_client_resumes() {
+    let gqlws = Gqlws::start().await;
+    let (status, admin) = post_token(&gqlws.url, "admin", "letmein").await;
+    assert_eq!(status, 200, "{admin}");
+    let other = crate::client::resigned_with(
+        admin["access"].as_str().unwrap(),
+        json!({"user_id": 424242, "username": "someone-else"}),
+        None,
+    );
+    let client = Resumer::spawn_with(
+        &gqlws.ws_url(),
+        &gqlws.url,
+        false,
+        &["--renew-with", &other],
+    );
+    client
+        .until("another user's renewal was not refused with 4403", |c| {
+            c.lines().iter().any(|line| line["closed"] == 4403)
+        })
+        .await;
+    // The recipe reconnects with its own token and goes on receiving.
+    let writer = Writer::start(&gqlws.url);
+    client
+        .until("no result after the refused renewal", |c| {
+            c.count("connected") >= 2 && !c.makes().is_empty()
+        })
+        .await;
+    writer.finish().await;
+    assert_eq!(client.count("renewed"), 0, "{}", tail(&client.lines()));
 }
 
 /// The stack's gateway replicas, as supervisord names them.
