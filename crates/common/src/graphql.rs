@@ -85,6 +85,19 @@ pub fn subscription_root_fields(
     })
 }
 
+/// Whether the operation a request names is a query, a mutation or a subscription; `None` when
+/// the document does not parse within the schema's limits or names no such operation (its
+/// execution then reports why).
+pub fn operation_type(
+    schema: &Schema,
+    query: &str,
+    operation_name: Option<&str>,
+) -> Option<juniper::OperationType> {
+    let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
+    let walk = DocumentWalk::new(&document)?;
+    Some(walk.operation(operation_name)?.operation_type)
+}
+
 /// How many fields an operation selects, fragments expanded and aliases counted, as the
 /// document field limit counts them: what a batch's operations add up to. `None` when the
 /// document does not parse within the schema's limits, names no such operation or has a

@@ -217,6 +217,13 @@ pub struct Counted<K: Eq + Hash + Clone> {
     key: K,
 }
 
+impl<K: Eq + Hash + Clone> Counted<K> {
+    /// What is counted: the address or the user this slot belongs to.
+    pub fn key(&self) -> &K {
+        &self.key
+    }
+}
+
 impl<K: Eq + Hash + Clone> Drop for Counted<K> {
     fn drop(&mut self) {
         let mut counts = lock(&self.tally.counts);

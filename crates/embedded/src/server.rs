@@ -75,7 +75,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
-        let services = settings.services()?;
+        let mut services = settings.services()?;
         let database_url = settings.database_url.clone();
         common::db::Backend::of_url(&database_url)
             .map_err(|err| ConfigError::new("GQLWS_DATABASE_URL", err))?;
@@ -123,6 +123,16 @@ impl Application {
         );
         let api =
             api_service::startup::state(&services.api, store.clone(), revoked.clone()).await?;
+        let (listener, port) = common::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
+        // Queries and mutations sent on the socket go to this same server's /graphql, on
+        // loopback when it listens on every address.
+        let own_ip = match settings.listen_addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+            ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        services.gateway.api_internal_url =
+            format!("http://{}/graphql", std::net::SocketAddr::new(own_ip, port));
         let hub_shutdown = CancellationToken::new();
         let gateway = subscription_gateway::startup::state(
             &services.gateway,
@@ -139,7 +149,6 @@ impl Application {
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(services.api.http.address_limit());
 
-        let (listener, port) = common::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
         let (auth_data, gateway_data) = (auth.clone(), gateway.clone());
         // Websocket upgrades of `/graphql` go straight to the gateway (as NGINX sends them);
         // everything else to the app, with NGINX's routes.

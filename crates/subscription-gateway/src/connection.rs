@@ -61,6 +61,8 @@ pub struct Shared {
     pub metrics: GatewayMetrics,
     /// Cancelled when the server starts draining: every socket closes with 1001.
     pub shutdown: CancellationToken,
+    /// Where queries and mutations sent on the socket are executed.
+    pub upstream: crate::forward::Upstream,
 }
 
 /// How the connection ends: a close code and a reason for the client.
@@ -112,13 +114,43 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// An authenticated connection: its token's claims, and its place in the user's count.
 struct Authenticated {
     claims: Claims,
+    /// The `Authorization` value the claims came from, for the operations forwarded to
+    /// api-service; replaced by a renewal.
+    authorization: String,
     _user_slot: Counted<i64>,
 }
 
 struct Active {
-    field: String,
-    /// Leaving the execution when dropped.
-    _membership: Membership,
+    /// The subscription field, for the metric; `None` for a forwarded query or mutation.
+    field: Option<String>,
+    _work: Work,
+}
+
+/// What an active operation holds; dropping it stops the operation.
+enum Work {
+    /// A subscription's place in its shared execution.
+    Subscription { _membership: Membership },
+    /// A query or mutation under way at api-service.
+    Forwarded { _task: AbortOnDrop },
+}
+
+struct AbortOnDrop(actix_web::rt::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The subscription metric, for an operation that ends.
+fn left(shared: &Shared, done: &Active) {
+    if let Some(field) = &done.field {
+        shared
+            .metrics
+            .subscriptions_active
+            .with_label_values(&[field])
+            .dec();
+    }
 }
 
 /// Serves one socket until it closes. `header_authorization` is the upgrade request's
@@ -200,7 +232,10 @@ pub async fn run(
                     message,
                     &mut claims,
                     &mut active,
-                    header_authorization.as_deref(),
+                    Peer {
+                        header_authorization: header_authorization.as_deref(),
+                        address: *_address_slot.key(),
+                    },
                 )
                 .await;
                 match handled {
@@ -231,7 +266,7 @@ pub async fn run(
             () = link.woken() => {
                 for id in link.take_finished() {
                     if let Some(done) = active.remove(&id) {
-                        shared.metrics.subscriptions_active.with_label_values(&[&done.field]).dec();
+                        left(&shared, &done);
                     }
                 }
                 if link.state() != LinkState::Open {
@@ -298,11 +333,7 @@ pub async fn run(
     };
 
     for (_, done) in active.drain() {
-        shared
-            .metrics
-            .subscriptions_active
-            .with_label_values(&[&done.field])
-            .dec();
+        left(&shared, &done);
     }
     shared
         .metrics
@@ -351,6 +382,14 @@ async fn close_socket(link: &Link, closing: &Closing) {
     .await;
 }
 
+/// Who is at the other end of a socket, as the upgrade request said.
+struct Peer<'a> {
+    /// The upgrade request's `Authorization`, used when `connection_init` carries no token.
+    header_authorization: Option<&'a str>,
+    /// The client's address (behind NGINX, the one it forwarded).
+    address: IpAddr,
+}
+
 /// One message from the client. `Ok(Some(exp))` when it authenticated the connection (the
 /// token's expiry), an error when the connection has to close.
 async fn handle(
@@ -360,8 +399,9 @@ async fn handle(
     message: ClientMessage,
     claims: &mut Option<Authenticated>,
     active: &mut HashMap<String, Active>,
-    header_authorization: Option<&str>,
+    peer: Peer<'_>,
 ) -> Result<Option<i64>, Closing> {
+    let header_authorization = peer.header_authorization;
     let send = |text: String| -> Result<(), Closing> {
         if link.push_text(&text) {
             shared.metrics.messages_sent.inc();
@@ -379,6 +419,7 @@ async fn handle(
                 ));
             }
             let token = connection_token(&payload, header_authorization);
+            let authorization = token.clone().unwrap_or_default();
             // Boxed: the verifier's future (a JWKS fetch, possibly) is large and rare, and
             // would otherwise make every idle connection's task as large as it.
             match Box::pin(shared.verifier.authenticate(token.as_deref())).await {
@@ -396,6 +437,7 @@ async fn handle(
                     };
                     *claims = Some(Authenticated {
                         claims: verified,
+                        authorization,
                         _user_slot: user_slot,
                     });
                     send(protocol::connection_ack())?;
@@ -415,7 +457,7 @@ async fn handle(
             }
         }
         ClientMessage::Subscribe { id, payload } => {
-            let Some(verified) = claims.as_ref().map(|auth| &auth.claims) else {
+            let Some(auth) = claims.as_ref() else {
                 return Err(Closing::new(
                     close::UNAUTHORIZED,
                     "Unauthorized: send connection_init with a token first",
@@ -461,6 +503,39 @@ async fn handle(
                 send(protocol::operation_error(&id, errors))?;
                 return Ok(None);
             }
+            let kind = common::graphql::operation_type(
+                &shared.schema,
+                &request.query,
+                request.operation_name.as_deref(),
+            );
+            if matches!(
+                kind,
+                Some(juniper::OperationType::Query | juniper::OperationType::Mutation)
+            ) {
+                let operation = crate::forward::Operation {
+                    protocol,
+                    id: id.clone(),
+                    request: serde_json::to_value(&request).unwrap_or_default(),
+                    authorization: auth.authorization.clone(),
+                    client: peer.address,
+                };
+                let task = actix_web::rt::spawn(crate::forward::run(
+                    shared.upstream.clone(),
+                    link.clone(),
+                    operation,
+                ));
+                active.insert(
+                    id,
+                    Active {
+                        field: None,
+                        _work: Work::Forwarded {
+                            _task: AbortOnDrop(task),
+                        },
+                    },
+                );
+                return Ok(None);
+            }
+            let verified = &auth.claims;
             let root_fields = common::graphql::subscription_root_fields(
                 &shared.schema,
                 &request.query,
@@ -507,19 +582,17 @@ async fn handle(
             active.insert(
                 id,
                 Active {
-                    field,
-                    _membership: membership,
+                    field: Some(field),
+                    _work: Work::Subscription {
+                        _membership: membership,
+                    },
                 },
             );
             Ok(None)
         }
         ClientMessage::Stop { id } => {
             if let Some(stopped) = active.remove(&id) {
-                shared
-                    .metrics
-                    .subscriptions_active
-                    .with_label_values(&[&stopped.field])
-                    .dec();
+                left(shared, &stopped);
                 // graphql-transport-ws: the client's `complete` needs no answer; the legacy
                 // protocol confirms a `stop` with `complete`.
                 if protocol == Protocol::LegacyWs {
@@ -545,6 +618,7 @@ async fn handle(
                 Ok(renewed) if renewed.user_id == auth.claims.user_id => {
                     let exp = renewed.exp;
                     auth.claims = renewed;
+                    auth.authorization = token;
                     send(protocol::pong(Some(serde_json::json!({ "exp": exp }))))?;
                     Ok(Some(exp))
                 }

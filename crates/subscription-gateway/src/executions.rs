@@ -608,11 +608,9 @@ async fn drive(
         Ok(stream) => stream,
         Err(err) => {
             let errors = match err {
-                juniper::GraphQLError::NotSubscription => protocol::errors(
-                    "only subscriptions are served on the websocket; send queries and mutations \
-                     with HTTP POST to /graphql/",
-                    "BAD_REQUEST",
-                ),
+                juniper::GraphQLError::NotSubscription => {
+                    protocol::errors("this operation is not a subscription", "BAD_REQUEST")
+                }
                 other => serde_json::to_value(&other)
                     .ok()
                     .filter(Value::is_array)

@@ -18,6 +18,7 @@
 
 pub mod connection;
 pub mod executions;
+pub mod forward;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;

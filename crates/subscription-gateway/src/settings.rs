@@ -66,6 +66,14 @@ pub struct Settings {
     /// than this closes its subscribers' connections as slow (1013) so they resubscribe.
     #[arg(long, env = "FANOUT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fanout_buffer: u64,
+    /// api-service's GraphQL endpoint as this process reaches it (directly, not through NGINX):
+    /// queries and mutations sent on the websocket are POSTed there with the connection's token.
+    #[arg(
+        long,
+        env = "API_INTERNAL_URL",
+        default_value = "http://127.0.0.1:8002/graphql"
+    )]
+    pub api_internal_url: String,
     /// After SIGTERM, how long sockets may take to close before the process exits, in seconds.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub drain_timeout_secs: u64,

@@ -125,6 +125,8 @@ pub async fn state(
         },
         metrics: gateway_metrics,
         shutdown: CancellationToken::new(),
+        upstream: crate::forward::Upstream::new(&settings.api_internal_url)
+            .map_err(|err| ConfigError::new("API_INTERNAL_URL", err))?,
     });
     Ok(web::Data::new(GatewayState {
         shared,

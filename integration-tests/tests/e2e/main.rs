@@ -20,4 +20,5 @@ mod npm_clients;
 mod reference;
 mod replicas;
 mod resume;
+mod socket_operations;
 mod stack;

@@ -228,3 +228,42 @@ async fn a_killed_gateways_clients_reconnect_through_nginx_and_keep_receiving() 
     }
     assert!(restarted, "supervisord did not restart {process}");
 }
+
+/// A mutation sent on a websocket is run by api-service (the gateway forwards it), whose event
+/// reaches the subscribers of every gateway through Redis, as one sent over HTTP does.
+#[actix_web::test]
+async fn a_mutation_sent_on_the_socket_reaches_subscribers_on_both_gateways() {
+    let stack = Stack::start("socket-mutation");
+    let (access, _) = admin_tokens(&stack).await;
+    let pk = create_car(&stack, &access, "socket-mutation").await;
+    let mut subscribers = spread_subscribers(&stack, &access, &pk, 1.0).await;
+    until_everyone_receives(&stack, &access, &pk, &mut subscribers, "warm-up").await;
+
+    let mutation =
+        format!(r#"mutation {{ updateCar(pk: {pk}, input: {{make: "via-socket"}}) {{ make }} }}"#);
+    let mut node = crate::client::NodeSubscriber::spawn(
+        &stack.ws_url(),
+        "graphql-ws",
+        Some(&access),
+        &mutation,
+        1,
+    );
+    assert_eq!(node.next().await, serde_json::json!({"connected": true}));
+    let answer = node.next().await;
+    assert_eq!(
+        answer["payload"]["data"]["updateCar"]["make"], "via-socket",
+        "{answer}"
+    );
+    for (n, subscriber) in subscribers.iter_mut().enumerate() {
+        loop {
+            let make = subscriber
+                .next_make_within(&stack, PATIENCE)
+                .await
+                .unwrap_or_else(|| panic!("subscriber {n} did not receive the socket's mutation"));
+            if make == "via-socket" {
+                break;
+            }
+        }
+        assert_eq!(subscriber.reconnects, 0, "subscriber {n} lost its socket");
+    }
+}

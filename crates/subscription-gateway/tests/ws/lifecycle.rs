@@ -68,19 +68,30 @@ async fn duplicate_ids_are_4409_and_the_subscription_limit_is_an_error() {
 }
 
 #[actix_web::test]
-async fn invalid_documents_and_queries_get_an_error_for_that_operation() {
-    let gateway = TestGateway::spawn(&[]).await;
+async fn invalid_documents_and_queries_api_service_cannot_answer_get_an_error_for_that_operation() {
+    // Queries and mutations go to api-service (forward.rs); here nothing listens where it
+    // should be. (Answered ones are tested end to end: integration-tests' socket_operations.)
+    let api = format!(
+        "--api-internal-url=http://127.0.0.1:{}/graphql",
+        test_support::free_port()
+    );
+    let gateway = TestGateway::spawn(&[&api]).await;
     let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
     client.init(&access(1)).await;
     client
         .send(json!({"id": "q", "type": "subscribe", "payload": {"query": "{ hi }"}}))
         .await;
     let error = client.expect_json().await;
-    assert_eq!(error["type"], "error");
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["id"], "q");
+    assert_eq!(
+        error["payload"][0]["extensions"]["code"],
+        "SERVICE_UNAVAILABLE"
+    );
     assert!(error["payload"][0]["message"]
         .as_str()
         .unwrap()
-        .contains("HTTP POST"));
+        .contains("cannot be reached"));
     client
         .send(
             json!({"id": "s", "type": "subscribe", "payload": {"query": "subscription { nope }"}}),
@@ -367,4 +378,28 @@ async fn upgrades_are_checked_and_bytes_sent_with_the_request_are_not_lost() {
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
     assert!(text.contains("connection upgrade is expected"), "{text}");
+}
+
+#[test]
+fn a_bad_api_internal_url_stops_the_start_with_a_line_that_names_it() {
+    for url in ["ftp://api:8002/graphql", "not a url"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_subscription-gateway"))
+            .env_clear()
+            .env(
+                "LISTEN_ADDR",
+                format!("127.0.0.1:{}", test_support::free_port()),
+            )
+            .env("REDIS_URL", test_support::redis_url())
+            .env("JWT_SECRET", crate::helpers::SECRET)
+            .env("API_INTERNAL_URL", url)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{url}: it started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("API_INTERNAL_URL") && stderr.contains("http://host:port/graphql")
+                || stderr.contains("API_INTERNAL_URL") && stderr.contains("not a URL"),
+            "{url}: {stderr}"
+        );
+    }
 }

@@ -1,0 +1,131 @@
+//! Queries and mutations sent on the websocket. The graphql-transport-ws protocol carries any
+//! operation (one `next`, then `complete`), and clients that use one socket for everything rely
+//! on it. The gateway never opens PostgreSQL, so it runs none itself: it POSTs the operation to
+//! api-service (API_INTERNAL_URL, not through NGINX) with the connection's current token, and
+//! sends back api-service's answer as it is, errors and `extensions.code` included. A mutation's
+//! event is therefore published exactly as over HTTP, through Redis to every gateway.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::protocol::{self, Protocol};
+use crate::socket::Link;
+
+/// Longest wait for api-service's answer.
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer relayed (api-service's own answers are far smaller; this bounds a stranger).
+const MAX_ANSWER_BYTES: usize = 4 << 20;
+
+thread_local! {
+    /// One client per worker thread (awc's client is not `Send`), keeping its connections to
+    /// api-service alive between operations.
+    static CLIENT: awc::Client = awc::Client::builder()
+        .timeout(TIMEOUT)
+        .disable_redirects()
+        .finish();
+}
+
+/// Where to send operations, checked once at start.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    url: Arc<str>,
+}
+
+impl Upstream {
+    pub fn new(url: &str) -> Result<Upstream, String> {
+        let parsed: awc::http::Uri = url
+            .parse()
+            .map_err(|err| format!("{url:?} is not a URL: {err}"))?;
+        if parsed.scheme_str() != Some("http") || parsed.host().is_none() {
+            return Err(format!(
+                "{url:?}: give api-service's GraphQL endpoint as http://host:port/graphql"
+            ));
+        }
+        Ok(Upstream {
+            url: Arc::from(url),
+        })
+    }
+}
+
+/// One forwarded operation.
+pub struct Operation {
+    pub protocol: Protocol,
+    pub id: String,
+    /// `{query, operationName?, variables?}` as the client sent it.
+    pub request: Value,
+    /// The connection's `Authorization` value (the renewed token once renewed).
+    pub authorization: String,
+    /// The client's address, for api-service's per-address limits (X-Forwarded-For).
+    pub client: IpAddr,
+}
+
+/// Runs `operation` at api-service and writes its result, then `complete`, to the socket; an
+/// api-service that cannot answer is an `error` for this operation, and the socket stays open.
+pub async fn run(upstream: Upstream, link: Arc<Link>, operation: Operation) {
+    let id_json = serde_json::to_string(&operation.id).unwrap_or_else(|_| "\"\"".into());
+    match execute(&upstream, &operation).await {
+        Ok(Answer::Result(result)) => {
+            if link.push_text(&protocol::next_raw(operation.protocol, &id_json, &result)) {
+                link.push_text(&protocol::complete(&operation.id));
+            }
+        }
+        Ok(Answer::RequestError(errors)) => {
+            link.push_text(&protocol::operation_error_raw(&id_json, &errors));
+        }
+        Err(message) => {
+            let errors = protocol::errors(&message, "SERVICE_UNAVAILABLE");
+            link.push_text(&protocol::operation_error_raw(
+                &id_json,
+                &errors.to_string(),
+            ));
+        }
+    }
+    link.finished(&operation.id);
+}
+
+/// What api-service answered, as JSON text.
+enum Answer {
+    /// An executed operation's result (`data`, maybe with `errors`): one `next`, then `complete`.
+    Result(String),
+    /// A request that was not executed (it did not parse or validate: `errors` without `data`,
+    /// as the GraphQL over HTTP spec tells them apart): an `error` with the list, as the gateway
+    /// answers such a subscription.
+    RequestError(String),
+}
+
+async fn execute(upstream: &Upstream, operation: &Operation) -> Result<Answer, String> {
+    let request = CLIENT.with(|client| {
+        client
+            .post(&*upstream.url)
+            .insert_header(("Authorization", operation.authorization.as_str()))
+            .insert_header(("X-Forwarded-For", operation.client.to_string()))
+            .send_json(&operation.request)
+    });
+    let mut response = request.await.map_err(|err| {
+        tracing::warn!(%err, url = %upstream.url, "api-service unreachable for a websocket operation");
+        "the GraphQL API cannot be reached right now; retry".to_owned()
+    })?;
+    let body = response
+        .body()
+        .limit(MAX_ANSWER_BYTES)
+        .await
+        .map_err(|err| format!("the GraphQL API's answer could not be read: {err}"))?;
+    // Any GraphQL response (with `data`, `errors` or both) is the operation's result, whatever
+    // the status that came with it (api-service answers 401 for a token it refuses).
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(result)) if result.contains_key("data") => {
+            Ok(Answer::Result(Value::Object(result).to_string()))
+        }
+        Ok(Value::Object(mut result)) if result.get("errors").is_some_and(Value::is_array) => {
+            let errors = result.remove("errors").unwrap_or_default();
+            Ok(Answer::RequestError(errors.to_string()))
+        }
+        _ => Err(format!(
+            "the GraphQL API answered HTTP {} without a GraphQL result",
+            response.status().as_u16()
+        )),
+    }
+}
