@@ -8,6 +8,7 @@
 //! - [`routes`]: `/graphql` (POST and GET, GraphQL-over-HTTP), the Playground and GraphiQL pages.
 //! - [`trigger`]: the `trigger-event` command (the reference's `trigger_event.py`).
 
+pub mod ide;
 pub mod routes;
 pub mod settings;
 pub mod startup;

@@ -46,6 +46,7 @@ pub fn config(cfg: &mut web::ServiceConfig) {
     for path in ["/graphiql", "/graphiql/", "/graphql/graphiql"] {
         cfg.route(path, web::get().to(graphiql));
     }
+    crate::ide::config(cfg);
 }
 
 const GRAPHQL_RESPONSE_JSON: &str = "application/graphql-response+json";
@@ -207,7 +208,7 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
     let Some(query) = params.query else {
         let accept = header_str(&req, header::ACCEPT).unwrap_or("");
         if state.playground && accept.contains("text/html") {
-            return html(playground_page());
+            return crate::ide::page(crate::ide::playground_page());
         }
         return http_error(
             StatusCode::BAD_REQUEST,
@@ -488,30 +489,4 @@ async fn read_body(
 
 fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// GraphQL Playground (the reference's IDE), pointed at the page's own URL for both HTTP and the
-/// websocket, so it works on any host and behind NGINX (`ws:` or `wss:` follows the page).
-pub fn playground_page() -> String {
-    const ENDPOINT: &str = "__API_SERVICE_ENDPOINT__";
-    const SUBSCRIPTIONS: &str = "__API_SERVICE_SUBSCRIPTIONS__";
-    juniper::http::playground::playground_source(ENDPOINT, Some(SUBSCRIPTIONS))
-        .replace(&format!("'{ENDPOINT}'"), "location.pathname")
-        .replace(
-            &format!("'{SUBSCRIPTIONS}'"),
-            "(location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + location.pathname",
-        )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn playground_points_at_its_own_url() {
-        let page = playground_page();
-        assert!(page.contains("endpoint: location.pathname"), "{page}");
-        assert!(page.contains("'wss://' : 'ws://') + location.host + location.pathname"));
-        assert!(!page.contains("__API_SERVICE"));
-    }
 }

@@ -13,6 +13,7 @@
 //! -p subscription-gateway -p embedded`), `npm ci` in `integration-tests/node`, nginx, supervisord and psql
 //! on the PATH; scripts/test prepares all of it.
 
+mod browser;
 mod client;
 mod embedded;
 mod hardening;

@@ -1,0 +1,128 @@
+//! The walk-through in a real browser: Debian's chromium, driven by playwright-core
+//! (`node/browser.mjs`), on GraphQL Playground as the stack serves it, through NGINX and in the
+//! embedded mode. HTTP headers set in the page, `{ hi }` answered "Hi!", a subscription shown
+//! receiving trigger-event's update; and no request to any other host (the IDE's code is served
+//! by api-service itself), no page or console error (the Content-Security-Policy refuses what it
+//! does not allow, which shows there). Screenshots go to target/e2e/screenshots/<mode>/.
+
+use std::io::{BufRead as _, Write as _};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::client::admin_tokens_at;
+use crate::embedded::Gqlws;
+use crate::stack::{repo_root, Stack};
+
+struct Browser {
+    child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl Browser {
+    fn open(base_url: &str, access: &str, mode: &str) -> Browser {
+        let node_dir = repo_root().join("integration-tests/node");
+        assert!(
+            node_dir.join("node_modules/playwright-core").is_dir(),
+            "playwright-core is not installed: run `npm ci` in {} (scripts/test does)",
+            node_dir.display()
+        );
+        let shots = repo_root().join("target/e2e/screenshots").join(mode);
+        std::fs::create_dir_all(&shots).unwrap();
+        let mut child = Command::new("node")
+            .current_dir(&node_dir)
+            .arg("browser.mjs")
+            .args(["--base", base_url, "--token", access])
+            .arg("--shots")
+            .arg(&shots)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot run node: {err}"));
+        let stdout: ChildStdout = child.stdout.take().unwrap();
+        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value = serde_json::from_str(&line).unwrap_or(json!({ "unparsed": line }));
+                if sender.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        Browser { child, lines }
+    }
+
+    async fn next_within(&mut self, wait: Duration) -> Option<Value> {
+        tokio::time::timeout(wait, self.lines.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn next(&mut self, what: &str) -> Value {
+        self.next_within(Duration::from_secs(90))
+            .await
+            .unwrap_or_else(|| panic!("the browser said nothing about {what}"))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Playground: headers, `{ hi }`, then the subscription shown receiving `trigger`'s updates.
+async fn playground_walk_through(base_url: &str, mode: &str, trigger: impl Fn()) {
+    let (access, _) = admin_tokens_at(base_url).await;
+    let mut browser = Browser::open(base_url, &access, mode);
+    let hi = browser.next("{ hi }").await;
+    assert!(
+        hi["hi"].as_str().is_some_and(|pane| pane.contains("Hi!")),
+        "{mode}: {hi}"
+    );
+    let listening = browser.next("the subscription").await;
+    assert_eq!(listening, json!({"listening": true}), "{mode}");
+    // The protocol does not acknowledge a subscription: trigger until the page shows one.
+    let mut update = None;
+    for _ in 0..30 {
+        trigger();
+        if let Some(line) = browser.next_within(Duration::from_secs(2)).await {
+            update = Some(line);
+            break;
+        }
+    }
+    let update = update.unwrap_or_else(|| panic!("{mode}: the page showed no update"));
+    let pane = update["update"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{mode}: {update}"));
+    assert!(
+        pane.contains(r#""carModelUpdated""#) && pane.contains(r#""model""#),
+        "{pane}"
+    );
+    let end = browser.next("the end").await;
+    assert_eq!(end, json!({"offsite": [], "errors": []}), "{mode}");
+    assert_eq!(browser.child.wait().unwrap().code(), Some(0), "{mode}");
+    std::io::stderr().flush().ok();
+}
+
+#[actix_web::test]
+async fn playground_in_chromium_through_nginx() {
+    let stack = Stack::shared();
+    playground_walk_through(&stack.url, "nginx", || {
+        crate::client::trigger_event(stack, 1);
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn playground_in_chromium_in_the_embedded_mode() {
+    let gqlws = Gqlws::start().await;
+    playground_walk_through(&gqlws.url, "embedded", || gqlws.trigger_event(1)).await;
+}
