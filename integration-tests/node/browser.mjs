@@ -1,26 +1,106 @@
 // The walk-through in a real browser, for the end-to-end suite: Debian's chromium driven by
-// playwright-core, on GraphQL Playground as served by the stack (no other host).
+// playwright-core, on GraphQL Playground or GraphiQL as served by the stack (no other host).
 //
-//   node browser.mjs --base http://127.0.0.1:8000 --token <access> [--shots DIR]
+//   node browser.mjs --base http://127.0.0.1:8000 --token <access> --ide playground|graphiql
+//                    [--shots DIR]
 //
-// Like a person: open /graphql/, set HTTP HEADERS to {"Authorization": "Bearer <access>"}, run
-// `{ hi }` and wait for "Hi!", then run `subscription { carModelUpdated(pk: 1) { make model } }`
-// and wait for an update (the test runs trigger-event meanwhile). Output, a JSON object a line:
+// Like a person: open /graphql/ (Playground) or /graphiql, set the HTTP headers to
+// {"Authorization": "Bearer <access>"}, run `{ hi }` and wait for "Hi!", then run
+// `subscription { carModelUpdated(pk: 1) { make model } }` and wait for an update (the test runs
+// trigger-event meanwhile). Output, a JSON object a line:
 //   {"hi":"<result pane>"}           `{ hi }` answered
 //   {"listening":true}               the subscription is running: trigger events now
-//   {"update":"<result pane>"}       an update is shown (screenshot playground-update.png)
+//   {"update":"<result pane>"}       an update is shown (screenshot <ide>-update.png)
 //   {"offsite":[…],"errors":[…]}     requests to any other host, and page/console errors; last
 // Exit status 0 when all of that happened with no off-site request and no error.
 
 import { parseArgs } from 'node:util';
 import { chromium } from 'playwright-core';
 
-const { base, token, shots } = parseArgs({
-  options: { base: { type: 'string' }, token: { type: 'string' }, shots: { type: 'string' } },
+const { base, token, ide, shots } = parseArgs({
+  options: {
+    base: { type: 'string' },
+    token: { type: 'string' },
+    ide: { type: 'string' },
+    shots: { type: 'string' },
+  },
 }).values;
-if (!base || !token) {
-  console.error('usage: node browser.mjs --base HTTP_BASE_URL --token ACCESS [--shots DIR]');
+if (!base || !token || !['playground', 'graphiql'].includes(ide)) {
+  console.error('usage: node browser.mjs --base HTTP_BASE_URL --token ACCESS --ide playground|graphiql [--shots DIR]');
   process.exit(2);
+}
+const headers = JSON.stringify({ Authorization: `Bearer ${token}` }, null, 2);
+const subscription = 'subscription {\n  carModelUpdated(pk: 1) {\n    make\n    model\n  }\n}';
+
+/// Polls `read` until `test` accepts what it returns.
+async function until(page, what, read, test, ms = 20_000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const text = await read();
+    if (test(text)) return text;
+    if (Date.now() > deadline) throw new Error(`${what}; the result pane shows: ${text}`);
+    await page.waitForTimeout(100);
+  }
+}
+
+async function playground(page) {
+  await page.goto(`${base}/graphql/`);
+  const execute = page.locator('[title="Execute Query (Ctrl-Enter)"]');
+  await execute.waitFor();
+  // The editors are CodeMirror instances: the query, the variables/headers drawer, the results.
+  const setValue = (n, text) =>
+    page.locator('.CodeMirror').nth(n)
+      .evaluate((element, value) => element.CodeMirror.setValue(value), text);
+  const results = () =>
+    page.evaluate(() =>
+      [...document.querySelectorAll('.CodeMirror')].slice(2)
+        .map((element) => element.CodeMirror?.getValue() ?? element.innerText).join('\n'));
+
+  await page.getByText('HTTP HEADERS').click();
+  await setValue(1, headers);
+  await setValue(0, '{ hi }');
+  await execute.click();
+  print({ hi: await until(page, 'no "Hi!"', results, (text) => text.includes('"hi": "Hi!"')) });
+  if (shots) await page.screenshot({ path: `${shots}/playground-hi.png` });
+
+  await setValue(0, subscription);
+  await execute.click();
+  await page.getByText('Listening', { exact: false }).first().waitFor({ timeout: 20_000 });
+  print({ listening: true });
+  const update = await until(page, 'no update', results, (text) => text.includes('"carModelUpdated"'), 60_000);
+  print({ update });
+  if (shots) await page.screenshot({ path: `${shots}/playground-update.png` });
+}
+
+async function graphiql(page) {
+  await page.goto(`${base}/graphiql`);
+  const execute = page.locator('.graphiql-execute-button');
+  await execute.waitFor();
+  // Monaco editors: filled as a person pastes (typing would have brackets auto-closed).
+  await page.context().grantPermissions(['clipboard-read', 'clipboard-write']);
+  const replace = async (editor, text) => {
+    await page.evaluate((value) => navigator.clipboard.writeText(value), text);
+    await editor.click();
+    await page.keyboard.press('ControlOrMeta+A');
+    await page.keyboard.press('ControlOrMeta+V');
+  };
+  const results = () => page.locator('.result-window').innerText();
+
+  await page.getByText('Headers', { exact: true }).click();
+  await replace(page.locator('.monaco-editor[data-uri*="headers"]'), headers);
+  await replace(page.locator('.graphiql-query-editor .monaco-editor').first(), '{ hi }');
+  await execute.click();
+  print({ hi: await until(page, 'no "Hi!"', results, (text) => /"hi":\s*"Hi!"/.test(text)) });
+  if (shots) await page.screenshot({ path: `${shots}/graphiql-hi.png` });
+
+  await replace(page.locator('.graphiql-query-editor .monaco-editor').first(), subscription);
+  await execute.click();
+  // While a subscription runs, the execute button is the stop button.
+  await page.locator('.graphiql-execute-button[aria-label*="Stop" i]').waitFor({ timeout: 20_000 });
+  print({ listening: true });
+  const update = await until(page, 'no update', results, (text) => text.includes('"carModelUpdated"'), 60_000);
+  print({ update });
+  if (shots) await page.screenshot({ path: `${shots}/graphiql-update.png` });
 }
 const print = (value) => process.stdout.write(JSON.stringify(value) + '\n');
 const origin = new URL(base).host;
@@ -48,44 +128,11 @@ try {
     if (message.type() === 'error') errors.push(`console: ${message.text()}`);
   });
 
-  await page.goto(`${base}/graphql/`);
-  const execute = page.locator('[title="Execute Query (Ctrl-Enter)"]');
-  await execute.waitFor();
-  // The editors are CodeMirror instances: the query, the variables/headers drawer, the results.
-  const editor = (n) => page.locator('.CodeMirror').nth(n);
-  const setValue = (n, text) =>
-    editor(n).evaluate((element, value) => element.CodeMirror.setValue(value), text);
-  const results = () =>
-    page.evaluate(() =>
-      [...document.querySelectorAll('.CodeMirror')].slice(2)
-        .map((element) => element.CodeMirror?.getValue() ?? element.innerText).join('\n'));
-  const until = async (what, test, ms = 20_000) => {
-    const deadline = Date.now() + ms;
-    for (;;) {
-      const text = await results();
-      if (test(text)) return text;
-      if (Date.now() > deadline) throw new Error(`${what}; the result pane shows: ${text}`);
-      await page.waitForTimeout(100);
-    }
-  };
-
-  await page.getByText('HTTP HEADERS').click();
-  await setValue(1, JSON.stringify({ Authorization: `Bearer ${token}` }, null, 2));
-  await setValue(0, '{ hi }');
-  await execute.click();
-  print({ hi: await until('no "Hi!"', (text) => text.includes('"hi": "Hi!"')) });
-  if (shots) await page.screenshot({ path: `${shots}/playground-hi.png` });
-
-  await setValue(0, 'subscription {\n  carModelUpdated(pk: 1) {\n    make\n    model\n  }\n}');
-  await execute.click();
-  await page.getByText('Listening', { exact: false }).first().waitFor({ timeout: 20_000 });
-  print({ listening: true });
-  const update = await until('no update', (text) => text.includes('"carModelUpdated"'), 60_000);
-  print({ update });
-  if (shots) await page.screenshot({ path: `${shots}/playground-update.png` });
+  await (ide === 'playground' ? playground(page) : graphiql(page));
 } catch (err) {
   failed = true;
   errors.push(`test: ${err.message}`);
+  if (shots) await browser.contexts()[0]?.pages()[0]?.screenshot({ path: `${shots}/${ide}-failure.png` }).catch(() => {});
 } finally {
   await browser.close();
 }

@@ -15,6 +15,7 @@ use actix_web::{web, HttpResponse};
 /// Where the assets are served; NGINX sends `/graphql/…` to api-service.
 pub const ASSETS: &str = "/graphql/assets";
 const PLAYGROUND: &str = "playground-1.7.28";
+const GRAPHIQL: &str = "graphiql-5.4.0";
 
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
      style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self' data:; \
@@ -30,31 +31,61 @@ struct Asset {
     immutable: bool,
 }
 
+/// A file of `assets/`, compiled in.
+macro_rules! asset {
+    ($path:literal, $content_type:literal, $immutable:literal) => {
+        Asset {
+            path: $path,
+            content_type: $content_type,
+            body: include_bytes!(concat!("../assets/", $path)),
+            immutable: $immutable,
+        }
+    };
+}
+
 const FILES: &[Asset] = &[
-    Asset {
-        path: "playground-1.7.28/middleware.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../assets/playground-1.7.28/middleware.js"),
-        immutable: true,
-    },
-    Asset {
-        path: "playground-1.7.28/middleware.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../assets/playground-1.7.28/middleware.css"),
-        immutable: true,
-    },
-    Asset {
-        path: "playground-1.7.28/favicon.png",
-        content_type: "image/png",
-        body: include_bytes!("../assets/playground-1.7.28/favicon.png"),
-        immutable: true,
-    },
-    Asset {
-        path: "gqlws/playground.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../assets/gqlws/playground.js"),
-        immutable: false,
-    },
+    asset!(
+        "playground-1.7.28/middleware.js",
+        "text/javascript; charset=utf-8",
+        true
+    ),
+    asset!(
+        "playground-1.7.28/middleware.css",
+        "text/css; charset=utf-8",
+        true
+    ),
+    asset!("playground-1.7.28/favicon.png", "image/png", true),
+    asset!(
+        "graphiql-5.4.0/graphiql.js",
+        "text/javascript; charset=utf-8",
+        true
+    ),
+    asset!(
+        "graphiql-5.4.0/graphiql.css",
+        "text/css; charset=utf-8",
+        true
+    ),
+    asset!("graphiql-5.4.0/codicon.ttf", "font/ttf", true),
+    asset!(
+        "graphiql-5.4.0/editor.worker.js",
+        "text/javascript; charset=utf-8",
+        true
+    ),
+    asset!(
+        "graphiql-5.4.0/json.worker.js",
+        "text/javascript; charset=utf-8",
+        true
+    ),
+    asset!(
+        "graphiql-5.4.0/graphql.worker.js",
+        "text/javascript; charset=utf-8",
+        true
+    ),
+    asset!(
+        "gqlws/playground.js",
+        "text/javascript; charset=utf-8",
+        false
+    ),
 ];
 
 pub fn config(cfg: &mut web::ServiceConfig) {
@@ -106,6 +137,28 @@ pub fn playground_page() -> String {
 <body>
   <div id="root"></div>
   <script src="{ASSETS}/gqlws/playground.js"></script>
+</body>
+</html>
+"#
+    )
+}
+
+/// GraphiQL 5, with its subscriptions over graphql-ws.
+pub fn graphiql_page() -> String {
+    format!(
+        r#"<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <meta name="viewport" content="width=device-width, initial-scale=1">
+  <title>GraphiQL</title>
+  <link rel="stylesheet" href="{ASSETS}/{GRAPHIQL}/graphiql.css">
+  <link rel="icon" href="{ASSETS}/{PLAYGROUND}/favicon.png">
+  <style>body {{ margin: 0; }} #graphiql {{ height: 100dvh; }}</style>
+</head>
+<body>
+  <div id="graphiql"></div>
+  <script src="{ASSETS}/{GRAPHIQL}/graphiql.js"></script>
 </body>
 </html>
 "#

@@ -270,10 +270,7 @@ async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
             .content_type("application/json")
             .body(error_body("not found", "NOT_FOUND"));
     }
-    html(juniper::http::graphiql::graphiql_source(
-        "/graphql/",
-        Some("/graphql/"),
-    ))
+    crate::ide::page(crate::ide::graphiql_page())
 }
 
 /// Verifies the `Authorization` header once per HTTP request; resolvers see the outcome.
@@ -458,12 +455,6 @@ fn http_error(status: StatusCode, message: &str, code: &str) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
         .body(error_body(message, code))
-}
-
-fn html(page: String) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/html; charset=utf-8")
-        .body(page)
 }
 
 /// The body, refused with 413 when over `limit` (checked against Content-Length first, then while

@@ -1,6 +1,6 @@
 //! The walk-through in a real browser: Debian's chromium, driven by playwright-core
-//! (`node/browser.mjs`), on GraphQL Playground as the stack serves it, through NGINX and in the
-//! embedded mode. HTTP headers set in the page, `{ hi }` answered "Hi!", a subscription shown
+//! (`node/browser.mjs`), on GraphQL Playground and on GraphiQL as the stack serves them, through
+//! NGINX and in the embedded mode. HTTP headers set in the page, `{ hi }` answered "Hi!", a subscription shown
 //! receiving trigger-event's update; and no request to any other host (the IDE's code is served
 //! by api-service itself), no page or console error (the Content-Security-Policy refuses what it
 //! does not allow, which shows there). Screenshots go to target/e2e/screenshots/<mode>/.
@@ -21,7 +21,7 @@ struct Browser {
 }
 
 impl Browser {
-    fn open(base_url: &str, access: &str, mode: &str) -> Browser {
+    fn open(base_url: &str, access: &str, ide: &str, mode: &str) -> Browser {
         let node_dir = repo_root().join("integration-tests/node");
         assert!(
             node_dir.join("node_modules/playwright-core").is_dir(),
@@ -33,7 +33,7 @@ impl Browser {
         let mut child = Command::new("node")
             .current_dir(&node_dir)
             .arg("browser.mjs")
-            .args(["--base", base_url, "--token", access])
+            .args(["--base", base_url, "--token", access, "--ide", ide])
             .arg("--shots")
             .arg(&shots)
             .stdin(Stdio::null())
@@ -78,10 +78,12 @@ impl Drop for Browser {
     }
 }
 
-/// Playground: headers, `{ hi }`, then the subscription shown receiving `trigger`'s updates.
-async fn playground_walk_through(base_url: &str, mode: &str, trigger: impl Fn()) {
+/// In `ide`: headers, `{ hi }`, then the subscription shown receiving `trigger`'s updates.
+async fn walk_through(base_url: &str, ide: &str, mode: &str, trigger: impl Fn()) {
     let (access, _) = admin_tokens_at(base_url).await;
-    let mut browser = Browser::open(base_url, &access, mode);
+    let mut browser = Browser::open(base_url, &access, ide, mode);
+    let mode = format!("{ide} {mode}");
+    let mode = mode.as_str();
     let hi = browser.next("{ hi }").await;
     assert!(
         hi["hi"].as_str().is_some_and(|pane| pane.contains("Hi!")),
@@ -112,17 +114,35 @@ async fn playground_walk_through(base_url: &str, mode: &str, trigger: impl Fn())
     std::io::stderr().flush().ok();
 }
 
-#[actix_web::test]
-async fn playground_in_chromium_through_nginx() {
+async fn through_nginx(ide: &str) {
     let stack = Stack::shared();
-    playground_walk_through(&stack.url, "nginx", || {
+    walk_through(&stack.url, ide, "nginx", || {
         crate::client::trigger_event(stack, 1);
     })
     .await;
 }
 
+async fn in_the_embedded_mode(ide: &str) {
+    let gqlws = Gqlws::start().await;
+    walk_through(&gqlws.url, ide, "embedded", || gqlws.trigger_event(1)).await;
+}
+
+#[actix_web::test]
+async fn playground_in_chromium_through_nginx() {
+    through_nginx("playground").await;
+}
+
 #[actix_web::test]
 async fn playground_in_chromium_in_the_embedded_mode() {
-    let gqlws = Gqlws::start().await;
-    playground_walk_through(&gqlws.url, "embedded", || gqlws.trigger_event(1)).await;
+    in_the_embedded_mode("playground").await;
+}
+
+#[actix_web::test]
+async fn graphiql_in_chromium_through_nginx() {
+    through_nginx("graphiql").await;
+}
+
+#[actix_web::test]
+async fn graphiql_in_chromium_in_the_embedded_mode() {
+    in_the_embedded_mode("graphiql").await;
 }

@@ -115,7 +115,7 @@ impl TestApp {
             request = request.insert_header((*name, *value));
         }
         let mut response = request.send().await.unwrap();
-        let body = response.body().limit(1 << 20).await.unwrap();
+        let body = response.body().limit(16 << 20).await.unwrap();
         let content_type = response
             .headers()
             .get("content-type")

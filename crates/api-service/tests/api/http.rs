@@ -66,19 +66,65 @@ async fn get_runs_queries_but_not_mutations() {
 }
 
 #[actix_web::test]
-async fn a_browser_gets_playground_and_graphiql() {
+async fn a_browser_gets_playground_and_graphiql_from_this_server_only() {
     let app = TestApp::spawn(&[]).await;
-    let browser = [("Accept", "text/html,application/xhtml+xml,*/*;q=0.8")];
-    for path in ["/graphql", "/graphql/"] {
-        let (status, content_type, body) = app.get(path, &browser).await;
-        assert_eq!(status, 200);
-        assert!(content_type.starts_with("text/html"));
-        assert!(body.contains("GraphQL Playground"));
-        assert!(body.contains("location.host + location.pathname"));
+    let client = awc::Client::default();
+    let mut assets = Vec::new();
+    for (path, title) in [
+        ("/graphql", "GraphQL Playground"),
+        ("/graphql/", "GraphQL Playground"),
+        ("/graphiql", "GraphiQL"),
+    ] {
+        let mut response = client
+            .get(format!("{}{path}", app.address))
+            .insert_header(("Accept", "text/html,application/xhtml+xml,*/*;q=0.8"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(header("content-type").starts_with("text/html"), "{path}");
+        let policy = header("content-security-policy");
+        assert!(
+            policy.contains("default-src 'self'") && policy.contains("script-src 'self';"),
+            "{path}: {policy}"
+        );
+        let body = String::from_utf8(response.body().await.unwrap().to_vec()).unwrap();
+        assert!(body.contains(&format!("<title>{title}</title>")), "{body}");
+        // Every script and style is a file of this server: no other host, nothing inline.
+        assert!(!body.contains("http"), "{path}: {body}");
+        assert!(!body.contains("<script>"), "{path}: {body}");
+        for part in body.split('"') {
+            if part.starts_with("/graphql/assets/") {
+                assets.push(part.to_owned());
+            }
+        }
     }
-    let (status, _, body) = app.get("/graphiql", &browser).await;
-    assert_eq!(status, 200);
-    assert!(body.contains("graphiql"), "{body}");
+    assert!(assets.len() >= 7, "{assets:?}");
+    for asset in &assets {
+        let (status, content_type, body) = app.get(asset, &[]).await;
+        assert_eq!(status, 200, "{asset}");
+        assert!(!body.is_empty(), "{asset}");
+        let expected = match asset.rsplit('.').next() {
+            Some("js") => "text/javascript",
+            Some("css") => "text/css",
+            Some("png") => "image/png",
+            other => panic!("{asset}: {other:?}"),
+        };
+        assert!(
+            content_type.starts_with(expected),
+            "{asset}: {content_type}"
+        );
+    }
+    let (status, _, _) = app.get("/graphql/assets/nope.js", &[]).await;
+    assert_eq!(status, 404);
     // Not a browser: a JSON error saying what is missing.
     let (status, _, body) = app
         .get("/graphql/", &[("Accept", "application/json")])
