@@ -5,8 +5,7 @@
 //! by api-service itself), no page or console error (the Content-Security-Policy refuses what it
 //! does not allow, which shows there). Screenshots go to target/e2e/screenshots/<mode>/.
 
-use std::io::{BufRead as _, Write as _};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -41,19 +40,7 @@ impl Browser {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|err| panic!("cannot run node: {err}"));
-        let stdout: ChildStdout = child.stdout.take().unwrap();
-        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let value = serde_json::from_str(&line).unwrap_or(json!({ "unparsed": line }));
-                if sender.send(value).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = crate::client::json_lines(child.stdout.take().unwrap());
         Browser { child, lines }
     }
 
@@ -111,7 +98,6 @@ async fn walk_through(base_url: &str, ide: &str, mode: &str, trigger: impl Fn())
     let end = browser.next("the end").await;
     assert_eq!(end, json!({"offsite": [], "errors": []}), "{mode}");
     assert_eq!(browser.child.wait().unwrap().code(), Some(0), "{mode}");
-    std::io::stderr().flush().ok();
 }
 
 async fn through_nginx(ide: &str) {

@@ -312,6 +312,26 @@ impl WsClient {
     }
 }
 
+/// A node script's output, a JSON object a line, delivered as the lines come (a line that is
+/// not JSON as `{"unparsed": line}`).
+pub fn json_lines(
+    stdout: std::process::ChildStdout,
+) -> tokio::sync::mpsc::UnboundedReceiver<Value> {
+    let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let value = serde_json::from_str(&line).unwrap_or(json!({"unparsed": line}));
+            if sender.send(value).is_err() {
+                break;
+            }
+        }
+    });
+    lines
+}
+
 /// One run of `node/subscribe.mjs` (an npm client), its output lines delivered as they come.
 pub struct NodeSubscriber {
     child: Child,
@@ -349,19 +369,7 @@ impl NodeSubscriber {
         let mut child = command
             .spawn()
             .unwrap_or_else(|err| panic!("cannot run node: {err}"));
-        let stdout = child.stdout.take().unwrap();
-        let (sender, lines) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let value = serde_json::from_str(&line).unwrap_or(json!({"unparsed": line}));
-                if sender.send(value).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = json_lines(child.stdout.take().unwrap());
         NodeSubscriber { child, lines }
     }
 
