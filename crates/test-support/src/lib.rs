@@ -23,9 +23,25 @@ use diesel::{Connection, PgConnection, RunQueryDsl};
 
 pub mod ws;
 
+/// The admin connection, with `sslmode=disable` added when the URL names no `sslmode`.
+///
+/// Why: libpq's default (`prefer`) negotiates TLS with a server that offers it (Debian's does),
+/// which initialises OpenSSL and registers its `atexit` clean-up. A test process ends with r2d2's
+/// worker threads of earlier tests still retrying connections to databases those tests dropped;
+/// one of them inside a TLS handshake while `exit` frees OpenSSL's state aborted a CI run with
+/// "double free or corruption". Loopback test connections gain nothing from TLS.
 pub fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    let url = std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    without_tls(url)
+}
+
+fn without_tls(url: String) -> String {
+    if url.contains("sslmode=") || url.starts_with("sqlite:") {
+        return url;
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}sslmode=disable")
 }
 
 pub fn redis_url() -> String {
