@@ -269,9 +269,9 @@ pub async fn not_upgraded(req: HttpRequest) -> HttpResponse {
     HttpResponse::build(actix_web::http::StatusCode::UPGRADE_REQUIRED)
         .insert_header((header::UPGRADE, "websocket"))
         .json(json!({
-            "detail": "this endpoint serves GraphQL subscriptions over websockets \
-                       (graphql-transport-ws or graphql-ws); send queries and mutations \
-                       with HTTP POST to the API",
+            "detail": "this endpoint serves GraphQL over websockets only \
+                       (graphql-transport-ws or graphql-ws); for plain HTTP, send \
+                       queries and mutations to the API",
             "code": "upgrade_required",
         }))
 }
