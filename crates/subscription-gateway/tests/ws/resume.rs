@@ -312,3 +312,81 @@ async fn many_resuming_from_one_cursor_at_once_each_get_every_event_once_in_orde
         );
     }
 }
+
+#[actix_web::test]
+async fn a_legacy_start_resumes_from_a_cursor_too() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut first = subscriber(&gateway, None).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
+    let (_, cursor, _) = next_result(&mut first).await;
+    drop(first);
+    for make in ["m1", "m2"] {
+        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+    }
+
+    let mut legacy = WsClient::connect(&gateway.url(), "graphql-ws").await;
+    legacy
+        .send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {}", access(1))}}))
+        .await;
+    assert_eq!(legacy.expect_json().await["type"], "connection_ack");
+    legacy
+        .send(json!({"id": "1", "type": "start", "payload": {
+            "query": MODEL_UPDATED, "extensions": {"resumeFrom": cursor}}}))
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match legacy.recv_skip_keepalive().await {
+            Incoming::Json(data) => {
+                assert_eq!(data["type"], "data", "{data}");
+                let payload = &data["payload"];
+                seen.push((
+                    payload["data"]["carModelUpdated"]["make"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                    payload["extensions"]["recovered"].as_bool(),
+                ));
+            }
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        seen,
+        [("m1".to_owned(), Some(true)), ("m2".to_owned(), None)]
+    );
+}
+
+#[actix_web::test]
+async fn a_renewed_socket_is_judged_by_its_new_token_at_a_revocation() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let opened = chrono::Utc::now().timestamp();
+    let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    client.init(&access(1)).await;
+    // The renewal is issued at least two whole seconds after `opened`; the first token at most
+    // one.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let renewal = token(1, TokenType::Access, 300);
+    client
+        .send(json!({"type": "ping", "payload": {"Authorization": format!("Bearer {renewal}")}}))
+        .await;
+    assert_eq!(client.expect_json().await["type"], "pong");
+    gateway.settle().await;
+
+    let channel = common::events::revocation_channel(&gateway.prefix);
+    let suffix = channel.trim_start_matches(&gateway.prefix).to_owned();
+    let revoke =
+        |cutoff: i64| json!({"user_id": 1, "jti": "j", "revoked_before": cutoff}).to_string();
+    // A logout that covers only the first token: the renewed socket stays.
+    gateway.publish_raw(&suffix, &revoke(opened + 1)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.expect_json().await["type"], "pong");
+    // A logout that covers the renewal too: closed.
+    gateway
+        .publish_raw(&suffix, &revoke(chrono::Utc::now().timestamp()))
+        .await;
+    let (code, reason) = client.expect_close().await;
+    assert_eq!(code, Some(4403));
+    assert!(reason.contains("revoked"), "{reason}");
+}
