@@ -31,35 +31,39 @@ use crate::redis::RedisPool;
 /// The envelope's format version; bumped only for changes an old consumer would misread.
 pub const ENVELOPE_VERSION: u32 = 1;
 
-/// What happened to a car. The serialized names are the envelope's `type` and the last part of
-/// the Redis channel name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum EventType {
-    #[serde(rename = "car.created")]
-    CarCreated,
-    #[serde(rename = "car.updated")]
-    CarUpdated,
-    #[serde(rename = "car.deleted")]
-    CarDeleted,
+/// Declares [`EventType`], its [`EventType::ALL`] and its names from one list, so that a variant
+/// cannot exist without being in `ALL`: the outbox relay and the gateway know an event type only
+/// through `ALL`, and a type missing there was silently dropped from the outbox as unknown.
+macro_rules! event_types {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)+) => {
+        /// What happened to a car. The serialized names are the envelope's `type` and the last
+        /// part of the Redis stream's name.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum EventType {
+            $($(#[$doc])* #[serde(rename = $name)] $variant,)+
+        }
+
+        impl EventType {
+            pub const ALL: &'static [EventType] = &[$(EventType::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(EventType::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+event_types! {
+    CarCreated = "car.created",
+    CarUpdated = "car.updated",
+    CarDeleted = "car.deleted",
 }
 
 impl EventType {
-    pub const ALL: [EventType; 3] = [
-        EventType::CarCreated,
-        EventType::CarUpdated,
-        EventType::CarDeleted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventType::CarCreated => "car.created",
-            EventType::CarUpdated => "car.updated",
-            EventType::CarDeleted => "car.deleted",
-        }
-    }
-
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.as_str() == name)
+        Self::ALL.iter().copied().find(|t| t.as_str() == name)
     }
 }
 

@@ -253,8 +253,8 @@ impl Subscriber {
             .await
             .unwrap();
         let logs = common::events::EventType::ALL
-            .into_iter()
-            .map(|t| (common::events::channel(prefix, t), "0-0".to_owned()))
+            .iter()
+            .map(|&t| (common::events::channel(prefix, t), "0-0".to_owned()))
             .collect();
         Subscriber {
             connection,
