@@ -13,11 +13,11 @@ use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
 use common::auth::TokenVerifier;
 use common::error::ApiError;
-use common::graphql::{extensions, Context, Schema, SUBSCRIPTION_OVER_HTTP};
+use common::graphql::{Context, Schema, SUBSCRIPTION_OVER_HTTP};
 use common::http::BodyLimits;
 use common::repository::Store;
 use juniper::http::GraphQLRequest;
-use juniper::{DefaultScalarValue, GraphQLError, OperationType, ParseError, ValidatedOperation};
+use juniper::{DefaultScalarValue, OperationType, ValidatedOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
@@ -330,7 +330,7 @@ async fn execute(
         Ok(operation) => operation,
         Err(err) => {
             return Outcome {
-                body: json!({ "errors": graphql_errors(&err) }).to_string(),
+                body: json!({ "errors": common::graphql::request_errors(&err) }).to_string(),
                 kind: OutcomeKind::RequestError,
             }
         }
@@ -366,38 +366,10 @@ async fn execute(
             }
         }
         Err(err) => Outcome {
-            body: json!({ "errors": graphql_errors(&err) }).to_string(),
+            body: json!({ "errors": common::graphql::request_errors(&err) }).to_string(),
             kind: OutcomeKind::RequestError,
         },
     }
-}
-
-/// juniper's request-level errors, each with an `extensions.code`.
-fn graphql_errors(err: &GraphQLError) -> Json {
-    let code = match err {
-        GraphQLError::ParseError(parse) => match parse.item {
-            ParseError::DepthLimitExceeded(_) => "QUERY_TOO_DEEP",
-            ParseError::FieldLimitExceeded(_) => "QUERY_TOO_COMPLEX",
-            ParseError::TokenLimitExceeded(_) => "QUERY_TOO_LARGE",
-            _ => "GRAPHQL_PARSE_FAILED",
-        },
-        GraphQLError::ValidationError(_) => "GRAPHQL_VALIDATION_FAILED",
-        _ => "BAD_REQUEST",
-    };
-    let mut errors =
-        serde_json::to_value(err).unwrap_or_else(|_| json!([{"message": err.to_string()}]));
-    if let Json::Array(items) = &mut errors {
-        for item in items {
-            if let Json::Object(map) = item {
-                map.insert(
-                    "extensions".into(),
-                    serde_json::to_value(extensions::<DefaultScalarValue>(code))
-                        .unwrap_or_default(),
-                );
-            }
-        }
-    }
-    errors
 }
 
 /// `{"data": …, "errors": […]}` of an executed operation, `errors` left out when empty.

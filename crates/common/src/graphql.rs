@@ -414,6 +414,35 @@ impl GraphQLError {
     }
 }
 
+/// juniper's request-level errors (the document did not parse, passed a limit or did not
+/// validate) as a GraphQL `errors` list, each with an `extensions.code`. One function for HTTP
+/// (api-service) and the socket (the gateway), so that a refused document reads the same on both.
+pub fn request_errors(err: &juniper::GraphQLError) -> serde_json::Value {
+    use juniper::{GraphQLError as Refused, ParseError};
+    let code = match err {
+        Refused::ParseError(parse) => match parse.item {
+            ParseError::DepthLimitExceeded(_) => "QUERY_TOO_DEEP",
+            ParseError::FieldLimitExceeded(_) => "QUERY_TOO_COMPLEX",
+            ParseError::TokenLimitExceeded(_) => "QUERY_TOO_LARGE",
+            _ => "GRAPHQL_PARSE_FAILED",
+        },
+        Refused::ValidationError(_) => "GRAPHQL_VALIDATION_FAILED",
+        _ => "BAD_REQUEST",
+    };
+    let mut errors = serde_json::to_value(err)
+        .ok()
+        .filter(serde_json::Value::is_array)
+        .unwrap_or_else(|| serde_json::json!([{"message": err.to_string()}]));
+    if let serde_json::Value::Array(items) = &mut errors {
+        for item in items {
+            if let serde_json::Value::Object(map) = item {
+                map.insert("extensions".into(), serde_json::json!({ "code": code }));
+            }
+        }
+    }
+    errors
+}
+
 /// `{"code": "<CODE>"}`, the `extensions` of an error.
 pub fn extensions<S: ScalarValue>(code: &str) -> Value<S> {
     let mut object = Object::with_capacity(1);

@@ -27,7 +27,6 @@ use bytes::Bytes;
 use common::graphql::Context;
 use futures_util::{FutureExt as _, StreamExt as _};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch, Notify};
 
 use common::events::{Cursor, Position};
@@ -611,10 +610,7 @@ async fn drive(
                 juniper::GraphQLError::NotSubscription => {
                     protocol::errors("this operation is not a subscription", "BAD_REQUEST")
                 }
-                other => serde_json::to_value(&other)
-                    .ok()
-                    .filter(Value::is_array)
-                    .unwrap_or_else(|| protocol::errors(&other.to_string(), "BAD_REQUEST")),
+                other => common::graphql::request_errors(&other),
             };
             if let Some(execution) = execution.upgrade() {
                 execution.mark_finished();

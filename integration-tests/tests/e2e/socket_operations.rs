@@ -1,6 +1,7 @@
 //! Queries and mutations sent on the websocket, with the npm clients (`node/subscribe.mjs`:
 //! `graphql-ws` and `subscriptions-transport-ws`), through NGINX and against the embedded binary:
-//! `{ hi }`, `me`, a mutation and a query error, each answered as over HTTP. The gateway runs none
+//! `{ hi }`, `me`, a mutation, a query error and a document past the limits, each answered as
+//! over HTTP. The gateway runs none
 //! of them itself; it forwards them to api-service with the connection's token
 //! (subscription-gateway's forward.rs), so a mutation's event goes out as over HTTP.
 
@@ -90,6 +91,19 @@ async fn operations_are_answered_as_over_http(ws_url: &str, base_url: &str, acce
         let on_http = over_http(base_url, access, invalid).await;
         assert_eq!(
             refused[0]["extensions"]["code"], "GRAPHQL_VALIDATION_FAILED",
+            "{client}: {refused}"
+        );
+        assert_eq!(refused, on_http["errors"], "{client}");
+        // …and one past the document limits (MAX_QUERY_DEPTH, 24 by default): the same bound.
+        let mut deep = String::from("name");
+        for _ in 0..30 {
+            deep = format!("ofType {{ {deep} }}");
+        }
+        let deep = format!("{{ __type(name: \"Car\") {{ {deep} }} }}");
+        let refused = refused_on_the_socket(ws_url, client, access, &deep).await;
+        let on_http = over_http(base_url, access, &deep).await;
+        assert_eq!(
+            refused[0]["extensions"]["code"], "QUERY_TOO_DEEP",
             "{client}: {refused}"
         );
         assert_eq!(refused, on_http["errors"], "{client}");
