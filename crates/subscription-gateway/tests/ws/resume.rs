@@ -39,6 +39,15 @@ async fn next_result(client: &mut WsClient) -> (String, String, Option<bool>) {
     )
 }
 
+/// The cursor of `make`'s result, seen by a subscriber that then goes away.
+async fn cursor_of_a_departed_subscriber(gateway: &TestGateway, make: &str) -> String {
+    let mut first = subscriber(gateway, None).await;
+    gateway.settle().await;
+    gateway.publish(EventType::CarUpdated, car(1, make)).await;
+    let (_, cursor, _) = next_result(&mut first).await;
+    cursor
+}
+
 #[actix_web::test]
 async fn a_resumed_subscription_gets_what_it_missed_then_live_events_once_each() {
     let gateway = TestGateway::spawn(&[]).await;
@@ -116,11 +125,7 @@ async fn a_resume_while_others_share_the_execution_neither_loses_nor_repeats() {
 #[actix_web::test]
 async fn a_cursor_the_history_no_longer_covers_says_recovered_false_then_goes_live() {
     let gateway = TestGateway::spawn(&[]).await;
-    let mut first = subscriber(&gateway, None).await;
-    gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "old")).await;
-    let (_, cursor, _) = next_result(&mut first).await;
-    drop(first);
+    let cursor = cursor_of_a_departed_subscriber(&gateway, "old").await;
     gateway
         .publish(EventType::CarUpdated, car(1, "trimmed"))
         .await;
@@ -275,11 +280,7 @@ async fn renewal_with_another_users_or_a_bad_token_closes_4403() {
 #[actix_web::test]
 async fn many_resuming_from_one_cursor_at_once_each_get_every_event_once_in_order() {
     let gateway = TestGateway::spawn(&[]).await;
-    let mut first = subscriber(&gateway, None).await;
-    gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
-    let (_, cursor, _) = next_result(&mut first).await;
-    drop(first);
+    let cursor = cursor_of_a_departed_subscriber(&gateway, "m0").await;
     for n in 1..=5 {
         gateway
             .publish(EventType::CarUpdated, car(1, &format!("m{n}")))
@@ -316,11 +317,7 @@ async fn many_resuming_from_one_cursor_at_once_each_get_every_event_once_in_orde
 #[actix_web::test]
 async fn a_legacy_start_resumes_from_a_cursor_too() {
     let gateway = TestGateway::spawn(&[]).await;
-    let mut first = subscriber(&gateway, None).await;
-    gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
-    let (_, cursor, _) = next_result(&mut first).await;
-    drop(first);
+    let cursor = cursor_of_a_departed_subscriber(&gateway, "m0").await;
     for make in ["m1", "m2"] {
         gateway.publish(EventType::CarUpdated, car(1, make)).await;
     }
