@@ -14,7 +14,8 @@ use common::events::MemoryBus;
 use common::http::{health_routes, not_found, Readiness};
 use common::metrics::{self, Metrics};
 use common::repository::Store;
-use subscription_gateway::startup::{GatewayState, HubSource};
+use subscription_gateway::startup::HubSource;
+use subscription_gateway::state::GatewayState;
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;

@@ -15,55 +15,19 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::auth::{AuthError, TokenVerifier};
-use common::graphql::{Context, Mutation, Query, Schema, Subscription};
-use common::http::{Counted, Tally};
+use common::auth::AuthError;
+use common::http::Counted;
 use common::jwt::Claims;
 use juniper::DefaultScalarValue;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-use crate::executions::{Executions, Gate, Membership, Start, Subscriber};
-use crate::hub::Hub;
+use crate::executions::{Gate, Membership, Start, Subscriber};
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, close, ClientMessage, Protocol};
 use crate::socket::{
     ping_frame, pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError,
 };
-
-pub type Coordinator =
-    juniper_subscriptions::Coordinator<Query, Mutation, Subscription, Context, DefaultScalarValue>;
-
-/// Limits of one connection, from the settings.
-#[derive(Debug, Clone)]
-pub struct ConnectionLimits {
-    pub keepalive: Duration,
-    pub init_timeout: Duration,
-    pub max_subscriptions: usize,
-    pub outbound_queue: usize,
-    /// Longest a client may leave waiting bytes unread before it is disconnected.
-    pub write_timeout: Duration,
-}
-
-/// What every connection shares.
-pub struct Shared {
-    pub coordinator: Arc<Coordinator>,
-    /// The same schema, for checks before an execution starts (one root field per
-    /// subscription) and for metric labels.
-    pub schema: Arc<Schema>,
-    /// Authenticated sockets per user (MAX_CONNECTIONS_PER_USER).
-    pub users: Arc<Tally<i64>>,
-    pub verifier: TokenVerifier,
-    pub hub: Hub,
-    /// Subscriptions with the same operation share one execution (see [`crate::executions`]).
-    pub executions: Arc<Executions>,
-    pub limits: ConnectionLimits,
-    pub metrics: GatewayMetrics,
-    /// Cancelled when the server starts draining: every socket closes with 1001.
-    pub shutdown: CancellationToken,
-    /// Where queries and mutations sent on the socket are executed.
-    pub upstream: crate::forward::Upstream,
-}
+use crate::state::Shared;
 
 /// How the connection ends: a close code and a reason for the client.
 struct Closing {

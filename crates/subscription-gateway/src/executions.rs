@@ -24,19 +24,22 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
 
 use bytes::Bytes;
-use common::graphql::Context;
+use common::graphql::{Context, Mutation, Query, Subscription};
 use futures_util::{FutureExt as _, StreamExt as _};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use tokio::sync::{mpsc, watch, Notify};
 
 use common::events::{Cursor, Position};
 
-use crate::connection::Coordinator;
 use crate::hub::{ConnectionEvents, Hub, ReplayError, ReplayEvents, ReplayOutcome, CURRENT_EVENT};
 use crate::lock;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, Protocol};
 use crate::socket::{text_frame, Link};
+
+/// juniper's subscription coordinator over the schema: what an execution drives.
+pub type Coordinator =
+    juniper_subscriptions::Coordinator<Query, Mutation, Subscription, Context, DefaultScalarValue>;
 
 /// The running executions of this process, by operation key.
 pub struct Executions {

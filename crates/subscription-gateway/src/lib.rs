@@ -15,6 +15,9 @@
 //!   expiry, revocation, slow consumers, shutdown.
 //! - [`executions`]: subscriptions with the same operation executed once per event and shared.
 //! - [`metrics`]: the gateway's Prometheus metrics.
+//! - [`state`]: what the parts share (`Shared`, `GatewayState`, the limits, the coordinator),
+//!   so that imports run one way: startup → server → connection → executions → hub/socket/
+//!   protocol.
 
 pub mod connection;
 pub mod executions;
@@ -26,6 +29,7 @@ pub mod server;
 pub mod settings;
 pub mod socket;
 pub mod startup;
+pub mod state;
 
 /// A mutex's guard even if a thread panicked while holding it: every mutex here guards plain
 /// data that stays consistent between statements, and one panicking connection must not take

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 
 use crate::protocol::{Protocol, LEGACY_WS, TRANSPORT_WS};
 use crate::socket::{Inbound, Link};
-use crate::startup::GatewayState;
+use crate::state::GatewayState;
 
 /// Paths that serve subscriptions; other upgrade requests get 404.
 const PATHS: [&str; 2] = ["/graphql", "/graphql/"];

@@ -2,7 +2,6 @@
 //! port 0, and stop it with a future of their own.
 
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +17,11 @@ use common::revocations::RevokedBefore;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{ConnectionLimits, Coordinator, Shared};
+use crate::executions::Coordinator;
 use crate::hub::Hub;
 use crate::metrics::GatewayMetrics;
 use crate::settings::Settings;
+use crate::state::{ConnectionLimits, GatewayState, Shared};
 
 /// Why the gateway could not start. Configuration errors exit with status 2, the rest with 1.
 #[derive(Debug, thiserror::Error)]
@@ -38,17 +38,6 @@ pub struct Application {
     state: web::Data<GatewayState>,
     /// Stops the hub's Redis task, after the sockets are closed.
     hub_shutdown: CancellationToken,
-}
-
-/// What the upgrade handler shares ([`upgrade`] reads it as app data).
-pub struct GatewayState {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) max_frame_bytes: usize,
-    /// Open sockets per client address (MAX_CONNECTIONS_PER_ADDRESS), counted from the upgrade.
-    pub(crate) addresses: Arc<Tally<IpAddr>>,
-    /// Whether the upgrade's `X-Forwarded-For` names the client (behind the repo's NGINX).
-    pub(crate) trust_forwarded_for: bool,
-    drain_timeout: Duration,
 }
 
 /// Where the hub gets its events: Redis (the distributed stack) or the in-memory bus (the
