@@ -6,6 +6,7 @@
 //! - [`PrivateRedis`]: a `redis-server` process of the test's own on a free port, for tests that
 //!   stop and restart Redis.
 //! - [`Response`] and [`into_response`]: an HTTP answer read whole, its body as JSON.
+//! - [`tokens`]: tokens signed as auth-service signs them.
 //! - [`ws::WsClient`]: a websocket client (awc's) for the servers that speak the subscription
 //!   protocols.
 //!
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
+pub mod tokens;
 pub mod ws;
 
 /// The admin connection, with `sslmode=disable` added when the URL names no `sslmode`.

@@ -8,10 +8,9 @@ use std::time::Duration;
 use api_service::settings::{Cli, Settings};
 use api_service::startup::Application;
 use clap::Parser as _;
-use common::config::JwtArgs;
 use common::db::users::{self, NewUser};
 use common::db::DbPool;
-use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+use common::jwt::TokenType;
 use deadpool_redis::redis;
 use serde_json::{json, Value};
 use test_support::{unique_prefix, TestDb};
@@ -186,12 +185,6 @@ pub fn settings_from(args: &[String]) -> Settings {
     Cli::try_parse_from(args).unwrap().settings
 }
 
-#[derive(clap::Parser)]
-struct JwtOnly {
-    #[command(flatten)]
-    jwt: JwtArgs,
-}
-
 /// Signs a token as auth-service does, with `SECRET` (or `secret`), expiring in `exp_in` seconds.
 pub fn token(user_id: i64, username: &str, token_type: TokenType, exp_in: i64) -> String {
     token_with_secret(SECRET, user_id, username, token_type, exp_in)
@@ -204,21 +197,7 @@ pub fn token_with_secret(
     token_type: TokenType,
     exp_in: i64,
 ) -> String {
-    let args = JwtOnly::try_parse_from(["jwt", &format!("--jwt-secret={secret}")])
-        .unwrap()
-        .jwt;
-    let (keys, _) = JwtKeys::from_args(&args, SecretPolicy::RequireConfigured).unwrap();
-    let now = chrono::Utc::now().timestamp();
-    keys.signing
-        .sign(&Claims {
-            token_type,
-            exp: now + exp_in,
-            iat: now,
-            jti: new_jti(),
-            user_id,
-            username: username.to_owned(),
-        })
-        .unwrap()
+    test_support::tokens::hs256(secret, user_id, username, token_type, exp_in)
 }
 
 /// The single error of a response: (code, message).

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+use common::jwt::{JwtKeys, SecretPolicy, TokenType};
 use serde_json::json;
 
 use crate::helpers::{error_of, TestApp};
@@ -79,17 +79,7 @@ fn ed25519_keys(dir: &std::path::Path, name: &str) -> JwtKeys {
 }
 
 fn sign(keys: &JwtKeys, token_type: TokenType) -> String {
-    let now = chrono::Utc::now().timestamp();
-    keys.signing
-        .sign(&Claims {
-            token_type,
-            exp: now + 300,
-            iat: now,
-            jti: new_jti(),
-            user_id: 1,
-            username: "alice".into(),
-        })
-        .unwrap()
+    test_support::tokens::sign(keys, 1, "alice", token_type, 300)
 }
 
 #[actix_web::test]

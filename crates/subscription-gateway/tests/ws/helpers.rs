@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use common::db::cars::Car;
 use common::events::{Envelope, EventBus as _, EventType, RedisBus};
-use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+use common::jwt::TokenType;
 use subscription_gateway::settings::Cli;
 use subscription_gateway::startup::Application;
 pub use test_support::ws::{Incoming, WsClient};
@@ -163,29 +163,15 @@ pub fn car(id: i64, make: &str) -> Car {
     }
 }
 
-fn keys() -> JwtKeys {
-    let settings = Cli::try_parse_from(["x", &format!("--jwt-secret={SECRET}")])
-        .unwrap()
-        .settings;
-    JwtKeys::from_args(&settings.jwt, SecretPolicy::RequireConfigured)
-        .unwrap()
-        .0
-}
-
 /// A token as auth-service would issue it, expiring `lifetime_secs` from now.
 pub fn token(user_id: i64, token_type: TokenType, lifetime_secs: i64) -> String {
-    let now = chrono::Utc::now().timestamp();
-    keys()
-        .signing
-        .sign(&Claims {
-            token_type,
-            exp: now + lifetime_secs,
-            iat: now,
-            jti: new_jti(),
-            user_id,
-            username: format!("user{user_id}"),
-        })
-        .unwrap()
+    test_support::tokens::hs256(
+        SECRET,
+        user_id,
+        &format!("user{user_id}"),
+        token_type,
+        lifetime_secs,
+    )
 }
 
 pub fn access(user_id: i64) -> String {

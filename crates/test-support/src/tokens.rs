@@ -1,0 +1,62 @@
+//! The one token minter of the test crates: tokens signed as auth-service signs them (the same
+//! claims, `iat` now, a fresh `jti`), with the keys a service configured the same way holds.
+
+use common::config::JwtArgs;
+use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+
+/// The keys of a service started with `JWT_SECRET=secret` (HS256) and nothing else set.
+pub fn hs256_keys(secret: &str) -> JwtKeys {
+    let args = JwtArgs {
+        jwt_algorithm: "HS256".to_owned(),
+        jwt_secret: Some(secret.to_owned()),
+        jwt_private_key_file: None,
+        jwt_key_id: None,
+        jwt_verify_keys: Vec::new(),
+        jwt_accepted_algorithms: Vec::new(),
+        access_token_lifetime_secs: 300,
+        refresh_token_lifetime_secs: 86_400,
+        jwt_leeway_secs: 5,
+    };
+    JwtKeys::from_args(&args, SecretPolicy::RequireConfigured)
+        .unwrap()
+        .0
+}
+
+/// A token for `user_id`/`username`, expiring `lifetime_secs` from now (negative: already
+/// expired), signed with `keys`.
+pub fn sign(
+    keys: &JwtKeys,
+    user_id: i64,
+    username: &str,
+    token_type: TokenType,
+    lifetime_secs: i64,
+) -> String {
+    let now = chrono::Utc::now().timestamp();
+    keys.signing
+        .sign(&Claims {
+            token_type,
+            exp: now + lifetime_secs,
+            iat: now,
+            jti: new_jti(),
+            user_id,
+            username: username.to_owned(),
+        })
+        .unwrap()
+}
+
+/// [`sign`] with the HS256 keys of `secret`.
+pub fn hs256(
+    secret: &str,
+    user_id: i64,
+    username: &str,
+    token_type: TokenType,
+    lifetime_secs: i64,
+) -> String {
+    sign(
+        &hs256_keys(secret),
+        user_id,
+        username,
+        token_type,
+        lifetime_secs,
+    )
+}
