@@ -3,7 +3,8 @@
 //! `extensions.cursor`): Car 1 is updated over HTTP every 50 ms for over 30 s while the stack is
 //! disrupted, and the subscriber must have received every committed update exactly once.
 //!
-//! (a) the embedded binary with 10 s access tokens (the socket closes 4403 at each expiry);
+//! (a) 10 s access tokens (the socket closes 4403 at each expiry), against the embedded binary
+//! and through NGINX;
 //! (b) rolling SIGTERM of the two gateway replicas behind NGINX; (c) Redis restarted twice
 //! (3 s down each) with mutations committed during the outages; (d) the gateways' Redis event
 //! connections killed (`CLIENT KILL`). Also with that client: in-band renewal, a cursor older
@@ -278,11 +279,7 @@ async fn run_scenario(
 
 #[actix_web::test]
 async fn embedded_token_expiry_reconnects_lose_nothing() {
-    let gqlws = Gqlws::start_with(&[
-        ("ACCESS_TOKEN_LIFETIME_SECS", "10"),
-        ("JWT_LEEWAY_SECS", "0"),
-    ])
-    .await;
+    let gqlws = Gqlws::start_with(&SHORT_TOKENS).await;
     let client = run_scenario(
         "embedded, 10 s tokens",
         &gqlws.ws_url(),
@@ -291,6 +288,31 @@ async fn embedded_token_expiry_reconnects_lose_nothing() {
         async {},
     )
     .await;
+    assert_resumed_after_expiries(&client);
+}
+
+#[actix_web::test]
+async fn token_expiry_reconnects_through_nginx_lose_nothing() {
+    let stack = Stack::start_with("resume-expiry", &test_support::redis_url(), &SHORT_TOKENS);
+    let client = run_scenario(
+        "NGINX, 10 s tokens",
+        &stack.ws_url(),
+        &stack.url,
+        Order::Commit,
+        async {},
+    )
+    .await;
+    assert_resumed_after_expiries(&client);
+}
+
+/// Access tokens of 10 s, checked to the second: a socket closes (4403) every 10 s.
+const SHORT_TOKENS: [(&str, &str); 2] = [
+    ("ACCESS_TOKEN_LIFETIME_SECS", "10"),
+    ("JWT_LEEWAY_SECS", "0"),
+];
+
+/// The client was closed at its tokens' expiry more than once, and resumed each time.
+fn assert_resumed_after_expiries(client: &Resumer) {
     let closes: Vec<Value> = client
         .lines()
         .into_iter()

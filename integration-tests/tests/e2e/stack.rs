@@ -49,10 +49,15 @@ impl Stack {
 
     /// [`Stack::start`] with a Redis of the test's own (one it restarts).
     pub fn start_on(label: &str, redis_url: &str) -> Stack {
+        Self::start_with(label, redis_url, &[])
+    }
+
+    /// [`Stack::start_on`] with further settings for every service (their environment).
+    pub fn start_with(label: &str, redis_url: &str, settings: &[(&str, &str)]) -> Stack {
         let mut last_output = String::new();
         // A free port can be taken between our probe and NGINX's bind; try other ports then.
         for _ in 0..3 {
-            match Self::try_start(label, redis_url) {
+            match Self::try_start(label, redis_url, settings) {
                 Ok(stack) => return stack,
                 Err(output) if output.contains("is in use") => last_output = output,
                 Err(output) => panic!("scripts/stack up failed:\n{output}"),
@@ -68,7 +73,7 @@ impl Stack {
         SHARED.get_or_init(|| Stack::start("shared"))
     }
 
-    fn try_start(label: &str, redis_url: &str) -> Result<Stack, String> {
+    fn try_start(label: &str, redis_url: &str, settings: &[(&str, &str)]) -> Result<Stack, String> {
         let repo = repo_root();
         let bin_dir = bin_dir();
         for binary in ["auth-service", "api-service", "subscription-gateway"] {
@@ -119,7 +124,8 @@ impl Stack {
             .env("GATEWAY_REPLICAS", GATEWAY_REPLICAS.to_string())
             .env_remove("NGINX_LISTEN")
             .env_remove("DATABASE_URL")
-            .env_remove("REDIS_URL");
+            .env_remove("REDIS_URL")
+            .envs(settings.iter().copied());
         let (watchdog, up_succeeded) = Watchdog::spawn(up, &repo, &db.name);
         let text = std::fs::read_to_string(dir.join("up.log")).unwrap_or_default();
         if !up_succeeded {
