@@ -1,4 +1,4 @@
-//! Protects the GraphQL document limits (`common::graphql::schema` with `DocumentLimits`,
+//! Protects the GraphQL document limits (`graphql_schema::schema` with `DocumentLimits`,
 //! enforced by juniper's parser before validation): no document panics or overflows the stack
 //! while being parsed and validated (libFuzzer's -timeout catches blow-ups), and a document that
 //! got past the parser nests `{`/`[` no deeper than `max_depth` and has no more than
@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use common::graphql::{schema, DocumentLimits, Schema};
+use graphql_schema::{schema, DocumentLimits, Schema};
 use juniper::{GraphQLError, ValidatedOperation};
 use libfuzzer_sys::fuzz_target;
 
@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     // As the services do: a variable of an unknown type is refused before juniper's validation,
     // which panics on one that has a default value (found by this target).
-    let parsed = match common::graphql::unknown_variable_type(schema, &text) {
+    let parsed = match graphql_schema::unknown_variable_type(schema, &text) {
         Some(_) => true,
         None => !matches!(
             ValidatedOperation::new(&text, None, schema),
@@ -44,10 +44,10 @@ fuzz_target!(|data: &[u8]| {
             "parsed a document of at least {tokens} tokens"
         );
     }
-    if let Some(count) = common::graphql::operation_field_count(schema, &text, None) {
+    if let Some(count) = graphql_schema::operation_field_count(schema, &text, None) {
         assert!(count <= LIMITS.max_fields, "operation_field_count {count}");
     }
-    if let Some(fields) = common::graphql::subscription_root_fields(schema, &text, None) {
+    if let Some(fields) = graphql_schema::subscription_root_fields(schema, &text, None) {
         assert!(
             fields.count <= LIMITS.max_fields,
             "{} root fields",

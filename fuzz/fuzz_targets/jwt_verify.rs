@@ -1,4 +1,4 @@
-//! Protects token verification (`common::jwt::VerificationKeys`), configured as a service is
+//! Protects token verification (`tokens::jwt::VerificationKeys`), configured as a service is
 //! during a rotation: an HS256 secret and an Ed25519 public key accepted side by side, so
 //! algorithm confusion is in reach. Arbitrary strings and edits of genuine tokens (bytes
 //! flipped, inserted, deleted, segments spliced between tokens) never panic, and whatever
@@ -8,8 +8,8 @@
 
 use std::sync::OnceLock;
 
-use common::config::JwtArgs;
-use common::jwt::{Claims, JwtKeys, SecretPolicy, TokenError, TokenType, VerificationKeys};
+use service_kit::config::JwtArgs;
+use tokens::jwt::{Claims, JwtKeys, SecretPolicy, TokenError, TokenType, VerificationKeys};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
 use libfuzzer_sys::fuzz_target;

@@ -27,7 +27,7 @@ import yaml
 SCHEMA_VERSIONS = ["1.31", kubernetes_validate.utils.major_minor(kubernetes_validate.latest_version())]
 
 GATEWAY = "subscription-gateway"
-# Defaults of the settings that bound a stop (crates/*/src/settings.rs, crates/common/src/config.rs).
+# Defaults of the settings that bound a stop (crates/*/src/settings.rs, crates/service-kit/src/config.rs).
 DEFAULT_DRAIN_TIMEOUT_SECS = 10
 DEFAULT_SHUTDOWN_TIMEOUT_SECS = 10
 
@@ -72,7 +72,7 @@ def key(obj: dict) -> tuple:
 def known_env_names(root: Path) -> set[str]:
     """Every environment variable a service or the entrypoint reads."""
     names: set[str] = set()
-    sources = list(root.glob("crates/*/src/settings.rs")) + [root / "crates/common/src/config.rs"]
+    sources = list(root.glob("crates/*/src/settings.rs")) + [root / "crates/service-kit/src/config.rs"]
     for src in sources:
         names.update(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', src.read_text()))
     return names

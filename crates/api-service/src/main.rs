@@ -2,17 +2,17 @@ use std::process::ExitCode;
 
 use api_service::settings::{Cli, Command, Settings};
 use api_service::startup::{self, Application, StartupError};
-use common::config::parse_or_exit;
+use service_kit::config::parse_or_exit;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
     // The schema needs no settings; printing it should not ask for a database URL.
     if std::env::args().nth(1).as_deref() == Some("print-schema") {
-        print!("{}", common::graphql::sdl());
+        print!("{}", graphql_schema::sdl());
         return ExitCode::SUCCESS;
     }
     let cli: Cli = parse_or_exit();
-    if let Err(err) = common::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
         err.exit();
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
         Command::Migrate => startup::migrate(&cli.settings.database.database_url).await,
         Command::TriggerEvent { pk } => trigger_event(&cli.settings, pk).await,
         Command::PrintSchema => {
-            print!("{}", common::graphql::sdl());
+            print!("{}", graphql_schema::sdl());
             Ok(())
         }
     };
@@ -36,25 +36,25 @@ async fn main() -> ExitCode {
 
 async fn serve(settings: Settings) -> Result<(), StartupError> {
     let app = Application::build(settings).await?;
-    app.run_until_stopped(common::shutdown::signal())
+    app.run_until_stopped(service_kit::shutdown::signal())
         .await
         .map_err(|err| StartupError::Other(err.to_string()))
 }
 
 async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError> {
-    let pool = common::db::pool(&settings.database);
-    let metrics = common::metrics::Metrics::new("trigger-event");
-    let store = match common::db::Backend::of_url(&settings.database.database_url) {
+    let pool = store::pool(&settings.database);
+    let metrics = service_kit::metrics::Metrics::new("trigger-event");
+    let store = match store::Backend::of_url(&settings.database.database_url) {
         // An SQLite file belongs to an embedded server, whose bus lives in its memory: commit,
         // and its outbox relay publishes the event within OUTBOX_RELAY_INTERVAL_MS.
-        Ok(common::db::Backend::Sqlite) => {
-            common::repository::Store::commit_only(pool, startup::outbox_config(settings), &metrics)
+        Ok(store::Backend::Sqlite) => {
+            store::repository::Store::commit_only(pool, startup::outbox_config(settings), &metrics)
         }
         _ => {
-            let redis = common::redis::pool(&settings.redis)?;
+            let redis = service_kit::redis::pool(&settings.redis)?;
             let bus = std::sync::Arc::new(
-                common::events::RedisBus::new(redis, settings.redis.redis_key_prefix.clone())
-                    .with_retention(common::events::Retention::from(&settings.events)),
+                events::RedisBus::new(redis, settings.redis.redis_key_prefix.clone())
+                    .with_retention(events::Retention::from(&settings.events)),
             );
             startup::store(settings, pool, bus, &metrics)
         }

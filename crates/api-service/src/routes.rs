@@ -11,20 +11,20 @@ use std::sync::Arc;
 
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
-use common::auth::TokenVerifier;
-use common::error::ApiError;
-use common::graphql::{Context, Schema, SUBSCRIPTION_OVER_HTTP};
-use common::http::BodyLimits;
-use common::repository::Store;
+use graphql_schema::{Context, Schema, SUBSCRIPTION_OVER_HTTP};
 use juniper::http::GraphQLRequest;
 use juniper::{DefaultScalarValue, OperationType, ValidatedOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
+use service_kit::error::ApiError;
+use service_kit::http::BodyLimits;
+use tokens::auth::TokenVerifier;
 
 /// What the handlers share; built once by [`crate::startup::Application::build`].
 pub struct ApiState {
     pub schema: Arc<Schema>,
-    pub store: Store,
+    /// The store, as the schema's resolvers see it.
+    pub data: Arc<dyn domain::DataSource>,
     pub verifier: TokenVerifier,
     pub body_limits: BodyLimits,
     pub max_batch_size: usize,
@@ -145,7 +145,7 @@ async fn graphql_post(
                 .iter()
                 .flatten()
                 .filter_map(|request| {
-                    common::graphql::operation_field_count(
+                    graphql_schema::operation_field_count(
                         &state.schema,
                         &request.query,
                         request.operation_name.as_deref(),
@@ -281,7 +281,7 @@ async fn context(req: &HttpRequest, state: &ApiState) -> Context {
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("?"));
     let auth = state.verifier.authenticate(header).await;
-    Context::new(auth).with_store(state.store.clone())
+    Context::new(auth).with_data(state.data.clone())
 }
 
 /// A JSON object with a `query` string, optional `operationName` and `variables`.
@@ -316,7 +316,7 @@ async fn execute(
     context: &Context,
     method: &Method,
 ) -> Outcome {
-    if let Some(message) = common::graphql::unknown_variable_type(&state.schema, &request.query) {
+    if let Some(message) = graphql_schema::unknown_variable_type(&state.schema, &request.query) {
         return Outcome {
             body: error_body(&message, "GRAPHQL_VALIDATION_FAILED"),
             kind: OutcomeKind::RequestError,
@@ -330,7 +330,7 @@ async fn execute(
         Ok(operation) => operation,
         Err(err) => {
             return Outcome {
-                body: json!({ "errors": common::graphql::request_errors(&err) }).to_string(),
+                body: json!({ "errors": graphql_schema::request_errors(&err) }).to_string(),
                 kind: OutcomeKind::RequestError,
             }
         }
@@ -366,7 +366,7 @@ async fn execute(
             }
         }
         Err(err) => Outcome {
-            body: json!({ "errors": common::graphql::request_errors(&err) }).to_string(),
+            body: json!({ "errors": graphql_schema::request_errors(&err) }).to_string(),
             kind: OutcomeKind::RequestError,
         },
     }
@@ -436,7 +436,7 @@ async fn read_body(
     payload: web::Payload,
     limits: BodyLimits,
 ) -> Result<web::BytesMut, HttpResponse> {
-    common::http::read_body(req, payload, limits)
+    service_kit::http::read_body(req, payload, limits)
         .await
         .map_err(|err| {
             let mut response = http_error(err.status_code(), &err.to_string(), err.graphql_code());

@@ -1,7 +1,9 @@
 //! Every setting of api-service, from flags or the environment (`api-service --help` lists them).
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{DatabaseArgs, EventLogArgs, HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
+use service_kit::config::{
+    DatabaseArgs, EventLogArgs, HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs,
+};
 
 #[derive(Debug, Parser)]
 #[command(

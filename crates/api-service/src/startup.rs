@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
-use common::auth::TokenVerifier;
-use common::config::ConfigError;
-use common::events::{EventBus, RedisBus};
-use common::graphql::DocumentLimits;
-use common::http::{health_routes, not_found, Readiness};
-use common::jwt::SecretPolicy;
-use common::metrics::{self, Metrics};
-use common::repository::{OutboxConfig, Store};
-use common::revocations::RevokedBefore;
+use events::{EventBus, RedisBus};
+use graphql_schema::DocumentLimits;
+use service_kit::config::ConfigError;
+use service_kit::http::{health_routes, not_found, Readiness};
+use service_kit::metrics::{self, Metrics};
+use store::repository::{OutboxConfig, Store};
+use tokens::auth::TokenVerifier;
+use tokens::jwt::SecretPolicy;
+use tokens::revocations::RevokedBefore;
 
 use crate::routes::{self, ApiState};
 use crate::settings::Settings;
@@ -37,19 +37,19 @@ pub struct Application {
     server: Server,
     store: Store,
     /// Where logouts' cutoffs are read from, for the verifier's copy.
-    redis: common::redis::RedisPool,
+    redis: service_kit::redis::RedisPool,
     key_prefix: String,
     revoked: Arc<RevokedBefore>,
 }
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let pool = common::db::pool(&settings.database);
-        let redis = common::redis::pool(&settings.redis)?;
+        let pool = store::pool(&settings.database);
+        let redis = service_kit::redis::pool(&settings.redis)?;
         let metrics = Metrics::new("api-service");
         let bus = Arc::new(
             RedisBus::new(redis.clone(), settings.redis.redis_key_prefix.clone())
-                .with_retention(common::events::Retention::from(&settings.events)),
+                .with_retention(events::Retention::from(&settings.events)),
         );
         let store = store(&settings, pool.clone(), bus, &metrics);
         let revoked = revoked_before(&settings);
@@ -60,29 +60,30 @@ impl Application {
         if settings.demo {
             seed_demo(&pool).await?;
         }
-        let readiness = web::Data::new(Readiness {
-            database: Some(pool),
-            redis: Some(redis.clone()),
-        });
+        let readiness = web::Data::new(
+            Readiness::default()
+                .check("database", store::readiness_probe(pool))
+                .redis(redis.clone()),
+        );
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(settings.http.address_limit());
 
-        let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
-        let server = common::start_server!(
+        let (listener, port) = service_kit::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
+        let server = service_kit::start_server!(
             HttpServer::new(move || {
                 App::new()
                     .app_data(state.clone())
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
                     .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(common::http::limit_per_address))
+                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     .configure(routes::config)
                     .configure(health_routes)
                     .default_service(web::to(not_found))
             }),
             listener,
-            common::http::ServerOptions::from(&settings.http)
+            service_kit::http::ServerOptions::from(&settings.http)
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "api-service listening");
@@ -110,11 +111,11 @@ impl Application {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay = tokio::spawn(common::repository::run_relay(self.store, async move {
+        let relay = tokio::spawn(store::repository::run_relay(self.store, async move {
             let _ = relay_stopped.await;
         }));
         let (stop_poll, poll_stopped) = tokio::sync::oneshot::channel::<()>();
-        let poll = tokio::spawn(common::revocations::poll(
+        let poll = tokio::spawn(tokens::revocations::poll(
             self.redis,
             self.key_prefix,
             self.revoked,
@@ -138,7 +139,7 @@ impl Application {
 /// The store (database, bus, outbox timing) as `serve` and `trigger-event` use it.
 pub fn store(
     settings: &Settings,
-    pool: common::db::DbPool,
+    pool: store::DbPool,
     bus: Arc<dyn EventBus>,
     metrics: &Metrics,
 ) -> Store {
@@ -169,8 +170,8 @@ pub async fn state(
         max_tokens: settings.max_query_tokens as usize,
     };
     Ok(web::Data::new(ApiState {
-        schema: Arc::new(common::graphql::schema(limits)),
-        store,
+        schema: Arc::new(graphql_schema::schema(limits)),
+        data: Arc::new(store),
         verifier,
         body_limits: settings.http.body_limits(max_body_bytes),
         max_batch_size: settings.max_batch_size,
@@ -180,15 +181,15 @@ pub async fn state(
 }
 
 /// The demo user and cars (demo mode).
-pub async fn seed_demo(pool: &common::db::DbPool) -> Result<(), StartupError> {
-    common::db::cars::seed_demo(pool)
+pub async fn seed_demo(pool: &store::DbPool) -> Result<(), StartupError> {
+    store::cars::seed_demo(pool)
         .await
         .map_err(|err| StartupError::Other(format!("cannot create the demo data: {err}")))?;
     tracing::warn!("demo mode: demo user and cars are present");
     Ok(())
 }
 
-/// The logout cutoffs this process follows (see [`common::revocations`]).
+/// The logout cutoffs this process follows (see [`tokens::revocations`]).
 pub fn revoked_before(settings: &Settings) -> Arc<RevokedBefore> {
     RevokedBefore::new(
         settings.jwt.access_token_lifetime_secs,
@@ -204,12 +205,12 @@ async fn verifier(settings: &Settings) -> Result<TokenVerifier, StartupError> {
     } else {
         SecretPolicy::RequireConfigured
     };
-    Ok(common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy).await?)
+    Ok(tokens::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy).await?)
 }
 
 pub async fn migrate(database_url: &str) -> Result<(), StartupError> {
     let url = database_url.to_owned();
-    let applied = tokio::task::spawn_blocking(move || common::db::migrate(&url, DATABASE_WAIT))
+    let applied = tokio::task::spawn_blocking(move || store::migrate(&url, DATABASE_WAIT))
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?
         .map_err(StartupError::Other)?;

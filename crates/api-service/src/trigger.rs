@@ -2,16 +2,16 @@
 //! same write path as `updateCar` (change and event in one transaction, published after commit),
 //! so every `carModelUpdated` subscriber sees it.
 
-use common::db::cars::{Actor, Car, CarChanges};
-use common::repository::Store;
+use domain::{Actor, Car, CarChanges};
 use rand::seq::SliceRandom as _;
+use store::repository::Store;
 
 /// The makes `trigger_event.py` picks from.
 pub const MAKES: [&str; 3] = ["Skoda", "Skoda Autogroup", "Skoda (VAG)"];
 
 /// Sets a random make on car `pk`; returns the car before and after.
 pub async fn trigger_event(store: &Store, pk: i64) -> Result<(Car, Car), String> {
-    let before = common::db::cars::find(&store.pool, pk)
+    let before = store::records::find::<Car>(&store.pool, pk)
         .await
         .map_err(|err| err.to_string())?
         .ok_or_else(|| format!("car {pk} does not exist"))?;
@@ -24,7 +24,7 @@ pub async fn trigger_event(store: &Store, pk: i64) -> Result<(Car, Car), String>
         ..CarChanges::default()
     };
     let after = store
-        .update_car(Actor::System, pk, changes)
+        .update::<Car>(Actor::System, pk, changes)
         .await
         .map_err(|err| err.to_string())?;
     Ok((before, after))

@@ -4,12 +4,12 @@ use std::process::ExitCode;
 use auth_service::settings::{Cli, Command};
 use auth_service::startup::{Application, StartupError};
 use auth_service::users::{create_user, Created};
-use common::config::parse_or_exit;
+use service_kit::config::parse_or_exit;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    if let Err(err) = common::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
         err.exit();
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
@@ -17,7 +17,7 @@ async fn main() -> ExitCode {
         Command::Migrate => {
             let url = cli.settings.database.database_url.clone();
             tokio::task::spawn_blocking(move || {
-                common::db::migrate(&url, std::time::Duration::from_secs(30))
+                store::migrate(&url, std::time::Duration::from_secs(30))
             })
             .await
             .map_err(|err| StartupError::Other(err.to_string()))
@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
 
 async fn serve(settings: auth_service::settings::Settings) -> Result<(), StartupError> {
     let app = Application::build(settings).await?;
-    app.run_until_stopped(common::shutdown::signal())
+    app.run_until_stopped(service_kit::shutdown::signal())
         .await
         .map_err(|err| StartupError::Other(err.to_string()))
 }
@@ -56,15 +56,15 @@ async fn deactivate_user_command(
     settings: &auth_service::settings::Settings,
     username: &str,
 ) -> Result<(), StartupError> {
-    let pool = common::db::pool(&settings.database);
-    let user = common::db::users::find_by_username(&pool, username.to_owned())
+    let pool = store::pool(&settings.database);
+    let user = store::users::find_by_username(&pool, username.to_owned())
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?
         .ok_or_else(|| StartupError::Other(format!("no user `{username}`")))?;
-    common::db::users::set_active(&pool, username.to_owned(), false)
+    store::users::set_active(&pool, username.to_owned(), false)
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?;
-    let redis = common::redis::pool(&settings.redis)?;
+    let redis = service_kit::redis::pool(&settings.redis)?;
     let failures = auth_service::routes::revoke_access_tokens(
         &auth_service::routes::Revocations::Redis(redis),
         &settings.redis.redis_key_prefix,
@@ -102,16 +102,14 @@ async fn create_user_command(
             .map_err(|err| StartupError::Other(format!("cannot read the password: {err}")))?;
         (line.trim_end_matches(['\r', '\n']).to_owned(), false)
     } else {
-        (common::jwt::new_jti(), true)
+        (tokens::jwt::new_jti(), true)
     };
     let url = settings.database.database_url.clone();
-    tokio::task::spawn_blocking(move || {
-        common::db::migrate(&url, std::time::Duration::from_secs(30))
-    })
-    .await
-    .map_err(|err| StartupError::Other(err.to_string()))?
-    .map_err(StartupError::Other)?;
-    let pool = common::db::pool(&settings.database);
+    tokio::task::spawn_blocking(move || store::migrate(&url, std::time::Duration::from_secs(30)))
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .map_err(StartupError::Other)?;
+    let pool = store::pool(&settings.database);
     match create_user(&pool, username, &password, staff, update)
         .await
         .map_err(StartupError::Other)?
@@ -132,7 +130,7 @@ async fn create_user_command(
 }
 
 fn generate_key(out: &std::path::Path) -> Result<(), StartupError> {
-    let (private, public) = common::jwt::generate_ed25519_pem().map_err(StartupError::Other)?;
+    let (private, public) = tokens::jwt::generate_ed25519_pem().map_err(StartupError::Other)?;
     let public_path = out.with_extension("pub.pem");
     write_private(out, &private)?;
     std::fs::write(&public_path, public).map_err(|err| {

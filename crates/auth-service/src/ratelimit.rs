@@ -24,10 +24,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::error::ApiError;
-use common::redis::{self, RedisPool};
 use deadpool_redis::redis as redis_client;
 use prometheus::IntCounterVec;
+use service_kit::error::ApiError;
+use service_kit::redis::{self, RedisPool};
 
 /// Where the failure counters live.
 pub enum Counters {

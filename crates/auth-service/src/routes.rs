@@ -5,15 +5,15 @@ use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
-use common::db::tokens::{self, BlacklistEntry};
-use common::db::{users, DbPool};
-use common::error::ApiError;
-use common::events::{revocation_channel, Revocation};
-use common::http::{client_address, read_json_object, required_strings, BodyLimits};
-use common::jwt::{new_jti, Claims, JwtKeys, TokenError, TokenType};
-use common::revocations::RevokedBefore;
+use events::{revocation_channel, Revocation};
 use prometheus::IntCounterVec;
 use serde_json::json;
+use service_kit::error::ApiError;
+use service_kit::http::{client_address, read_json_object, required_strings, BodyLimits};
+use store::blacklist::{self, BlacklistEntry};
+use store::{users, DbPool};
+use tokens::jwt::{new_jti, Claims, JwtKeys, TokenError, TokenType};
+use tokens::revocations::RevokedBefore;
 
 use crate::passwords;
 use crate::ratelimit::LoginLimiter;
@@ -21,10 +21,10 @@ use crate::ratelimit::LoginLimiter;
 /// Where revoked sessions are announced: the Redis channel every gateway listens to, or the
 /// in-memory bus of the embedded mode.
 pub enum Revocations {
-    Redis(common::redis::RedisPool),
+    Redis(service_kit::redis::RedisPool),
     /// The embedded mode: the bus, and the cutoffs its verifiers read.
     Memory {
-        bus: common::events::MemoryBus,
+        bus: events::MemoryBus,
         revoked: Arc<RevokedBefore>,
     },
 }
@@ -217,14 +217,14 @@ async fn refresh(
     let user = users::find_by_id(&state.pool, claims.user_id)
         .await?
         .filter(|u| u.is_active)
-        .ok_or(ApiError::TokenNotValid(TokenError::Revoked))?;
+        .ok_or(ApiError::from(TokenError::Revoked))?;
 
     if state.rotate_refresh_tokens && state.blacklist_after_rotation {
-        if !tokens::blacklist(&state.pool, blacklist_entry(&claims)).await? {
-            return Err(ApiError::TokenNotValid(TokenError::Revoked));
+        if !blacklist::blacklist(&state.pool, blacklist_entry(&claims)).await? {
+            return Err(ApiError::from(TokenError::Revoked));
         }
-    } else if tokens::is_blacklisted(&state.pool, claims.jti.clone()).await? {
-        return Err(ApiError::TokenNotValid(TokenError::Revoked));
+    } else if blacklist::is_blacklisted(&state.pool, claims.jti.clone()).await? {
+        return Err(ApiError::from(TokenError::Revoked));
     }
 
     let issued_at = issue_time(&state, user.id).await;
@@ -246,9 +246,9 @@ async fn verify(
 ) -> Result<HttpResponse, ApiError> {
     let claims = token_in_body(&req, payload, &state, "token", None).await?;
     if claims.token_type == TokenType::Refresh
-        && tokens::is_blacklisted(&state.pool, claims.jti).await?
+        && blacklist::is_blacklisted(&state.pool, claims.jti).await?
     {
-        return Err(ApiError::TokenNotValid(TokenError::Revoked));
+        return Err(ApiError::from(TokenError::Revoked));
     }
     Ok(HttpResponse::Ok().json(json!({})))
 }
@@ -260,14 +260,14 @@ async fn blacklist(
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
     let claims = token_in_body(&req, payload, &state, "refresh", Some(TokenType::Refresh)).await?;
-    if !tokens::blacklist(&state.pool, blacklist_entry(&claims)).await? {
-        return Err(ApiError::TokenNotValid(TokenError::Revoked));
+    if !blacklist::blacklist(&state.pool, blacklist_entry(&claims)).await? {
+        return Err(ApiError::from(TokenError::Revoked));
     }
     announce_revocation(&state, &claims).await;
     Ok(HttpResponse::Ok().json(json!({})))
 }
 
-/// Revokes the user's access tokens issued so far, on every replica ([`common::revocations`]),
+/// Revokes the user's access tokens issued so far, on every replica ([`tokens::revocations`]),
 /// and tells every gateway, so that the open sockets of those tokens close now rather than at
 /// their expiry. Best effort: the blacklist entry is already committed; when Redis is away the
 /// access tokens stay valid until they expire (minutes at most), as before.
@@ -321,17 +321,13 @@ pub async fn revoke_access_tokens(
     };
     let mut failures = Vec::new();
     if let Err(err) =
-        common::revocations::write(redis_pool, key_prefix, user_id, cutoff, retention_secs).await
+        tokens::revocations::write(redis_pool, key_prefix, user_id, cutoff, retention_secs).await
     {
         failures.push("write_revocation");
         tracing::warn!(%err, "cannot record the revocation; access tokens stay valid until they expire");
     }
-    let append = common::events::append_command(
-        &channel_name,
-        &payload,
-        common::events::REVOCATION_RETENTION,
-    );
-    if let Err(err) = common::redis::query::<(String,)>(redis_pool, &append).await {
+    let append = events::append_command(&channel_name, &payload, events::REVOCATION_RETENTION);
+    if let Err(err) = service_kit::redis::query::<(String,)>(redis_pool, &append).await {
         failures.push("announce_revocation");
         tracing::warn!(%err, "cannot announce the revocation; sockets close at token expiry");
     }
@@ -361,12 +357,12 @@ async fn token_in_body(
         Some(token_type) => verification.verify(&token, token_type),
         None => verification.verify_untyped(&token),
     }
-    .map_err(ApiError::TokenNotValid)
+    .map_err(ApiError::from)
 }
 
 /// The `iat` of new tokens for the user: now, or the second after the user's last logout if
 /// that is later. A logout revokes every token issued at or before its second
-/// ([`common::revocations`]), so a login in that same second must not be caught by it.
+/// ([`tokens::revocations`]), so a login in that same second must not be caught by it.
 async fn issue_time(state: &AuthState, user_id: i64) -> i64 {
     issue_time_after(&state.revocations, &state.limiter.key_prefix, user_id).await
 }
@@ -375,7 +371,7 @@ async fn issue_time_after(revocations: &Revocations, key_prefix: &str, user_id: 
     let now = Utc::now().timestamp();
     let cutoff = match revocations {
         Revocations::Memory { revoked, .. } => revoked.cutoff(user_id),
-        Revocations::Redis(pool) => common::revocations::read(pool, key_prefix, user_id)
+        Revocations::Redis(pool) => tokens::revocations::read(pool, key_prefix, user_id)
             .await
             .unwrap_or_else(|err| {
                 tracing::warn!(%err, "cannot read the user's logout cutoff");

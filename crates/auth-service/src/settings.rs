@@ -1,7 +1,7 @@
 //! Every setting of auth-service, from flags or the environment (`auth-service --help` lists them).
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{DatabaseArgs, HttpArgs, JwtArgs, LogArgs, RedisArgs};
+use service_kit::config::{DatabaseArgs, HttpArgs, JwtArgs, LogArgs, RedisArgs};
 
 #[derive(Debug, Parser)]
 #[command(

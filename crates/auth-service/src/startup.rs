@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{middleware, web, App, HttpServer};
-use common::config::ConfigError;
-use common::db::DbPool;
-use common::http::{health_routes, not_found, Readiness};
-use common::jwt::{JwtKeys, SecretPolicy};
-use common::metrics::{self, Metrics};
+use service_kit::config::ConfigError;
+use service_kit::http::{health_routes, not_found, Readiness};
+use service_kit::metrics::{self, Metrics};
+use store::DbPool;
+use tokens::jwt::{JwtKeys, SecretPolicy};
 
 use crate::ratelimit::{Counters, LoginLimiter};
 use crate::routes::{self, AuthState, LoginGate, Revocations};
@@ -37,8 +37,8 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let pool = common::db::pool(&settings.database);
-        let redis = common::redis::pool(&settings.redis)?;
+        let pool = store::pool(&settings.database);
+        let redis = service_kit::redis::pool(&settings.redis)?;
         let metrics = Metrics::new("auth-service");
         let backends = Backends {
             pool: pool.clone(),
@@ -54,30 +54,31 @@ impl Application {
                 .await
                 .map_err(StartupError::Other)?;
         }
-        let readiness = web::Data::new(Readiness {
-            database: Some(pool),
-            redis: Some(redis),
-        });
+        let readiness = web::Data::new(
+            Readiness::default()
+                .check("database", store::readiness_probe(pool))
+                .redis(redis),
+        );
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(settings.http.address_limit());
 
-        let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
+        let (listener, port) = service_kit::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
-        let server = common::start_server!(
+        let server = service_kit::start_server!(
             HttpServer::new(move || {
                 App::new()
                     .app_data(server_state.clone())
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
                     .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(common::http::limit_per_address))
+                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     .configure(routes::config)
                     .configure(health_routes)
                     .default_service(web::to(not_found))
             }),
             listener,
-            common::http::ServerOptions::from(&settings.http)
+            service_kit::http::ServerOptions::from(&settings.http)
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
         tracing::info!(port, "auth-service listening");
@@ -158,7 +159,7 @@ pub async fn state(
         "Redis errors of the login rate limiter (while failing, logins are not limited) and of revocation announcements.",
         &["operation"],
     );
-    let dummy_hash = crate::passwords::hash_blocking(common::jwt::new_jti())
+    let dummy_hash = crate::passwords::hash_blocking(tokens::jwt::new_jti())
         .await
         .map_err(StartupError::Other)?;
     Ok(web::Data::new(AuthState {
@@ -198,7 +199,7 @@ pub async fn state(
 
 async fn migrate(database_url: &str) -> Result<(), StartupError> {
     let url = database_url.to_owned();
-    let applied = tokio::task::spawn_blocking(move || common::db::migrate(&url, DATABASE_WAIT))
+    let applied = tokio::task::spawn_blocking(move || store::migrate(&url, DATABASE_WAIT))
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?
         .map_err(StartupError::Other)?;
@@ -219,7 +220,7 @@ pub async fn purge_blacklist(state: web::Data<AuthState>) {
     let mut interval = tokio::time::interval(Duration::from_secs(3600));
     loop {
         interval.tick().await;
-        match common::db::tokens::purge_expired(&state.pool).await {
+        match store::blacklist::purge_expired(&state.pool).await {
             Ok(0) => {}
             Ok(purged) => tracing::info!(purged, "purged expired blacklist entries"),
             Err(err) => tracing::warn!(%err, "cannot purge expired blacklist entries"),

@@ -1,7 +1,7 @@
 //! Creating users: the `create-user` command and the demo user of the reference's fixture.
 
-use common::db::users::{self, NewUser};
-use common::db::DbPool;
+use store::users::{self, NewUser};
+use store::DbPool;
 
 pub const DEMO_USERNAME: &str = "admin";
 pub const DEMO_PASSWORD: &str = "letmein";

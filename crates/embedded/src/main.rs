@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
-use common::config::parse_or_exit;
 use embedded::server::{banner, Application, StartupError};
 use embedded::settings::{Cli, Command, Settings};
+use service_kit::config::parse_or_exit;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    if let Err(err) = common::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
         err.exit();
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
@@ -27,7 +27,7 @@ async fn main() -> ExitCode {
 async fn serve(settings: &Settings) -> Result<(), StartupError> {
     let app = Application::build(settings).await?;
     println!("{}", banner(settings, app.port()));
-    app.run_until_stopped(common::shutdown::signal())
+    app.run_until_stopped(service_kit::shutdown::signal())
         .await
         .map_err(|err| StartupError::Other(err.to_string()))
 }
@@ -37,16 +37,14 @@ async fn serve(settings: &Settings) -> Result<(), StartupError> {
 async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError> {
     let services = settings.services()?;
     let url = settings.database_url.clone();
-    tokio::task::spawn_blocking(move || {
-        common::db::migrate(&url, std::time::Duration::from_secs(10))
-    })
-    .await
-    .map_err(|err| StartupError::Other(err.to_string()))?
-    .map_err(StartupError::Other)?;
-    let pool = common::db::pool(&services.api.database);
+    tokio::task::spawn_blocking(move || store::migrate(&url, std::time::Duration::from_secs(10)))
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .map_err(StartupError::Other)?;
+    let pool = store::pool(&services.api.database);
     api_service::startup::seed_demo(&pool).await?;
-    let metrics = common::metrics::Metrics::new("trigger-event");
-    let store = common::repository::Store::commit_only(
+    let metrics = service_kit::metrics::Metrics::new("trigger-event");
+    let store = store::repository::Store::commit_only(
         pool,
         api_service::startup::outbox_config(&services.api),
         &metrics,

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use actix_web::dev::Server;
 use actix_web::http::header;
 use actix_web::{guard, middleware, web, App};
-use common::config::{ConfigError, DatabaseArgs};
-use common::db::DbPool;
-use common::events::MemoryBus;
-use common::http::{health_routes, not_found, Readiness};
-use common::metrics::{self, Metrics};
-use common::repository::Store;
+use events::MemoryBus;
+use service_kit::config::{ConfigError, DatabaseArgs};
+use service_kit::http::{health_routes, not_found, Readiness};
+use service_kit::metrics::{self, Metrics};
+use store::repository::Store;
+use store::DbPool;
 use subscription_gateway::startup::HubSource;
 use subscription_gateway::state::GatewayState;
 use tokio_util::sync::CancellationToken;
@@ -78,17 +78,17 @@ impl Application {
     pub async fn build(settings: &Settings) -> Result<Self, StartupError> {
         let mut services = settings.services()?;
         let database_url = settings.database_url.clone();
-        common::db::Backend::of_url(&database_url)
+        store::Backend::of_url(&database_url)
             .map_err(|err| ConfigError::new("GQLWS_DATABASE_URL", err))?;
         let applied =
-            tokio::task::spawn_blocking(move || common::db::migrate(&database_url, DATABASE_WAIT))
+            tokio::task::spawn_blocking(move || store::migrate(&database_url, DATABASE_WAIT))
                 .await
                 .map_err(|err| StartupError::Other(err.to_string()))?
                 .map_err(StartupError::Other)?;
         if applied > 0 {
             tracing::info!(applied, "database migrations applied");
         }
-        let pool = common::db::pool(&DatabaseArgs {
+        let pool = store::pool(&DatabaseArgs {
             database_url: settings.database_url.clone(),
             ..services.api.database.clone()
         });
@@ -99,7 +99,7 @@ impl Application {
         let bus = MemoryBus::with_retention(
             BUS_PREFIX,
             BUS_CAPACITY,
-            common::events::Retention::from(&services.api.events),
+            events::Retention::from(&services.api.events),
         );
         // One process: logouts are recorded where the verifiers read them.
         let revoked = api_service::startup::revoked_before(&services.api);
@@ -124,7 +124,7 @@ impl Application {
         );
         let api =
             api_service::startup::state(&services.api, store.clone(), revoked.clone()).await?;
-        let (listener, port) = common::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
+        let (listener, port) = service_kit::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
         // Queries and mutations sent on the socket go to this same server's /graphql, on
         // loopback when it listens on every address.
         let own_ip = match settings.listen_addr.ip() {
@@ -143,10 +143,8 @@ impl Application {
             revoked,
         )
         .await?;
-        let readiness = web::Data::new(Readiness {
-            database: Some(pool),
-            redis: None,
-        });
+        let readiness =
+            web::Data::new(Readiness::default().check("database", store::readiness_probe(pool)));
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(services.api.http.address_limit());
 
@@ -155,7 +153,7 @@ impl Application {
         // everything else to the app, with NGINX's routes.
         let server = subscription_gateway::server::serve(
             listener,
-            common::http::ServerOptions::from(&services.api.http),
+            service_kit::http::ServerOptions::from(&services.api.http),
             gateway.clone(),
             move || {
                 App::new()
@@ -165,7 +163,7 @@ impl Application {
                     .app_data(readiness.clone())
                     .app_data(metrics.clone())
                     .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(common::http::limit_per_address))
+                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     // NGINX's rules: `/api/token/…` → auth; `/graphql` → api. An incomplete
                     // websocket upgrade gets the gateway's answer rather than the API's.
@@ -206,7 +204,7 @@ impl Application {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
         let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(common::repository::run_relay(
+        let relay = tokio::spawn(store::repository::run_relay(
             self.store,
             relay_stop.clone().cancelled_owned(),
         ));

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
-use common::config::{ConfigError, LogArgs};
+use service_kit::config::{ConfigError, LogArgs};
 
 /// The default database: a file under `./data/`, created on first start.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/gqlws.db";
@@ -108,6 +108,6 @@ impl Settings {
 fn clap_error<T: clap::CommandFactory>(service: &'static str, err: &clap::Error) -> ConfigError {
     ConfigError::new(
         service,
-        common::config::one_line_clap_error(err, &T::command()),
+        service_kit::config::one_line_clap_error(err, &T::command()),
     )
 }

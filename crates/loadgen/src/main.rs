@@ -4,7 +4,7 @@
 //! - `loadgen query --query '{ hi }'`: GraphQL over HTTP with a bearer token.
 //! - `loadgen subscribe`: websocket subscribers on subscription-gateway, events published into
 //!   Redis, publish-to-receipt latency per delivery and the gateway's memory per connection
-//!   (see `subscribe.rs`).
+//!   (see `subscribe/mod.rs`).
 //!
 //! Each run is bounded by `--duration` (at most 10 minutes) and `--max-requests`, talks only to
 //! loopback addresses, prints a table and, with `--json`, writes the figures as JSON.

@@ -15,11 +15,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::auth::AuthError;
-use common::http::Counted;
-use common::jwt::Claims;
 use juniper::DefaultScalarValue;
 use serde_json::Value;
+use service_kit::http::Counted;
+use tokens::auth::AuthError;
+use tokens::jwt::Claims;
 
 use crate::executions::{Gate, Membership, Start, Subscriber};
 use crate::metrics::GatewayMetrics;
@@ -444,7 +444,7 @@ async fn handle(
                 send(protocol::operation_error(&id, errors))?;
                 return Ok(None);
             }
-            let resume = match resume_from(&payload) {
+            let resume = match resume_from(&payload, shared.hub.registry()) {
                 Ok(resume) => resume,
                 Err(message) => {
                     let errors = protocol::errors(&message, "BAD_USER_INPUT");
@@ -461,13 +461,13 @@ async fn handle(
                 }
             };
             if let Some(message) =
-                common::graphql::unknown_variable_type(&shared.schema, &request.query)
+                graphql_schema::unknown_variable_type(&shared.schema, &request.query)
             {
                 let errors = protocol::errors(&message, "GRAPHQL_VALIDATION_FAILED");
                 send(protocol::operation_error(&id, errors))?;
                 return Ok(None);
             }
-            let kind = common::graphql::operation_type(
+            let kind = graphql_schema::operation_type(
                 &shared.schema,
                 &request.query,
                 request.operation_name.as_deref(),
@@ -500,7 +500,7 @@ async fn handle(
                 return Ok(None);
             }
             let verified = &auth.claims;
-            let root_fields = common::graphql::subscription_root_fields(
+            let root_fields = graphql_schema::subscription_root_fields(
                 &shared.schema,
                 &request.query,
                 request.operation_name.as_deref(),
@@ -521,7 +521,7 @@ async fn handle(
             // Labels come from the schema, so clients cannot create label values.
             let field = root_fields
                 .and_then(|fields| fields.first)
-                .filter(|field| common::graphql::is_subscription_field(&shared.schema, field))
+                .filter(|field| graphql_schema::is_subscription_field(&shared.schema, field))
                 .unwrap_or_else(|| "unknown".to_owned());
             let membership = shared.executions.join(Start {
                 coordinator: &shared.coordinator,
@@ -599,13 +599,16 @@ async fn handle(
 }
 
 /// `extensions.resumeFrom` of a `subscribe`/`start` payload, if any.
-fn resume_from(payload: &Value) -> Result<Option<common::events::Cursor>, String> {
+fn resume_from(
+    payload: &Value,
+    registry: &events::Registry,
+) -> Result<Option<events::Cursor>, String> {
     match payload
         .get("extensions")
         .and_then(|extensions| extensions.get("resumeFrom"))
     {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => common::events::Cursor::parse(text).map(Some),
+        Some(Value::String(text)) => events::Cursor::parse(text, registry).map(Some),
         Some(_) => Err(
             "`extensions.resumeFrom` must be a string: a result's `extensions.cursor`".to_owned(),
         ),

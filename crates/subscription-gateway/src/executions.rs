@@ -24,12 +24,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::ThreadId;
 
 use bytes::Bytes;
-use common::graphql::{Context, Mutation, Query, Subscription};
 use futures_util::{FutureExt as _, StreamExt as _};
+use graphql_schema::{Context, Mutation, Query, Subscription};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use tokio::sync::{mpsc, watch, Notify};
 
-use common::events::{Cursor, Position};
+use events::{Cursor, Position};
 
 use crate::hub::{ConnectionEvents, Hub, ReplayError, ReplayEvents, ReplayOutcome, CURRENT_EVENT};
 use crate::lock;
@@ -251,7 +251,7 @@ impl Drop for Execution {
 pub struct Start<'a> {
     pub coordinator: &'a Arc<Coordinator>,
     pub hub: &'a Hub,
-    pub claims: &'a common::jwt::Claims,
+    pub claims: &'a tokens::jwt::Claims,
     pub request: juniper::http::GraphQLRequest<DefaultScalarValue>,
     pub subscriber: Subscriber,
     /// `extensions.resumeFrom`: replay what the subscriber missed after it, then go live.
@@ -306,7 +306,7 @@ impl Executions {
         self: &Arc<Self>,
         coordinator: &Arc<Coordinator>,
         hub: &Hub,
-        claims: &common::jwt::Claims,
+        claims: &tokens::jwt::Claims,
         request: juniper::http::GraphQLRequest<DefaultScalarValue>,
         subscriber: Subscriber,
     ) -> Membership {
@@ -367,7 +367,7 @@ struct Replay {
     coordinator: Arc<Coordinator>,
     request: juniper::http::GraphQLRequest<DefaultScalarValue>,
     /// The resuming connection's: replayed events are authorized as live ones.
-    claims: common::jwt::Claims,
+    claims: tokens::jwt::Claims,
     hub: Hub,
     cursor: Cursor,
     gate: Arc<Gate>,
@@ -613,7 +613,7 @@ async fn drive(
                 juniper::GraphQLError::NotSubscription => {
                     protocol::errors("this operation is not a subscription", "BAD_REQUEST")
                 }
-                other => common::graphql::request_errors(&other),
+                other => graphql_schema::request_errors(&other),
             };
             if let Some(execution) = execution.upgrade() {
                 execution.mark_finished();
@@ -703,10 +703,10 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
     use std::time::Duration;
 
-    use common::events::MemoryBus;
-    use common::graphql::DocumentLimits;
-    use common::jwt::{Claims, TokenType};
-    use common::metrics::Metrics;
+    use events::MemoryBus;
+    use graphql_schema::DocumentLimits;
+    use service_kit::metrics::Metrics;
+    use tokens::jwt::{Claims, TokenType};
     use tokio_util::sync::CancellationToken;
 
     use super::*;
@@ -769,12 +769,13 @@ mod tests {
         let (_client, accepted) =
             tokio::join!(tokio::net::TcpStream::connect(address), listener.accept());
         let (stream, _) = accepted.map_err(|err| err.to_string())?;
-        let coordinator = Arc::new(Coordinator::new(common::graphql::schema(
+        let coordinator = Arc::new(Coordinator::new(graphql_schema::schema(
             DocumentLimits::default(),
         )));
         let shutdown = CancellationToken::new();
         let hub = Hub::start_memory(
             &MemoryBus::new("executions-test:", 16),
+            domain::registry().expect("the domain's registry is valid"),
             16,
             metrics,
             shutdown.clone(),

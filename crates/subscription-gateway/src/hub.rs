@@ -2,7 +2,7 @@
 //! mode, the in-memory bus: [`Hub::start_memory`]), and in memory a broadcast channel per event
 //! type that every local subscriber of that type reads.
 //!
-//! - The logs are Redis streams ([`common::events`]). The hub's connection runs `XREAD BLOCK`
+//! - The logs are Redis streams ([`events`]). The hub's connection runs `XREAD BLOCK`
 //!   over the logs its subscribers need, each from the last position it has seen, and over the
 //!   revocation stream. A log is added when the first local subscriber of its type appears
 //!   (starting at the log's tip then; the blocked read is interrupted with `CLIENT UNBLOCK` so it
@@ -26,16 +26,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use common::events::{
-    channel, channel_type, epoch_key, new_epoch, revocation_channel, BusMessage, Cursor, Envelope,
-    EnvelopeStream, EventSource, EventType, LoggedEvent, MemoryBus, Position, Revocation,
-    ENTRY_FIELD,
-};
-use common::redis::RedisPool;
 use deadpool_redis::redis;
 use deadpool_redis::redis::Value;
+use events::{
+    channel, epoch_key, new_epoch, revocation_channel, BusMessage, Cursor, DecodeError,
+    EnvelopeStream, EventSource, EventType, LoggedEvent, MemoryBus, Position, Registry, Revocation,
+    ENTRY_FIELD,
+};
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::{FutureExt as _, StreamExt as _};
+use service_kit::redis::RedisPool;
 use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -68,6 +68,8 @@ pub struct Hub {
 
 struct Inner {
     key_prefix: String,
+    /// The event types there are, and how each one's envelopes decode.
+    registry: Registry,
     buffer: usize,
     topics: Mutex<HashMap<EventType, Topic>>,
     /// Tells the Redis task that a topic needs a start position and a place in the read.
@@ -146,13 +148,21 @@ impl Hub {
     pub fn start(
         redis_url: &str,
         key_prefix: &str,
+        registry: Registry,
         pool: RedisPool,
         buffer: usize,
         metrics: GatewayMetrics,
         shutdown: CancellationToken,
     ) -> Result<Hub, String> {
         let client = redis::Client::open(redis_url).map_err(|err| err.to_string())?;
-        let hub = Hub::new(key_prefix, buffer, metrics, Backend::Redis(pool), "");
+        let hub = Hub::new(
+            key_prefix,
+            registry,
+            buffer,
+            metrics,
+            Backend::Redis(pool),
+            "",
+        );
         tokio::spawn(run(hub.clone(), client, shutdown));
         Ok(hub)
     }
@@ -163,12 +173,14 @@ impl Hub {
     /// subscribe to and the hub is connected from the start.
     pub fn start_memory(
         bus: &MemoryBus,
+        registry: Registry,
         buffer: usize,
         metrics: GatewayMetrics,
         shutdown: CancellationToken,
     ) -> Hub {
         let hub = Hub::new(
             bus.key_prefix(),
+            registry,
             buffer,
             metrics,
             Backend::Memory {
@@ -184,6 +196,7 @@ impl Hub {
 
     fn new(
         key_prefix: &str,
+        registry: Registry,
         buffer: usize,
         metrics: GatewayMetrics,
         backend: Backend,
@@ -192,6 +205,7 @@ impl Hub {
         Hub {
             inner: Arc::new(Inner {
                 key_prefix: key_prefix.to_owned(),
+                registry,
                 buffer: buffer.max(1),
                 topics: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
@@ -211,6 +225,11 @@ impl Hub {
     /// True while the connection to Redis is up.
     pub fn is_connected(&self) -> bool {
         self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// The event types there are.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
     }
 
     /// Revoked sessions, as auth-service announces them.
@@ -275,7 +294,7 @@ impl Hub {
             }
             return;
         }
-        let Some(event_type) = channel_type(&inner.key_prefix, key) else {
+        let Some(event_type) = inner.registry.channel_type(&inner.key_prefix, key) else {
             inner.metrics.events_malformed.inc();
             tracing::warn!(key, "entry of an unknown log");
             return;
@@ -283,7 +302,7 @@ impl Hub {
         if let Backend::Memory { seen, .. } = &inner.backend {
             lock(seen).insert(event_type, position);
         }
-        let decoded = serde_json::from_slice::<Envelope>(payload);
+        let decoded = inner.registry.decode(event_type, payload);
         let mut topics = lock(&inner.topics);
         let topic = topics.get_mut(&event_type);
         if let Some(topic) = &topic {
@@ -300,8 +319,8 @@ impl Hub {
             &topic.sender
         });
         let envelope = match decoded {
-            Ok(envelope) if envelope.event_type == event_type => envelope,
-            Ok(_) => {
+            Ok(envelope) => envelope,
+            Err(DecodeError::WrongType) => {
                 inner.metrics.events_malformed.inc();
                 tracing::warn!(key, %position, "event type does not match its log");
                 return;
@@ -358,7 +377,7 @@ impl Hub {
             .iter()
             .filter_map(|(event_type, topic)| {
                 Some((
-                    channel(&self.inner.key_prefix, *event_type),
+                    channel(&self.inner.key_prefix, event_type.as_str()),
                     topic.position?,
                 ))
             })
@@ -487,7 +506,7 @@ impl Hub {
         if *epoch != *cursor.epoch {
             return Ok(not_recovered);
         }
-        let key = channel(&self.inner.key_prefix, event_type);
+        let key = channel(&self.inner.key_prefix, event_type.as_str());
         let (covered, entries) = match &self.inner.backend {
             Backend::Memory { bus, .. } => {
                 let history = bus.history(&key, cursor.position);
@@ -505,10 +524,10 @@ impl Hub {
         let mut events = Vec::with_capacity(entries.len());
         for (position, payload) in entries {
             until = until.max(position);
-            let Ok(envelope) = serde_json::from_str::<Envelope>(&payload) else {
+            let Ok(envelope) = self.inner.registry.decode(event_type, payload.as_bytes()) else {
                 continue;
             };
-            if envelope.event_type != event_type || !ids.insert(envelope.id.clone()) {
+            if !ids.insert(envelope.id.clone()) {
                 continue;
             }
             let cursor = Cursor {
@@ -736,7 +755,7 @@ async fn serve(
     hello
         .cmd("CLIENT")
         .arg("SETNAME")
-        .arg(common::events::events_connection_name(prefix))
+        .arg(events::events_connection_name(prefix))
         .ignore()
         .cmd("CLIENT")
         .arg("ID");
@@ -778,7 +797,7 @@ async fn serve(
     tracing::info!("reading the event logs from Redis");
     loop {
         for event_type in hub.unstarted() {
-            match stream_tip(&mut connection, &channel(prefix, event_type)).await {
+            match stream_tip(&mut connection, &channel(prefix, event_type.as_str())).await {
                 Ok(tip) => hub.start_topic(event_type, tip),
                 Err(err) => return Ended::Lost(err),
             }
@@ -816,7 +835,7 @@ async fn serve(
                     tokio::spawn(async move {
                         let mut unblock = redis::cmd("CLIENT");
                         unblock.arg("UNBLOCK").arg(client_id);
-                        let _ = common::redis::query::<i64>(&pool, &unblock).await;
+                        let _ = service_kit::redis::query::<i64>(&pool, &unblock).await;
                     });
                 }
             }
@@ -878,7 +897,7 @@ async fn redis_history(
             .arg("COUNT")
             .arg(READ_COUNT);
         let page = entries_of(
-            common::redis::query::<Value>(pool, &range)
+            service_kit::redis::query::<Value>(pool, &range)
                 .await
                 .map_err(|err| err.to_string())?,
         );
@@ -897,7 +916,7 @@ async fn redis_history(
         .arg(after.to_string())
         .arg(after.to_string());
     let anchored = !entries_of(
-        common::redis::query::<Value>(pool, &anchor)
+        service_kit::redis::query::<Value>(pool, &anchor)
             .await
             .map_err(|err| err.to_string())?,
     )
@@ -907,7 +926,7 @@ async fn redis_history(
     }
     let mut info = redis::cmd("XINFO");
     info.arg("STREAM").arg(key);
-    let covered = match common::redis::query::<Value>(pool, &info).await {
+    let covered = match service_kit::redis::query::<Value>(pool, &info).await {
         Ok(info) => {
             let last = pairs(&info)
                 .into_iter()
@@ -917,7 +936,7 @@ async fn redis_history(
             last == Some(after) && entries.is_empty()
         }
         // No such log: it was deleted since the cursor's event was in it.
-        Err(common::redis::RedisError::Command(_)) => false,
+        Err(service_kit::redis::RedisError::Command(_)) => false,
         Err(err) => return Err(err.to_string()),
     };
     Ok((covered, entries))

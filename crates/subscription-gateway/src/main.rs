@@ -1,13 +1,13 @@
 use std::process::ExitCode;
 
-use common::config::parse_or_exit;
+use service_kit::config::parse_or_exit;
 use subscription_gateway::settings::Cli;
 use subscription_gateway::startup::{Application, StartupError};
 
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    if let Err(err) = common::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
         err.exit();
     }
     let app = match Application::build(cli.settings).await {
@@ -18,7 +18,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match app.run_until_stopped(common::shutdown::signal()).await {
+    match app.run_until_stopped(service_kit::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

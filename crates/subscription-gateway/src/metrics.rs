@@ -20,7 +20,7 @@ pub struct GatewayMetrics {
 }
 
 impl GatewayMetrics {
-    pub fn register(metrics: &common::metrics::Metrics) -> Self {
+    pub fn register(metrics: &service_kit::metrics::Metrics) -> Self {
         let registry = &metrics.registry;
         let this = Self {
             connections_open: IntGauge::new(

@@ -23,8 +23,8 @@ use actix_web::dev::{AppConfig, Server};
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::web;
 use bytes::BytesMut;
-use common::http::ServerOptions;
 use serde_json::{json, Value};
+use service_kit::http::ServerOptions;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
@@ -39,7 +39,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the server on `listener`: `factory` builds the actix-web app for ordinary requests
 /// (as `HttpServer::new`'s does), websocket upgrades go to the gateway in `gateway`. Signals are
-/// left to the caller, as with `common::start_server!`.
+/// left to the caller, as with `service_kit::start_server!`.
 pub fn serve<F, I, S, B>(
     listener: std::net::TcpListener,
     options: ServerOptions,
@@ -101,7 +101,7 @@ async fn accept(
     let parts = framed.into_parts();
     let mut stream = parts.io;
     let checked = check(&gateway, &request).and_then(|accepted| {
-        let address = common::http::client_address_of(
+        let address = service_kit::http::client_address_of(
             request.head().headers(),
             stream.peer_addr().ok().map(|addr| addr.ip()),
             gateway.trust_forwarded_for,

@@ -1,7 +1,7 @@
 //! Every setting of the gateway, from flags or the environment (`subscription-gateway --help`).
 
 use clap::{Args, Parser};
-use common::config::{HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
+use service_kit::config::{HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use actix_web::dev::Server;
 use actix_web::http::header;
 use actix_web::{middleware, web, App, HttpRequest, HttpResponse};
-use common::config::ConfigError;
-use common::graphql::DocumentLimits;
-use common::http::{healthz, not_found, Tally};
-use common::jwt::SecretPolicy;
-use common::metrics::{self, Metrics};
-use common::revocations::RevokedBefore;
+use graphql_schema::DocumentLimits;
 use serde_json::json;
+use service_kit::config::ConfigError;
+use service_kit::http::{healthz, not_found, Tally};
+use service_kit::metrics::{self, Metrics};
+use tokens::jwt::SecretPolicy;
+use tokens::revocations::RevokedBefore;
 use tokio_util::sync::CancellationToken;
 
 use crate::executions::Coordinator;
@@ -47,9 +47,9 @@ pub enum HubSource {
         url: String,
         key_prefix: String,
         /// For replays and for interrupting the hub's blocked read.
-        pool: common::redis::RedisPool,
+        pool: service_kit::redis::RedisPool,
     },
-    Memory(common::events::MemoryBus),
+    Memory(events::MemoryBus),
 }
 
 /// The gateway's shared state: token verifier, the hub on `source` (its task stops when
@@ -67,7 +67,7 @@ pub async fn state(
     } else {
         SecretPolicy::RequireConfigured
     };
-    let verifier = common::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy)
+    let verifier = tokens::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy)
         .await?
         .with_revocations(revoked);
     let limits = DocumentLimits {
@@ -77,6 +77,8 @@ pub async fn state(
     };
     let gateway_metrics = GatewayMetrics::register(metrics);
     let buffer = settings.fanout_buffer as usize;
+    // A domain type registered twice would mix two types in one log: refused before serving.
+    let registry = domain::registry().map_err(StartupError::Other)?;
     let hub = match source {
         HubSource::Redis {
             url,
@@ -85,19 +87,24 @@ pub async fn state(
         } => Hub::start(
             &url,
             &key_prefix,
+            registry,
             pool,
             buffer,
             gateway_metrics.clone(),
             hub_shutdown,
         )
         .map_err(|err| ConfigError::new("REDIS_URL", err))?,
-        HubSource::Memory(bus) => {
-            Hub::start_memory(&bus, buffer, gateway_metrics.clone(), hub_shutdown)
-        }
+        HubSource::Memory(bus) => Hub::start_memory(
+            &bus,
+            registry,
+            buffer,
+            gateway_metrics.clone(),
+            hub_shutdown,
+        ),
     };
     let shared = Arc::new(Shared {
-        coordinator: Arc::new(Coordinator::new(common::graphql::schema(limits))),
-        schema: Arc::new(common::graphql::schema(limits)),
+        coordinator: Arc::new(Coordinator::new(graphql_schema::schema(limits))),
+        schema: Arc::new(graphql_schema::schema(limits)),
         users: Tally::new(usize::try_from(settings.max_connections_per_user).unwrap_or(0)),
         verifier,
         hub,
@@ -152,7 +159,7 @@ impl Application {
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let metrics = Metrics::new("subscription-gateway");
         let hub_shutdown = CancellationToken::new();
-        let redis = common::redis::pool(&settings.redis)?;
+        let redis = service_kit::redis::pool(&settings.redis)?;
         let source = HubSource::Redis {
             url: settings.redis.redis_url.clone(),
             key_prefix: settings.redis.redis_key_prefix.clone(),
@@ -171,7 +178,7 @@ impl Application {
         )
         .await?;
         // Logouts' cutoffs, read from Redis until the hub stops.
-        actix_web::rt::spawn(common::revocations::poll(
+        actix_web::rt::spawn(tokens::revocations::poll(
             redis,
             settings.redis.redis_key_prefix.clone(),
             revoked,
@@ -180,13 +187,13 @@ impl Application {
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(settings.http.address_limit());
 
-        let (listener, port) = common::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
+        let (listener, port) = service_kit::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
         let server_state = state.clone();
         let server = crate::server::serve(
             listener,
-            common::http::ServerOptions {
+            service_kit::http::ServerOptions {
                 shutdown_timeout_secs: settings.drain_timeout_secs.max(1),
-                ..common::http::ServerOptions::from(&settings.http)
+                ..service_kit::http::ServerOptions::from(&settings.http)
             },
             state.clone(),
             move || {
@@ -194,7 +201,7 @@ impl Application {
                     .app_data(server_state.clone())
                     .app_data(metrics.clone())
                     .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(common::http::limit_per_address))
+                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
                     .route("/graphql", web::get().to(not_upgraded))
                     .route("/graphql/", web::get().to(not_upgraded))

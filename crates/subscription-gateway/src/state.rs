@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::auth::TokenVerifier;
-use common::graphql::Schema;
-use common::http::Tally;
+use graphql_schema::Schema;
+use service_kit::http::Tally;
+use tokens::auth::TokenVerifier;
 use tokio_util::sync::CancellationToken;
 
 use crate::executions::{Coordinator, Executions};

@@ -1,6 +1,7 @@
 //! Test harness shared by the integration tests of every service. Real services only:
 //!
-//! - [`TestDb`]: a PostgreSQL database of its own per test, cloned from a template that is migrated
+//! - `TestDb` (feature `database`, which the gateway's tests leave off: they link no
+//!   diesel): a PostgreSQL database of its own per test, cloned from a template that is migrated
 //!   once per migration set (`CREATE DATABASE … TEMPLATE …` takes milliseconds), dropped on `Drop`.
 //! - [`redis_url`] and [`unique_prefix`]: the shared Redis, with a key prefix per test.
 //! - [`PrivateRedis`]: a `redis-server` process of the test's own on a free port, for tests that
@@ -20,10 +21,13 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use diesel::{Connection, PgConnection, RunQueryDsl};
-
+#[cfg(feature = "database")]
+mod database;
 pub mod tokens;
 pub mod ws;
+
+#[cfg(feature = "database")]
+pub use database::{with_database, TestDb};
 
 /// The admin connection, with `sslmode=disable` added when the URL names no `sslmode`.
 ///
@@ -68,124 +72,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Replaces the database name (the path) of a PostgreSQL URL.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = base[scheme_end..]
-        .find('/')
-        .map(|i| i + scheme_end)
-        .unwrap_or(base.len());
-    let mut out = format!("{}/{}", &base[..path_start], database);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    out
-}
-
-/// A database of the test's own, dropped (with its connections) when this value is dropped.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-/// Any number; the same in every test process so that only one of them builds a template.
-const TEMPLATE_LOCK_KEY: i64 = 0x7465_7374_5f74_706c;
-
-impl TestDb {
-    pub fn new() -> Self {
-        let admin = admin_url();
-        let template = format!("gqlws_template_{}", common::db::migration_fingerprint());
-        let mut conn = PgConnection::establish(&admin)
-            .unwrap_or_else(|err| panic!("cannot connect to TEST_DATABASE_URL {admin}: {err}"));
-        ensure_template(&mut conn, &admin, &template);
-        let name = format!("gqlws_test_{}", random_suffix());
-        diesel::sql_query(format!("CREATE DATABASE {name} TEMPLATE {template}"))
-            .execute(&mut conn)
-            .unwrap();
-        Self {
-            url: with_database(&admin, &name),
-            name,
-        }
-    }
-}
-
-impl TestDb {
-    /// Drops the database now, under whatever is connected to it: how a test makes the
-    /// database vanish from under a running service.
-    pub fn drop_now(&self) {
-        let mut conn = PgConnection::establish(&admin_url()).unwrap();
-        diesel::sql_query(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut conn)
-        .unwrap();
-    }
-}
-
-impl Default for TestDb {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        if let Ok(mut conn) = PgConnection::establish(&admin_url()) {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn);
-        }
-    }
-}
-
-fn ensure_template(conn: &mut PgConnection, admin: &str, template: &str) {
-    #[derive(diesel::QueryableByName)]
-    struct Exists {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        exists: bool,
-    }
-    let exists = |conn: &mut PgConnection| -> bool {
-        diesel::sql_query(format!(
-            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = '{template}') AS exists"
-        ))
-        .get_result::<Exists>(conn)
-        .unwrap()
-        .exists
-    };
-    if exists(conn) {
-        return;
-    }
-    // Test binaries (and nextest's per-test processes) race here; the lock makes one build it.
-    diesel::sql_query(format!("SELECT pg_advisory_lock({TEMPLATE_LOCK_KEY})"))
-        .execute(conn)
-        .unwrap();
-    if !exists(conn) {
-        let building = format!("{template}_building");
-        diesel::sql_query(format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"))
-            .execute(conn)
-            .unwrap();
-        diesel::sql_query(format!("CREATE DATABASE {building}"))
-            .execute(conn)
-            .unwrap();
-        common::db::migrate(&with_database(admin, &building), Duration::from_secs(10)).unwrap();
-        // Renaming last means a template that exists is always complete.
-        diesel::sql_query(format!("ALTER DATABASE {building} RENAME TO {template}"))
-            .execute(conn)
-            .unwrap();
-    }
-    diesel::sql_query(format!("SELECT pg_advisory_unlock({TEMPLATE_LOCK_KEY})"))
-        .execute(conn)
-        .unwrap();
 }
 
 /// A `redis-server` of the test's own. Killed on drop.

@@ -1,8 +1,8 @@
 //! The one token minter of the test crates: tokens signed as auth-service signs them (the same
 //! claims, `iat` now, a fresh `jti`), with the keys a service configured the same way holds.
 
-use common::config::JwtArgs;
-use common::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+use service_kit::config::JwtArgs;
+use tokens::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
 
 /// The keys of a service started with `JWT_SECRET=secret` (HS256) and nothing else set.
 pub fn hs256_keys(secret: &str) -> JwtKeys {

@@ -175,7 +175,7 @@ pub fn resigned_with(access: &str, changes: Value, secret: Option<&str>) -> Stri
     }
     let mut jwt_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     jwt_header.kid = header["kid"].as_str().map(str::to_owned);
-    let secret = secret.unwrap_or(common::jwt::DEMO_SECRET);
+    let secret = secret.unwrap_or(tokens::jwt::DEMO_SECRET);
     jsonwebtoken::encode(
         &jwt_header,
         &claims,

@@ -524,7 +524,7 @@ async fn redis_restarts_with_writes_during_the_outage_lose_nothing() {
 #[actix_web::test]
 async fn killed_redis_event_connections_lose_nothing() {
     let stack = Stack::start("resume-client-kill");
-    let name = common::events::events_connection_name(&stack.redis_prefix);
+    let name = events::events_connection_name(&stack.redis_prefix);
     let redis = deadpool_redis::redis::Client::open(stack.redis_url.as_str()).unwrap();
     run_scenario(
         "CLIENT KILL",

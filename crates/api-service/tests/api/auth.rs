@@ -2,8 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use common::jwt::TokenType;
 use serde_json::json;
+use tokens::jwt::TokenType;
 
 use crate::helpers::{error_of, token, token_with_secret, TestApp};
 

@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use common::db::cars::{Actor, CarChanges};
-use common::db::outbox;
+use domain::{Actor, Car, CarChanges, Record as _};
 use serde_json::json;
+use store::outbox;
 use test_support::PrivateRedis;
 
 use crate::helpers::{Subscriber, TestApp};
@@ -103,18 +103,18 @@ async fn the_relay_publishes_what_another_process_committed_but_could_not_publis
         ),
         format!("--redis-key-prefix={}", app.redis_prefix),
     ]);
-    let metrics = common::metrics::Metrics::new("other-writer");
+    let metrics = service_kit::metrics::Metrics::new("other-writer");
     let other_writer = api_service::startup::store(
         &settings,
-        common::db::pool(&settings.database),
-        std::sync::Arc::new(common::events::RedisBus::new(
-            common::redis::pool(&settings.redis).unwrap(),
+        store::pool(&settings.database),
+        std::sync::Arc::new(events::RedisBus::new(
+            service_kit::redis::pool(&settings.redis).unwrap(),
             settings.redis.redis_key_prefix.clone(),
         )),
         &metrics,
     );
-    let car = other_writer
-        .update_car(
+    let car: Car = other_writer
+        .update(
             Actor::System,
             1,
             CarChanges {
@@ -140,9 +140,8 @@ async fn an_event_whose_writer_died_before_publishing_is_published_when_its_leas
 
     // What a writer leaves behind when it is killed between commit and publish: the change and
     // its outbox row, committed together, leased to the dead writer for a second.
-    let draft: common::db::cars::EventDraft = Box::new(|car| {
-        let envelope =
-            common::events::Envelope::new(common::events::EventType::CarUpdated, car.clone());
+    let draft: store::records::EventDraft<Car> = Box::new(|car| {
+        let envelope = events::Envelope::new(Car::EVENTS.updated, car.clone());
         Ok(outbox::NewEvent {
             event_id: envelope.id.clone(),
             event_type: "car.updated".into(),
@@ -150,7 +149,7 @@ async fn an_event_whose_writer_died_before_publishing_is_published_when_its_leas
             locked_until: Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
         })
     });
-    let (car, pending) = common::db::cars::update(
+    let (car, pending) = store::records::update(
         &app.pool,
         Actor::System,
         2,

@@ -1,5 +1,5 @@
 //! `TestApp`: the real application, built as `main` builds it, on a free port, with its own
-//! database and Redis key prefix; tokens minted here with the same secret through common::jwt.
+//! database and Redis key prefix; tokens minted here with the same secret through tokens::jwt.
 
 #![allow(clippy::unwrap_used, dead_code)]
 
@@ -8,12 +8,12 @@ use std::time::Duration;
 use api_service::settings::{Cli, Settings};
 use api_service::startup::Application;
 use clap::Parser as _;
-use common::db::users::{self, NewUser};
-use common::db::DbPool;
-use common::jwt::TokenType;
 use deadpool_redis::redis;
 use serde_json::{json, Value};
+use store::users::{self, NewUser};
+use store::DbPool;
 use test_support::{unique_prefix, TestDb};
+use tokens::jwt::TokenType;
 
 pub const SECRET: &str = "test-secret-0123456789-0123456789-0123456789";
 
@@ -53,9 +53,9 @@ impl TestApp {
         args.extend(extra.iter().map(|s| s.to_string()));
         let settings = settings_from(&args);
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = common::telemetry::init(&settings.log);
+            let _ = service_kit::telemetry::init(&settings.log);
         }
-        let pool = common::db::pool(&settings.database);
+        let pool = store::pool(&settings.database);
         let app = Application::build(settings).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -231,9 +231,10 @@ impl Subscriber {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap();
-        let logs = common::events::EventType::ALL
-            .iter()
-            .map(|&t| (common::events::channel(prefix, t), "0-0".to_owned()))
+        let registry = domain::registry().unwrap();
+        let logs = registry
+            .event_types()
+            .map(|t| (events::channel(prefix, t.as_str()), "0-0".to_owned()))
             .collect();
         Subscriber {
             connection,
@@ -271,7 +272,7 @@ impl Subscriber {
                     }
                     let payload = fields
                         .into_iter()
-                        .find(|(field, _)| field == common::events::ENTRY_FIELD)
+                        .find(|(field, _)| field == events::ENTRY_FIELD)
                         .map(|(_, value)| value)
                         .unwrap_or_default();
                     self.read

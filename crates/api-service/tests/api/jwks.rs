@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use common::jwt::{JwtKeys, SecretPolicy, TokenType};
 use serde_json::json;
+use tokens::jwt::{JwtKeys, SecretPolicy, TokenType};
 
 use crate::helpers::{error_of, TestApp};
 
@@ -58,13 +58,13 @@ impl JwksServer {
 
 /// A new Ed25519 signing key, as auth-service would hold it.
 fn ed25519_keys(dir: &std::path::Path, name: &str) -> JwtKeys {
-    let (private, _) = common::jwt::generate_ed25519_pem().unwrap();
+    let (private, _) = tokens::jwt::generate_ed25519_pem().unwrap();
     let path = dir.join(format!("{name}.pem"));
     std::fs::write(&path, private).unwrap();
     #[derive(clap::Parser)]
     struct JwtOnly {
         #[command(flatten)]
-        jwt: common::config::JwtArgs,
+        jwt: service_kit::config::JwtArgs,
     }
     let args = <JwtOnly as clap::Parser>::try_parse_from([
         "jwt".to_owned(),

@@ -75,10 +75,7 @@ async fn each_mutation_publishes_its_envelope() {
         )
         .await;
     assert_eq!(response.body["data"]["car"], Value::Null);
-    assert_eq!(
-        common::db::outbox::pending_count(&app.pool).await.unwrap(),
-        0
-    );
+    assert_eq!(store::outbox::pending_count(&app.pool).await.unwrap(), 0);
 }
 
 fn assert_envelope(envelope: &Value, event_type: &str) {
@@ -153,10 +150,7 @@ async fn only_the_owner_or_staff_may_change_a_car() {
     let response = app.graphql(Some(&staff), &delete, json!({})).await;
     assert_eq!(error_of(&response.body).0, "NOT_FOUND");
     // A refused write publishes nothing and leaves nothing in the outbox.
-    assert_eq!(
-        common::db::outbox::pending_count(&app.pool).await.unwrap(),
-        0
-    );
+    assert_eq!(store::outbox::pending_count(&app.pool).await.unwrap(), 0);
 }
 
 #[actix_web::test]
@@ -205,12 +199,12 @@ async fn trigger_event_sets_a_random_make_through_the_same_path() {
         format!("--redis-url={}", app.redis_url),
         format!("--redis-key-prefix={}", app.redis_prefix),
     ]);
-    let metrics = common::metrics::Metrics::new("trigger-event");
+    let metrics = service_kit::metrics::Metrics::new("trigger-event");
     let store = api_service::startup::store(
         &settings,
-        common::db::pool(&settings.database),
-        std::sync::Arc::new(common::events::RedisBus::new(
-            common::redis::pool(&settings.redis).unwrap(),
+        store::pool(&settings.database),
+        std::sync::Arc::new(events::RedisBus::new(
+            service_kit::redis::pool(&settings.redis).unwrap(),
             settings.redis.redis_key_prefix.clone(),
         )),
         &metrics,

@@ -10,14 +10,14 @@ use crate::helpers::TestApp;
 #[test]
 fn schema_graphql_matches_the_code() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schema.graphql");
-    let printed = common::graphql::sdl();
+    let printed = graphql_schema::sdl();
     if std::env::var("UPDATE_SCHEMA").is_ok() {
         std::fs::write(&path, &printed).unwrap();
     }
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         checked_in == printed,
-        "schema.graphql differs from the schema in crates/common/src/graphql.rs; regenerate it \
+        "schema.graphql differs from the schema in crates/graphql-schema; regenerate it \
          with `UPDATE_SCHEMA=1 cargo test -p api-service --test api schema` (or \
          `api-service print-schema > schema.graphql`) and review the diff"
     );

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use auth_service::settings::{Cli, Settings};
 use auth_service::startup::Application;
 use clap::Parser as _;
-use common::db::DbPool;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use store::DbPool;
 use test_support::{unique_prefix, TestDb};
 
 pub const SECRET: &str = "test-secret-0123456789-0123456789-0123456789";
@@ -56,9 +56,9 @@ impl TestApp {
         args.extend(extra.iter().map(|s| s.to_string()));
         let settings = settings_from(&args);
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = common::telemetry::init(&settings.log);
+            let _ = service_kit::telemetry::init(&settings.log);
         }
-        let pool = common::db::pool(&settings.database);
+        let pool = store::pool(&settings.database);
         let app = Application::build(settings).await.unwrap();
         let address = format!("http://127.0.0.1:{}", app.port());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -179,7 +179,7 @@ pub fn claims(token_type: &str, exp_in: i64) -> Value {
         "token_type": token_type,
         "exp": now + exp_in,
         "iat": now,
-        "jti": common::jwt::new_jti(),
+        "jti": tokens::jwt::new_jti(),
         "user_id": 1,
         "username": "alice",
     })

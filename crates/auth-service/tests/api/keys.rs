@@ -24,7 +24,7 @@ impl Drop for TempDir {
 fn key_pair() -> KeyPair {
     let dir = std::env::temp_dir().join(format!("auth-keys-{}", test_support::random_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (private_pem, public_pem) = common::jwt::generate_ed25519_pem().unwrap();
+    let (private_pem, public_pem) = tokens::jwt::generate_ed25519_pem().unwrap();
     let private = dir.join("key.pem");
     let public = dir.join("key.pub.pem");
     std::fs::write(&private, private_pem).unwrap();
@@ -73,13 +73,13 @@ async fn eddsa_tokens_carry_a_kid_that_the_jwks_publishes() {
     );
 
     // A service holding only the JWKS verifies the tokens and still tells the types apart.
-    let verifier = common::jwt::VerificationKeys::from_jwks(&jwks, 0).unwrap();
+    let verifier = tokens::jwt::VerificationKeys::from_jwks(&jwks, 0).unwrap();
     let claims = verifier
-        .verify(&access, common::jwt::TokenType::Access)
+        .verify(&access, tokens::jwt::TokenType::Access)
         .unwrap();
     assert_eq!(claims.username, "alice");
     assert!(verifier
-        .verify(&refresh, common::jwt::TokenType::Access)
+        .verify(&refresh, tokens::jwt::TokenType::Access)
         .is_err());
 }
 

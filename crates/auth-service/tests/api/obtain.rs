@@ -40,7 +40,7 @@ async fn wrong_password_unknown_user_and_inactive_user_get_the_same_401() {
     let app = TestApp::spawn(&[]).await;
     app.create_user("alice", "right", false).await;
     app.create_user("dormant", "right", false).await;
-    common::db::users::set_active(&app.pool, "dormant".into(), false)
+    store::users::set_active(&app.pool, "dormant".into(), false)
         .await
         .unwrap();
 

@@ -131,7 +131,7 @@ async fn create_user_reads_the_password_from_stdin_and_refuses_duplicates() {
     );
     assert!(created.status.success(), "{created:?}");
     app.login("carol", "c4rol-pw").await;
-    let user = common::db::users::find_by_username(&app.pool, "carol".into())
+    let user = store::users::find_by_username(&app.pool, "carol".into())
         .await
         .unwrap()
         .unwrap();
@@ -172,7 +172,7 @@ async fn create_user_reads_the_password_from_stdin_and_refuses_duplicates() {
 async fn demo_mode_creates_admin_once() {
     let app = TestApp::spawn(&["--demo"]).await;
     app.login("admin", "letmein").await;
-    let admin = common::db::users::find_by_username(&app.pool, "admin".into())
+    let admin = store::users::find_by_username(&app.pool, "admin".into())
         .await
         .unwrap()
         .unwrap();

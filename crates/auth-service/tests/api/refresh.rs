@@ -112,20 +112,20 @@ async fn a_refresh_token_is_refused_where_an_access_token_belongs() {
         "--database-url=unused".into(),
         format!("--jwt-secret={}", crate::helpers::SECRET),
     ]);
-    let (keys, _) = common::jwt::JwtKeys::from_args(
+    let (keys, _) = tokens::jwt::JwtKeys::from_args(
         &settings.jwt,
-        common::jwt::SecretPolicy::RequireConfigured,
+        tokens::jwt::SecretPolicy::RequireConfigured,
     )
     .unwrap();
     let verifier = &keys.verification;
     assert!(verifier
-        .verify(&access, common::jwt::TokenType::Access)
+        .verify(&access, tokens::jwt::TokenType::Access)
         .is_ok());
     assert_eq!(
-        verifier.verify(&refresh, common::jwt::TokenType::Access),
-        Err(common::jwt::TokenError::WrongType {
-            expected: common::jwt::TokenType::Access,
-            found: common::jwt::TokenType::Refresh,
+        verifier.verify(&refresh, tokens::jwt::TokenType::Access),
+        Err(tokens::jwt::TokenError::WrongType {
+            expected: tokens::jwt::TokenType::Access,
+            found: tokens::jwt::TokenType::Refresh,
         })
     );
 }
@@ -135,7 +135,7 @@ async fn a_deactivated_users_refresh_token_is_refused() {
     let app = TestApp::spawn(&[]).await;
     app.create_user("alice", "pw", false).await;
     let (refresh, _) = app.login("alice", "pw").await;
-    common::db::users::set_active(&app.pool, "alice".into(), false)
+    store::users::set_active(&app.pool, "alice".into(), false)
         .await
         .unwrap();
     let response = app
@@ -168,7 +168,7 @@ async fn blacklisting_announces_the_revocation_to_the_gateways() {
 
     let client = deadpool_redis::redis::Client::open(test_support::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let stream = common::events::revocation_channel(&app.redis_prefix);
+    let stream = events::revocation_channel(&app.redis_prefix);
 
     let response = app
         .post_json("/api/token/blacklist/", &json!({"refresh": refresh}))
@@ -184,8 +184,8 @@ async fn blacklisting_announces_the_revocation_to_the_gateways() {
         .unwrap();
     assert_eq!(entries.len(), 1, "one announcement: {entries:?}");
     let (field, payload) = &entries[0].1[0];
-    assert_eq!(field, common::events::ENTRY_FIELD);
-    let revocation: common::events::Revocation = serde_json::from_str(payload).unwrap();
+    assert_eq!(field, events::ENTRY_FIELD);
+    let revocation: events::Revocation = serde_json::from_str(payload).unwrap();
     assert_eq!(revocation.user_id, claims["user_id"].as_i64().unwrap());
     assert_eq!(revocation.jti, claims["jti"].as_str().unwrap());
 }

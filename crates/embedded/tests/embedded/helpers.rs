@@ -15,7 +15,7 @@ pub struct TestApp {
     pub port: u16,
     pub database_url: String,
     /// The server's own pool.
-    pool: common::db::DbPool,
+    pool: store::DbPool,
     dir: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -25,7 +25,7 @@ impl TestApp {
         let dir = std::env::temp_dir().join(format!(
             "gqlws-embedded-test-{}-{}",
             std::process::id(),
-            common::jwt::new_jti()
+            tokens::jwt::new_jti()
         ));
         // The directory does not exist yet: the application creates it, as it does `./data/`.
         let database_url = format!("sqlite://{}/gqlws.db", dir.display());
@@ -38,7 +38,7 @@ impl TestApp {
         ])
         .unwrap();
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = common::telemetry::init(&cli.settings.log);
+            let _ = service_kit::telemetry::init(&cli.settings.log);
         }
         let app = Application::build(&cli.settings).await.unwrap();
         let port = app.port();
@@ -60,7 +60,7 @@ impl TestApp {
         }
     }
 
-    pub fn pool(&self) -> &common::db::DbPool {
+    pub fn pool(&self) -> &store::DbPool {
         &self.pool
     }
 

@@ -30,7 +30,7 @@ async fn the_server_and_trigger_event_processes_write_the_file_at_the_same_time(
     );
     // Every event reached the bus: the relay emptied the outbox.
     for _ in 0..100 {
-        if common::db::outbox::pending_count(app.pool()).await.unwrap() == 0 {
+        if store::outbox::pending_count(app.pool()).await.unwrap() == 0 {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -1,10 +1,11 @@
 //! Authentication at `connection_init`, in both protocols, and closing at expiry or revocation.
 
+use crate::helpers::CAR_UPDATED;
 use std::time::Duration;
 
-use common::events::{revocation_channel, EventType};
-use common::jwt::TokenType;
+use events::revocation_channel;
 use serde_json::json;
+use tokens::jwt::TokenType;
 
 use crate::helpers::{access, car, token, Incoming, TestGateway, WsClient, MODEL_UPDATED};
 
@@ -132,9 +133,7 @@ async fn a_revocation_closes_only_that_users_sockets() {
     assert_eq!(code, Some(4403));
     assert!(reason.contains("revoked"), "{reason}");
 
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Still here"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "Still here")).await;
     let data = bob.expect_json().await;
     assert_eq!(
         data["payload"]["data"]["carModelUpdated"]["make"],

@@ -1,8 +1,9 @@
 //! Events reach the right subscribers, once, in both protocols; Redis restarts are survived.
 
+use crate::helpers::{CAR_CREATED, CAR_DELETED, CAR_UPDATED};
 use std::time::Duration;
 
-use common::events::{Envelope, EventType};
+use events::Envelope;
 use serde_json::json;
 
 use crate::helpers::{access, car, Incoming, TestGateway, WsClient, MODEL_UPDATED};
@@ -15,10 +16,10 @@ fn without_cursor(mut message: serde_json::Value) -> serde_json::Value {
         .and_then(|payload| payload.remove("extensions"))
         .unwrap_or_else(|| panic!("no extensions in {message}"));
     let cursor = extensions["cursor"].as_str().unwrap_or_default();
-    let parsed = common::events::Cursor::parse(cursor)
+    let parsed = events::Cursor::parse(cursor, &domain::registry().unwrap())
         .unwrap_or_else(|err| panic!("cursor {cursor:?}: {err}"));
-    assert_eq!(parsed.event_type, EventType::CarUpdated);
-    assert!(parsed.position > common::events::Position::ZERO, "{cursor}");
+    assert_eq!(parsed.event_type, CAR_UPDATED);
+    assert!(parsed.position > events::Position::ZERO, "{cursor}");
     message
 }
 
@@ -32,12 +33,8 @@ async fn graphql_transport_ws_receives_updates_of_its_car_only() {
         .await;
     gateway.settle().await;
 
-    gateway
-        .publish(EventType::CarUpdated, car(2, "Other car"))
-        .await;
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Skoda (VAG)"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(2, "Other car")).await;
+    gateway.publish(CAR_UPDATED, car(1, "Skoda (VAG)")).await;
     let next = without_cursor(client.expect_json().await);
     assert_eq!(
         next,
@@ -47,9 +44,7 @@ async fn graphql_transport_ws_receives_updates_of_its_car_only() {
     // `complete` stops it: a later event is not delivered, the connection stays usable.
     client.send(json!({"id": "a", "type": "complete"})).await;
     gateway.settle().await;
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Skoda"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "Skoda")).await;
     client.send(json!({"type": "ping"})).await;
     assert_eq!(client.expect_json().await["type"], "pong");
 }
@@ -72,7 +67,7 @@ async fn legacy_graphql_ws_receives_data_and_keepalives() {
         .await;
     gateway.settle().await;
     gateway
-        .publish(EventType::CarUpdated, car(1, "Skoda Autogroup"))
+        .publish(CAR_UPDATED, car(1, "Skoda Autogroup"))
         .await;
     assert_eq!(
         without_cursor(client.expect_json().await),
@@ -97,14 +92,14 @@ async fn created_and_deleted_events_reach_their_subscriptions() {
         .send(json!({"id": "d", "type": "subscribe", "payload": {"query": "subscription { carDeleted { id } }"}}))
         .await;
     gateway.settle().await;
-    gateway.publish(EventType::CarCreated, car(7, "New")).await;
+    gateway.publish(CAR_CREATED, car(7, "New")).await;
     let created = client.expect_json().await;
     assert_eq!(created["id"], "c");
     assert_eq!(
         created["payload"]["data"]["carCreated"],
         json!({"id": "7", "make": "New"})
     );
-    gateway.publish(EventType::CarDeleted, car(7, "New")).await;
+    gateway.publish(CAR_DELETED, car(7, "New")).await;
     let deleted = client.expect_json().await;
     assert_eq!(deleted["id"], "d");
     assert_eq!(deleted["payload"]["data"]["carDeleted"], json!({"id": "7"}));
@@ -119,12 +114,10 @@ async fn a_republished_event_is_delivered_once() {
         .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
         .await;
     gateway.settle().await;
-    let first = Envelope::new(EventType::CarUpdated, car(1, "Once"));
+    let first = Envelope::new(CAR_UPDATED, car(1, "Once"));
     gateway.publish_envelope(&first).await;
     gateway.publish_envelope(&first).await; // the outbox relay may publish twice
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Twice"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "Twice")).await;
     assert_eq!(
         client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
         "Once"
@@ -151,7 +144,7 @@ async fn malformed_messages_on_the_channel_are_skipped() {
             r#"{"v":1,"id":"x","type":"car.deleted"}"#,
         )
         .await;
-    gateway.publish(EventType::CarUpdated, car(1, "Fine")).await;
+    gateway.publish(CAR_UPDATED, car(1, "Fine")).await;
     assert_eq!(
         client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
         "Fine"
@@ -173,9 +166,7 @@ async fn subscribers_survive_a_redis_restart() {
         .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
         .await;
     gateway.settle().await;
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Before"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "Before")).await;
     assert_eq!(
         client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
         "Before"
@@ -194,9 +185,7 @@ async fn subscribers_survive_a_redis_restart() {
 
     redis.restart();
     gateway.wait_ready().await;
-    gateway
-        .publish(EventType::CarUpdated, car(1, "After"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "After")).await;
     assert_eq!(
         client.expect_json().await["payload"]["data"]["carModelUpdated"]["make"],
         "After",
@@ -236,9 +225,7 @@ async fn subscribers_of_one_operation_share_one_execution() {
     let (_, metrics) = gateway.get("/metrics").await;
     assert!(metrics.contains("gateway_executions_active 2"), "{metrics}");
 
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Shared"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "Shared")).await;
     for (n, client) in clients.iter_mut().enumerate() {
         let message = client.expect_json().await;
         assert_eq!(

@@ -6,12 +6,17 @@
 use std::time::Duration;
 
 use clap::Parser as _;
-use common::db::cars::Car;
-use common::events::{Envelope, EventBus as _, EventType, RedisBus};
-use common::jwt::TokenType;
+use domain::Car;
+use domain::Record as _;
+use events::{Envelope, EventBus as _, EventType, RedisBus};
 use subscription_gateway::settings::Cli;
 use subscription_gateway::startup::Application;
 pub use test_support::ws::{Incoming, WsClient};
+use tokens::jwt::TokenType;
+
+pub const CAR_CREATED: EventType = Car::EVENTS.created;
+pub const CAR_UPDATED: EventType = Car::EVENTS.updated;
+pub const CAR_DELETED: EventType = Car::EVENTS.deleted;
 
 pub const SECRET: &str = "gateway-test-secret-0123456789-0123456789";
 
@@ -44,9 +49,9 @@ impl TestGateway {
         args.extend(extra.iter().map(|s| s.to_string()));
         let settings = Cli::try_parse_from(&args).unwrap().settings;
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = common::telemetry::init(&settings.log);
+            let _ = service_kit::telemetry::init(&settings.log);
         }
-        let redis = common::redis::pool(&settings.redis).unwrap();
+        let redis = service_kit::redis::pool(&settings.redis).unwrap();
         let app = Application::build(settings).await.unwrap();
         let port = app.port();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -107,28 +112,28 @@ impl TestGateway {
     }
 
     /// Publishes an event as api-service's write path does.
-    pub async fn publish(&self, event_type: EventType, car: Car) -> Envelope {
+    pub async fn publish(&self, event_type: EventType, car: Car) -> Envelope<Car> {
         let envelope = Envelope::new(event_type, car);
         self.publish_envelope(&envelope).await;
         envelope
     }
 
-    pub async fn publish_envelope(&self, envelope: &Envelope) {
+    pub async fn publish_envelope(&self, envelope: &Envelope<Car>) {
         let payload = serde_json::to_string(envelope).unwrap();
         self.bus
-            .publish(envelope.event_type, &payload)
+            .publish(&envelope.event_type, &payload)
             .await
             .unwrap();
     }
 
     pub async fn publish_raw(&self, channel_suffix: &str, payload: &str) {
-        let pool = common::redis::pool(&redis_args(&self.redis_url)).unwrap();
-        let append = common::events::append_command(
+        let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
+        let append = events::append_command(
             &format!("{}{channel_suffix}", self.prefix),
             payload,
-            common::events::Retention::default(),
+            events::Retention::default(),
         );
-        common::redis::query::<(String,)>(&pool, &append)
+        service_kit::redis::query::<(String,)>(&pool, &append)
             .await
             .unwrap();
     }
@@ -145,7 +150,7 @@ impl Drop for TestGateway {
     }
 }
 
-fn redis_args(url: &str) -> common::config::RedisArgs {
+fn redis_args(url: &str) -> service_kit::config::RedisArgs {
     Cli::try_parse_from(["x", &format!("--redis-url={url}")])
         .unwrap()
         .settings

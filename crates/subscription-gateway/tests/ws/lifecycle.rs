@@ -1,9 +1,9 @@
 //! Negotiation, limits, keep-alive, slow consumers and the SIGTERM drain.
 
+use crate::helpers::CAR_UPDATED;
 use std::time::Duration;
 
 use awc::ws;
-use common::events::EventType;
 use serde_json::json;
 
 use crate::helpers::{access, car, Incoming, TestGateway, WsClient, MODEL_UPDATED};
@@ -139,9 +139,7 @@ async fn keepalives_flow_and_a_client_that_never_pings_stays_connected() {
         .send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
         .await;
     gateway.settle().await;
-    gateway
-        .publish(EventType::CarUpdated, car(1, "Alive"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "Alive")).await;
     let data = client.expect_json().await;
     assert_eq!(data["payload"]["data"]["carModelUpdated"]["make"], "Alive");
 }
@@ -170,9 +168,7 @@ async fn a_slow_reader_is_cut_off_while_others_keep_receiving() {
         // Batches smaller than the queue, read in between: the fast reader never falls behind.
         for _ in 0..50 {
             for _ in 0..32 {
-                gateway
-                    .publish(EventType::CarUpdated, car(1, &big_make))
-                    .await;
+                gateway.publish(CAR_UPDATED, car(1, &big_make)).await;
                 published += 1;
             }
             while received < published {

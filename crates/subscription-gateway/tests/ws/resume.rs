@@ -2,11 +2,11 @@
 //! subscription that resumes from a cursor gets what it missed and then live events, without gap
 //! or duplicate; a token is renewed on the open socket.
 
+use crate::helpers::CAR_UPDATED;
 use std::time::Duration;
 
-use common::events::EventType;
-use common::jwt::TokenType;
 use serde_json::json;
+use tokens::jwt::TokenType;
 
 use crate::helpers::{access, car, token, Incoming, TestGateway, WsClient, MODEL_UPDATED};
 
@@ -43,7 +43,7 @@ async fn next_result(client: &mut WsClient) -> (String, String, Option<bool>) {
 async fn cursor_of_a_departed_subscriber(gateway: &TestGateway, make: &str) -> String {
     let mut first = subscriber(gateway, None).await;
     gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, make)).await;
+    gateway.publish(CAR_UPDATED, car(1, make)).await;
     let (_, cursor, _) = next_result(&mut first).await;
     cursor
 }
@@ -53,19 +53,17 @@ async fn a_resumed_subscription_gets_what_it_missed_then_live_events_once_each()
     let gateway = TestGateway::spawn(&[]).await;
     let mut first = subscriber(&gateway, None).await;
     gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
+    gateway.publish(CAR_UPDATED, car(1, "m0")).await;
     let (make, cursor, recovered) = next_result(&mut first).await;
     assert_eq!((make.as_str(), recovered), ("m0", None));
     drop(first);
 
     // Missed while away, with another car's update among them (filtered as live ones are).
     for make in ["m1", "m2"] {
-        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+        gateway.publish(CAR_UPDATED, car(1, make)).await;
     }
-    gateway
-        .publish(EventType::CarUpdated, car(2, "other"))
-        .await;
-    gateway.publish(EventType::CarUpdated, car(1, "m3")).await;
+    gateway.publish(CAR_UPDATED, car(2, "other")).await;
+    gateway.publish(CAR_UPDATED, car(1, "m3")).await;
 
     let mut resumed = subscriber(&gateway, Some(&cursor)).await;
     let mut makes = Vec::new();
@@ -83,13 +81,17 @@ async fn a_resumed_subscription_gets_what_it_missed_then_live_events_once_each()
     assert_eq!(makes, ["m1", "m2", "m3"]);
     // Then live, after the replay, in order.
     gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "m4")).await;
+    gateway.publish(CAR_UPDATED, car(1, "m4")).await;
     let (make, cursor, recovered) = next_result(&mut resumed).await;
     assert_eq!((make.as_str(), recovered), ("m4", None));
     cursors.push(cursor);
     let positions: Vec<_> = cursors
         .iter()
-        .map(|c| common::events::Cursor::parse(c).unwrap().position)
+        .map(|c| {
+            events::Cursor::parse(c, &domain::registry().unwrap())
+                .unwrap()
+                .position
+        })
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
     // And nothing else: no duplicate of a replayed event.
@@ -103,15 +105,15 @@ async fn a_resume_while_others_share_the_execution_neither_loses_nor_repeats() {
     // Someone else keeps the shared execution running all along.
     let mut other = subscriber(&gateway, None).await;
     gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "m0")).await;
+    gateway.publish(CAR_UPDATED, car(1, "m0")).await;
     let (_, cursor, _) = next_result(&mut other).await;
     for make in ["m1", "m2"] {
-        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+        gateway.publish(CAR_UPDATED, car(1, make)).await;
     }
     let mut resumed = subscriber(&gateway, Some(&cursor)).await;
     // Published while the replay may still run: live, held back behind the replay.
     for make in ["m3", "m4"] {
-        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+        gateway.publish(CAR_UPDATED, car(1, make)).await;
     }
     let mut makes = Vec::new();
     for _ in 0..4 {
@@ -126,33 +128,28 @@ async fn a_resume_while_others_share_the_execution_neither_loses_nor_repeats() {
 async fn a_cursor_the_history_no_longer_covers_says_recovered_false_then_goes_live() {
     let gateway = TestGateway::spawn(&[]).await;
     let cursor = cursor_of_a_departed_subscriber(&gateway, "old").await;
-    gateway
-        .publish(EventType::CarUpdated, car(1, "trimmed"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "trimmed")).await;
     // Retention ends: the log is trimmed past the cursor.
-    let pool = common::redis::pool(&common::config::RedisArgs {
+    let pool = service_kit::redis::pool(&service_kit::config::RedisArgs {
         redis_url: gateway.redis_url.clone(),
         redis_key_prefix: gateway.prefix.clone(),
         redis_pool_size: 1,
     })
     .unwrap();
     let mut trim = deadpool_redis::redis::cmd("XTRIM");
-    trim.arg(common::events::channel(
-        &gateway.prefix,
-        EventType::CarUpdated,
-    ))
-    .arg("MAXLEN")
-    .arg(0);
-    common::redis::query::<i64>(&pool, &trim).await.unwrap();
+    trim.arg(events::channel(&gateway.prefix, CAR_UPDATED.as_str()))
+        .arg("MAXLEN")
+        .arg(0);
+    service_kit::redis::query::<i64>(&pool, &trim)
+        .await
+        .unwrap();
 
     let mut resumed = subscriber(&gateway, Some(&cursor)).await;
     gateway.settle().await;
-    gateway.publish(EventType::CarUpdated, car(1, "live")).await;
+    gateway.publish(CAR_UPDATED, car(1, "live")).await;
     let (make, _, recovered) = next_result(&mut resumed).await;
     assert_eq!((make.as_str(), recovered), ("live", Some(false)));
-    gateway
-        .publish(EventType::CarUpdated, car(1, "live2"))
-        .await;
+    gateway.publish(CAR_UPDATED, car(1, "live2")).await;
     assert_eq!(next_result(&mut resumed).await.2, None);
 }
 
@@ -222,14 +219,14 @@ async fn a_socket_renewed_in_band_outlives_its_first_tokens_and_keeps_receiving(
             "a pong never echoes a token"
         );
         gateway
-            .publish(EventType::CarUpdated, car(1, &format!("round {round}")))
+            .publish(CAR_UPDATED, car(1, &format!("round {round}")))
             .await;
         let (make, _, _) = next_result(&mut client).await;
         assert_eq!(make, format!("round {round}"));
     }
     // Past three lifetimes of the first token (9 s), still open and receiving.
     tokio::time::sleep_until(started + Duration::from_millis(9_500)).await;
-    gateway.publish(EventType::CarUpdated, car(1, "late")).await;
+    gateway.publish(CAR_UPDATED, car(1, "late")).await;
     assert_eq!(next_result(&mut client).await.0, "late");
     // Not renewed again: closed at the last token's expiry.
     match client.recv_within(Duration::from_secs(10)).await {
@@ -282,18 +279,14 @@ async fn many_resuming_from_one_cursor_at_once_each_get_every_event_once_in_orde
     let gateway = TestGateway::spawn(&[]).await;
     let cursor = cursor_of_a_departed_subscriber(&gateway, "m0").await;
     for n in 1..=5 {
-        gateway
-            .publish(EventType::CarUpdated, car(1, &format!("m{n}")))
-            .await;
+        gateway.publish(CAR_UPDATED, car(1, &format!("m{n}"))).await;
     }
 
     let resuming =
         futures_util::future::join_all((0..40).map(|_| subscriber(&gateway, Some(&cursor))));
     let publishing = async {
         for n in 6..=15 {
-            gateway
-                .publish(EventType::CarUpdated, car(1, &format!("m{n}")))
-                .await;
+            gateway.publish(CAR_UPDATED, car(1, &format!("m{n}"))).await;
             actix_web::rt::time::sleep(Duration::from_millis(3)).await;
         }
     };
@@ -319,7 +312,7 @@ async fn a_legacy_start_resumes_from_a_cursor_too() {
     let gateway = TestGateway::spawn(&[]).await;
     let cursor = cursor_of_a_departed_subscriber(&gateway, "m0").await;
     for make in ["m1", "m2"] {
-        gateway.publish(EventType::CarUpdated, car(1, make)).await;
+        gateway.publish(CAR_UPDATED, car(1, make)).await;
     }
 
     let mut legacy = WsClient::connect(&gateway.url(), "graphql-ws").await;
@@ -370,7 +363,7 @@ async fn a_renewed_socket_is_judged_by_its_new_token_at_a_revocation() {
     assert_eq!(client.expect_json().await["type"], "pong");
     gateway.settle().await;
 
-    let channel = common::events::revocation_channel(&gateway.prefix);
+    let channel = events::revocation_channel(&gateway.prefix);
     let suffix = channel.trim_start_matches(&gateway.prefix).to_owned();
     let revoke =
         |cutoff: i64| json!({"user_id": 1, "jti": "j", "revoked_before": cutoff}).to_string();

@@ -1,14 +1,18 @@
 //! Storage through diesel, on PostgreSQL (the distributed stack) or SQLite (the embedded mode):
-//! the pool, the embedded migrations and the queries. One code path serves both: every query is
+//! the pool, the embedded migrations and the queries: users and tokens for auth-service, the
+//! domain's tables ([`cars`]) behind the generic write path ([`records`]), the outbox and the
+//! [`repository`] that publishes what the outbox holds. One code path serves both: every query is
 //! written once against [`AnyConnection`], diesel's `MultiConnection` over the two backends; the
 //! few statements one backend spells differently (`ON CONFLICT`, `setval`) go through
-//! [`each_backend!`], which compiles the same expression for each. No other module or crate
-//! imports diesel, so the storage can change in one place.
+//! [`each_backend!`], which compiles the same expression for each. No other crate imports
+//! diesel (Cargo enforces it: the others do not depend on it), so storage changes in one place.
 
+pub mod blacklist;
 pub mod cars;
 pub mod outbox;
+pub mod records;
+pub mod repository;
 pub mod schema;
-pub mod tokens;
 pub mod users;
 
 use std::time::{Duration, Instant};
@@ -17,7 +21,8 @@ use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
 use diesel::{Connection, PgConnection, QueryResult, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::config::DatabaseArgs;
+use service_kit::config::DatabaseArgs;
+use service_kit::error::ApiError;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -41,8 +46,8 @@ pub enum AnyConnection {
 macro_rules! each_backend {
     ($conn:expr, |$inner:ident| $body:expr) => {
         match $conn {
-            $crate::db::AnyConnection::Postgresql($inner) => $body,
-            $crate::db::AnyConnection::Sqlite($inner) => $body,
+            $crate::AnyConnection::Postgresql($inner) => $body,
+            $crate::AnyConnection::Sqlite($inner) => $body,
         }
     };
 }
@@ -160,6 +165,32 @@ pub enum DbError {
     Cancelled,
 }
 
+impl From<DbError> for ApiError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Unavailable(msg) => ApiError::Unavailable(format!("database: {msg}")),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<DbError> for domain::StoreError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Unavailable(msg) => domain::StoreError::Unavailable(msg),
+            other => domain::StoreError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// The `/readyz` check of the database.
+pub fn readiness_probe(pool: DbPool) -> service_kit::http::Probe {
+    std::sync::Arc::new(move || {
+        let pool = pool.clone();
+        Box::pin(async move { ping(&pool).await.map_err(|err| err.to_string()) })
+    })
+}
+
 /// Builds the pool without connecting, so a process can start (and say "not ready") while the
 /// database is away; connections are made on first use and re-made after a failure. On SQLite
 /// the pool holds one connection: SQLite has one writer at a time anyway, and a single connection
@@ -186,7 +217,7 @@ where
     F: FnOnce(&mut AnyConnection) -> Result<T, diesel::result::Error> + Send + 'static,
 {
     let pool = pool.clone();
-    // The blocking pool is bounded (`common::http::ServerOptions::blocking_threads`): past its
+    // The blocking pool is bounded (`service_kit::http::ServerOptions::blocking_threads`): past its
     // size, calls wait in its queue, not in threads of their own.
     tokio::task::spawn_blocking(move || {
         let mut conn: DbConn = pool

@@ -242,11 +242,11 @@ async fn fetch_jwks(settings: &JwksSettings) -> Result<VerificationKeys, String>
 /// secret or private key needed then), else the `JWT_*` settings, verification side only. Warns
 /// when the demo secret is in use.
 pub async fn verifier_from_args(
-    jwt: &crate::config::JwtArgs,
-    jwks: &crate::config::JwksArgs,
+    jwt: &service_kit::config::JwtArgs,
+    jwks: &service_kit::config::JwksArgs,
     policy: crate::jwt::SecretPolicy,
-) -> Result<TokenVerifier, crate::config::ConfigError> {
-    use crate::config::ConfigError;
+) -> Result<TokenVerifier, service_kit::config::ConfigError> {
+    use service_kit::config::ConfigError;
     if let Some(url) = &jwks.jwks_url {
         if url.starts_with("https://") {
             // awc is built without TLS: the JWKS is fetched inside the deployment's network.

@@ -8,15 +8,13 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
-use crate::db::DbError;
-use crate::jwt::TokenError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("no active account found with the given credentials")]
     NoActiveAccount,
     #[error("token is invalid or expired: {0}")]
-    TokenNotValid(TokenError),
+    /// Why, for the log only: the client is told no more than "invalid or expired".
+    TokenNotValid(String),
     #[error("invalid fields: {0:?}")]
     FieldErrors(BTreeMap<String, Vec<String>>),
     #[error("{detail}")]
@@ -59,15 +57,6 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => "REQUEST_TIMEOUT",
             ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL_SERVER_ERROR",
-        }
-    }
-}
-
-impl From<DbError> for ApiError {
-    fn from(err: DbError) -> Self {
-        match err {
-            DbError::Unavailable(msg) => ApiError::Unavailable(format!("database: {msg}")),
-            other => ApiError::Internal(other.to_string()),
         }
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use deadpool_redis::redis;
 
 use crate::jwt::Claims;
-use crate::redis::RedisPool;
+use service_kit::redis::RedisPool;
 
 /// How often a verifying process reads the cutoffs written since its last read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -88,7 +88,7 @@ pub async fn write(
     user_id: i64,
     cutoff: i64,
     retention_secs: u64,
-) -> Result<(), crate::redis::RedisError> {
+) -> Result<(), service_kit::redis::RedisError> {
     let key = key(key_prefix);
     let retention = i64::try_from(retention_secs).unwrap_or(i64::MAX);
     let mut pipe = redis::pipe();
@@ -108,7 +108,7 @@ pub async fn write(
         .arg(&key)
         .arg(retention_secs.max(1))
         .ignore();
-    crate::redis::query::<()>(pool, &pipe).await
+    service_kit::redis::query::<()>(pool, &pipe).await
 }
 
 /// The user's cutoff as Redis has it.
@@ -116,10 +116,10 @@ pub async fn read(
     pool: &RedisPool,
     key_prefix: &str,
     user_id: i64,
-) -> Result<Option<i64>, crate::redis::RedisError> {
+) -> Result<Option<i64>, service_kit::redis::RedisError> {
     let mut cmd = redis::cmd("ZSCORE");
     cmd.arg(key(key_prefix)).arg(user_id);
-    crate::redis::query::<Option<i64>>(pool, &cmd).await
+    service_kit::redis::query::<Option<i64>>(pool, &cmd).await
 }
 
 /// Keeps `list` up to date from Redis until `shutdown` resolves: every [`POLL_INTERVAL`] the
@@ -147,7 +147,7 @@ pub async fn poll(
             .arg("+inf")
             .arg("BYSCORE")
             .arg("WITHSCORES");
-        match crate::redis::query::<Vec<(i64, i64)>>(&pool, &cmd).await {
+        match service_kit::redis::query::<Vec<(i64, i64)>>(&pool, &cmd).await {
             Ok(entries) => {
                 for (user_id, cutoff) in entries {
                     list.record(user_id, cutoff);

@@ -18,7 +18,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ConfigError, JwtArgs};
+use service_kit::config::{ConfigError, JwtArgs};
 
 /// A secret that anyone reading the source knows; only the demo/embedded mode may use it.
 pub const DEMO_SECRET: &str = "demo-secret-do-not-use-in-production-0123456789";

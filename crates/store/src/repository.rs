@@ -1,5 +1,5 @@
-//! The one write path for cars (where the reference used Django model signals): each write commits
-//! the change and its event together (the outbox), publishes the event right after commit, and
+//! The one write path for every domain type (where the reference used Django model signals):
+//! each write commits the change and its event together (the outbox), publishes the event right after commit, and
 //! [`run_relay`] re-publishes whatever that did not get out (Redis down, process killed between
 //! commit and publish). Delivery is therefore at-least-once; the envelope `id` lets consumers
 //! drop duplicates. Events that the relay publishes after an outage may arrive after newer ones.
@@ -8,13 +8,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::{Accounts, Actor, Owner, Page, Repository, StoreError, WriteError};
+use events::{Envelope, EventBus, EventType};
+use futures_util::future::BoxFuture;
 use prometheus::{IntCounterVec, IntGauge};
+use service_kit::metrics::Metrics;
 
-use crate::db::cars::{self, Actor, Car, CarChanges, EventDraft, NewCar, WriteError};
-use crate::db::outbox::{self, NewEvent};
-use crate::db::DbPool;
-use crate::events::{Envelope, EventBus, EventType};
-use crate::metrics::Metrics;
+use crate::outbox::{self, NewEvent};
+use crate::records::{self, EventDraft, Table};
+use crate::DbPool;
 
 /// Timing of the outbox. The defaults suit production; tests shorten them.
 #[derive(Debug, Clone, Copy)]
@@ -97,44 +99,38 @@ impl Store {
         self.config
     }
 
-    pub async fn create_car(&self, owner_id: i64, new: NewCar) -> Result<Car, WriteError> {
-        let (car, event) =
-            cars::create(&self.pool, owner_id, new, self.draft(EventType::CarCreated)).await?;
+    pub async fn create<T: Table>(&self, owner_id: i64, new: T::New) -> Result<T, WriteError> {
+        let draft = self.draft::<T>(T::EVENTS.created);
+        let (value, event) = records::create(&self.pool, owner_id, new, draft).await?;
         self.publish(event, Path::Inline).await;
-        Ok(car)
+        Ok(value)
     }
 
-    pub async fn update_car(
+    pub async fn update<T: Table>(
         &self,
         actor: Actor,
         id: i64,
-        changes: CarChanges,
-    ) -> Result<Car, WriteError> {
-        let (car, event) = cars::update(
-            &self.pool,
-            actor,
-            id,
-            changes,
-            self.draft(EventType::CarUpdated),
-        )
-        .await?;
+        changes: T::Changes,
+    ) -> Result<T, WriteError> {
+        let draft = self.draft::<T>(T::EVENTS.updated);
+        let (value, event) = records::update(&self.pool, actor, id, changes, draft).await?;
         self.publish(event, Path::Inline).await;
-        Ok(car)
+        Ok(value)
     }
 
-    pub async fn delete_car(&self, actor: Actor, id: i64) -> Result<Car, WriteError> {
-        let (car, event) =
-            cars::delete(&self.pool, actor, id, self.draft(EventType::CarDeleted)).await?;
+    pub async fn delete<T: Table>(&self, actor: Actor, id: i64) -> Result<T, WriteError> {
+        let draft = self.draft::<T>(T::EVENTS.deleted);
+        let (value, event) = records::delete(&self.pool, actor, id, draft).await?;
         self.publish(event, Path::Inline).await;
-        Ok(car)
+        Ok(value)
     }
 
     /// The outbox row of a write, leased to this process so that no relay publishes it while
     /// we do.
-    fn draft(&self, event_type: EventType) -> EventDraft {
+    fn draft<T: Table>(&self, event_type: EventType) -> EventDraft<T> {
         let lease = lease(self.config.lease);
-        Box::new(move |car: &Car| {
-            let envelope = Envelope::new(event_type, car.clone());
+        Box::new(move |value: &T| {
+            let envelope = Envelope::new(event_type, value);
             let payload = serde_json::to_string(&envelope)
                 .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
             Ok(NewEvent {
@@ -151,11 +147,6 @@ impl Store {
     /// the bus is back.
     async fn publish(&self, event: outbox::PendingEvent, path: Path) -> bool {
         let path = path.label();
-        let Some(event_type) = EventType::parse(&event.event_type) else {
-            tracing::error!(event_type = %event.event_type, id = event.id, "unknown event type in the outbox; dropping it");
-            let _ = outbox::delete(&self.pool, event.id).await;
-            return true;
-        };
         let Some(bus) = &self.bus else {
             // Due at once, for the relay of the process that owns the bus.
             if let Err(err) = outbox::release(&self.pool, &event).await {
@@ -163,7 +154,8 @@ impl Store {
             }
             return false;
         };
-        match bus.publish(event_type, &event.payload).await {
+        // By the name committed, known to this process or not: the relay drops nothing.
+        match bus.publish(&event.event_type, &event.payload).await {
             Ok(()) => {
                 self.published.with_label_values(&[path, "ok"]).inc();
                 if let Err(err) = outbox::delete(&self.pool, event.id).await {
@@ -262,4 +254,44 @@ pub async fn run_relay(store: Store, shutdown: impl Future<Output = ()>) {
 
 fn lease(duration: Duration) -> chrono::Duration {
     chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::seconds(10))
+}
+
+impl<T: Table> Repository<T> for Store {
+    fn find(&self, id: i64) -> BoxFuture<'_, Result<Option<T>, StoreError>> {
+        Box::pin(async move { Ok(records::find(&self.pool, id).await?) })
+    }
+
+    fn page(&self, after: Option<i64>, first: i64) -> BoxFuture<'_, Result<Page<T>, StoreError>> {
+        Box::pin(async move { Ok(records::page(&self.pool, after, first).await?) })
+    }
+
+    fn create(&self, owner_id: i64, new: T::New) -> BoxFuture<'_, Result<T, WriteError>> {
+        Box::pin(Store::create::<T>(self, owner_id, new))
+    }
+
+    fn update(
+        &self,
+        actor: Actor,
+        id: i64,
+        changes: T::Changes,
+    ) -> BoxFuture<'_, Result<T, WriteError>> {
+        Box::pin(Store::update::<T>(self, actor, id, changes))
+    }
+
+    fn delete(&self, actor: Actor, id: i64) -> BoxFuture<'_, Result<T, WriteError>> {
+        Box::pin(Store::delete::<T>(self, actor, id))
+    }
+}
+
+impl Accounts for Store {
+    fn active_user(&self, id: i64) -> BoxFuture<'_, Result<Option<Owner>, StoreError>> {
+        Box::pin(async move {
+            let user = crate::users::find_by_id(&self.pool, id).await?;
+            Ok(user.filter(|user| user.is_active).map(|user| Owner {
+                id: user.id,
+                username: user.username,
+                is_staff: user.is_staff,
+            }))
+        })
+    }
 }

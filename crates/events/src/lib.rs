@@ -4,7 +4,7 @@
 //!
 //! Envelope (version 1), one per committed write:
 //! `{"v":1,"id":"<32 hex>","type":"car.updated","at":"<RFC 3339>","data":{…the car…}}`.
-//! Delivery is at-least-once (see [`crate::repository`]): a consumer drops an `id` it has seen.
+//! Delivery is at-least-once (see the store's outbox): a consumer drops an `id` it has seen.
 //!
 //! Each event type has a log, `<REDIS_KEY_PREFIX>events:<type>`: a Redis stream whose entry ids
 //! are the events' [`Position`]s, the same for every gateway, kept for a bounded retention
@@ -14,6 +14,8 @@
 //! when the log is reset (a Redis that restarted empty): cursors of an older epoch are not
 //! covered any more.
 
+use std::any::Any;
+use std::borrow::Cow;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,95 +24,186 @@ use chrono::{DateTime, SecondsFormat, SubsecRound as _, Utc};
 use deadpool_redis::redis;
 use futures_util::future::BoxFuture;
 use futures_util::Stream;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::config::EventLogArgs;
-use crate::db::cars::Car;
-use crate::redis::RedisPool;
+use service_kit::config::EventLogArgs;
+use service_kit::redis::RedisPool;
 
 /// The envelope's format version; bumped only for changes an old consumer would misread.
 pub const ENVELOPE_VERSION: u32 = 1;
 
-/// Declares [`EventType`], its [`EventType::ALL`] and its names from one list, so that a variant
-/// cannot exist without being in `ALL`: the outbox relay and the gateway know an event type only
-/// through `ALL`, and a type missing there was silently dropped from the outbox as unknown.
-macro_rules! event_types {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal,)+) => {
-        /// What happened to a car. The serialized names are the envelope's `type` and the last
-        /// part of the Redis stream's name.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        pub enum EventType {
-            $($(#[$doc])* #[serde(rename = $name)] $variant,)+
-        }
-
-        impl EventType {
-            pub const ALL: &'static [EventType] = &[$(EventType::$variant,)+];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(EventType::$variant => $name,)+
-                }
-            }
-        }
-    };
-}
-
-event_types! {
-    CarCreated = "car.created",
-    CarUpdated = "car.updated",
-    CarDeleted = "car.deleted",
-}
+/// An event type's name: the envelope's `type` and the last part of its log's name, e.g.
+/// `car.updated`. A domain type declares its own (`Record::EVENTS` in the domain crate); the
+/// [`Registry`] is where a process learns which exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventType(&'static str);
 
 impl EventType {
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|t| t.as_str() == name)
+    pub const fn new(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
     }
 }
 
 impl fmt::Display for EventType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(self.0)
     }
 }
 
-/// One event as it travels on the bus.
+impl Serialize for EventType {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.0)
+    }
+}
+
+/// An event's data once decoded, of whichever domain type its event type names; a subscription
+/// stream downcasts it to the type it serves. Shared: decoded once, read by every subscriber.
+pub type AnyData = Arc<dyn Any + Send + Sync>;
+
+/// One registered event type: its name and how its envelopes are decoded.
+#[derive(Clone, Copy)]
+pub struct EventKind {
+    pub event_type: EventType,
+    decode: fn(&[u8]) -> Result<Envelope<AnyData>, serde_json::Error>,
+}
+
+impl EventKind {
+    /// `event_type`, whose envelopes carry a `T`.
+    pub fn of<T>(event_type: EventType) -> Self
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        Self {
+            event_type,
+            decode: decode_as::<T>,
+        }
+    }
+}
+
+fn decode_as<T: DeserializeOwned + Send + Sync + 'static>(
+    payload: &[u8],
+) -> Result<Envelope<AnyData>, serde_json::Error> {
+    let envelope = serde_json::from_slice::<Envelope<T>>(payload)?;
+    Ok(Envelope {
+        v: envelope.v,
+        id: envelope.id,
+        event_type: envelope.event_type,
+        at: envelope.at,
+        data: Arc::new(envelope.data),
+    })
+}
+
+/// Every event type a process knows, with its decoder: built once from the domain's list of
+/// types (`domain::registry()`), so that the gateway reads every log a writer may append to.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: Arc<[EventKind]>,
+}
+
+impl Registry {
+    /// Refuses a name given twice or one that cannot be a log's name, so that a mistake in the
+    /// domain's list stops the process at start rather than mixing two types in one log.
+    pub fn new(kinds: Vec<EventKind>) -> Result<Self, String> {
+        let mut seen = std::collections::HashSet::new();
+        for kind in &kinds {
+            let name = kind.event_type.as_str();
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+                return Err(format!("event type {name:?} is not a valid log name"));
+            }
+            if !seen.insert(name) {
+                return Err(format!("event type {name:?} is registered twice"));
+            }
+        }
+        Ok(Self {
+            kinds: kinds.into(),
+        })
+    }
+
+    pub fn event_types(&self) -> impl Iterator<Item = EventType> + '_ {
+        self.kinds.iter().map(|kind| kind.event_type)
+    }
+
+    /// The registered type named `name`.
+    pub fn get(&self, name: &str) -> Option<EventType> {
+        self.kind(name).map(|kind| kind.event_type)
+    }
+
+    fn kind(&self, name: &str) -> Option<&EventKind> {
+        self.kinds
+            .iter()
+            .find(|kind| kind.event_type.as_str() == name)
+    }
+
+    /// Decodes an envelope of `event_type`, checking that it says it is one.
+    pub fn decode(
+        &self,
+        event_type: EventType,
+        payload: &[u8],
+    ) -> Result<Envelope<AnyData>, DecodeError> {
+        let kind = self
+            .kind(event_type.as_str())
+            .ok_or(DecodeError::Unregistered)?;
+        let envelope = (kind.decode)(payload).map_err(DecodeError::Malformed)?;
+        if envelope.event_type != event_type.as_str() {
+            return Err(DecodeError::WrongType);
+        }
+        Ok(envelope)
+    }
+
+    /// The event type whose log is `key`, if it is a registered one.
+    pub fn channel_type(&self, key_prefix: &str, key: &str) -> Option<EventType> {
+        self.get(key.strip_prefix(key_prefix)?.strip_prefix("events:")?)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event type not registered")]
+    Unregistered,
+    #[error("malformed event envelope: {0}")]
+    Malformed(serde_json::Error),
+    #[error("event type does not match its log")]
+    WrongType,
+}
+
+/// One event as it travels on the bus; `data` is the domain value after the change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Envelope {
+pub struct Envelope<D> {
     pub v: u32,
     /// Unique per event (not per delivery): consumers use it to drop duplicates.
     pub id: String,
     #[serde(rename = "type")]
-    pub event_type: EventType,
+    pub event_type: Cow<'static, str>,
     /// When the change was committed (to the microsecond, in UTC).
     #[serde(serialize_with = "rfc3339", deserialize_with = "from_rfc3339")]
     pub at: DateTime<Utc>,
-    /// The car after the change (for `car.deleted`, as it was before the deletion).
-    pub data: Car,
+    /// The value after the change (for a deletion, as it was before).
+    pub data: D,
 }
 
-impl Envelope {
+impl<D> Envelope<D> {
     /// A new envelope with a fresh random id, stamped now.
-    pub fn new(event_type: EventType, car: Car) -> Self {
+    pub fn new(event_type: EventType, data: D) -> Self {
         Self {
             v: ENVELOPE_VERSION,
             id: new_event_id(),
-            event_type,
+            event_type: Cow::Borrowed(event_type.as_str()),
             // Microseconds, as serialized, so an envelope read back equals the one written.
             at: Utc::now().trunc_subsecs(6),
-            data: car,
+            data,
         }
     }
 }
 
 /// The log (a Redis stream) of an event type: `<REDIS_KEY_PREFIX>events:<type>`, e.g.
 /// `gqlws:events:car.updated`.
-pub fn channel(key_prefix: &str, event_type: EventType) -> String {
-    format!("{key_prefix}events:{}", event_type.as_str())
-}
-
-/// The event type whose log is `key`, if it is one.
-pub fn channel_type(key_prefix: &str, key: &str) -> Option<EventType> {
-    EventType::parse(key.strip_prefix(key_prefix)?.strip_prefix("events:")?)
+pub fn channel(key_prefix: &str, event_type: &str) -> String {
+    format!("{key_prefix}events:{event_type}")
 }
 
 /// The Redis string naming the logs' epoch: a random value set (`SET NX`) by the first gateway
@@ -174,7 +267,8 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    pub fn parse(text: &str) -> Result<Cursor, String> {
+    /// A cursor of one of `registry`'s event types.
+    pub fn parse(text: &str, registry: &Registry) -> Result<Cursor, String> {
         let malformed = || {
             format!(
                 "`extensions.resumeFrom` is not a cursor of this server: {:?} (send back a \
@@ -193,7 +287,7 @@ impl Cursor {
         }
         Ok(Cursor {
             epoch: epoch.to_owned(),
-            event_type: EventType::parse(event_type).ok_or_else(malformed)?,
+            event_type: registry.get(event_type).ok_or_else(malformed)?,
             position: Position::parse(position).ok_or_else(malformed)?,
         })
     }
@@ -211,7 +305,7 @@ pub struct LoggedEvent {
     pub position: Position,
     /// The result cursor naming it, built once.
     pub cursor: Arc<str>,
-    pub envelope: Envelope,
+    pub envelope: Envelope<AnyData>,
 }
 
 /// How much of each log is kept.
@@ -242,7 +336,10 @@ pub const ENTRY_FIELD: &str = "e";
 
 /// 128 random bits as 32 hex characters.
 pub fn new_event_id() -> String {
-    crate::jwt::new_jti()
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,10 +351,12 @@ pub enum BusError {
 /// Where committed events are published: [`RedisBus`] between processes, [`MemoryBus`] in the
 /// embedded single-process mode. The write path does not know which.
 pub trait EventBus: Send + Sync + 'static {
-    /// Publishes one serialized envelope on the channel of `event_type`.
+    /// Publishes one serialized envelope on the log of `event_type`. A name, not an
+    /// [`EventType`]: the outbox relay publishes what was committed whether or not this process
+    /// knows its type, so that nothing committed is dropped.
     fn publish<'a>(
         &'a self,
-        event_type: EventType,
+        event_type: &'a str,
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>>;
 }
@@ -313,7 +412,7 @@ pub fn append_command(key: &str, payload: &str, retention: Retention) -> redis::
 impl EventBus for RedisBus {
     fn publish<'a>(
         &'a self,
-        event_type: EventType,
+        event_type: &'a str,
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
@@ -322,7 +421,7 @@ impl EventBus for RedisBus {
                 payload,
                 self.retention,
             );
-            crate::redis::query::<(String,)>(&self.pool, &pipe)
+            service_kit::redis::query::<(String,)>(&self.pool, &pipe)
                 .await
                 .map(|_id| ())
                 .map_err(|err| BusError::Unavailable(err.to_string()))
@@ -473,7 +572,7 @@ impl MemoryBus {
 impl EventBus for MemoryBus {
     fn publish<'a>(
         &'a self,
-        event_type: EventType,
+        event_type: &'a str,
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         self.send(channel(&self.key_prefix, event_type), payload);
@@ -482,7 +581,7 @@ impl EventBus for MemoryBus {
 }
 
 /// A stream of envelopes of one type, from the moment of subscribing on.
-pub type EnvelopeStream = Pin<Box<dyn Stream<Item = Envelope> + Send>>;
+pub type EnvelopeStream = Pin<Box<dyn Stream<Item = Envelope<AnyData>> + Send>>;
 
 /// Where subscription resolvers get events from. The subscription gateway plugs its fan-out in
 /// here (one Redis subscriber per process); api-service has none, as it serves no subscriptions.
@@ -501,7 +600,7 @@ pub fn revocation_channel(key_prefix: &str) -> String {
 }
 
 /// Announcements kept on the revocation stream: a gateway reconnecting to Redis reads those it
-/// missed; older ones are covered by the cutoffs of [`crate::revocations`].
+/// missed; older ones are covered by the cutoffs of `tokens::revocations`.
 pub const REVOCATION_RETENTION: Retention = Retention {
     count: 1_000,
     max_age_secs: 0,
@@ -514,7 +613,7 @@ pub struct Revocation {
     /// The blacklisted refresh token's id.
     pub jti: String,
     /// Access tokens of the user issued before this (unix seconds) are revoked
-    /// ([`crate::revocations`]). Absent from older senders: then every socket of the user closes.
+    /// (`tokens::revocations`). Absent from older senders: then every socket of the user closes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_before: Option<i64>,
 }
@@ -533,32 +632,71 @@ fn from_rfc3339<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<U
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::cars::Owner;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Thing {
+        id: i64,
+        make: String,
+    }
+
+    const UPDATED: EventType = EventType::new("thing.updated");
 
     #[test]
     fn envelope_has_the_documented_shape() {
-        let car = Car {
+        let thing = Thing {
             id: 1,
             make: "Skoda".into(),
-            model: "Octavia".into(),
-            variant: "Scout".into(),
-            year: "2011".into(),
-            owner: Some(Owner {
-                id: 7,
-                username: "admin".into(),
-                is_staff: true,
-            }),
         };
-        let envelope = Envelope::new(EventType::CarUpdated, car);
+        let envelope = Envelope::new(UPDATED, thing.clone());
         let json = serde_json::to_value(&envelope).unwrap_or_default();
         assert_eq!(json["v"], 1);
-        assert_eq!(json["type"], "car.updated");
+        assert_eq!(json["type"], "thing.updated");
         assert_eq!(json["data"]["make"], "Skoda");
         assert_eq!(json["id"].as_str().map(str::len), Some(32));
         let at = json["at"].as_str().unwrap_or_default();
         assert!(DateTime::parse_from_rfc3339(at).is_ok(), "{at}");
-        let back: Envelope = serde_json::from_value(json).expect("round trip");
+        let back: Envelope<Thing> = serde_json::from_value(json).expect("round trip");
         assert_eq!(back, envelope);
-        assert_eq!(channel("p:", EventType::CarDeleted), "p:events:car.deleted");
+        assert_eq!(channel("p:", "thing.deleted"), "p:events:thing.deleted");
+    }
+
+    #[test]
+    fn the_registry_decodes_what_it_knows_and_refuses_the_rest() {
+        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED)]).expect("valid");
+        let payload = serde_json::to_vec(&Envelope::new(
+            UPDATED,
+            Thing {
+                id: 3,
+                make: "x".into(),
+            },
+        ))
+        .unwrap_or_default();
+        let decoded = registry.decode(UPDATED, &payload).expect("decodes");
+        assert_eq!(decoded.data.downcast_ref::<Thing>().map(|t| t.id), Some(3));
+        let other = EventType::new("thing.deleted");
+        assert!(matches!(
+            registry.decode(other, &payload),
+            Err(DecodeError::Unregistered)
+        ));
+        assert_eq!(
+            registry.channel_type("p:", "p:events:thing.updated"),
+            Some(UPDATED)
+        );
+        assert_eq!(registry.channel_type("p:", "p:events:thing.deleted"), None);
+        let wrong = Registry::new(vec![
+            EventKind::of::<Thing>(other),
+            EventKind::of::<Thing>(UPDATED),
+        ])
+        .expect("valid");
+        assert!(matches!(
+            wrong.decode(other, &payload),
+            Err(DecodeError::WrongType)
+        ));
+        assert!(Registry::new(vec![
+            EventKind::of::<Thing>(UPDATED),
+            EventKind::of::<Thing>(UPDATED)
+        ])
+        .is_err());
+        assert!(Registry::new(vec![EventKind::of::<Thing>(EventType::new("a:b"))]).is_err());
     }
 }

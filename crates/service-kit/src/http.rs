@@ -12,11 +12,11 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt as _;
 use serde_json::{json, Map, Value};
 
 use crate::config::ConfigError;
-use crate::db::{self, DbPool};
 use crate::error::ApiError;
 use crate::redis::{self, RedisPool};
 
@@ -292,11 +292,31 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What `/readyz` checks; a service registers the dependencies it has.
+/// A dependency `/readyz` asks: `Ok` when it answers, else why not.
+pub type Probe = Arc<dyn Fn() -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// What `/readyz` checks; a service registers the dependencies it has, each under the name its
+/// answer shows (`database`, `redis`).
 #[derive(Clone, Default)]
 pub struct Readiness {
-    pub database: Option<DbPool>,
-    pub redis: Option<RedisPool>,
+    checks: Vec<(&'static str, Probe)>,
+}
+
+impl Readiness {
+    pub fn check(mut self, name: &'static str, probe: Probe) -> Self {
+        self.checks.push((name, probe));
+        self
+    }
+
+    pub fn redis(self, pool: RedisPool) -> Self {
+        self.check(
+            "redis",
+            Arc::new(move || {
+                let pool = pool.clone();
+                Box::pin(async move { redis::ping(&pool).await.map_err(|err| err.to_string()) })
+            }),
+        )
+    }
 }
 
 const READINESS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -310,23 +330,14 @@ pub async fn healthz() -> HttpResponse {
 pub async fn readyz(readiness: web::Data<Readiness>) -> HttpResponse {
     let mut checks = Map::new();
     let mut ready = true;
-    if let Some(pool) = &readiness.database {
-        let outcome = tokio::time::timeout(READINESS_TIMEOUT, db::ping(pool)).await;
-        let status = match outcome {
+    for (name, probe) in &readiness.checks {
+        let status = match tokio::time::timeout(READINESS_TIMEOUT, probe()).await {
             Ok(Ok(())) => "ok".to_owned(),
-            Ok(Err(err)) => err.to_string(),
+            Ok(Err(err)) => err,
             Err(_) => "timed out".to_owned(),
         };
         ready &= status == "ok";
-        checks.insert("database".into(), Value::String(status));
-    }
-    if let Some(pool) = &readiness.redis {
-        let status = match redis::ping(pool).await {
-            Ok(()) => "ok".to_owned(),
-            Err(err) => err.to_string(),
-        };
-        ready &= status == "ok";
-        checks.insert("redis".into(), Value::String(status));
+        checks.insert((*name).into(), Value::String(status));
     }
     let body = json!({"status": if ready { "ready" } else { "not ready" }, "checks": checks});
     if ready {

@@ -1,0 +1,62 @@
+//! The car, the reference's domain type.
+
+use events::EventType;
+use serde::{Deserialize, Serialize};
+
+use crate::{Events, Record};
+
+/// A car as readers see it: the reference's fields plus its owner. This is also the `data` of an
+/// event envelope, so a subscriber needs no database to show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Car {
+    pub id: i64,
+    pub make: String,
+    pub model: String,
+    pub variant: String,
+    pub year: String,
+    pub owner: Option<Owner>,
+}
+
+/// A user as others see it: a car's owner, or the caller (`me`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub id: i64,
+    pub username: String,
+    pub is_staff: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCar {
+    pub make: String,
+    pub model: String,
+    pub variant: String,
+    pub year: String,
+}
+
+/// The fields an update sets; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct CarChanges {
+    pub make: Option<String>,
+    pub model: Option<String>,
+    pub variant: Option<String>,
+    pub year: Option<String>,
+}
+
+impl Record for Car {
+    const NAME: &'static str = "car";
+    const EVENTS: Events = Events {
+        created: EventType::new("car.created"),
+        updated: EventType::new("car.updated"),
+        deleted: EventType::new("car.deleted"),
+    };
+    type New = NewCar;
+    type Changes = CarChanges;
+
+    fn id(&self) -> i64 {
+        self.id
+    }
+
+    fn owner_id(&self) -> Option<i64> {
+        self.owner.as_ref().map(|owner| owner.id)
+    }
+}

@@ -1,0 +1,333 @@
+//! The one GraphQL schema (juniper), served by api-service over HTTP and by the subscription
+//! gateway over websocket: the root types, the per-request [`Context`] holding the verified
+//! claims (or why there are none), errors with a stable `extensions.code` ([`errors`]),
+//! document limits and checks ([`documents`]), and [`sdl`], which prints the schema checked in
+//! as `schema.graphql`.
+//!
+//! Resolvers read and write through the domain's interfaces ([`domain::DataSource`]) and read
+//! events from an [`EventSource`]; neither is a database, so the gateway serves this schema
+//! without linking one. Each domain type has a module of its own ([`cars`]) with its objects
+//! and inputs; the roots below name its fields.
+
+pub mod cars;
+pub mod documents;
+pub mod errors;
+pub mod sdl;
+
+use std::sync::Arc;
+
+use domain::{Actor, Car, DataSource, Page, Registered, Repository};
+use events::{EventSource, EventType, SharedEventSource};
+use futures_util::StreamExt as _;
+use juniper::{graphql_object, graphql_subscription, FieldError, IntoFieldError, RootNode, ID};
+use tokens::auth::AuthError;
+use tokens::jwt::Claims;
+
+pub use cars::{CarInput, CarObject, CarPage, CarPatch};
+pub use documents::{
+    is_subscription_field, operation_field_count, operation_type, subscription_root_fields,
+    unknown_variable_type, DocumentLimits, RootFields,
+};
+pub use errors::{extensions, request_errors, GraphQLError};
+pub use sdl::sdl;
+
+pub type Schema = RootNode<Query, Mutation, Subscription>;
+
+/// Builds the schema once per process; share it (it is `Sync`).
+pub fn schema(limits: DocumentLimits) -> Schema {
+    Schema::new(Query, Mutation, Subscription)
+        .limit_depth(limits.max_depth)
+        .limit_fields(limits.max_fields)
+        .limit_tokens(limits.max_tokens)
+}
+
+/// Largest page of a list (`cars`).
+pub const MAX_PAGE_SIZE: i32 = 100;
+
+/// Longest value of a text field, in characters (the columns are VARCHAR(100)).
+pub const MAX_FIELD_CHARS: usize = 100;
+
+/// What resolvers know about the request.
+pub struct Context {
+    /// The verified access token's claims, or why there are none. Resolvers that need a user call
+    /// [`Context::claims`], which turns the reason into an `UNAUTHENTICATED` error.
+    pub auth: Result<Claims, AuthError>,
+    /// Reads and writes; api-service has them, the gateway (which never writes) not.
+    pub data: Option<Arc<dyn DataSource>>,
+    /// Where subscriptions read events; the gateway has it, api-service not.
+    pub events: Option<SharedEventSource>,
+}
+
+impl juniper::Context for Context {}
+
+impl Context {
+    pub fn new(auth: Result<Claims, AuthError>) -> Self {
+        Self {
+            auth,
+            data: None,
+            events: None,
+        }
+    }
+
+    pub fn with_data(mut self, data: Arc<dyn DataSource>) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    pub fn with_events(mut self, events: SharedEventSource) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    pub fn claims(&self) -> Result<&Claims, GraphQLError> {
+        self.auth.as_ref().map_err(|err| match err {
+            // The client's token may be fine; telling it UNAUTHENTICATED would make it log in again.
+            AuthError::KeysUnavailable => GraphQLError::KeysUnavailable(err.to_string()),
+            _ => GraphQLError::Unauthenticated(err.to_string()),
+        })
+    }
+
+    /// The signed-in user's id, for a write.
+    fn user(&self) -> Result<i64, GraphQLError> {
+        Ok(self.claims()?.user_id)
+    }
+
+    fn data(&self) -> Result<&(dyn DataSource + 'static), GraphQLError> {
+        self.data.as_deref().ok_or_else(|| {
+            GraphQLError::BadRequest(
+                "queries and mutations are served over HTTP at /graphql/, not on this endpoint"
+                    .into(),
+            )
+        })
+    }
+
+    /// The reads and writes, for a signed-in user.
+    fn signed_in_data(&self) -> Result<&(dyn DataSource + 'static), GraphQLError> {
+        self.claims()?;
+        self.data()
+    }
+}
+
+type FieldResult<T> = Result<T, GraphQLError>;
+
+/// A user: an owner, or the caller (`me`).
+pub struct User(pub domain::Owner);
+
+#[graphql_object(context = Context)]
+impl User {
+    fn id(&self) -> ID {
+        ID::new(self.0.id.to_string())
+    }
+
+    fn username(&self) -> &str {
+        &self.0.username
+    }
+
+    /// Staff may change any car.
+    fn is_staff(&self) -> bool {
+        self.0.is_staff
+    }
+}
+
+#[derive(juniper::GraphQLObject)]
+#[graphql(context = Context)]
+pub struct PageInfo {
+    pub has_next_page: bool,
+    /// Pass as `after` to get the next page.
+    pub end_cursor: Option<ID>,
+}
+
+impl PageInfo {
+    fn of<T: domain::Record>(page: &Page<T>) -> Self {
+        PageInfo {
+            has_next_page: page.has_next_page,
+            end_cursor: page.items.last().map(|item| ID::new(item.id().to_string())),
+        }
+    }
+}
+
+pub struct Query;
+
+#[graphql_object(context = Context)]
+impl Query {
+    /// Answers "Hi!" to a signed-in user, as the reference does.
+    fn hi(context: &Context) -> FieldResult<&'static str> {
+        context.claims()?;
+        Ok("Hi!")
+    }
+
+    /// The signed-in user.
+    async fn me(context: &Context) -> FieldResult<User> {
+        let user_id = context.user()?;
+        let user = context.data()?.active_user(user_id).await?.ok_or_else(|| {
+            GraphQLError::Unauthenticated(
+                "the signed-in user no longer exists or is inactive".into(),
+            )
+        })?;
+        Ok(User(user))
+    }
+
+    /// One car, or null when there is none with this id.
+    async fn car(context: &Context, pk: ID) -> FieldResult<Option<CarObject>> {
+        Ok(find::<Car>(context, &pk).await?.map(CarObject))
+    }
+
+    /// Cars in id order, `first` (1-100) at a time after the cursor `after`.
+    async fn cars(
+        context: &Context,
+        #[graphql(default = 20)] first: i32,
+        after: Option<ID>,
+    ) -> FieldResult<CarPage> {
+        Ok(CarPage(page::<Car>(context, first, after).await?))
+    }
+}
+
+pub struct Mutation;
+
+#[graphql_object(context = Context)]
+impl Mutation {
+    /// Creates a car owned by the signed-in user.
+    async fn create_car(context: &Context, input: CarInput) -> FieldResult<CarObject> {
+        let new = input.validate()?;
+        let data = context.signed_in_data()?;
+        let car = Repository::<Car>::create(data, context.user()?, new).await?;
+        Ok(CarObject(car))
+    }
+
+    /// Changes a car; only its owner or staff may.
+    async fn update_car(context: &Context, pk: ID, input: CarPatch) -> FieldResult<CarObject> {
+        let id = parse_pk::<Car>(&pk)?;
+        let changes = input.validate()?;
+        let data = context.signed_in_data()?;
+        let actor = Actor::User(context.user()?);
+        Ok(CarObject(data.update(actor, id, changes).await?))
+    }
+
+    /// Deletes a car (only its owner or staff may) and returns it as it was.
+    async fn delete_car(context: &Context, pk: ID) -> FieldResult<CarObject> {
+        let id = parse_pk::<Car>(&pk)?;
+        let data = context.signed_in_data()?;
+        let actor = Actor::User(context.user()?);
+        let car = Repository::<Car>::delete(data, actor, id).await?;
+        Ok(CarObject(car))
+    }
+}
+
+pub type Stream<T> = std::pin::Pin<Box<dyn futures_util::Stream<Item = T> + Send>>;
+
+pub struct Subscription;
+
+#[graphql_subscription(context = Context)]
+impl Subscription {
+    /// Every change of the car `pk` (the reference's subscription; `pk: 1` and `pk: "1"` both work).
+    async fn car_model_updated(context: &Context, pk: ID) -> Result<Stream<CarObject>, FieldError> {
+        let id = parse_pk::<Car>(&pk).map_err(IntoFieldError::into_field_error)?;
+        let cars = events::<Car>(context, |events| events.updated)?;
+        Ok(Box::pin(
+            cars.filter(move |car| std::future::ready(car.id == id))
+                .map(CarObject),
+        ))
+    }
+
+    /// Every car created.
+    async fn car_created(context: &Context) -> Result<Stream<CarObject>, FieldError> {
+        Ok(Box::pin(
+            events::<Car>(context, |e| e.created)?.map(CarObject),
+        ))
+    }
+
+    /// Every car deleted, as it was before.
+    async fn car_deleted(context: &Context) -> Result<Stream<CarObject>, FieldError> {
+        Ok(Box::pin(
+            events::<Car>(context, |e| e.deleted)?.map(CarObject),
+        ))
+    }
+}
+
+/// One `T` by its id, or none.
+async fn find<T: Registered>(context: &Context, pk: &ID) -> FieldResult<Option<T>>
+where
+    dyn DataSource: Repository<T>,
+{
+    let data = context.signed_in_data()?;
+    let Ok(id) = parse_pk::<T>(pk) else {
+        return Ok(None);
+    };
+    Ok(Repository::<T>::find(data, id).await?)
+}
+
+/// A page of `T`, `first` after the cursor `after`.
+async fn page<T: Registered>(
+    context: &Context,
+    first: i32,
+    after: Option<ID>,
+) -> FieldResult<Page<T>>
+where
+    dyn DataSource: Repository<T>,
+{
+    let data = context.signed_in_data()?;
+    if !(1..=MAX_PAGE_SIZE).contains(&first) {
+        return Err(GraphQLError::BadUserInput(format!(
+            "`first` must be between 1 and {MAX_PAGE_SIZE}"
+        )));
+    }
+    let after = after.as_ref().map(parse_pk::<T>).transpose()?;
+    Ok(Repository::<T>::page(data, after, i64::from(first)).await?)
+}
+
+/// The `T`s of one of its event types, for a signed-in user, from when the subscription starts
+/// (or from its resume cursor: the gateway's event source decides).
+fn events<T: Registered>(
+    context: &Context,
+    event_type: fn(&domain::Events) -> EventType,
+) -> Result<Stream<T>, FieldError> {
+    context.claims().map_err(IntoFieldError::into_field_error)?;
+    let source = context.events.as_ref().ok_or_else(|| {
+        GraphQLError::BadRequest(SUBSCRIPTION_OVER_HTTP.into()).into_field_error()
+    })?;
+    Ok(typed(source.as_ref(), event_type(&T::EVENTS)))
+}
+
+/// The envelopes of `event_type` as `T`s: the data was decoded once, by the type the registry
+/// names for it, so the downcast only fails for a type registered under another's event.
+fn typed<T: Registered>(source: &dyn EventSource, event_type: EventType) -> Stream<T> {
+    Box::pin(
+        source
+            .subscribe(event_type)
+            .filter_map(|envelope| std::future::ready(envelope.data.downcast_ref::<T>().cloned())),
+    )
+}
+
+/// The answer to a subscription sent where only queries and mutations are served.
+pub const SUBSCRIPTION_OVER_HTTP: &str = "subscriptions are not served over HTTP: connect a \
+     websocket to this same URL (/graphql/) with the graphql-transport-ws or graphql-ws protocol";
+
+fn parse_pk<T: Registered>(pk: &ID) -> Result<i64, GraphQLError> {
+    pk.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| GraphQLError::BadUserInput(format!("`{}` is not a {} id", &**pk, T::NAME)))
+}
+
+/// A text input trimmed, at most [`MAX_FIELD_CHARS`] long.
+pub(crate) fn text(field: &str, value: String) -> Result<String, GraphQLError> {
+    let value = value.trim().to_owned();
+    if value.chars().count() > MAX_FIELD_CHARS {
+        return Err(GraphQLError::BadUserInput(format!(
+            "`{field}` must be at most {MAX_FIELD_CHARS} characters"
+        )));
+    }
+    Ok(value)
+}
+
+/// [`text`], and not blank.
+pub(crate) fn required_text(field: &str, value: String) -> Result<String, GraphQLError> {
+    let value = text(field, value)?;
+    if value.is_empty() {
+        return Err(GraphQLError::BadUserInput(format!(
+            "`{field}` may not be blank"
+        )));
+    }
+    Ok(value)
+}

@@ -1,0 +1,135 @@
+//! The command line of `loadgen subscribe`, and the checks between arguments that clap cannot
+//! express, so that a run refuses a bad combination before it opens a socket.
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct SubscribeArgs {
+    /// The gateway's websocket endpoint.
+    #[arg(long, default_value = "ws://127.0.0.1:8003/graphql/")]
+    pub(super) target: String,
+    /// Websocket subprotocol.
+    #[arg(long, value_enum, default_value = "graphql-transport-ws")]
+    pub(super) protocol: WsProtocol,
+    /// Subscribers to open (one socket, one subscription each).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=200_000))]
+    pub(super) connections: u32,
+    /// New connections per second during the ramp.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
+    pub(super) rate: u32,
+    /// Car pks subscribed to, comma-separated; subscriber i takes pks[i % len], event k goes to
+    /// pks[k % len].
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub(super) pks: Vec<i64>,
+    /// Measured events (after one warm-up event per pk).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub(super) events: u32,
+    /// Publishing rate of the measured events.
+    #[arg(long, default_value_t = 1.0)]
+    pub(super) events_per_sec: f64,
+    /// HS256 secret the gateway verifies with; loadgen mints its own access token.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub(super) jwt_secret: Option<String>,
+    /// Mint the token with the built-in demo secret (a gateway started with `DEMO=true` and no
+    /// `JWT_SECRET`).
+    #[arg(long, default_value_t = false)]
+    pub(super) demo_secret: bool,
+    /// Instead of minting: log in at this auth-service (`/api/token/`). Its access tokens live 5
+    /// minutes by default, and the gateway closes a socket when its token expires.
+    #[arg(long)]
+    pub(super) auth: Option<String>,
+    #[arg(long, default_value = "admin")]
+    pub(super) username: String,
+    #[arg(long, default_value = "letmein")]
+    pub(super) password: String,
+    /// The Redis the gateway listens to, and its key prefix: both must be the gateway's.
+    #[command(flatten)]
+    pub(super) redis: service_kit::config::RedisArgs,
+    /// The gateway's process id, to read its resident memory (`VmRSS`) from /proc.
+    #[arg(long)]
+    pub(super) gateway_pid: Option<u32>,
+    /// Client threads the sockets are spread over.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub(super) threads: u32,
+    /// Idle time after the ramp, before the idle RSS reading and the first event, in seconds.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=300))]
+    pub(super) settle_secs: u64,
+    /// Wait after the last event for late deliveries, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub(super) drain_secs: u64,
+    /// Hard cap on the whole run, in seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(5..=600))]
+    pub(super) max_seconds: u64,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    pub(super) json: Option<std::path::PathBuf>,
+    /// Resume after every close, as the README's client recipe does: reconnect at once and
+    /// subscribe again with `extensions.resumeFrom` set to the cursor of the last delivery.
+    #[arg(long, default_value_t = false)]
+    pub(super) resume: bool,
+    /// With --resume: connection attempts per close before a subscriber gives up (100 ms apart,
+    /// plus up to 100 ms of jitter, so that a storm is spread as a real client spreads it).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub(super) reconnect_attempts: u32,
+    /// SIGTERM this process (a gateway replica) --kill-after-secs into the measured events: the
+    /// reconnect storm of a rolling deploy.
+    #[arg(long, requires = "kill_after_secs")]
+    pub(super) kill_pid: Option<u32>,
+    #[arg(long, requires = "kill_pid")]
+    pub(super) kill_after_secs: Option<f64>,
+    /// Renew every connection's token on the open socket this often (graphql-transport-ws
+    /// `ping` carrying `Authorization`, with a freshly minted token for the same user); the
+    /// first renewals are spread over one period.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub(super) renew_every_secs: Option<u64>,
+    /// Lifetime of the minted access tokens, in seconds (default: the whole run and 10
+    /// minutes). Shorter than the run, the sockets live only as long as they renew.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub(super) token_lifetime_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum WsProtocol {
+    /// The graphql-ws library's protocol (`subscribe` / `next`).
+    #[value(name = "graphql-transport-ws")]
+    TransportWs,
+    /// subscriptions-transport-ws's legacy protocol (`start` / `data`).
+    #[value(name = "graphql-ws")]
+    LegacyWs,
+}
+
+impl WsProtocol {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            WsProtocol::TransportWs => "graphql-transport-ws",
+            WsProtocol::LegacyWs => "graphql-ws",
+        }
+    }
+}
+
+impl SubscribeArgs {
+    /// What clap cannot check: ranges of floats, and options that only make sense together.
+    pub(super) fn validate(&self) -> Result<(), String> {
+        if self.pks.is_empty() {
+            return Err("--pks needs at least one pk".into());
+        }
+        if !(0.1..=10_000.0).contains(&self.events_per_sec) {
+            return Err("--events-per-sec must be within 0.1..=10000".into());
+        }
+        if self.renew_every_secs.is_some() {
+            if self.protocol != WsProtocol::TransportWs {
+                return Err("--renew-every-secs needs --protocol graphql-transport-ws: the legacy protocol has no renewal".into());
+            }
+            if self.auth.is_some() {
+                return Err("--renew-every-secs mints the new tokens: give --jwt-secret or --demo-secret, not --auth".into());
+            }
+        }
+        if self
+            .kill_after_secs
+            .is_some_and(|secs| !(0.0..=600.0).contains(&secs))
+        {
+            return Err("--kill-after-secs must be within 0..=600".into());
+        }
+        Ok(())
+    }
+}

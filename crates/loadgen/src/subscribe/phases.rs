@@ -1,0 +1,192 @@
+//! The run's phases as the orchestrator drives them on the main thread, while the client threads
+//! connect and receive: it waits out the ramp and the idle time, publishes the warm-up and the
+//! measured events into Redis as api-service would, waits for the drain, and takes the readings
+//! (RSS, CPU time, expected deliveries) that the report sets against what the clients saw.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use domain::Car;
+use domain::Record as _;
+use events::{Envelope, EventBus as _, RedisBus};
+
+use super::proc::{rss_kib, CpuPair};
+use super::{Shared, SubscribeArgs};
+
+/// Longest wait for the warm-up events to reach every subscriber.
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Times and readings the orchestrator took along the way.
+pub(super) struct Phases {
+    pub(super) ramp_started_ns: u64,
+    pub(super) rss_before: Option<u64>,
+    pub(super) rss_idle: Option<u64>,
+    pub(super) rss_end: Option<u64>,
+    /// Live subscriptions when the idle reading was taken.
+    pub(super) live_at_idle: u64,
+    pub(super) warmup_complete: bool,
+    /// Expected deliveries per measured event (live subscribers of its pk when published).
+    pub(super) expected: Vec<u64>,
+    pub(super) publish_errors: BTreeMap<String, u64>,
+    pub(super) events_started_ns: u64,
+    pub(super) events_ended_ns: u64,
+    /// CPU time (user + system, in seconds) of the gateway and of loadgen over the ramp and over
+    /// the events (from the first measured event to the end of the drain).
+    pub(super) cpu_ramp: CpuPair,
+    pub(super) cpu_events: CpuPair,
+    pub(super) stopped_by_cap: bool,
+    /// When --kill-pid was sent SIGTERM, and how that went.
+    pub(super) killed: Option<(u64, Result<(), String>)>,
+}
+
+/// Drives the phases after the ramp began, each cut short by the deadline (`--max-seconds`).
+pub(super) async fn orchestrate(
+    args: &SubscribeArgs,
+    shared: &Shared,
+    deadline: Instant,
+    ramp_started_ns: u64,
+    rss_before: Option<u64>,
+) -> Result<Phases, String> {
+    let mut stopped_by_cap = false;
+    let cpu_start = CpuPair::now(args.gateway_pid);
+    // 1. Ramp: until every connection finished its handshake.
+    let total = u64::from(args.connections);
+    while shared.attempted.load(Ordering::Relaxed) < total {
+        if Instant::now() >= deadline {
+            stopped_by_cap = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu_ramp = CpuPair::now(args.gateway_pid).since(cpu_start);
+    // 2. Idle.
+    let settle_until = Instant::now() + Duration::from_secs(args.settle_secs);
+    tokio::time::sleep_until(settle_until.min(deadline).into()).await;
+    let live_at_idle = live_total(shared);
+    let rss_idle = args.gateway_pid.and_then(rss_kib);
+
+    let pool = service_kit::redis::pool(&args.redis).map_err(|err| err.to_string())?;
+    let bus = RedisBus::new(pool, args.redis.redis_key_prefix.clone());
+    let mut publish_errors = BTreeMap::new();
+
+    // 3. Warm-up: one event per pk, until each reached every live subscriber of its pk.
+    let warmups = args.pks.len();
+    let mut warm_expected = Vec::new();
+    for index in 0..warmups {
+        warm_expected.push(shared.live_by_pk[index].load(Ordering::Relaxed));
+        if let Err(kind) = publish(&bus, shared, index, args.pks[index]).await {
+            *publish_errors.entry(kind).or_insert(0) += 1;
+        }
+    }
+    let warm_deadline = (Instant::now() + WARMUP_TIMEOUT).min(deadline);
+    let mut warmup_complete = false;
+    while Instant::now() < warm_deadline {
+        warmup_complete = (0..warmups)
+            .all(|i| u64::from(shared.delivered[i].load(Ordering::Relaxed)) >= warm_expected[i]);
+        if warmup_complete {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // 4. Events at a fixed rate.
+    let mut expected = Vec::with_capacity(args.events as usize);
+    let events_started_ns = shared.now_ns();
+    let cpu_before_events = CpuPair::now(args.gateway_pid);
+    let period = Duration::from_secs_f64(1.0 / args.events_per_sec);
+    let mut ticks = tokio::time::interval(period);
+    let kill_at = args
+        .kill_pid
+        .zip(args.kill_after_secs)
+        .map(|(pid, secs)| (pid, Instant::now() + Duration::from_secs_f64(secs)));
+    let mut killed = None;
+    for k in 0..args.events as usize {
+        ticks.tick().await;
+        if Instant::now() >= deadline {
+            stopped_by_cap = true;
+            break;
+        }
+        if let Some((pid, at)) = kill_at.filter(|_| killed.is_none()) {
+            if Instant::now() >= at {
+                killed = Some((shared.now_ns(), terminate(pid)));
+            }
+        }
+        let pk_index = k % args.pks.len();
+        expected.push(shared.live_by_pk[pk_index].load(Ordering::Relaxed));
+        if let Err(kind) = publish(&bus, shared, warmups + k, args.pks[pk_index]).await {
+            *publish_errors.entry(kind).or_insert(0) += 1;
+        }
+    }
+
+    // 5. Drain: until every published event reached its subscribers, or the drain time is up.
+    let drain_deadline = (Instant::now() + Duration::from_secs(args.drain_secs)).min(deadline);
+    while Instant::now() < drain_deadline {
+        let done = expected.iter().enumerate().all(|(k, want)| {
+            u64::from(shared.delivered[warmups + k].load(Ordering::Relaxed)) >= *want
+        });
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let events_ended_ns = shared.now_ns();
+    let cpu_events = CpuPair::now(args.gateway_pid).since(cpu_before_events);
+    let rss_end = args.gateway_pid.and_then(rss_kib);
+    Ok(Phases {
+        ramp_started_ns,
+        rss_before,
+        rss_idle,
+        rss_end,
+        live_at_idle,
+        warmup_complete,
+        expected,
+        publish_errors,
+        events_started_ns,
+        events_ended_ns,
+        cpu_ramp,
+        cpu_events,
+        stopped_by_cap,
+        killed,
+    })
+}
+
+/// Sends SIGTERM, as a deploy stops a replica.
+fn terminate(pid: u32) -> Result<(), String> {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .map_err(|err| format!("cannot run kill: {err}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill -TERM {pid}: {status}"))
+    }
+}
+
+fn live_total(shared: &Shared) -> u64 {
+    shared
+        .live_by_pk
+        .iter()
+        .map(|n| n.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// Publishes event `index` for car `pk`, as api-service's write path does; the publish time is
+/// taken just before the `XADD`, so it is set before any delivery can arrive.
+async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
+    let car = Car {
+        id: pk,
+        make: format!("{}-{index}", shared.run),
+        model: "Octavia".into(),
+        variant: "Scout".into(),
+        year: "2011".into(),
+        owner: None,
+    };
+    let envelope = Envelope::new(Car::EVENTS.updated, car);
+    let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
+    shared.published_ns[index].store(shared.now_ns().max(1), Ordering::Relaxed);
+    bus.publish(Car::EVENTS.updated.as_str(), &payload)
+        .await
+        .map_err(|err| crate::truncate(&err.to_string()))
+}
