@@ -2,8 +2,11 @@
 //!
 //! One task per socket runs a `select!` over everything that can happen to it: bytes from the
 //! client, the link waking it (bytes wait to be written, a subscription ended, the client is too
-//! slow), the socket becoming writable again, the keep-alive tick, the init deadline, the access
-//! token's expiry, a revocation of the user's session and the server's shutdown. Results of
+//! slow), the socket becoming writable again, the server's shutdown, and what its [`Phase`]
+//! brings: before `connection_init` is accepted, the init deadline; once [`Ready`], the access
+//! token's expiry, a revocation of the user's session and the keep-alive tick. Only a `Ready`
+//! connection has claims, so a message that needs them matches the phase instead of checking
+//! an option. Results of
 //! subscriptions do not pass through this task: the shared executions write them straight into
 //! the socket through the [`Link`]. When the kernel's buffer is full they wait in the link's
 //! queue, which this task writes out; more than OUTBOUND_QUEUE waiting messages, or no progress
@@ -12,8 +15,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+
+use events::Revocation;
+use tokio::sync::broadcast;
+use tokio::time::Sleep;
 
 use juniper::DefaultScalarValue;
 use serde_json::Value;
@@ -75,13 +83,91 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// dropped (dropping it with unread input would reset the connection and could lose the frame).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// An authenticated connection: its token's claims, and its place in the user's count.
-struct Authenticated {
+/// Where a connection is in its life. What a message may do depends on it, and the type says so:
+/// only a [`Ready`] connection has claims, an expiry and keep-alives.
+enum Phase {
+    /// Until `connection_init` is accepted; closes at the init deadline (4408).
+    AwaitingInit {
+        deadline: Pin<Box<Sleep>>,
+    },
+    Ready(Ready),
+}
+
+/// An authenticated connection: its token's claims, when they expire, and its place in the
+/// user's count.
+struct Ready {
     claims: Claims,
     /// The `Authorization` value the claims came from, for the operations forwarded to
     /// api-service; replaced by a renewal.
     authorization: String,
+    /// The token's `exp` plus the verifier's leeway: as long as an HTTP request with the same
+    /// token is served.
+    expiry: Pin<Box<Sleep>>,
+    /// Logouts announced by auth-service; one of this user's, covering this token, closes it.
+    revocations: broadcast::Receiver<Arc<Revocation>>,
+    keepalive: tokio::time::Interval,
     _user_slot: Counted<i64>,
+}
+
+impl Ready {
+    fn new(shared: &Shared, claims: Claims, authorization: String, slot: Counted<i64>) -> Self {
+        let mut keepalive = tokio::time::interval_at(
+            tokio::time::Instant::now() + shared.limits.keepalive,
+            shared.limits.keepalive,
+        );
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let expiry = Box::pin(tokio::time::sleep_until(expiry_instant(shared, claims.exp)));
+        Self {
+            claims,
+            authorization,
+            expiry,
+            revocations: shared.hub.revocations(),
+            keepalive,
+            _user_slot: slot,
+        }
+    }
+
+    /// A renewal: the same user's newer token.
+    fn renew(&mut self, shared: &Shared, claims: Claims, authorization: String) {
+        self.expiry
+            .as_mut()
+            .reset(expiry_instant(shared, claims.exp));
+        self.claims = claims;
+        self.authorization = authorization;
+    }
+}
+
+fn expiry_instant(shared: &Shared, exp: i64) -> tokio::time::Instant {
+    let left = exp - chrono::Utc::now().timestamp();
+    tokio::time::Instant::now()
+        + Duration::from_secs(left.max(0) as u64)
+        + Duration::from_secs(shared.verifier.leeway_secs())
+}
+
+/// What the phase's own clocks and feeds bring.
+enum PhaseEvent {
+    InitTimeout,
+    Expired,
+    Revoked(Result<Arc<Revocation>, broadcast::error::RecvError>),
+    Keepalive,
+}
+
+impl Phase {
+    /// The next thing the phase's clocks or feeds have for the connection.
+    async fn next_event(&mut self) -> PhaseEvent {
+        match self {
+            Phase::AwaitingInit { deadline } => {
+                deadline.as_mut().await;
+                PhaseEvent::InitTimeout
+            }
+            Phase::Ready(ready) => tokio::select! {
+                biased;
+                () = ready.expiry.as_mut() => PhaseEvent::Expired,
+                revoked = ready.revocations.recv() => PhaseEvent::Revoked(revoked),
+                _ = ready.keepalive.tick() => PhaseEvent::Keepalive,
+            },
+        }
+    }
 }
 
 struct Active {
@@ -129,14 +215,10 @@ pub async fn run(
 ) {
     shared.metrics.connections_open.inc();
     let link = Arc::new(link);
-    let mut revocations = shared.hub.revocations();
-    let mut claims: Option<Authenticated> = None;
+    let mut phase = Phase::AwaitingInit {
+        deadline: Box::pin(tokio::time::sleep(shared.limits.init_timeout)),
+    };
     let mut active: HashMap<String, Active> = HashMap::new();
-    let init_deadline = tokio::time::sleep(shared.limits.init_timeout);
-    tokio::pin!(init_deadline);
-    // Replaced by the token's expiry once authenticated.
-    let expiry = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
-    tokio::pin!(expiry);
     // Reset whenever queued bytes make progress; firing means the client stopped reading.
     let stalled = tokio::time::sleep(shared.limits.write_timeout);
     tokio::pin!(stalled);
@@ -145,10 +227,6 @@ pub async fn run(
     // pings would each have been answered) is taken for half-open and closed, instead of
     // holding its descriptor and memory until the kernel gives up on it, hours later.
     let mut last_heard = tokio::time::Instant::now();
-    let leeway = Duration::from_secs(shared.verifier.leeway_secs());
-    let mut keepalive = tokio::time::interval(shared.limits.keepalive);
-    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    keepalive.tick().await;
     // Bytes that arrived with the upgrade request are handled before the first read.
     let mut ready_input = true;
 
@@ -194,7 +272,7 @@ pub async fn run(
                     protocol,
                     &link,
                     message,
-                    &mut claims,
+                    &mut phase,
                     &mut active,
                     Peer {
                         header_authorization: header_authorization.as_deref(),
@@ -202,19 +280,8 @@ pub async fn run(
                     },
                 )
                 .await;
-                match handled {
-                    Ok(Some(exp)) => {
-                        // As long as an HTTP request with the same token is served: until
-                        // `exp` plus the verifier's leeway.
-                        let left = exp - chrono::Utc::now().timestamp();
-                        expiry.as_mut().reset(
-                            tokio::time::Instant::now()
-                                + Duration::from_secs(left.max(0) as u64)
-                                + leeway,
-                        );
-                    }
-                    Ok(None) => {}
-                    Err(closing) => break 'serve closing,
+                if let Err(closing) = handled {
+                    break 'serve closing;
                 }
             }
         }
@@ -250,37 +317,36 @@ pub async fn run(
                 }
             }
             () = &mut stalled, if flushing => break Closing::slow(&shared.metrics),
-            () = &mut init_deadline, if claims.is_none() => {
-                break Closing::new(close::INIT_TIMEOUT, "Connection initialisation timeout");
-            }
-            () = &mut expiry, if claims.is_some() => {
-                break Closing::new(close::FORBIDDEN, "token expired");
-            }
-            revoked = revocations.recv(), if claims.is_some() => {
-                if let (Ok(revoked), Some(auth)) = (revoked, &claims) {
+            event = phase.next_event() => match (event, &phase) {
+                (PhaseEvent::InitTimeout, _) => {
+                    break Closing::new(close::INIT_TIMEOUT, "Connection initialisation timeout");
+                }
+                (PhaseEvent::Expired, _) => break Closing::new(close::FORBIDDEN, "token expired"),
+                (PhaseEvent::Revoked(Ok(revoked)), Phase::Ready(ready)) => {
                     // Without a cutoff (an older auth-service) every socket of the user closes.
                     let covered = revoked
                         .revoked_before
-                        .is_none_or(|cutoff| auth.claims.iat <= cutoff);
-                    if revoked.user_id == auth.claims.user_id && covered {
+                        .is_none_or(|cutoff| ready.claims.iat <= cutoff);
+                    if revoked.user_id == ready.claims.user_id && covered {
                         break Closing::new(close::FORBIDDEN, "token revoked (logged out)");
                     }
                 }
-            }
-            _ = keepalive.tick(), if claims.is_some() => {
-                if last_heard.elapsed() >= 2 * shared.limits.keepalive {
-                    break Closing::new(close::GOING_AWAY, "no answer to keep-alive pings");
+                (PhaseEvent::Revoked(_), _) => {}
+                (PhaseEvent::Keepalive, _) => {
+                    if last_heard.elapsed() >= 2 * shared.limits.keepalive {
+                        break Closing::new(close::GOING_AWAY, "no answer to keep-alive pings");
+                    }
+                    if !link.push_text(&protocol::keepalive(protocol)) {
+                        break Closing::refused(&link, &shared.metrics);
+                    }
+                    // The legacy protocol's `ka` asks for no answer; a websocket ping gets one
+                    // from every client's websocket layer.
+                    if protocol == Protocol::LegacyWs && !link.push(&ping_frame()) {
+                        break Closing::refused(&link, &shared.metrics);
+                    }
+                    shared.metrics.messages_sent.inc();
                 }
-                if !link.push_text(&protocol::keepalive(protocol)) {
-                    break Closing::refused(&link, &shared.metrics);
-                }
-                // The legacy protocol's `ka` asks for no answer; a websocket ping gets one from
-                // every client's websocket layer.
-                if protocol == Protocol::LegacyWs && !link.push(&ping_frame()) {
-                    break Closing::refused(&link, &shared.metrics);
-                }
-                shared.metrics.messages_sent.inc();
-            }
+            },
             readable = link.stream().readable() => {
                 if readable.is_err() {
                     break Closing::gone();
@@ -354,17 +420,16 @@ struct Peer<'a> {
     address: IpAddr,
 }
 
-/// One message from the client. `Ok(Some(exp))` when it authenticated the connection (the
-/// token's expiry), an error when the connection has to close.
+/// One message from the client; an error when the connection has to close.
 async fn handle(
     shared: &Shared,
     protocol: Protocol,
     link: &Arc<Link>,
     message: ClientMessage,
-    claims: &mut Option<Authenticated>,
+    phase: &mut Phase,
     active: &mut HashMap<String, Active>,
     peer: Peer<'_>,
-) -> Result<Option<i64>, Closing> {
+) -> Result<(), Closing> {
     let header_authorization = peer.header_authorization;
     let send = |text: String| -> Result<(), Closing> {
         if link.push_text(&text) {
@@ -376,7 +441,7 @@ async fn handle(
     };
     match message {
         ClientMessage::Init { payload } => {
-            if claims.is_some() {
+            if let Phase::Ready(_) = phase {
                 return Err(Closing::new(
                     close::TOO_MANY_INITS,
                     "Too many initialisation requests",
@@ -388,7 +453,6 @@ async fn handle(
             // would otherwise make every idle connection's task as large as it.
             match Box::pin(shared.verifier.authenticate(token.as_deref())).await {
                 Ok(verified) => {
-                    let exp = verified.exp;
                     let Some(user_slot) = shared.users.enter(verified.user_id) else {
                         let reason = format!(
                             "too many connections for this user (at most {})",
@@ -399,17 +463,13 @@ async fn handle(
                         }
                         return Err(Closing::new(close::POLICY_VIOLATION, reason));
                     };
-                    *claims = Some(Authenticated {
-                        claims: verified,
-                        authorization,
-                        _user_slot: user_slot,
-                    });
+                    *phase = Phase::Ready(Ready::new(shared, verified, authorization, user_slot));
                     send(protocol::connection_ack())?;
                     // The legacy protocol expects a first `ka` right after the ack.
                     if protocol == Protocol::LegacyWs {
                         send(protocol::keepalive(protocol))?;
                     }
-                    Ok(Some(exp))
+                    Ok(())
                 }
                 Err(err) => {
                     let reason = auth_reason(&err);
@@ -421,7 +481,7 @@ async fn handle(
             }
         }
         ClientMessage::Subscribe { id, payload } => {
-            let Some(auth) = claims.as_ref() else {
+            let Phase::Ready(auth) = &*phase else {
                 return Err(Closing::new(
                     close::UNAUTHORIZED,
                     "Unauthorized: send connection_init with a token first",
@@ -442,14 +502,14 @@ async fn handle(
                     "TOO_MANY_SUBSCRIPTIONS",
                 );
                 send(protocol::operation_error(&id, errors))?;
-                return Ok(None);
+                return Ok(());
             }
             let resume = match resume_from(&payload, shared.hub.registry()) {
                 Ok(resume) => resume,
                 Err(message) => {
                     let errors = protocol::errors(&message, "BAD_USER_INPUT");
                     send(protocol::operation_error(&id, errors))?;
-                    return Ok(None);
+                    return Ok(());
                 }
             };
             let request = match graphql_request(payload) {
@@ -457,7 +517,7 @@ async fn handle(
                 Err(message) => {
                     let errors = protocol::errors(&message, "BAD_REQUEST");
                     send(protocol::operation_error(&id, errors))?;
-                    return Ok(None);
+                    return Ok(());
                 }
             };
             if let Some(message) =
@@ -465,7 +525,7 @@ async fn handle(
             {
                 let errors = protocol::errors(&message, "GRAPHQL_VALIDATION_FAILED");
                 send(protocol::operation_error(&id, errors))?;
-                return Ok(None);
+                return Ok(());
             }
             let kind = graphql_schema::operation_type(
                 &shared.schema,
@@ -497,7 +557,7 @@ async fn handle(
                         },
                     },
                 );
-                return Ok(None);
+                return Ok(());
             }
             let verified = &auth.claims;
             let root_fields = graphql_schema::subscription_root_fields(
@@ -516,7 +576,7 @@ async fn handle(
                     "GRAPHQL_VALIDATION_FAILED",
                 );
                 send(protocol::operation_error(&id, errors))?;
-                return Ok(None);
+                return Ok(());
             }
             // Labels come from the schema, so clients cannot create label values.
             let field = root_fields
@@ -552,7 +612,7 @@ async fn handle(
                     },
                 },
             );
-            Ok(None)
+            Ok(())
         }
         ClientMessage::Stop { id } => {
             if let Some(stopped) = active.remove(&id) {
@@ -563,28 +623,27 @@ async fn handle(
                     send(protocol::complete(&id))?;
                 }
             }
-            Ok(None)
+            Ok(())
         }
         ClientMessage::Ping { payload } => {
             let token = payload
                 .as_ref()
                 .and_then(|payload| connection_token(payload, None));
-            let (Some(token), Some(auth)) = (token, claims.as_mut()) else {
+            let (Some(token), Phase::Ready(auth)) = (token, &mut *phase) else {
                 // A payload is echoed (the protocol allows it), but never one carrying a token
                 // (before `connection_init`, a token renews nothing).
                 let echoed = payload.filter(|payload| connection_token(payload, None).is_none());
                 send(protocol::pong(echoed))?;
-                return Ok(None);
+                return Ok(());
             };
             // Renewal on the open socket: the new token is checked as at `connection_init`,
             // must be the same user's, and moves the connection's expiry to its own.
             match Box::pin(shared.verifier.authenticate(Some(&token))).await {
                 Ok(renewed) if renewed.user_id == auth.claims.user_id => {
                     let exp = renewed.exp;
-                    auth.claims = renewed;
-                    auth.authorization = token;
+                    auth.renew(shared, renewed, token);
                     send(protocol::pong(Some(serde_json::json!({ "exp": exp }))))?;
-                    Ok(Some(exp))
+                    Ok(())
                 }
                 Ok(_) => Err(Closing::new(
                     close::FORBIDDEN,
@@ -593,7 +652,7 @@ async fn handle(
                 Err(err) => Err(Closing::new(close::FORBIDDEN, auth_reason(&err))),
             }
         }
-        ClientMessage::Pong => Ok(None),
+        ClientMessage::Pong => Ok(()),
         ClientMessage::Terminate => Err(Closing::new(close::NORMAL, "connection terminated")),
     }
 }

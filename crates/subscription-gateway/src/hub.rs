@@ -2,7 +2,8 @@
 //! mode, the in-memory bus: [`Hub::start_memory`]), and in memory a broadcast channel per event
 //! type that every local subscriber of that type reads.
 //!
-//! - The logs are Redis streams ([`events`]). The hub's connection runs `XREAD BLOCK`
+//! - The logs are Redis streams ([`events`]); which logs exist, and how each one's envelopes
+//!   decode, the hub learns from the domain's [`events::Registry`]. The hub's connection runs `XREAD BLOCK`
 //!   over the logs its subscribers need, each from the last position it has seen, and over the
 //!   revocation stream. A log is added when the first local subscriber of its type appears
 //!   (starting at the log's tip then; the blocked read is interrupted with `CLIENT UNBLOCK` so it
@@ -10,8 +11,11 @@
 //! - Each entry is decoded once, checked against recently seen event ids (delivery is
 //!   at-least-once, so duplicates are expected), and handed to the broadcast channel as one shared
 //!   `Arc<LoggedEvent>` with its position and cursor: no per-subscriber decoding or copying.
-//! - A subscriber that falls more than `FANOUT_BUFFER` events behind is a slow consumer: its
-//!   connection is closed rather than buffered without bound.
+//! - The receivers are executions, not connections: one per distinct subscription, shared by
+//!   every socket that sent it ([`crate::executions`]). An execution that falls more than
+//!   `FANOUT_BUFFER` events behind has lost events for all of its members, so each member's
+//!   connection is closed as slow (1013) rather than buffered without bound; a client that is
+//!   slow on its own socket is cut off by its outbound queue instead (`OUTBOUND_QUEUE`).
 //! - When Redis goes away, the task reconnects with capped exponential backoff and reads on from
 //!   the positions it had, so nothing published meanwhile is skipped; sockets stay open and
 //!   `/readyz` says not ready. A changed epoch (Redis lost its data) restarts every log at 0.
