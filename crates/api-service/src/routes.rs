@@ -10,13 +10,12 @@
 use std::sync::Arc;
 
 use actix_web::http::{header, Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
+use actix_web::{web, HttpRequest, HttpResponse};
 use graphql_schema::{Context, Schema, SUBSCRIPTION_OVER_HTTP};
 use juniper::http::GraphQLRequest;
 use juniper::{DefaultScalarValue, OperationType, ValidatedOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
-use service_kit::error::ApiError;
 use service_kit::http::BodyLimits;
 use tokens::auth::TokenVerifier;
 
@@ -104,9 +103,9 @@ async fn graphql_post(
             "UNSUPPORTED_MEDIA_TYPE",
         );
     }
-    let body = match read_body(&req, payload, state.body_limits).await {
+    let body = match service_kit::http::read_body(&req, payload, state.body_limits).await {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(err) => return err.graphql_response(),
     };
     let document: Json = match serde_json::from_slice(&body) {
         Ok(document) => document,
@@ -427,27 +426,6 @@ fn http_error(status: StatusCode, message: &str, code: &str) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
         .body(error_body(message, code))
-}
-
-/// The body, refused with 413 when over `limit` (checked against Content-Length first, then while
-/// streaming, so an oversized body is never buffered whole).
-async fn read_body(
-    req: &HttpRequest,
-    payload: web::Payload,
-    limits: BodyLimits,
-) -> Result<web::BytesMut, HttpResponse> {
-    service_kit::http::read_body(req, payload, limits)
-        .await
-        .map_err(|err| {
-            let mut response = http_error(err.status_code(), &err.to_string(), err.graphql_code());
-            if let ApiError::BodyTimeout { .. } = err {
-                response.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("close"),
-                );
-            }
-            response
-        })
 }
 
 fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {

@@ -20,14 +20,8 @@ use tokens::revocations::RevokedBefore;
 use crate::routes::{self, ApiState};
 use crate::settings::Settings;
 
-/// Why the service could not start. Configuration errors exit with status 2, the rest with 1.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Other(String),
-}
+pub use service_kit::startup::StartupError;
+use service_kit::startup::{serve_until_stopped, Background};
 
 /// How long start-up waits for PostgreSQL before giving up.
 const DATABASE_WAIT: Duration = Duration::from_secs(30);
@@ -108,31 +102,13 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let handle = self.server.handle();
-        let server = tokio::spawn(self.server);
-        let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-        let relay = tokio::spawn(store::repository::run_relay(self.store, async move {
-            let _ = relay_stopped.await;
-        }));
-        let (stop_poll, poll_stopped) = tokio::sync::oneshot::channel::<()>();
-        let poll = tokio::spawn(tokens::revocations::poll(
-            self.redis,
-            self.key_prefix,
-            self.revoked,
-            async move {
-                let _ = poll_stopped.await;
-            },
-        ));
-        shutdown.await;
-        handle.stop(true).await;
-        let _ = stop_relay.send(());
-        let _ = stop_poll.send(());
-        let _ = relay.await;
-        let _ = poll.await;
-        match server.await {
-            Ok(result) => result,
-            Err(err) => Err(std::io::Error::other(err)),
-        }
+        let mut background = Background::default();
+        let store = self.store;
+        background.spawn_with_stop(|stop| store::repository::run_relay(store, stop));
+        let (redis, key_prefix, revoked) = (self.redis, self.key_prefix, self.revoked);
+        background
+            .spawn_with_stop(|stop| tokens::revocations::poll(redis, key_prefix, revoked, stop));
+        serve_until_stopped(self.server, background, shutdown, async {}).await
     }
 }
 
@@ -209,13 +185,8 @@ async fn verifier(settings: &Settings) -> Result<TokenVerifier, StartupError> {
 }
 
 pub async fn migrate(database_url: &str) -> Result<(), StartupError> {
-    let url = database_url.to_owned();
-    let applied = tokio::task::spawn_blocking(move || store::migrate(&url, DATABASE_WAIT))
+    store::migrate_async(database_url, DATABASE_WAIT)
         .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
-        .map_err(StartupError::Other)?;
-    if applied > 0 {
-        tracing::info!(applied, "database migrations applied");
-    }
-    Ok(())
+        .map(|_| ())
+        .map_err(StartupError::Other)
 }

@@ -2,6 +2,8 @@ use std::io::{BufRead as _, Write as _};
 use std::process::ExitCode;
 
 use auth_service::settings::{Cli, Command};
+use std::time::Duration;
+
 use auth_service::startup::{Application, StartupError};
 use auth_service::users::{create_user, Created};
 use service_kit::config::parse_or_exit;
@@ -15,14 +17,10 @@ async fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(cli.settings).await,
         Command::Migrate => {
-            let url = cli.settings.database.database_url.clone();
-            tokio::task::spawn_blocking(move || {
-                store::migrate(&url, std::time::Duration::from_secs(30))
-            })
-            .await
-            .map_err(|err| StartupError::Other(err.to_string()))
-            .and_then(|r| r.map_err(StartupError::Other))
-            .map(|applied| println!("applied {applied} migration(s)"))
+            store::migrate_async(&cli.settings.database.database_url, Duration::from_secs(30))
+                .await
+                .map_err(StartupError::Other)
+                .map(|applied| println!("applied {applied} migration(s)"))
         }
         Command::CreateUser {
             username,
@@ -104,10 +102,8 @@ async fn create_user_command(
     } else {
         (tokens::jwt::new_jti(), true)
     };
-    let url = settings.database.database_url.clone();
-    tokio::task::spawn_blocking(move || store::migrate(&url, std::time::Duration::from_secs(30)))
+    store::migrate_async(&settings.database.database_url, Duration::from_secs(30))
         .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
         .map_err(StartupError::Other)?;
     let pool = store::pool(&settings.database);
     match create_user(&pool, username, &password, staff, update)

@@ -17,14 +17,8 @@ use crate::ratelimit::{Counters, LoginLimiter};
 use crate::routes::{self, AuthState, LoginGate, Revocations};
 use crate::settings::Settings;
 
-/// Why the service could not start. Configuration errors exit with status 2, the rest with 1.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Other(String),
-}
+pub use service_kit::startup::StartupError;
+use service_kit::startup::{serve_until_stopped, Background};
 
 /// How long start-up waits for PostgreSQL before giving up.
 const DATABASE_WAIT: Duration = Duration::from_secs(30);
@@ -99,16 +93,9 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let handle = self.server.handle();
-        let server = tokio::spawn(self.server);
-        let purge = tokio::spawn(purge_blacklist(self.state.clone()));
-        shutdown.await;
-        handle.stop(true).await;
-        purge.abort();
-        match server.await {
-            Ok(result) => result,
-            Err(err) => Err(std::io::Error::other(err)),
-        }
+        let mut background = Background::default();
+        background.spawn(purge_blacklist(self.state.clone()));
+        serve_until_stopped(self.server, background, shutdown, async {}).await
     }
 }
 
@@ -198,15 +185,10 @@ pub async fn state(
 }
 
 async fn migrate(database_url: &str) -> Result<(), StartupError> {
-    let url = database_url.to_owned();
-    let applied = tokio::task::spawn_blocking(move || store::migrate(&url, DATABASE_WAIT))
+    store::migrate_async(database_url, DATABASE_WAIT)
         .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
-        .map_err(StartupError::Other)?;
-    if applied > 0 {
-        tracing::info!(applied, "database migrations applied");
-    }
-    Ok(())
+        .map(|_| ())
+        .map_err(StartupError::Other)
 }
 
 fn lifetime(secs: u64) -> Result<i64, StartupError> {

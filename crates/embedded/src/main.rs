@@ -36,10 +36,8 @@ async fn serve(settings: &Settings) -> Result<(), StartupError> {
 /// cannot reach the server's in-memory bus).
 async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError> {
     let services = settings.services()?;
-    let url = settings.database_url.clone();
-    tokio::task::spawn_blocking(move || store::migrate(&url, std::time::Duration::from_secs(10)))
+    store::migrate_async(&settings.database_url, std::time::Duration::from_secs(10))
         .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
         .map_err(StartupError::Other)?;
     let pool = store::pool(&services.api.database);
     api_service::startup::seed_demo(&pool).await?;

@@ -20,41 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
 
-/// Why the server could not start. Configuration errors exit with status 2, the rest with 1.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Other(String),
-}
-
-impl From<auth_service::startup::StartupError> for StartupError {
-    fn from(err: auth_service::startup::StartupError) -> Self {
-        match err {
-            auth_service::startup::StartupError::Config(err) => StartupError::Config(err),
-            auth_service::startup::StartupError::Other(msg) => StartupError::Other(msg),
-        }
-    }
-}
-
-impl From<api_service::startup::StartupError> for StartupError {
-    fn from(err: api_service::startup::StartupError) -> Self {
-        match err {
-            api_service::startup::StartupError::Config(err) => StartupError::Config(err),
-            api_service::startup::StartupError::Other(msg) => StartupError::Other(msg),
-        }
-    }
-}
-
-impl From<subscription_gateway::startup::StartupError> for StartupError {
-    fn from(err: subscription_gateway::startup::StartupError) -> Self {
-        match err {
-            subscription_gateway::startup::StartupError::Config(err) => StartupError::Config(err),
-            subscription_gateway::startup::StartupError::Other(msg) => StartupError::Other(msg),
-        }
-    }
-}
+pub use service_kit::startup::StartupError;
+use service_kit::startup::{serve_until_stopped, Background};
 
 /// The key prefix of the in-memory bus's channel names (as `REDIS_KEY_PREFIX` would be).
 const BUS_PREFIX: &str = "gqlws:";
@@ -80,14 +47,9 @@ impl Application {
         let database_url = settings.database_url.clone();
         store::Backend::of_url(&database_url)
             .map_err(|err| ConfigError::new("GQLWS_DATABASE_URL", err))?;
-        let applied =
-            tokio::task::spawn_blocking(move || store::migrate(&database_url, DATABASE_WAIT))
-                .await
-                .map_err(|err| StartupError::Other(err.to_string()))?
-                .map_err(StartupError::Other)?;
-        if applied > 0 {
-            tracing::info!(applied, "database migrations applied");
-        }
+        store::migrate_async(&database_url, DATABASE_WAIT)
+            .await
+            .map_err(StartupError::Other)?;
         let pool = store::pool(&DatabaseArgs {
             database_url: settings.database_url.clone(),
             ..services.api.database.clone()
@@ -201,25 +163,17 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let handle = self.server.handle();
-        let server = tokio::spawn(self.server);
-        let relay_stop = CancellationToken::new();
-        let relay = tokio::spawn(store::repository::run_relay(
-            self.store,
-            relay_stop.clone().cancelled_owned(),
-        ));
-        let purge = tokio::spawn(auth_service::startup::purge_blacklist(self.auth));
-        shutdown.await;
-        subscription_gateway::startup::drain(&self.gateway).await;
-        handle.stop(true).await;
-        relay_stop.cancel();
-        let _ = relay.await;
-        purge.abort();
+        let mut background = Background::default();
+        let store = self.store;
+        background.spawn_with_stop(|stop| store::repository::run_relay(store, stop));
+        background.spawn(auth_service::startup::purge_blacklist(self.auth));
+        let gateway = self.gateway.clone();
+        let stopped = serve_until_stopped(self.server, background, shutdown, async move {
+            subscription_gateway::startup::drain(&gateway).await;
+        })
+        .await;
         self.hub_shutdown.cancel();
-        match server.await {
-            Ok(result) => result,
-            Err(err) => Err(std::io::Error::other(err)),
-        }
+        stopped
     }
 }
 

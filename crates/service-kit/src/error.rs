@@ -114,6 +114,13 @@ impl ResponseError for ApiError {
                 json!({"detail": "Internal server error.", "code": "internal_error"})
             }
         };
+        self.response().json(body)
+    }
+}
+
+impl ApiError {
+    /// The response's status and headers, whichever shape its body takes.
+    fn response(&self) -> actix_web::HttpResponseBuilder {
         let mut response = HttpResponse::build(self.status_code());
         match self {
             ApiError::RateLimited { retry_after_secs } => {
@@ -128,6 +135,21 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        response.json(body)
+        response
+    }
+
+    /// The same error for a GraphQL endpoint: the same status and headers, with GraphQL's body,
+    /// `{"errors":[{"message","extensions":{"code"}}]}`.
+    pub fn graphql_response(&self) -> HttpResponse {
+        if let ApiError::Internal(cause) = self {
+            tracing::error!(%cause, "internal error");
+        }
+        let message = match self {
+            ApiError::Internal(_) => "internal server error".to_owned(),
+            other => other.to_string(),
+        };
+        self.response().json(json!({
+            "errors": [{"message": message, "extensions": {"code": self.graphql_code()}}]
+        }))
     }
 }

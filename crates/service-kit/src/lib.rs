@@ -12,6 +12,7 @@
 //! - [`metrics`]: the Prometheus registry and the request-metrics middleware.
 //! - [`telemetry`]: tracing set-up (pretty or JSON logs).
 //! - [`shutdown`]: the future that resolves on SIGINT/SIGTERM.
+//! - [`startup`]: the error a start-up ends with, and the one way a service runs until stopped.
 
 pub mod config;
 pub mod error;
@@ -19,4 +20,5 @@ pub mod http;
 pub mod metrics;
 pub mod redis;
 pub mod shutdown;
+pub mod startup;
 pub mod telemetry;

@@ -304,6 +304,19 @@ pub async fn ping(pool: &DbPool) -> Result<(), DbError> {
     .await
 }
 
+/// [`migrate`] on the blocking pool (it blocks while it waits for the database), logging what
+/// it applied: how every service and command migrates.
+pub async fn migrate_async(database_url: &str, wait: Duration) -> Result<usize, String> {
+    let url = database_url.to_owned();
+    let applied = tokio::task::spawn_blocking(move || migrate(&url, wait))
+        .await
+        .map_err(|err| format!("the migration task failed: {err}"))??;
+    if applied > 0 {
+        tracing::info!(applied, "database migrations applied");
+    }
+    Ok(applied)
+}
+
 /// Applies pending migrations, waiting up to `wait` for the database to accept connections (in a
 /// compose stack the services may start first). On PostgreSQL an advisory lock serialises
 /// replicas that start together; on SQLite the file's own write lock does (and the file's

@@ -23,14 +23,8 @@ use crate::metrics::GatewayMetrics;
 use crate::settings::Settings;
 use crate::state::{ConnectionLimits, GatewayState, Shared};
 
-/// Why the gateway could not start. Configuration errors exit with status 2, the rest with 1.
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("{0}")]
-    Other(String),
-}
+pub use service_kit::startup::StartupError;
+use service_kit::startup::{serve_until_stopped, Background};
 
 pub struct Application {
     port: u16,
@@ -232,16 +226,14 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let handle = self.server.handle();
-        let server = tokio::spawn(self.server);
-        shutdown.await;
-        drain(&self.state).await;
-        handle.stop(true).await;
+        let state = self.state.clone();
+        let stopped =
+            serve_until_stopped(self.server, Background::default(), shutdown, async move {
+                drain(&state).await
+            })
+            .await;
         self.hub_shutdown.cancel();
-        match server.await {
-            Ok(result) => result,
-            Err(err) => Err(std::io::Error::other(err)),
-        }
+        stopped
     }
 }
 

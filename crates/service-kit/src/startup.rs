@@ -1,0 +1,82 @@
+//! The one start-up and stop path of every service: the error a start-up ends with, and
+//! [`serve_until_stopped`], which runs a server and its background tasks until the shutdown
+//! signal and then stops them in order.
+
+use std::future::Future;
+
+use actix_web::dev::Server;
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ConfigError;
+
+/// Why a service could not start. Configuration errors exit with status 2, the rest with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The tasks that run beside a server (the outbox relay, the blacklist purge, the revocation
+/// poll) and stop after it.
+#[derive(Default)]
+pub struct Background {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Background {
+    /// A task given the stop signal, so that it ends at a point of its choosing (the relay
+    /// finishes its pass); it is awaited.
+    pub fn spawn_with_stop<F, Fut>(&mut self, task: F)
+    where
+        F: FnOnce(BoxFuture<'static, ()>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(task(Box::pin(async move {
+            stop.cancelled().await;
+        }))));
+    }
+
+    /// A task that may be dropped at any await point when the service stops.
+    pub fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.push(tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = task => {}
+            }
+        }));
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves; then runs `drain` (the gateway closes its websockets),
+/// stops accepting and lets in-flight requests finish (within the server's shutdown timeout),
+/// and stops the background tasks.
+pub async fn serve_until_stopped(
+    server: Server,
+    background: Background,
+    shutdown: impl Future<Output = ()>,
+    drain: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let handle = server.handle();
+    let server = tokio::spawn(server);
+    shutdown.await;
+    drain.await;
+    handle.stop(true).await;
+    background.stop().await;
+    match server.await {
+        Ok(result) => result,
+        Err(err) => Err(std::io::Error::other(err)),
+    }
+}
