@@ -5,8 +5,25 @@ use diesel::prelude::*;
 use domain::{Car, CarChanges, NewCar, Owner};
 
 use super::records::Table;
-use super::schema::{cars, users};
+use super::schema::users;
 use super::{each_backend, run, AnyConnection, DbError, DbPool};
+
+// Declared here rather than in schema.rs: a domain type's table is its own file's business.
+diesel::table! {
+    cars (id) {
+        id -> Int8,
+        make -> Varchar,
+        model -> Varchar,
+        variant -> Varchar,
+        year -> Varchar,
+        owner_id -> Nullable<Int8>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(cars -> users (owner_id));
+diesel::allow_tables_to_appear_in_same_query!(cars, users);
 
 type CarRow = (
     i64,

@@ -1,4 +1,4 @@
-//! The hand-written diesel schema (`src/schema.rs`) against the migrations: after migrating a
+//! The hand-written diesel schema (every `table!` of `src/`) against the migrations: after migrating a
 //! fresh PostgreSQL database and a fresh SQLite file, every table and column `schema.rs`
 //! declares exists with a matching type and nullability, and no migrated table or column is
 //! missing from it. A migration without its `table!` (or the reverse) fails here, not at the
@@ -15,12 +15,29 @@ use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, SqliteConne
 /// table → column → (diesel type without `Nullable`, nullable)
 type Columns = BTreeMap<String, BTreeMap<String, (String, bool)>>;
 
-/// The `diesel::table!` blocks of `src/schema.rs`.
+/// The `diesel::table!` blocks of every file of `src/` (the shared tables in `schema.rs`, each
+/// domain type's beside its SQL).
 fn declared() -> Columns {
-    let source = include_str!("../src/schema.rs");
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut source = String::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|ext| ext == "rs") {
+            source.push_str(&std::fs::read_to_string(&path).unwrap());
+            source.push('\n');
+        }
+    }
     let mut tables = Columns::new();
     let mut current: Option<String> = None;
+    let mut in_table = false;
     for line in source.lines().map(str::trim) {
+        if line == "diesel::table! {" {
+            in_table = true;
+            continue;
+        }
+        if !in_table {
+            continue;
+        }
         if let Some(name) = line.strip_suffix('{').and_then(|head| {
             let head = head.trim();
             head.contains('(')
@@ -39,7 +56,9 @@ fn declared() -> Columns {
                 .unwrap()
                 .insert(column.trim().to_owned(), (ty, nullable));
         } else if line == "}" {
-            current = None;
+            if current.take().is_none() {
+                in_table = false;
+            }
         }
     }
     assert!(tables.len() >= 4, "schema.rs parsed to {tables:?}");
@@ -68,7 +87,7 @@ fn compare(backend: &str, migrated: &Columns) {
     assert_eq!(
         names(&declared),
         names(migrated),
-        "{backend}: the tables of schema.rs and of the migrations differ"
+        "{backend}: the tables declared with `table!` and those of the migrations differ"
     );
     for (table, columns) in &declared {
         let actual = &migrated[table];
