@@ -55,10 +55,8 @@ fn declared() -> Columns {
                 .get_mut(table)
                 .unwrap()
                 .insert(column.trim().to_owned(), (ty, nullable));
-        } else if line == "}" {
-            if current.take().is_none() {
-                in_table = false;
-            }
+        } else if line == "}" && current.take().is_none() {
+            in_table = false;
         }
     }
     assert!(tables.len() >= 4, "schema.rs parsed to {tables:?}");
