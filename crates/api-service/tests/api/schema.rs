@@ -74,5 +74,9 @@ async fn introspection_works_without_a_token_and_shows_the_subscriptions() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(fields, ["carModelUpdated", "carCreated", "carDeleted"]);
+    // The reference's subscriptions are there; the exact schema, every field of every type, is
+    // pinned by `schema_graphql_matches_the_code` against schema.graphql.
+    for field in ["carModelUpdated", "carCreated", "carDeleted"] {
+        assert!(fields.contains(&field), "{field} missing from {fields:?}");
+    }
 }
