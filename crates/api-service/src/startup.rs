@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
-use actix_web::{middleware, web, App, HttpServer};
+use actix_web::web;
 use events::{EventBus, RedisBus};
 use graphql_schema::DocumentLimits;
 use service_kit::config::ConfigError;
-use service_kit::http::{health_routes, not_found, Readiness};
-use service_kit::metrics::{self, Metrics};
+use service_kit::http::Readiness;
+use service_kit::metrics::Metrics;
 use store::repository::{OutboxConfig, Store};
 use tokens::auth::TokenVerifier;
 use tokens::jwt::SecretPolicy;
@@ -54,33 +54,17 @@ impl Application {
         if settings.demo {
             seed_demo(&pool).await?;
         }
-        let readiness = web::Data::new(
-            Readiness::default()
-                .check("database", store::readiness_probe(pool))
-                .redis(redis.clone()),
-        );
-        let metrics = web::Data::new(metrics);
-        let address_limit = web::Data::new(settings.http.address_limit());
-
-        let (listener, port) = service_kit::http::bind(settings.http.listen_addr, "LISTEN_ADDR")?;
-        let server = service_kit::start_server!(
-            HttpServer::new(move || {
-                App::new()
-                    .app_data(state.clone())
-                    .app_data(readiness.clone())
-                    .app_data(metrics.clone())
-                    .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
-                    .wrap(middleware::from_fn(metrics::record))
-                    .configure(routes::config)
-                    .configure(health_routes)
-                    .default_service(web::to(not_found))
-            }),
-            listener,
-            service_kit::http::ServerOptions::from(&settings.http)
-        )
-        .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
-        tracing::info!(port, "api-service listening");
+        let readiness = Readiness::default()
+            .check("database", store::readiness_probe(pool))
+            .redis(redis.clone());
+        let (server, port) = service_kit::startup::http_server(
+            "api-service",
+            &settings.http,
+            state,
+            readiness,
+            metrics,
+            routes::config,
+        )?;
         Ok(Self {
             port,
             server,

@@ -5,10 +5,13 @@
 use std::future::Future;
 
 use actix_web::dev::Server;
+use actix_web::{middleware, web, App, HttpServer};
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, HttpArgs};
+use crate::http::{health_routes, not_found, Readiness};
+use crate::metrics::Metrics;
 
 /// Why a service could not start. Configuration errors exit with status 2, the rest with 1.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +20,43 @@ pub enum StartupError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Other(String),
+}
+
+/// The HTTP server of a service that serves plain HTTP (auth-service, api-service): its routes
+/// over `state`, with `/healthz`, `/readyz` (over `readiness`), `/metrics`, the request metrics,
+/// the per-address request limit and the JSON 404, bound to `LISTEN_ADDR`. Returns it, not yet
+/// running, and the port it listens on.
+pub fn http_server<S: Send + Sync + 'static>(
+    name: &'static str,
+    http: &HttpArgs,
+    state: web::Data<S>,
+    readiness: Readiness,
+    metrics: Metrics,
+    routes: fn(&mut web::ServiceConfig),
+) -> Result<(Server, u16), StartupError> {
+    let readiness = web::Data::new(readiness);
+    let metrics = web::Data::new(metrics);
+    let address_limit = web::Data::new(http.address_limit());
+    let (listener, port) = crate::http::bind(http.listen_addr, "LISTEN_ADDR")?;
+    let server = crate::start_server!(
+        HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(readiness.clone())
+                .app_data(metrics.clone())
+                .app_data(address_limit.clone())
+                .wrap(middleware::from_fn(crate::http::limit_per_address))
+                .wrap(middleware::from_fn(crate::metrics::record))
+                .configure(routes)
+                .configure(health_routes)
+                .default_service(web::to(not_found))
+        }),
+        listener,
+        crate::http::ServerOptions::from(http)
+    )
+    .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
+    tracing::info!(port, "{name} listening");
+    Ok((server, port))
 }
 
 /// The tasks that run beside a server (the outbox relay, the blacklist purge, the revocation

@@ -1,5 +1,8 @@
-//! A websocket client for tests (awc's), speaking JSON text messages: what the gateway's and the
-//! embedded mode's tests drive the real servers with.
+//! The one websocket client of the tests (awc's), speaking JSON text messages: the gateway's and
+//! the embedded mode's tests drive the servers with it, and the end-to-end suite drives NGINX
+//! and the binaries. Two ways to read: as a protocol test does (`recv…`, `expect…`: every
+//! message, keep-alives included, a timeout fails the test), and as a client does (`answer…`:
+//! protocol pings answered, keep-alives skipped, a timeout is `None`).
 
 use std::time::Duration;
 
@@ -16,6 +19,8 @@ pub enum Incoming {
 }
 
 pub struct WsClient {
+    /// The subprotocol asked for (`graphql-transport-ws`, `graphql-ws`).
+    pub protocol: String,
     framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
 }
 
@@ -41,10 +46,30 @@ impl WsClient {
             request = request.header("Authorization", value);
         }
         match request.connect().await {
-            Ok((_, framed)) => Ok(WsClient { framed }),
+            Ok((_, framed)) => Ok(WsClient {
+                protocol: protocol.unwrap_or_default().to_owned(),
+                framed,
+            }),
             Err(awc::error::WsClientError::InvalidResponseStatus(status)) => Err(status.as_u16()),
             Err(err) => panic!("websocket connect failed: {err}"),
         }
+    }
+
+    /// Connects with `protocol`; `Err` with the reason when the handshake fails.
+    pub async fn connect_or_error(url: &str, protocol: &str) -> Result<WsClient, String> {
+        let (_, framed) = awc::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .finish()
+            .ws(url)
+            .protocols([protocol])
+            .max_frame_size(1 << 20)
+            .connect()
+            .await
+            .map_err(|err| err.to_string())?;
+        Ok(WsClient {
+            protocol: protocol.to_owned(),
+            framed,
+        })
     }
 
     pub async fn send(&mut self, message: Value) {
@@ -128,5 +153,79 @@ impl WsClient {
             .send(ws::Message::Ping(Bytes::from_static(b"hi")))
             .await
             .unwrap();
+    }
+
+    /// As a client reads: the next JSON message or close within `wait` (`None` when nothing
+    /// came), answering websocket pings and graphql-transport-ws `ping`s, skipping keep-alives.
+    pub async fn answer_within(&mut self, wait: Duration) -> Option<Incoming> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.framed.next())
+                .await
+                .ok()?;
+            match frame {
+                Some(Ok(ws::Frame::Text(bytes))) => {
+                    let message: Value = serde_json::from_slice(&bytes).unwrap();
+                    match message["type"].as_str() {
+                        Some("ping") => self.send(json!({"type": "pong"})).await,
+                        Some("pong") | Some("ka") => {}
+                        _ => return Some(Incoming::Json(message)),
+                    }
+                }
+                Some(Ok(ws::Frame::Close(reason))) => {
+                    return Some(Incoming::Close(
+                        reason.as_ref().map(|r| u16::from(r.code)),
+                        reason.and_then(|r| r.description).unwrap_or_default(),
+                    ))
+                }
+                Some(Ok(ws::Frame::Ping(bytes))) => {
+                    let _ = self.framed.send(ws::Message::Pong(bytes)).await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return Some(Incoming::Close(None, err.to_string())),
+                None => return Some(Incoming::Close(None, "stream ended".into())),
+            }
+        }
+    }
+
+    /// [`WsClient::answer_within`] 30 s, a safety net only.
+    pub async fn answer(&mut self) -> Incoming {
+        self.answer_within(Duration::from_secs(30))
+            .await
+            .expect("nothing from the server in time")
+    }
+
+    /// Sends `connection_init` with `{"Authorization": "Bearer <token>"}` (the Playground/Apollo
+    /// way) and returns the answer, whatever it is.
+    pub async fn init_answer(&mut self, token: &str) -> Incoming {
+        self.send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
+            .await;
+        self.answer().await
+    }
+
+    /// `subscribe` (legacy `start`) of `query` as `id`.
+    pub async fn subscribe(&mut self, id: &str, query: &str) {
+        let kind = if self.protocol == "graphql-ws" {
+            "start"
+        } else {
+            "subscribe"
+        };
+        self.send(json!({"id": id, "type": kind, "payload": {"query": query}}))
+            .await;
+    }
+
+    /// The next result's `payload` within `wait`: `Ok(None)` when nothing came, `Err` when the
+    /// socket closed or the server sent anything but a result.
+    pub async fn next_payload_within(&mut self, wait: Duration) -> Result<Option<Value>, String> {
+        match self.answer_within(wait).await {
+            None => Ok(None),
+            Some(Incoming::Json(message))
+                if message["type"] == "next" || message["type"] == "data" =>
+            {
+                Ok(Some(message["payload"].clone()))
+            }
+            Some(Incoming::Json(message)) => Err(format!("unexpected message {message}")),
+            Some(Incoming::Close(code, reason)) => Err(format!("closed {code:?} {reason}")),
+        }
     }
 }

@@ -6,8 +6,6 @@ use std::io::BufRead as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use awc::ws;
-use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
 
 use crate::stack::{bin_dir, repo_root, Stack};
@@ -184,132 +182,22 @@ pub fn resigned_with(access: &str, changes: Value, secret: Option<&str>) -> Stri
     .unwrap()
 }
 
-/// What the websocket client saw next.
-#[derive(Debug)]
-pub enum Incoming {
-    Json(Value),
-    /// A close frame, the end of the stream or a broken connection (`None` code then).
-    Closed(Option<u16>, String),
+pub use test_support::ws::{Incoming, WsClient};
+
+/// Connects through NGINX; `Err` with the reason when the handshake fails.
+pub async fn ws_connect(stack: &Stack, protocol: &str) -> Result<WsClient, String> {
+    WsClient::connect_or_error(&stack.ws_url(), protocol).await
 }
 
-/// The Rust client: awc's websocket, speaking either subprotocol.
-pub struct WsClient {
-    pub protocol: &'static str,
-    framed: actix_codec::Framed<awc::BoxedSocket, ws::Codec>,
-}
-
-impl WsClient {
-    /// Connects through NGINX; `Err` with the reason when the handshake fails.
-    pub async fn connect(stack: &Stack, protocol: &'static str) -> Result<WsClient, String> {
-        WsClient::connect_to(&stack.ws_url(), protocol).await
+/// Connects through NGINX, authenticates and subscribes; panics when any step is refused.
+pub async fn ws_subscribed(stack: &Stack, protocol: &str, token: &str, query: &str) -> WsClient {
+    let mut client = ws_connect(stack, protocol).await.unwrap();
+    match client.init_answer(token).await {
+        Incoming::Json(ack) if ack["type"] == "connection_ack" => {}
+        other => panic!("{protocol}: expected connection_ack, got {other:?}"),
     }
-
-    /// Connects to any websocket URL (e.g. the embedded binary's).
-    pub async fn connect_to(url: &str, protocol: &'static str) -> Result<WsClient, String> {
-        let (_, framed) = http()
-            .ws(url)
-            .protocols([protocol])
-            .max_frame_size(1 << 20)
-            .connect()
-            .await
-            .map_err(|err| err.to_string())?;
-        Ok(WsClient { protocol, framed })
-    }
-
-    pub async fn send(&mut self, message: Value) {
-        self.framed
-            .send(ws::Message::Text(message.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    /// The next JSON message or close within `wait` (`None` when nothing came), answering
-    /// websocket pings and graphql-transport-ws `ping`s, skipping keep-alives.
-    pub async fn recv_within(&mut self, wait: Duration) -> Option<Incoming> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.framed.next())
-                .await
-                .ok()?;
-            match frame {
-                Some(Ok(ws::Frame::Text(bytes))) => {
-                    let message: Value = serde_json::from_slice(&bytes).unwrap();
-                    match message["type"].as_str() {
-                        Some("ping") => self.send(json!({"type": "pong"})).await,
-                        Some("pong") | Some("ka") => {}
-                        _ => return Some(Incoming::Json(message)),
-                    }
-                }
-                Some(Ok(ws::Frame::Close(reason))) => {
-                    return Some(Incoming::Closed(
-                        reason.as_ref().map(|r| u16::from(r.code)),
-                        reason.and_then(|r| r.description).unwrap_or_default(),
-                    ))
-                }
-                Some(Ok(ws::Frame::Ping(bytes))) => {
-                    let _ = self.framed.send(ws::Message::Pong(bytes)).await;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(err)) => return Some(Incoming::Closed(None, err.to_string())),
-                None => return Some(Incoming::Closed(None, "stream ended".into())),
-            }
-        }
-    }
-
-    pub async fn recv(&mut self) -> Incoming {
-        self.recv_within(PATIENCE)
-            .await
-            .expect("nothing from the gateway in time")
-    }
-
-    /// Sends `connection_init` with `connectionParams` `{"Authorization": "Bearer <token>"}`
-    /// (the Playground/Apollo way) and returns the answer.
-    pub async fn init(&mut self, token: &str) -> Incoming {
-        self.send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}}))
-            .await;
-        self.recv().await
-    }
-
-    pub async fn subscribe(&mut self, id: &str, query: &str) {
-        let kind = if self.protocol == "graphql-ws" {
-            "start"
-        } else {
-            "subscribe"
-        };
-        self.send(json!({"id": id, "type": kind, "payload": {"query": query}}))
-            .await;
-    }
-
-    /// Connects, authenticates and subscribes; panics when any step is refused.
-    pub async fn subscribed(
-        stack: &Stack,
-        protocol: &'static str,
-        token: &str,
-        query: &str,
-    ) -> WsClient {
-        let mut client = WsClient::connect(stack, protocol).await.unwrap();
-        match client.init(token).await {
-            Incoming::Json(ack) if ack["type"] == "connection_ack" => {}
-            other => panic!("{protocol}: expected connection_ack, got {other:?}"),
-        }
-        client.subscribe("1", query).await;
-        client
-    }
-
-    /// The next result's `payload` within `wait`: `Ok(None)` when nothing came, `Err` when the
-    /// socket closed or the server sent anything but a result.
-    pub async fn next_payload_within(&mut self, wait: Duration) -> Result<Option<Value>, String> {
-        match self.recv_within(wait).await {
-            None => Ok(None),
-            Some(Incoming::Json(message))
-                if message["type"] == "next" || message["type"] == "data" =>
-            {
-                Ok(Some(message["payload"].clone()))
-            }
-            Some(Incoming::Json(message)) => Err(format!("unexpected message {message}")),
-            Some(Incoming::Closed(code, reason)) => Err(format!("closed {code:?} {reason}")),
-        }
-    }
+    client.subscribe("1", query).await;
+    client
 }
 
 /// A node script's output, a JSON object a line, delivered as the lines come (a line that is

@@ -16,8 +16,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::client::{
-    admin_tokens_at, expect_trigger_event_update, graphql, post_token, resigned_with, Incoming,
-    NodeSubscriber, WsClient, CAR_1_UPDATED, PATIENCE,
+    admin_tokens_at, expect_trigger_event_update, graphql, post_token, resigned_with, ws_connect,
+    ws_subscribed, Incoming, NodeSubscriber, WsClient, CAR_1_UPDATED, PATIENCE,
 };
 use crate::embedded::Gqlws;
 use crate::stack::{bin_dir, Stack};
@@ -552,11 +552,11 @@ async fn batches_share_one_budget_and_database_calls_hold_bounded_threads() {
 async fn logout_revokes_the_access_token_on_http_and_sockets() {
     let gqlws = Gqlws::start().await;
     let (access, refresh) = admin_tokens_at(&gqlws.url).await;
-    let mut open = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+    let mut open = WsClient::connect_or_error(&gqlws.ws_url(), "graphql-transport-ws")
         .await
         .unwrap();
     assert!(
-        matches!(open.init(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
+        matches!(open.init_answer(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
     );
     open.subscribe("1", CAR_1_UPDATED).await;
 
@@ -567,15 +567,15 @@ async fn logout_revokes_the_access_token_on_http_and_sockets() {
         .unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.body().await);
 
-    match open.recv().await {
-        Incoming::Closed(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
+    match open.answer().await {
+        Incoming::Close(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
         other => panic!("the open socket was not closed: {other:?}"),
     }
-    let mut again = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+    let mut again = WsClient::connect_or_error(&gqlws.ws_url(), "graphql-transport-ws")
         .await
         .unwrap();
-    match again.init(&access).await {
-        Incoming::Closed(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
+    match again.init_answer(&access).await {
+        Incoming::Close(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
         other => panic!("a new socket with the revoked token: {other:?}"),
     }
     let body = hi_with(&gqlws, &access).await;
@@ -673,49 +673,49 @@ async fn nbf_leeway_and_one_root_field() {
         body["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
         "{body}"
     );
-    let mut ws = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+    let mut ws = WsClient::connect_or_error(&gqlws.ws_url(), "graphql-transport-ws")
         .await
         .unwrap();
     assert!(matches!(
-        ws.init(&not_yet).await,
-        Incoming::Closed(Some(4403), _)
+        ws.init_answer(&not_yet).await,
+        Incoming::Close(Some(4403), _)
     ));
 
     // Expires in 2 s; the leeway (JWT_LEEWAY_SECS, 5 s) keeps it valid a little longer, on
     // HTTP and on the socket alike.
     let short = resigned_with(&access, json!({"exp": now + 2, "iat": now}), None);
-    let mut ws = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+    let mut ws = WsClient::connect_or_error(&gqlws.ws_url(), "graphql-transport-ws")
         .await
         .unwrap();
     assert!(
-        matches!(ws.init(&short).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
+        matches!(ws.init_answer(&short).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
     // Past `exp`, within the leeway: nothing has come, no close either.
-    let early = ws.recv_within(Duration::from_millis(300)).await;
+    let early = ws.answer_within(Duration::from_millis(300)).await;
     assert!(
         early.is_none(),
         "closed before the leeway ran out: {early:?}"
     );
-    match ws.recv_within(PATIENCE).await {
-        Some(Incoming::Closed(Some(4403), reason)) => {
+    match ws.answer_within(PATIENCE).await {
+        Some(Incoming::Close(Some(4403), reason)) => {
             assert!(reason.contains("expired"), "{reason}")
         }
         other => panic!("expected the expiry close, got {other:?}"),
     }
 
-    let mut ws = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+    let mut ws = WsClient::connect_or_error(&gqlws.ws_url(), "graphql-transport-ws")
         .await
         .unwrap();
     assert!(
-        matches!(ws.init(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
+        matches!(ws.init_answer(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
     );
     ws.subscribe(
         "two",
         "subscription { carCreated { id } carDeleted { id } }",
     )
     .await;
-    match ws.recv().await {
+    match ws.answer().await {
         Incoming::Json(message) => {
             assert_eq!(message["type"], "error", "{message}");
             assert_eq!(message["id"], "two", "{message}");
@@ -766,7 +766,7 @@ async fn logout_reaches_every_replica_through_redis() {
     assert_eq!(status, 200, "{tokens}");
     let access = tokens["access"].as_str().unwrap().to_owned();
     let refresh = tokens["refresh"].as_str().unwrap().to_owned();
-    let mut open = WsClient::subscribed(stack, "graphql-ws", &access, CAR_1_UPDATED).await;
+    let mut open = ws_subscribed(stack, "graphql-ws", &access, CAR_1_UPDATED).await;
 
     let mut response = crate::client::http()
         .post(format!("{}/api/token/blacklist/", stack.url))
@@ -774,8 +774,8 @@ async fn logout_reaches_every_replica_through_redis() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "{:?}", response.body().await);
-    match open.recv().await {
-        Incoming::Closed(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
+    match open.answer().await {
+        Incoming::Close(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
         other => panic!("the open socket was not closed: {other:?}"),
     }
 
@@ -797,11 +797,9 @@ async fn logout_reaches_every_replica_through_redis() {
             assert_eq!(answer["data"]["hi"], "Hi!", "{answer}");
             refused.0 = 0;
         }
-        let mut ws = WsClient::connect(stack, "graphql-transport-ws")
-            .await
-            .unwrap();
-        match ws.init(&access).await {
-            Incoming::Closed(Some(4403), reason) => {
+        let mut ws = ws_connect(stack, "graphql-transport-ws").await.unwrap();
+        match ws.init_answer(&access).await {
+            Incoming::Close(Some(4403), reason) => {
                 assert!(reason.contains("revoked"), "{reason}");
                 refused.1 += 1;
             }
@@ -827,16 +825,14 @@ async fn logout_reaches_every_replica_through_redis() {
         )
         .await;
         assert_eq!(answer["data"]["hi"], "Hi!", "{answer}");
-        let mut ws = WsClient::connect(stack, "graphql-transport-ws")
-            .await
-            .unwrap();
+        let mut ws = ws_connect(stack, "graphql-transport-ws").await.unwrap();
         assert!(
-            matches!(ws.init(fresh).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
+            matches!(ws.init_answer(fresh).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
         );
     }
 
     // Deactivating the user (the operator's command) revokes its tokens the same way.
-    let mut open = WsClient::subscribed(stack, "graphql-transport-ws", fresh, CAR_1_UPDATED).await;
+    let mut open = ws_subscribed(stack, "graphql-transport-ws", fresh, CAR_1_UPDATED).await;
     let output = std::process::Command::new(bin_dir().join("auth-service"))
         .args(["deactivate-user", "--username", &username])
         .env("DATABASE_URL", &stack.database_url)
@@ -847,8 +843,8 @@ async fn logout_reaches_every_replica_through_redis() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
-    match open.recv().await {
-        Incoming::Closed(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
+    match open.answer().await {
+        Incoming::Close(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
         other => panic!("the deactivated user's socket was not closed: {other:?}"),
     }
     let (status, body) = post_token(&stack.url, &username, "s3cret-pass").await;
@@ -914,15 +910,15 @@ async fn documents_found_by_fuzzing_are_refused_cleanly() {
         assert!(first["errors"][0]["message"].is_string(), "{answer}");
         assert!(first.get("data").is_none_or(Value::is_null), "{answer}");
     }
-    let mut ws = WsClient::connect_to(&gqlws.ws_url(), "graphql-transport-ws")
+    let mut ws = WsClient::connect_or_error(&gqlws.ws_url(), "graphql-transport-ws")
         .await
         .unwrap();
     assert!(
-        matches!(ws.init(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
+        matches!(ws.init_answer(&access).await, Incoming::Json(ack) if ack["type"] == "connection_ack")
     );
     ws.subscribe("v", "subscription($i: I = D) { carCreated { id } }")
         .await;
-    match ws.recv().await {
+    match ws.answer().await {
         Incoming::Json(message) => {
             assert_eq!(message["type"], "error", "{message}");
             assert_eq!(

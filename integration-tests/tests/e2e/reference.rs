@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::client::{
-    admin_tokens, bad_tokens, graphql, post_token, trigger_event, Incoming, WsClient,
-    CAR_1_UPDATED, TRIGGER_MAKES,
+    admin_tokens, bad_tokens, graphql, post_token, trigger_event, ws_connect, ws_subscribed,
+    Incoming, CAR_1_UPDATED, TRIGGER_MAKES,
 };
 use crate::stack::Stack;
 
@@ -32,7 +32,7 @@ async fn token_hi_subscription_and_trigger_event_through_nginx() {
     // 4. The subscription with the token in connectionParams, in both subprotocols.
     let mut clients = Vec::new();
     for protocol in ["graphql-transport-ws", "graphql-ws"] {
-        clients.push(WsClient::subscribed(stack, protocol, &access, CAR_1_UPDATED).await);
+        clients.push(ws_subscribed(stack, protocol, &access, CAR_1_UPDATED).await);
     }
 
     // 5. trigger-event; every subscriber sees the update. The gateway subscribes to Redis
@@ -115,14 +115,12 @@ async fn bad_tokens_fail_on_subscriptions_with_4403_or_connection_error() {
         };
 
         // graphql-ws (graphql-transport-ws): close 4403 with the reason.
-        let mut client = WsClient::connect(stack, "graphql-transport-ws")
-            .await
-            .unwrap();
+        let mut client = ws_connect(stack, "graphql-transport-ws").await.unwrap();
         client
             .send(json!({"type": "connection_init", "payload": payload}))
             .await;
-        match client.recv().await {
-            Incoming::Closed(code, reason) => {
+        match client.answer().await {
+            Incoming::Close(code, reason) => {
                 assert_eq!(code, Some(4403), "{label}: {reason}");
                 assert!(
                     reason.to_lowercase().contains(word),
@@ -133,11 +131,11 @@ async fn bad_tokens_fail_on_subscriptions_with_4403_or_connection_error() {
         }
 
         // subscriptions-transport-ws (graphql-ws): connection_error with the message, then close.
-        let mut client = WsClient::connect(stack, "graphql-ws").await.unwrap();
+        let mut client = ws_connect(stack, "graphql-ws").await.unwrap();
         client
             .send(json!({"type": "connection_init", "payload": payload}))
             .await;
-        match client.recv().await {
+        match client.answer().await {
             Incoming::Json(error) => {
                 assert_eq!(error["type"], "connection_error", "{label}: {error}");
                 let message = error["payload"]["message"].as_str().unwrap_or_default();
@@ -148,8 +146,8 @@ async fn bad_tokens_fail_on_subscriptions_with_4403_or_connection_error() {
             }
             other => panic!("{label}: expected connection_error, got {other:?}"),
         }
-        match client.recv().await {
-            Incoming::Closed(code, _) => assert_eq!(code, Some(4403), "{label}"),
+        match client.answer().await {
+            Incoming::Close(code, _) => assert_eq!(code, Some(4403), "{label}"),
             other => panic!("{label}: expected the close, got {other:?}"),
         }
     }

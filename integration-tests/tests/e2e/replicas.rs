@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::client::{
-    admin_tokens, create_car, graphql_requests_served, metric_sum, update_make, WsClient, PATIENCE,
+    admin_tokens, create_car, graphql_requests_served, metric_sum, update_make, ws_connect,
+    ws_subscribed, WsClient, PATIENCE,
 };
 use crate::stack::Stack;
 
@@ -27,7 +28,7 @@ impl Subscriber {
     async fn start(stack: &Stack, protocol: &'static str, token: &str, pk: &str) -> Subscriber {
         let query = format!("subscription {{ carModelUpdated(pk: {pk}) {{ make }} }}");
         Subscriber {
-            client: WsClient::subscribed(stack, protocol, token, &query).await,
+            client: ws_subscribed(stack, protocol, token, &query).await,
             protocol,
             token: token.to_owned(),
             query,
@@ -54,8 +55,8 @@ impl Subscriber {
 
     async fn reconnect(&mut self, stack: &Stack) {
         for _ in 0..100 {
-            if let Ok(mut client) = WsClient::connect(stack, self.protocol).await {
-                if let crate::client::Incoming::Json(ack) = client.init(&self.token).await {
+            if let Ok(mut client) = ws_connect(stack, self.protocol).await {
+                if let crate::client::Incoming::Json(ack) = client.init_answer(&self.token).await {
                     if ack["type"] == "connection_ack" {
                         client.subscribe("1", &self.query).await;
                         self.client = client;
