@@ -1,5 +1,6 @@
 //! The one token minter of the test crates: tokens signed as auth-service signs them (the same
-//! claims, `iat` now, a fresh `jti`), with the keys a service configured the same way holds.
+//! claims, `iat` now, a fresh `jti`), with the keys a service configured the same way holds; and
+//! [`forge_hs256`], for the tests that sign what auth-service never would.
 
 use service_kit::config::JwtArgs;
 use tokens::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
@@ -59,4 +60,17 @@ pub fn hs256(
         token_type,
         lifetime_secs,
     )
+}
+
+/// Arbitrary `claims` signed with HS256, `secret` and `kid`: what an attacker (or a test of a
+/// claim's handling) signs, whatever the claims say.
+pub fn forge_hs256(secret: &[u8], kid: Option<&str>, claims: &serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
 }

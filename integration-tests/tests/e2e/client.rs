@@ -171,15 +171,8 @@ pub fn resigned_with(access: &str, changes: Value, secret: Option<&str>) -> Stri
     for (name, value) in changes.as_object().unwrap() {
         claims[name] = value.clone();
     }
-    let mut jwt_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    jwt_header.kid = header["kid"].as_str().map(str::to_owned);
     let secret = secret.unwrap_or(tokens::jwt::DEMO_SECRET);
-    jsonwebtoken::encode(
-        &jwt_header,
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    test_support::tokens::forge_hs256(secret.as_bytes(), header["kid"].as_str(), &claims)
 }
 
 pub use test_support::ws::{Incoming, WsClient};

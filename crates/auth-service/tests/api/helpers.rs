@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use auth_service::settings::{Cli, Settings};
 use auth_service::startup::Application;
 use clap::Parser as _;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use store::DbPool;
 use test_support::{unique_prefix, TestDb};
@@ -165,12 +164,7 @@ pub fn peek(token: &str) -> (Value, Value) {
     )
 }
 
-/// Signs arbitrary claims with HS256 and an arbitrary key and kid, to forge tokens.
-pub fn forge_hs256(secret: &[u8], kid: Option<&str>, claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::HS256);
-    header.kid = kid.map(str::to_owned);
-    jsonwebtoken::encode(&header, claims, &EncodingKey::from_secret(secret)).unwrap()
-}
+pub use test_support::tokens::forge_hs256;
 
 /// Claims as auth-service writes them, for `user_id` 1, expiring `exp_in` seconds from now.
 pub fn claims(token_type: &str, exp_in: i64) -> Value {
