@@ -188,25 +188,25 @@ pub struct Mutation;
 impl Mutation {
     /// Creates a car owned by the signed-in user.
     async fn create_car(context: &Context, input: CarInput) -> FieldResult<CarObject> {
-        let new = input.validate()?;
         let data = context.signed_in_data()?;
+        let new = input.validate()?;
         let car = Repository::<Car>::create(data, context.user()?, new).await?;
         Ok(CarObject(car))
     }
 
     /// Changes a car; only its owner or staff may.
     async fn update_car(context: &Context, pk: ID, input: CarPatch) -> FieldResult<CarObject> {
+        let data = context.signed_in_data()?;
         let id = parse_pk::<Car>(&pk)?;
         let changes = input.validate()?;
-        let data = context.signed_in_data()?;
         let actor = Actor::User(context.user()?);
         Ok(CarObject(data.update(actor, id, changes).await?))
     }
 
     /// Deletes a car (only its owner or staff may) and returns it as it was.
     async fn delete_car(context: &Context, pk: ID) -> FieldResult<CarObject> {
-        let id = parse_pk::<Car>(&pk)?;
         let data = context.signed_in_data()?;
+        let id = parse_pk::<Car>(&pk)?;
         let actor = Actor::User(context.user()?);
         let car = Repository::<Car>::delete(data, actor, id).await?;
         Ok(CarObject(car))
@@ -221,6 +221,7 @@ pub struct Subscription;
 impl Subscription {
     /// Every change of the car `pk` (the reference's subscription; `pk: 1` and `pk: "1"` both work).
     async fn car_model_updated(context: &Context, pk: ID) -> Result<Stream<CarObject>, FieldError> {
+        context.claims().map_err(IntoFieldError::into_field_error)?;
         let id = parse_pk::<Car>(&pk).map_err(IntoFieldError::into_field_error)?;
         let cars = events::<Car>(context, |events| events.updated)?;
         Ok(Box::pin(

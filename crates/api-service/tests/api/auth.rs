@@ -106,6 +106,12 @@ async fn every_car_operation_needs_a_token() {
         r#"mutation { createCar(input: {make: "a", model: "b"}) { id } }"#,
         r#"mutation { updateCar(pk: 1, input: {make: "a"}) { id } }"#,
         "mutation { deleteCar(pk: 1) { id } }",
+        // Authentication is checked before the input: a stranger learns nothing of what a
+        // valid input or id would be.
+        r#"mutation { createCar(input: {make: " ", model: ""}) { id } }"#,
+        r#"mutation { updateCar(pk: "x", input: {make: ""}) { id } }"#,
+        r#"mutation { deleteCar(pk: "-1") { id } }"#,
+        "{ cars(first: 0) { totalCount } }",
     ] {
         let response = app.graphql(None, query, json!({})).await;
         let (code, message) = error_of(&response.body);
