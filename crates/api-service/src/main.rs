@@ -26,11 +26,7 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(StartupError::Config(err)) => err.exit(),
-        Err(StartupError::Other(msg)) => {
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
+        Err(err) => err.exit(),
     }
 }
 

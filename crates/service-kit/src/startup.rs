@@ -22,6 +22,20 @@ pub enum StartupError {
     Other(String),
 }
 
+impl StartupError {
+    /// How a `main` ends on it: a configuration error's one line and status 2, anything else
+    /// `error: …` and status 1.
+    pub fn exit(self) -> std::process::ExitCode {
+        match self {
+            StartupError::Config(err) => err.exit(),
+            StartupError::Other(msg) => {
+                eprintln!("error: {msg}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 /// The HTTP server of a service that serves plain HTTP (auth-service, api-service): its routes
 /// over `state`, with `/healthz`, `/readyz` (over `readiness`), `/metrics`, the request metrics,
 /// the per-address request limit and the JSON 404, bound to `LISTEN_ADDR`. Returns it, not yet

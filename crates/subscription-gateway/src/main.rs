@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use service_kit::config::parse_or_exit;
 use subscription_gateway::settings::Cli;
-use subscription_gateway::startup::{Application, StartupError};
+use subscription_gateway::startup::Application;
 
 #[actix_web::main]
 async fn main() -> ExitCode {
@@ -12,11 +12,7 @@ async fn main() -> ExitCode {
     }
     let app = match Application::build(cli.settings).await {
         Ok(app) => app,
-        Err(StartupError::Config(err)) => err.exit(),
-        Err(StartupError::Other(msg)) => {
-            eprintln!("error: {msg}");
-            return ExitCode::FAILURE;
-        }
+        Err(err) => return err.exit(),
     };
     match app.run_until_stopped(service_kit::shutdown::signal()).await {
         Ok(()) => ExitCode::SUCCESS,
