@@ -1,7 +1,7 @@
 //! Test harness shared by the integration tests of every service. Real services only:
 //!
-//! - `TestDb` (feature `database`, which the gateway's tests leave off: they link no
-//!   diesel): a PostgreSQL database of its own per test, cloned from a template that is migrated
+//! - `TestDb` (feature `database`, which the gateway's tests leave off, so that
+//!   `cargo test -p subscription-gateway` builds no diesel): a PostgreSQL database of its own per test, cloned from a template that is migrated
 //!   once per migration set (`CREATE DATABASE … TEMPLATE …` takes milliseconds), dropped on `Drop`.
 //! - [`redis_url`] and [`unique_prefix`]: the shared Redis, with a key prefix per test.
 //! - [`PrivateRedis`]: a `redis-server` process of the test's own on a free port, for tests that
