@@ -4,6 +4,9 @@
 //!
 //! Envelope (version 1), one per committed write:
 //! `{"v":1,"id":"<32 hex>","type":"car.updated","at":"<RFC 3339>","data":{…the car…}}`.
+//! Nothing here knows a domain type: [`Envelope`] is generic over its `data`, an [`EventType`] is
+//! a name a domain type declares, and the [`Registry`] (built by the domain crate) says which
+//! names exist and how each one's envelopes decode.
 //! Delivery is at-least-once (see the store's outbox): a consumer drops an `id` it has seen.
 //!
 //! Each event type has a log, `<REDIS_KEY_PREFIX>events:<type>`: a Redis stream whose entry ids
