@@ -16,6 +16,7 @@ use juniper::http::GraphQLRequest;
 use juniper::{DefaultScalarValue, OperationType, ValidatedOperation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
+use service_kit::error::graphql_error_body;
 use service_kit::http::BodyLimits;
 use tokens::auth::TokenVerifier;
 
@@ -167,7 +168,7 @@ async fn graphql_post(
                 let outcome = match request {
                     Ok(request) => execute(&state, &request, &context, &Method::POST).await,
                     Err(message) => Outcome {
-                        body: error_body(&message, "BAD_REQUEST"),
+                        body: graphql_error_body(&message, "BAD_REQUEST"),
                         kind: OutcomeKind::RequestError,
                     },
                 };
@@ -254,7 +255,7 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
     HttpResponse::MethodNotAllowed()
         .insert_header((header::ALLOW, "GET, POST"))
         .content_type("application/json")
-        .body(error_body(
+        .body(graphql_error_body(
             &format!(
                 "method {} is not allowed: use POST (or GET for queries)",
                 req.method()
@@ -267,7 +268,7 @@ async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
     if !state.playground {
         return HttpResponse::NotFound()
             .content_type("application/json")
-            .body(error_body("not found", "NOT_FOUND"));
+            .body(graphql_error_body("not found", "NOT_FOUND"));
     }
     crate::ide::page(crate::ide::graphiql_page())
 }
@@ -317,7 +318,7 @@ async fn execute(
 ) -> Outcome {
     if let Some(message) = graphql_schema::unknown_variable_type(&state.schema, &request.query) {
         return Outcome {
-            body: error_body(&message, "GRAPHQL_VALIDATION_FAILED"),
+            body: graphql_error_body(&message, "GRAPHQL_VALIDATION_FAILED"),
             kind: OutcomeKind::RequestError,
         };
     }
@@ -337,13 +338,13 @@ async fn execute(
     match operation.operation_type() {
         OperationType::Subscription => {
             return Outcome {
-                body: error_body(SUBSCRIPTION_OVER_HTTP, "SUBSCRIPTION_OVER_HTTP"),
+                body: graphql_error_body(SUBSCRIPTION_OVER_HTTP, "SUBSCRIPTION_OVER_HTTP"),
                 kind: OutcomeKind::RequestError,
             }
         }
         OperationType::Mutation if method == Method::GET => {
             return Outcome {
-                body: error_body("mutations must be sent with POST", "METHOD_NOT_ALLOWED"),
+                body: graphql_error_body("mutations must be sent with POST", "METHOD_NOT_ALLOWED"),
                 kind: OutcomeKind::MutationOverGet,
             }
         }
@@ -359,7 +360,7 @@ async fn execute(
             Outcome {
                 body: serde_json::to_string(&body).unwrap_or_else(|err| {
                     tracing::error!(%err, "cannot serialize a GraphQL response");
-                    error_body("internal server error", "INTERNAL_SERVER_ERROR")
+                    graphql_error_body("internal server error", "INTERNAL_SERVER_ERROR")
                 }),
                 kind: OutcomeKind::Executed,
             }
@@ -380,29 +381,6 @@ struct ExecutedBody<'a> {
 }
 
 /// `{"errors": [{"message": …, "extensions": {"code": …}}]}`, serialized.
-fn error_body(message: &str, code: &str) -> String {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        errors: [Error<'a>; 1],
-    }
-    #[derive(Serialize)]
-    struct Error<'a> {
-        message: &'a str,
-        extensions: Extensions<'a>,
-    }
-    #[derive(Serialize)]
-    struct Extensions<'a> {
-        code: &'a str,
-    }
-    let body = Body {
-        errors: [Error {
-            message,
-            extensions: Extensions { code },
-        }],
-    };
-    serde_json::to_string(&body).unwrap_or_default()
-}
-
 fn respond_outcome(framing: Framing, outcome: Outcome) -> HttpResponse {
     let status = if outcome.kind != OutcomeKind::Executed && framing == Framing::GraphQLResponse {
         StatusCode::BAD_REQUEST
@@ -425,7 +403,7 @@ fn respond(framing: Framing, status: StatusCode, body: String) -> HttpResponse {
 fn http_error(status: StatusCode, message: &str, code: &str) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
-        .body(error_body(message, code))
+        .body(graphql_error_body(message, code))
 }
 
 fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {

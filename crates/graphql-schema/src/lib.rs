@@ -87,24 +87,17 @@ impl Context {
         })
     }
 
-    /// The signed-in user's id, for a write.
-    fn user(&self) -> Result<i64, GraphQLError> {
-        Ok(self.claims()?.user_id)
-    }
-
-    fn data(&self) -> Result<&(dyn DataSource + 'static), GraphQLError> {
-        self.data.as_deref().ok_or_else(|| {
+    /// The signed-in user's id and the reads and writes: sign-in is checked first, so a
+    /// stranger learns nothing of what the request asks.
+    fn signed_in(&self) -> Result<(i64, &(dyn DataSource + 'static)), GraphQLError> {
+        let user_id = self.claims()?.user_id;
+        let data = self.data.as_deref().ok_or_else(|| {
             GraphQLError::BadRequest(
                 "queries and mutations are served over HTTP at /graphql/, not on this endpoint"
                     .into(),
             )
-        })
-    }
-
-    /// The reads and writes, for a signed-in user.
-    fn signed_in_data(&self) -> Result<&(dyn DataSource + 'static), GraphQLError> {
-        self.claims()?;
-        self.data()
+        })?;
+        Ok((user_id, data))
     }
 }
 
@@ -158,8 +151,8 @@ impl Query {
 
     /// The signed-in user.
     async fn me(context: &Context) -> FieldResult<User> {
-        let user_id = context.user()?;
-        let user = context.data()?.active_user(user_id).await?.ok_or_else(|| {
+        let (user_id, data) = context.signed_in()?;
+        let user = data.active_user(user_id).await?.ok_or_else(|| {
             GraphQLError::Unauthenticated(
                 "the signed-in user no longer exists or is inactive".into(),
             )
@@ -188,26 +181,26 @@ pub struct Mutation;
 impl Mutation {
     /// Creates a car owned by the signed-in user.
     async fn create_car(context: &Context, input: CarInput) -> FieldResult<CarObject> {
-        let data = context.signed_in_data()?;
+        let (user_id, data) = context.signed_in()?;
         let new = input.validate()?;
-        let car = Repository::<Car>::create(data, context.user()?, new).await?;
+        let car = Repository::<Car>::create(data, user_id, new).await?;
         Ok(CarObject(car))
     }
 
     /// Changes a car; only its owner or staff may.
     async fn update_car(context: &Context, pk: ID, input: CarPatch) -> FieldResult<CarObject> {
-        let data = context.signed_in_data()?;
+        let (user_id, data) = context.signed_in()?;
         let id = parse_pk::<Car>(&pk)?;
         let changes = input.validate()?;
-        let actor = Actor::User(context.user()?);
+        let actor = Actor::User(user_id);
         Ok(CarObject(data.update(actor, id, changes).await?))
     }
 
     /// Deletes a car (only its owner or staff may) and returns it as it was.
     async fn delete_car(context: &Context, pk: ID) -> FieldResult<CarObject> {
-        let data = context.signed_in_data()?;
+        let (user_id, data) = context.signed_in()?;
         let id = parse_pk::<Car>(&pk)?;
-        let actor = Actor::User(context.user()?);
+        let actor = Actor::User(user_id);
         let car = Repository::<Car>::delete(data, actor, id).await?;
         Ok(CarObject(car))
     }
@@ -250,7 +243,7 @@ async fn find<T: Registered>(context: &Context, pk: &ID) -> FieldResult<Option<T
 where
     dyn DataSource: Repository<T>,
 {
-    let data = context.signed_in_data()?;
+    let (_, data) = context.signed_in()?;
     let Ok(id) = parse_pk::<T>(pk) else {
         return Ok(None);
     };
@@ -266,7 +259,7 @@ async fn page<T: Registered>(
 where
     dyn DataSource: Repository<T>,
 {
-    let data = context.signed_in_data()?;
+    let (_, data) = context.signed_in()?;
     if !(1..=MAX_PAGE_SIZE).contains(&first) {
         return Err(GraphQLError::BadUserInput(format!(
             "`first` must be between 1 and {MAX_PAGE_SIZE}"

@@ -441,12 +441,18 @@ fn report(
     for (kind, n) in &tally.errors {
         println!("  error {kind}: {n}");
     }
-    if let Some(path) = &common.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&figures).unwrap_or_default(),
-        )
-        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-    }
+    write_figures(common.json.as_deref(), &figures)?;
     Ok(())
+}
+
+/// Writes a run's figures as JSON where `--json` says, if it does.
+fn write_figures(path: Option<&std::path::Path>, figures: &Value) -> Result<(), String> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(figures).unwrap_or_default(),
+    )
+    .map_err(|err| format!("cannot write {}: {err}", path.display()))
 }

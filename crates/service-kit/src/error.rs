@@ -148,8 +148,33 @@ impl ApiError {
             ApiError::Internal(_) => "internal server error".to_owned(),
             other => other.to_string(),
         };
-        self.response().json(json!({
-            "errors": [{"message": message, "extensions": {"code": self.graphql_code()}}]
-        }))
+        self.response()
+            .content_type("application/json")
+            .body(graphql_error_body(&message, self.graphql_code()))
     }
+}
+
+/// A GraphQL response carrying one error and no data: `{"errors":[{"message","extensions":
+/// {"code"}}]}`, the body of every request-level refusal of a GraphQL endpoint.
+pub fn graphql_error_body(message: &str, code: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        errors: [Error<'a>; 1],
+    }
+    #[derive(serde::Serialize)]
+    struct Error<'a> {
+        message: &'a str,
+        extensions: Extensions<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct Extensions<'a> {
+        code: &'a str,
+    }
+    let body = Body {
+        errors: [Error {
+            message,
+            extensions: Extensions { code },
+        }],
+    };
+    serde_json::to_string(&body).unwrap_or_default()
 }

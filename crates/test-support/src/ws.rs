@@ -34,8 +34,28 @@ impl WsClient {
         protocol: Option<&str>,
         authorization: Option<&str>,
     ) -> Result<WsClient, u16> {
+        match Self::handshake(url, protocol, authorization).await {
+            Ok(client) => Ok(client),
+            Err(awc::error::WsClientError::InvalidResponseStatus(status)) => Err(status.as_u16()),
+            Err(err) => panic!("websocket connect failed: {err}"),
+        }
+    }
+
+    /// Connects with `protocol`; `Err` with the reason when the handshake fails.
+    pub async fn connect_or_error(url: &str, protocol: &str) -> Result<WsClient, String> {
+        Self::handshake(url, Some(protocol), None)
+            .await
+            .map_err(|err| err.to_string())
+    }
+
+    async fn handshake(
+        url: &str,
+        protocol: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<WsClient, awc::error::WsClientError> {
+        // A safety net only: no test asserts on how fast a handshake is.
         let mut request = awc::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
             .finish()
             .ws(url)
             .max_frame_size(1 << 20);
@@ -45,29 +65,9 @@ impl WsClient {
         if let Some(value) = authorization {
             request = request.header("Authorization", value);
         }
-        match request.connect().await {
-            Ok((_, framed)) => Ok(WsClient {
-                protocol: protocol.unwrap_or_default().to_owned(),
-                framed,
-            }),
-            Err(awc::error::WsClientError::InvalidResponseStatus(status)) => Err(status.as_u16()),
-            Err(err) => panic!("websocket connect failed: {err}"),
-        }
-    }
-
-    /// Connects with `protocol`; `Err` with the reason when the handshake fails.
-    pub async fn connect_or_error(url: &str, protocol: &str) -> Result<WsClient, String> {
-        let (_, framed) = awc::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .finish()
-            .ws(url)
-            .protocols([protocol])
-            .max_frame_size(1 << 20)
-            .connect()
-            .await
-            .map_err(|err| err.to_string())?;
+        let (_, framed) = request.connect().await?;
         Ok(WsClient {
-            protocol: protocol.to_owned(),
+            protocol: protocol.unwrap_or_default().to_owned(),
             framed,
         })
     }

@@ -337,12 +337,6 @@ pub(super) fn report(
     if phases.stopped_by_cap {
         println!("  stopped by --max-seconds");
     }
-    if let Some(path) = &args.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&figures).unwrap_or_default(),
-        )
-        .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
-    }
+    crate::write_figures(args.json.as_deref(), &figures)?;
     Ok(())
 }
