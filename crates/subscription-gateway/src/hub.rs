@@ -3,8 +3,8 @@
 //! type that every local subscriber of that type reads.
 //!
 //! - The logs are Redis streams ([`events`]); which logs exist, and how each one's envelopes
-//!   decode, the hub learns from the domain's [`events::Registry`]. The hub's connection runs `XREAD BLOCK`
-//!   over the logs its subscribers need, each from the last position it has seen, and over the
+//!   decode, the hub learns from the domain's [`events::Registry`]. The hub's connection runs
+//!   `XREAD BLOCK` over the logs its subscribers need, each from the last position it has seen, and over the
 //!   revocation stream. A log is added when the first local subscriber of its type appears
 //!   (starting at the log's tip then; the blocked read is interrupted with `CLIENT UNBLOCK` so it
 //!   is picked up at once) and left out when the last one leaves ([`TopicGuard`] counts them).
