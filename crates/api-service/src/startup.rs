@@ -47,6 +47,8 @@ impl Application {
         );
         let store = store(&settings, pool.clone(), bus, &metrics);
         let revoked = revoked_before(&settings);
+        tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
+            .await;
         let state = state(&settings, store.clone(), revoked.clone()).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
@@ -56,7 +58,11 @@ impl Application {
         }
         let readiness = Readiness::default()
             .check("database", store::readiness_probe(pool))
-            .redis(redis.clone());
+            .redis(redis.clone())
+            .check(
+                "revocations",
+                tokens::revocations::readiness_probe(revoked.clone()),
+            );
         let (server, port) = service_kit::startup::http_server(
             "api-service",
             &settings.http,

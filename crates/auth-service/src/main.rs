@@ -59,22 +59,24 @@ async fn deactivate_user_command(
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?;
     let redis = service_kit::redis::pool(&settings.redis)?;
-    let failures = auth_service::routes::revoke_access_tokens(
-        &auth_service::routes::Revocations::Redis(redis),
+    let revocations = auth_service::routes::Revocations::Redis {
+        pool: redis,
+        revoked: tokens::revocations::RevokedBefore::new(
+            settings.jwt.access_token_lifetime_secs,
+            settings.jwt.jwt_leeway_secs,
+        ),
+    };
+    if let Err(err) = auth_service::routes::revoke_access_tokens(
+        &revocations,
         &settings.redis.redis_key_prefix,
-        settings
-            .jwt
-            .access_token_lifetime_secs
-            .saturating_add(settings.jwt.jwt_leeway_secs),
         user.id,
         "deactivated",
     )
-    .await;
-    if !failures.is_empty() {
+    .await
+    {
         return Err(StartupError::Other(format!(
             "user `{username}` is deactivated, but its access tokens could not be revoked \
-             ({}); they stay valid until they expire",
-            failures.join(", ")
+             ({err}); they stay valid until they expire: run deactivate-user again"
         )));
     }
     println!("deactivated user `{username}`; its access tokens are revoked");

@@ -18,15 +18,24 @@ use tokens::revocations::RevokedBefore;
 use crate::passwords;
 use crate::ratelimit::LoginLimiter;
 
-/// Where revoked sessions are announced: the Redis channel every gateway listens to, or the
-/// in-memory bus of the embedded mode.
+/// Where logouts are recorded: this process's copy of the cutoffs, which it refuses tokens by
+/// at once, and Redis, where every replica reads them ([`tokens::revocations`]).
 pub enum Revocations {
-    Redis(service_kit::redis::RedisPool),
-    /// The embedded mode: the bus, and the cutoffs its verifiers read.
-    Memory {
-        bus: events::MemoryBus,
+    Redis {
+        pool: service_kit::redis::RedisPool,
         revoked: Arc<RevokedBefore>,
     },
+    /// The embedded mode: one process, so its list is the record.
+    Memory { revoked: Arc<RevokedBefore> },
+}
+
+impl Revocations {
+    /// The cutoffs this process refuses tokens by.
+    pub fn list(&self) -> &Arc<RevokedBefore> {
+        match self {
+            Revocations::Redis { revoked, .. } | Revocations::Memory { revoked } => revoked,
+        }
+    }
 }
 
 /// What the handlers share; built once by [`crate::startup::Application::build`].
@@ -36,11 +45,9 @@ pub struct AuthState {
     pub limiter: LoginLimiter,
     /// Bounds the password checks in flight (each holds ~19 MiB and a blocking thread).
     pub login_gate: LoginGate,
-    /// Where logouts are announced to the gateways.
+    /// Where logouts are recorded, for this process and every replica.
     pub revocations: Revocations,
     pub access_lifetime_secs: i64,
-    /// How long a logout's cutoff matters: the access lifetime plus the verifiers' leeway.
-    pub revocation_retention_secs: u64,
     pub refresh_lifetime_secs: i64,
     pub rotate_refresh_tokens: bool,
     pub blacklist_after_rotation: bool,
@@ -199,7 +206,7 @@ async fn obtain(
         }
     };
     state.limiter.succeeded(&username, address).await;
-    let issued_at = issue_time(&state, user.id).await;
+    let issued_at = issue_time_ms(&state, user.id);
     let refresh = sign(&state, &user, TokenType::Refresh, issued_at)?;
     let access = sign(&state, &user, TokenType::Access, issued_at)?;
     Ok(HttpResponse::Ok().json(json!({"refresh": refresh.0, "access": access.0})))
@@ -227,7 +234,7 @@ async fn refresh(
         return Err(ApiError::from(TokenError::Revoked));
     }
 
-    let issued_at = issue_time(&state, user.id).await;
+    let issued_at = issue_time_ms(&state, user.id);
     let access = sign(&state, &user, TokenType::Access, issued_at)?;
     if state.rotate_refresh_tokens {
         let refresh = sign(&state, &user, TokenType::Refresh, issued_at)?;
@@ -245,93 +252,94 @@ async fn verify(
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
     let claims = token_in_body(&req, payload, &state, "token", None).await?;
-    if claims.token_type == TokenType::Refresh
-        && blacklist::is_blacklisted(&state.pool, claims.jti).await?
-    {
+    let revoked = match claims.token_type {
+        TokenType::Access => state.revocations.list().is_revoked(&claims),
+        TokenType::Refresh => blacklist::is_blacklisted(&state.pool, claims.jti).await?,
+    };
+    if revoked {
         return Err(ApiError::from(TokenError::Revoked));
     }
     Ok(HttpResponse::Ok().json(json!({})))
 }
 
-/// `POST /api/token/blacklist/`: logs a refresh token out for good.
+/// `POST /api/token/blacklist/`: logs a refresh token out for good, and with it every access
+/// token of the user issued so far.
+///
+/// The cutoff is stored before the refresh token is blacklisted: when Redis cannot take it the
+/// answer is 503 and nothing has changed, so the same request can be sent again. A 200 means
+/// this process already refuses the access tokens and every other one will within
+/// [`tokens::revocations::POLL_INTERVAL`].
 async fn blacklist(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AuthState>,
 ) -> Result<HttpResponse, ApiError> {
     let claims = token_in_body(&req, payload, &state, "refresh", Some(TokenType::Refresh)).await?;
-    if !blacklist::blacklist(&state.pool, blacklist_entry(&claims)).await? {
+    if blacklist::is_blacklisted(&state.pool, claims.jti.clone()).await? {
         return Err(ApiError::from(TokenError::Revoked));
     }
-    announce_revocation(&state, &claims).await;
-    Ok(HttpResponse::Ok().json(json!({})))
-}
-
-/// Revokes the user's access tokens issued so far, on every replica ([`tokens::revocations`]),
-/// and tells every gateway, so that the open sockets of those tokens close now rather than at
-/// their expiry. Best effort: the blacklist entry is already committed; when Redis is away the
-/// access tokens stay valid until they expire (minutes at most), as before.
-async fn announce_revocation(state: &AuthState, claims: &Claims) {
-    let failures = revoke_access_tokens(
+    if let Err(err) = revoke_access_tokens(
         &state.revocations,
         &state.limiter.key_prefix,
-        state.revocation_retention_secs,
         claims.user_id,
         &claims.jti,
     )
-    .await;
-    for failed in failures {
-        state.limiter.errors.with_label_values(&[failed]).inc();
+    .await
+    {
+        state
+            .limiter
+            .errors
+            .with_label_values(&["write_revocation"])
+            .inc();
+        return Err(ApiError::LogoutUnavailable(err.to_string()));
     }
+    // A concurrent logout with the same token may have blacklisted it meanwhile: one of the two
+    // is told the token is no longer valid, as SimpleJWT tells it.
+    if !blacklist::blacklist(&state.pool, blacklist_entry(&claims)).await? {
+        return Err(ApiError::from(TokenError::Revoked));
+    }
+    Ok(HttpResponse::Ok().json(json!({})))
 }
 
-/// Revokes every access token of the user issued so far and tells the gateways (a logout, or
-/// `deactivate-user`). `jti` names the session that ended, for the logs. Returns the steps that
-/// failed (`write_revocation`, `announce_revocation`), each already logged.
+/// Revokes every access token of the user issued up to now (a logout, or `deactivate-user`):
+/// the cutoff is stored in Redis for every replica and recorded in this process's list, then
+/// announced on the revocation stream so that the gateways close the sockets it covers at
+/// once. `jti` names the session that ended, for the logs. An error means the cutoff was not
+/// stored and nothing was revoked; a failed announcement only delays the sockets' closing to
+/// the gateways' next poll.
 pub async fn revoke_access_tokens(
     revocations: &Revocations,
     key_prefix: &str,
-    retention_secs: u64,
     user_id: i64,
     jti: &str,
-) -> Vec<&'static str> {
-    // Tokens issued since the previous logout may carry that logout's second + 1 as `iat`
-    // ([`issue_time`]); this cutoff covers them too.
-    let cutoff = issue_time_after(revocations, key_prefix, user_id).await;
+) -> Result<(), service_kit::redis::RedisError> {
+    // Now, not later: a cutoff in the future would refuse the tokens the user gets next.
+    let cutoff_ms = tokens::revocations::now_ms();
+    let (pool, revoked) = match revocations {
+        Revocations::Memory { revoked } => {
+            revoked.record(user_id, cutoff_ms);
+            return Ok(());
+        }
+        Revocations::Redis { pool, revoked } => (pool, revoked),
+    };
+    tokens::revocations::write(pool, key_prefix, user_id, cutoff_ms, revoked.retention_ms())
+        .await?;
+    revoked.record(user_id, cutoff_ms);
     let message = Revocation {
         user_id,
         jti: jti.to_owned(),
-        revoked_before: Some(cutoff),
+        cutoff_ms,
     };
-    let payload = match serde_json::to_string(&message) {
-        Ok(payload) => payload,
-        Err(err) => {
-            tracing::error!(%err, "cannot encode the revocation");
-            return vec!["announce_revocation"];
-        }
-    };
-    let channel_name = revocation_channel(key_prefix);
-    let redis_pool = match revocations {
-        Revocations::Redis(pool) => pool,
-        Revocations::Memory { bus, revoked } => {
-            revoked.record(user_id, cutoff);
-            bus.send(channel_name, &payload);
-            return Vec::new();
-        }
-    };
-    let mut failures = Vec::new();
-    if let Err(err) =
-        tokens::revocations::write(redis_pool, key_prefix, user_id, cutoff, retention_secs).await
-    {
-        failures.push("write_revocation");
-        tracing::warn!(%err, "cannot record the revocation; access tokens stay valid until they expire");
+    let payload = serde_json::to_string(&message).unwrap_or_default();
+    let append = events::append_command(
+        &revocation_channel(key_prefix),
+        &payload,
+        events::REVOCATION_RETENTION,
+    );
+    if let Err(err) = service_kit::redis::query::<(String,)>(pool, &append).await {
+        tracing::warn!(%err, "cannot announce the revocation; the gateways' poll will find it");
     }
-    let append = events::append_command(&channel_name, &payload, events::REVOCATION_RETENTION);
-    if let Err(err) = service_kit::redis::query::<(String,)>(redis_pool, &append).await {
-        failures.push("announce_revocation");
-        tracing::warn!(%err, "cannot announce the revocation; sockets close at token expiry");
-    }
-    failures
+    Ok(())
 }
 
 /// `GET /api/token/jwks/`: the public verification keys (none when only HS256 is configured).
@@ -360,33 +368,27 @@ async fn token_in_body(
     .map_err(ApiError::from)
 }
 
-/// The `iat` of new tokens for the user: now, or the second after the user's last logout if
-/// that is later. A logout revokes every token issued at or before its second
-/// ([`tokens::revocations`]), so a login in that same second must not be caught by it.
-async fn issue_time(state: &AuthState, user_id: i64) -> i64 {
-    issue_time_after(&state.revocations, &state.limiter.key_prefix, user_id).await
-}
-
-async fn issue_time_after(revocations: &Revocations, key_prefix: &str, user_id: i64) -> i64 {
-    let now = Utc::now().timestamp();
-    let cutoff = match revocations {
-        Revocations::Memory { revoked, .. } => revoked.cutoff(user_id),
-        Revocations::Redis(pool) => tokens::revocations::read(pool, key_prefix, user_id)
-            .await
-            .unwrap_or_else(|err| {
-                tracing::warn!(%err, "cannot read the user's logout cutoff");
-                None
-            }),
-    };
-    cutoff.map_or(now, |cutoff| now.max(cutoff + 1))
+/// The issue time of the user's new tokens, in unix milliseconds: now, or just after the
+/// user's last logout as this process knows it, so that a login in the logout's own
+/// millisecond is not caught by it. A cutoff is the clock of the replica that wrote it at the
+/// logout, so this is ahead of this clock by no more than the replicas' clock skew plus one
+/// millisecond, whatever a user does.
+fn issue_time_ms(state: &AuthState, user_id: i64) -> i64 {
+    let now = tokens::revocations::now_ms();
+    state
+        .revocations
+        .list()
+        .cutoff(user_id)
+        .map_or(now, |cutoff| now.max(cutoff.saturating_add(1)))
 }
 
 fn sign(
     state: &AuthState,
     user: &users::User,
     token_type: TokenType,
-    now: i64,
+    now_ms: i64,
 ) -> Result<(String, Claims), ApiError> {
+    let now = now_ms.div_euclid(1000);
     let lifetime = match token_type {
         TokenType::Access => state.access_lifetime_secs,
         TokenType::Refresh => state.refresh_lifetime_secs,
@@ -395,6 +397,7 @@ fn sign(
         token_type,
         exp: now + lifetime,
         iat: now,
+        iat_ms: Some(now_ms),
         jti: new_jti(),
         user_id: user.id,
         username: user.username.clone(),

@@ -12,6 +12,7 @@ use service_kit::http::Readiness;
 use service_kit::metrics::Metrics;
 use store::DbPool;
 use tokens::jwt::{JwtKeys, SecretPolicy};
+use tokens::revocations::RevokedBefore;
 
 use crate::ratelimit::{Counters, LoginLimiter};
 use crate::routes::{self, AuthState, LoginGate, Revocations};
@@ -27,6 +28,8 @@ pub struct Application {
     port: u16,
     server: Server,
     state: web::Data<AuthState>,
+    redis: service_kit::redis::RedisPool,
+    key_prefix: String,
 }
 
 impl Application {
@@ -34,11 +37,20 @@ impl Application {
         let pool = store::pool(&settings.database);
         let redis = service_kit::redis::pool(&settings.redis)?;
         let metrics = Metrics::new("auth-service");
+        let revoked = RevokedBefore::new(
+            settings.jwt.access_token_lifetime_secs,
+            settings.jwt.jwt_leeway_secs,
+        );
         let backends = Backends {
             pool: pool.clone(),
             counters: Counters::Redis(redis.clone()),
-            revocations: Revocations::Redis(redis.clone()),
+            revocations: Revocations::Redis {
+                pool: redis.clone(),
+                revoked: revoked.clone(),
+            },
         };
+        tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
+            .await;
         let state = state(&settings, backends, &metrics).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
@@ -50,7 +62,8 @@ impl Application {
         }
         let readiness = Readiness::default()
             .check("database", store::readiness_probe(pool))
-            .redis(redis);
+            .redis(redis.clone())
+            .check("revocations", tokens::revocations::readiness_probe(revoked));
         let (server, port) = service_kit::startup::http_server(
             "auth-service",
             &settings.http,
@@ -63,6 +76,8 @@ impl Application {
             port,
             server,
             state,
+            redis,
+            key_prefix: settings.redis.redis_key_prefix.clone(),
         })
     }
 
@@ -78,6 +93,12 @@ impl Application {
     ) -> std::io::Result<()> {
         let mut background = Background::default();
         background.spawn(purge_blacklist(self.state.clone()));
+        // Logouts answered by other replicas (and `deactivate-user`), for `/api/token/verify/`
+        // and the issue time of new tokens.
+        let (redis, key_prefix) = (self.redis, self.key_prefix);
+        let revoked = self.state.revocations.list().clone();
+        background
+            .spawn_with_stop(|stop| tokens::revocations::poll(redis, key_prefix, revoked, stop));
         serve_until_stopped(self.server, background, shutdown, async {}).await
     }
 }
@@ -152,10 +173,6 @@ pub async fn state(
         ),
         revocations: backends.revocations,
         access_lifetime_secs: lifetime(settings.jwt.access_token_lifetime_secs)?,
-        revocation_retention_secs: settings
-            .jwt
-            .access_token_lifetime_secs
-            .saturating_add(settings.jwt.jwt_leeway_secs),
         refresh_lifetime_secs: lifetime(settings.jwt.refresh_token_lifetime_secs)?,
         rotate_refresh_tokens: settings.rotate_refresh_tokens,
         blacklist_after_rotation: settings.blacklist_after_rotation,

@@ -71,7 +71,6 @@ impl Application {
                 pool: pool.clone(),
                 counters: auth_service::ratelimit::Counters::memory(),
                 revocations: auth_service::routes::Revocations::Memory {
-                    bus: bus.clone(),
                     revoked: revoked.clone(),
                 },
             },
@@ -96,6 +95,10 @@ impl Application {
         };
         services.gateway.api_internal_url =
             format!("http://{}/graphql", std::net::SocketAddr::new(own_ip, port));
+        // Forwarded operations come from this process's own address: without the key, one
+        // user's operations would count against every other user's on the per-address limit.
+        let forwarding_key = subscription_gateway::forward::new_forwarding_key();
+        services.gateway.forwarding_key = Some(forwarding_key.clone());
         let hub_shutdown = CancellationToken::new();
         let gateway = subscription_gateway::startup::state(
             &services.gateway,
@@ -108,7 +111,13 @@ impl Application {
         let readiness =
             web::Data::new(Readiness::default().check("database", store::readiness_probe(pool)));
         let metrics = web::Data::new(metrics);
-        let address_limit = web::Data::new(services.api.http.address_limit());
+        let address_limit = web::Data::new(
+            services
+                .api
+                .http
+                .address_limit()
+                .with_forwarding_key(forwarding_key),
+        );
 
         let (auth_data, gateway_data) = (auth.clone(), gateway.clone());
         // Websocket upgrades of `/graphql` go straight to the gateway (as NGINX sends them);

@@ -288,10 +288,20 @@ impl Cursor {
         if epoch.is_empty() || epoch.len() > 64 || !epoch.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(malformed());
         }
+        let event_type = registry.get(event_type).ok_or_else(malformed)?;
+        let position = Position::parse(position).ok_or_else(malformed)?;
+        // No log reaches the last millisecond a position can name, and Redis refuses to read
+        // after `u64::MAX-u64::MAX`: such a cursor was not written by a server.
+        if position.ms == u64::MAX {
+            return Err(format!(
+                "`extensions.resumeFrom` names a position no log reaches ({position}); send \
+                 back a result's `extensions.cursor` unchanged"
+            ));
+        }
         Ok(Cursor {
             epoch: epoch.to_owned(),
-            event_type: registry.get(event_type).ok_or_else(malformed)?,
-            position: Position::parse(position).ok_or_else(malformed)?,
+            event_type,
+            position,
         })
     }
 }
@@ -602,8 +612,9 @@ pub fn revocation_channel(key_prefix: &str) -> String {
     format!("{key_prefix}auth:revoked")
 }
 
-/// Announcements kept on the revocation stream: a gateway reconnecting to Redis reads those it
-/// missed; older ones are covered by the cutoffs of `tokens::revocations`.
+/// Announcements kept on the revocation stream. The stream is only a wake-up (the cutoffs of
+/// `tokens::revocations` are the record, read by every replica's poll), so a gateway that
+/// missed some still learns of them within a poll.
 pub const REVOCATION_RETENTION: Retention = Retention {
     count: 1_000,
     max_age_secs: 0,
@@ -615,10 +626,9 @@ pub struct Revocation {
     pub user_id: i64,
     /// The blacklisted refresh token's id.
     pub jti: String,
-    /// Access tokens of the user issued before this (unix seconds) are revoked
-    /// (`tokens::revocations`). Absent from older senders: then every socket of the user closes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_before: Option<i64>,
+    /// Access tokens of the user issued at or before this (unix milliseconds) are revoked
+    /// (`tokens::revocations`).
+    pub cutoff_ms: i64,
 }
 
 fn rfc3339<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
@@ -701,5 +711,18 @@ mod tests {
         ])
         .is_err());
         assert!(Registry::new(vec![EventKind::of::<Thing>(EventType::new("a:b"))]).is_err());
+    }
+
+    #[test]
+    fn a_cursor_past_every_log_is_refused_at_parse() {
+        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED)]).expect("valid");
+        let max = format!("ab12:thing.updated:{}-{}", u64::MAX, u64::MAX);
+        let err = Cursor::parse(&max, &registry).expect_err("refused");
+        assert!(err.contains("no log reaches"), "{err}");
+        let last_second = format!("ab12:thing.updated:{}-0", u64::MAX);
+        assert!(Cursor::parse(&last_second, &registry).is_err());
+        let fine = format!("ab12:thing.updated:{}-{}", u64::MAX - 1, u64::MAX);
+        assert!(Cursor::parse(&fine, &registry).is_ok());
+        assert!(Cursor::parse("ab12:thing.updated:1-2-3", &registry).is_err());
     }
 }

@@ -307,6 +307,12 @@ fn parse_pk<T: Registered>(pk: &ID) -> Result<i64, GraphQLError> {
 /// A text input trimmed, at most [`MAX_FIELD_CHARS`] long.
 pub(crate) fn text(field: &str, value: String) -> Result<String, GraphQLError> {
     let value = value.trim().to_owned();
+    // PostgreSQL's text cannot hold U+0000 and SQLite's can: refused here, the same on both.
+    if value.contains('\0') {
+        return Err(GraphQLError::BadUserInput(format!(
+            "`{field}` may not contain the NUL character (U+0000)"
+        )));
+    }
     if value.chars().count() > MAX_FIELD_CHARS {
         return Err(GraphQLError::BadUserInput(format!(
             "`{field}` must be at most {MAX_FIELD_CHARS} characters"

@@ -34,6 +34,10 @@ pub enum ApiError {
     BodyTimeout { secs: u64 },
     #[error("dependency unavailable: {0}")]
     Unavailable(String),
+    /// A logout whose cutoff could not be stored: nothing was changed, so the client can try
+    /// again with the same refresh token.
+    #[error("logout not recorded: {0}")]
+    LogoutUnavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -55,7 +59,7 @@ impl ApiError {
             ApiError::NotFound => "NOT_FOUND",
             ApiError::Busy { .. } => "BUSY",
             ApiError::BodyTimeout { .. } => "REQUEST_TIMEOUT",
-            ApiError::Unavailable(_) => "SERVICE_UNAVAILABLE",
+            ApiError::Unavailable(_) | ApiError::LogoutUnavailable(_) => "SERVICE_UNAVAILABLE",
             ApiError::Internal(_) => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -71,7 +75,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::LogoutUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -109,6 +115,15 @@ impl ResponseError for ApiError {
                 tracing::warn!(%cause, "dependency unavailable");
                 json!({"detail": "Service temporarily unavailable, try again later.", "code": "service_unavailable"})
             }
+            ApiError::LogoutUnavailable(cause) => {
+                tracing::warn!(%cause, "logout not recorded");
+                json!({
+                    "detail": "Logout failed: the access tokens could not be revoked right now. \
+                               Nothing was changed and the refresh token is still valid; \
+                               try again in a moment.",
+                    "code": "logout_unavailable",
+                })
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 json!({"detail": "Internal server error.", "code": "internal_error"})
@@ -126,7 +141,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_secs } => {
                 response.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
-            ApiError::Busy { .. } => {
+            ApiError::Busy { .. } | ApiError::LogoutUnavailable(_) => {
                 response.insert_header((header::RETRY_AFTER, "1"));
             }
             // The connection carries an unfinished body: it cannot serve another request.

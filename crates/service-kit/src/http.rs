@@ -242,15 +242,44 @@ impl<K: Eq + Hash + Clone> Drop for Counted<K> {
 pub struct AddressLimit {
     in_flight: Arc<Tally<IpAddr>>,
     trust_forwarded_for: bool,
+    /// A secret the process's own gateway sends with the operations it forwards
+    /// ([`FORWARDED_BY_HEADER`]): such a request is counted by the client address it names in
+    /// `X-Forwarded-For`, not by the gateway's, even where `X-Forwarded-For` is not trusted.
+    forwarding_key: Option<Arc<str>>,
 }
+
+/// The header that carries [`AddressLimit`]'s forwarding key.
+pub const FORWARDED_BY_HEADER: &str = "x-gateway-forwarding-key";
 
 impl AddressLimit {
     pub fn new(max: usize, trust_forwarded_for: bool) -> Self {
         Self {
             in_flight: Tally::new(max),
             trust_forwarded_for,
+            forwarding_key: None,
         }
     }
+
+    /// Counts the requests that carry `key` by the address they were forwarded for (the
+    /// embedded mode, where the gateway forwards to its own process on loopback).
+    pub fn with_forwarding_key(mut self, key: Arc<str>) -> Self {
+        self.forwarding_key = Some(key);
+        self
+    }
+
+    fn address_of(&self, req: &HttpRequest) -> IpAddr {
+        let forwarded_by_gateway = self.forwarding_key.as_deref().is_some_and(|key| {
+            req.headers()
+                .get(FORWARDED_BY_HEADER)
+                .is_some_and(|value| constant_time_eq(value.as_bytes(), key.as_bytes()))
+        });
+        client_address(req, self.trust_forwarded_for || forwarded_by_gateway)
+    }
+}
+
+/// Whether two secrets are equal, in a time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Middleware: refuses a request with 429 while its address has [`AddressLimit`]'s maximum in
@@ -265,7 +294,7 @@ pub async fn limit_per_address(
             .await
             .map(ServiceResponse::map_into_boxed_body);
     };
-    let address = client_address(req.request(), limit.trust_forwarded_for);
+    let address = limit.address_of(req.request());
     let Some(_in_flight) = limit.in_flight.enter(address) else {
         let response = ApiError::RateLimited {
             retry_after_secs: 1,

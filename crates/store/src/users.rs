@@ -28,6 +28,11 @@ pub struct NewUser {
 }
 
 pub async fn find_by_username(pool: &DbPool, name: String) -> Result<Option<User>, DbError> {
+    // No user is named with U+0000 (PostgreSQL's text cannot hold it, and would answer an
+    // error rather than "no such user"), so a login with one is an unknown user on both backends.
+    if name.contains('\0') {
+        return Ok(None);
+    }
     run(pool, move |conn| {
         users::table
             .filter(users::username.eq(name))

@@ -19,15 +19,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use events::Revocation;
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use juniper::DefaultScalarValue;
 use serde_json::Value;
 use service_kit::http::Counted;
 use tokens::auth::AuthError;
-use tokens::jwt::Claims;
+use tokens::jwt::{Claims, TokenError};
 
 use crate::executions::{Gate, Membership, Start, Subscriber};
 use crate::metrics::GatewayMetrics;
@@ -103,8 +102,10 @@ struct Ready {
     /// The token's `exp` plus the verifier's leeway: as long as an HTTP request with the same
     /// token is served.
     expiry: Pin<Box<Sleep>>,
-    /// Logouts announced by auth-service; one of this user's, covering this token, closes it.
-    revocations: broadcast::Receiver<Arc<Revocation>>,
+    /// Changes whenever a logout's cutoff is raised in this process (an announcement the hub
+    /// read, or the poll); the token is then checked again, and a revoked one closes the socket.
+    /// `None` when the verifier follows no logouts.
+    revocations: Option<watch::Receiver<u64>>,
     keepalive: tokio::time::Interval,
     _user_slot: Counted<i64>,
 }
@@ -121,7 +122,7 @@ impl Ready {
             claims,
             authorization,
             expiry,
-            revocations: shared.hub.revocations(),
+            revocations: shared.verifier.revocations().map(|list| list.changes()),
             keepalive,
             _user_slot: slot,
         }
@@ -137,6 +138,19 @@ impl Ready {
     }
 }
 
+/// Resolves when a logout's cutoff was raised since the last look; never without a feed.
+async fn revocations_changed(feed: &mut Option<watch::Receiver<u64>>) {
+    match feed {
+        Some(receiver) => {
+            if receiver.changed().await.is_err() {
+                // The list is gone (the process is stopping): nothing more will change.
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
 fn expiry_instant(shared: &Shared, exp: i64) -> tokio::time::Instant {
     let left = exp - chrono::Utc::now().timestamp();
     tokio::time::Instant::now()
@@ -148,7 +162,8 @@ fn expiry_instant(shared: &Shared, exp: i64) -> tokio::time::Instant {
 enum PhaseEvent {
     InitTimeout,
     Expired,
-    Revoked(Result<Arc<Revocation>, broadcast::error::RecvError>),
+    /// A cutoff was raised somewhere: the token may be revoked now.
+    RevocationsChanged,
     Keepalive,
 }
 
@@ -163,7 +178,7 @@ impl Phase {
             Phase::Ready(ready) => tokio::select! {
                 biased;
                 () = ready.expiry.as_mut() => PhaseEvent::Expired,
-                revoked = ready.revocations.recv() => PhaseEvent::Revoked(revoked),
+                () = revocations_changed(&mut ready.revocations) => PhaseEvent::RevocationsChanged,
                 _ = ready.keepalive.tick() => PhaseEvent::Keepalive,
             },
         }
@@ -322,16 +337,12 @@ pub async fn run(
                     break Closing::new(close::INIT_TIMEOUT, "Connection initialisation timeout");
                 }
                 (PhaseEvent::Expired, _) => break Closing::new(close::FORBIDDEN, "token expired"),
-                (PhaseEvent::Revoked(Ok(revoked)), Phase::Ready(ready)) => {
-                    // Without a cutoff (an older auth-service) every socket of the user closes.
-                    let covered = revoked
-                        .revoked_before
-                        .is_none_or(|cutoff| ready.claims.iat <= cutoff);
-                    if revoked.user_id == ready.claims.user_id && covered {
+                (PhaseEvent::RevocationsChanged, Phase::Ready(ready)) => {
+                    if shared.verifier.is_revoked(&ready.claims) {
                         break Closing::new(close::FORBIDDEN, "token revoked (logged out)");
                     }
                 }
-                (PhaseEvent::Revoked(_), _) => {}
+                (PhaseEvent::RevocationsChanged, _) => {}
                 (PhaseEvent::Keepalive, _) => {
                     if last_heard.elapsed() >= 2 * shared.limits.keepalive {
                         break Closing::new(close::GOING_AWAY, "no answer to keep-alive pings");
@@ -463,7 +474,17 @@ async fn handle(
                         }
                         return Err(Closing::new(close::POLICY_VIOLATION, reason));
                     };
-                    *phase = Phase::Ready(Ready::new(shared, verified, authorization, user_slot));
+                    let ready = Ready::new(shared, verified, authorization, user_slot);
+                    // Checked again now that the connection watches the cutoffs: a logout
+                    // recorded since the token was verified would otherwise wake no one.
+                    if shared.verifier.is_revoked(&ready.claims) {
+                        let reason = auth_reason(&AuthError::Token(TokenError::Revoked));
+                        if protocol == Protocol::LegacyWs {
+                            let _ = send(protocol::connection_error(&reason));
+                        }
+                        return Err(Closing::new(close::FORBIDDEN, reason));
+                    }
+                    *phase = Phase::Ready(ready);
                     send(protocol::connection_ack())?;
                     // The legacy protocol expects a first `ka` right after the ack.
                     if protocol == Protocol::LegacyWs {

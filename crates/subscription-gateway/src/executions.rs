@@ -775,15 +775,19 @@ mod tests {
         let shutdown = CancellationToken::new();
         let hub = Hub::start_memory(
             &MemoryBus::new("executions-test:", 16),
-            domain::registry().expect("the domain's registry is valid"),
-            16,
-            metrics,
+            crate::hub::HubParts {
+                registry: domain::registry().expect("the domain's registry is valid"),
+                buffer: 16,
+                metrics,
+                revoked: tokens::revocations::RevokedBefore::new_loaded(300, 0),
+            },
             shutdown.clone(),
         );
         let claims = Claims {
             token_type: TokenType::Access,
             exp: i64::MAX,
             iat: 0,
+            iat_ms: None,
             jti: "test".to_owned(),
             user_id: 1,
             username: "test".to_owned(),

@@ -32,6 +32,9 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct Upstream {
     url: Arc<str>,
+    /// Sent as [`service_kit::http::FORWARDED_BY_HEADER`] when set (the embedded mode): the
+    /// API then counts the operation against the client's address, not the gateway's.
+    forwarding_key: Option<Arc<str>>,
 }
 
 impl Upstream {
@@ -46,8 +49,20 @@ impl Upstream {
         }
         Ok(Upstream {
             url: Arc::from(url),
+            forwarding_key: None,
         })
     }
+
+    pub fn with_forwarding_key(mut self, key: Option<Arc<str>>) -> Self {
+        self.forwarding_key = key;
+        self
+    }
+}
+
+/// A new secret for [`Upstream::with_forwarding_key`] and
+/// `service_kit::http::AddressLimit::with_forwarding_key`.
+pub fn new_forwarding_key() -> Arc<str> {
+    Arc::from(tokens::jwt::new_jti())
 }
 
 /// One forwarded operation.
@@ -98,11 +113,14 @@ enum Answer {
 
 async fn execute(upstream: &Upstream, operation: &Operation) -> Result<Answer, String> {
     let request = CLIENT.with(|client| {
-        client
+        let mut request = client
             .post(&*upstream.url)
             .insert_header(("Authorization", operation.authorization.as_str()))
-            .insert_header(("X-Forwarded-For", operation.client.to_string()))
-            .send_json(&operation.request)
+            .insert_header(("X-Forwarded-For", operation.client.to_string()));
+        if let Some(key) = &upstream.forwarding_key {
+            request = request.insert_header((service_kit::http::FORWARDED_BY_HEADER, &**key));
+        }
+        request.send_json(&operation.request)
     });
     let mut response = request.await.map_err(|err| {
         tracing::warn!(%err, url = %upstream.url, "api-service unreachable for a websocket operation");

@@ -40,6 +40,7 @@ use events::{
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::{FutureExt as _, StreamExt as _};
 use service_kit::redis::RedisPool;
+use tokens::revocations::RevokedBefore;
 use tokio::sync::{broadcast, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +65,17 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// cursor join it.
 const REPLAY_READS: usize = 4;
 
+/// What a hub works with, whichever its source.
+pub struct HubParts {
+    /// The event types there are, and how each one's envelopes decode.
+    pub registry: Registry,
+    /// Events an execution may fall behind before it is cut off (`FANOUT_BUFFER`).
+    pub buffer: usize,
+    pub metrics: GatewayMetrics,
+    /// The logout cutoffs; announcements read with the logs are recorded here.
+    pub revoked: Arc<RevokedBefore>,
+}
+
 /// Cheap to clone; one per process.
 #[derive(Clone)]
 pub struct Hub {
@@ -83,7 +95,9 @@ struct Inner {
     connected: AtomicBool,
     /// The logs' epoch; empty until the Redis task has read it.
     epoch: RwLock<Arc<str>>,
-    revocations: broadcast::Sender<Arc<Revocation>>,
+    /// The logout cutoffs the connections check their tokens against: an announcement read
+    /// with the logs is recorded here at once, which wakes them.
+    revoked: Arc<RevokedBefore>,
     recent: Mutex<RecentIds>,
     metrics: GatewayMetrics,
     backend: Backend,
@@ -152,21 +166,12 @@ impl Hub {
     pub fn start(
         redis_url: &str,
         key_prefix: &str,
-        registry: Registry,
         pool: RedisPool,
-        buffer: usize,
-        metrics: GatewayMetrics,
+        parts: HubParts,
         shutdown: CancellationToken,
     ) -> Result<Hub, String> {
         let client = redis::Client::open(redis_url).map_err(|err| err.to_string())?;
-        let hub = Hub::new(
-            key_prefix,
-            registry,
-            buffer,
-            metrics,
-            Backend::Redis(pool),
-            "",
-        );
+        let hub = Hub::new(key_prefix, parts, Backend::Redis(pool), "");
         tokio::spawn(run(hub.clone(), client, shutdown));
         Ok(hub)
     }
@@ -175,18 +180,10 @@ impl Hub {
     /// it, which runs until `shutdown` is cancelled. Messages go through the same decoding,
     /// dedupe and fan-out as Redis entries; the bus carries every log, so there is nothing to
     /// subscribe to and the hub is connected from the start.
-    pub fn start_memory(
-        bus: &MemoryBus,
-        registry: Registry,
-        buffer: usize,
-        metrics: GatewayMetrics,
-        shutdown: CancellationToken,
-    ) -> Hub {
+    pub fn start_memory(bus: &MemoryBus, parts: HubParts, shutdown: CancellationToken) -> Hub {
         let hub = Hub::new(
             bus.key_prefix(),
-            registry,
-            buffer,
-            metrics,
+            parts,
             Backend::Memory {
                 bus: bus.clone(),
                 seen: Mutex::new(HashMap::new()),
@@ -198,27 +195,20 @@ impl Hub {
         hub
     }
 
-    fn new(
-        key_prefix: &str,
-        registry: Registry,
-        buffer: usize,
-        metrics: GatewayMetrics,
-        backend: Backend,
-        epoch: &str,
-    ) -> Hub {
+    fn new(key_prefix: &str, parts: HubParts, backend: Backend, epoch: &str) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 key_prefix: key_prefix.to_owned(),
-                registry,
-                buffer: buffer.max(1),
+                registry: parts.registry,
+                buffer: parts.buffer.max(1),
                 topics: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 ready: Notify::new(),
                 connected: AtomicBool::new(false),
                 epoch: RwLock::new(Arc::from(epoch)),
-                revocations: broadcast::channel(256).0,
+                revoked: parts.revoked,
                 recent: Mutex::new(RecentIds::default()),
-                metrics,
+                metrics: parts.metrics,
                 backend,
                 flights: Mutex::new(HashMap::new()),
                 replay_reads: Arc::new(Semaphore::new(REPLAY_READS)),
@@ -234,11 +224,6 @@ impl Hub {
     /// The event types there are.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
-    }
-
-    /// Revoked sessions, as auth-service announces them.
-    pub fn revocations(&self) -> broadcast::Receiver<Arc<Revocation>> {
-        self.inner.revocations.subscribe()
     }
 
     fn epoch(&self) -> Arc<str> {
@@ -288,9 +273,9 @@ impl Hub {
         let inner = &self.inner;
         if key == revocation_channel(&inner.key_prefix) {
             match serde_json::from_slice::<Revocation>(payload) {
-                Ok(revocation) => {
-                    let _ = inner.revocations.send(Arc::new(revocation));
-                }
+                Ok(revocation) => inner
+                    .revoked
+                    .record(revocation.user_id, revocation.cutoff_ms),
                 Err(err) => {
                     inner.metrics.events_malformed.inc();
                     tracing::warn!(%err, "malformed revocation message");
@@ -520,6 +505,12 @@ impl Hub {
                 .await
                 .map_err(ReplayError::Unavailable)?,
         };
+        let metrics = &self.inner.metrics;
+        metrics.replay_entries_read.inc_by(entries.len() as u64);
+        metrics
+            .replays
+            .with_label_values(&[if covered { "true" } else { "false" }])
+            .inc();
         if !covered {
             return Ok(not_recovered);
         }
@@ -881,15 +872,23 @@ async fn stream_tip(
 }
 
 /// A log's entries after `after` and whether none was trimmed away since. Redis trims from the
-/// oldest end, so the history is whole when the cursor's own entry is still there (or when the
-/// cursor is the last id the log ever gave, so that there is nothing after it); checked after
-/// the entries were read, so a trim racing with the read counts. (`max-deleted-entry-id` would
-/// say it directly, but Redis 7.0 does not raise it when trimming.)
+/// oldest end, so the history is whole when the cursor's own entry is still there, or when the
+/// cursor is the last id the log ever gave (trimmed by age, with nothing after it).
+///
+/// Those are looked up first: a position the log does not hold (trimmed, or made up) is
+/// answered at the cost of two lookups, without reading what follows it, so forged cursors
+/// cannot make the gateway read the whole log each. It is looked up again after
+/// the read, so that a trim racing with the read counts. (`max-deleted-entry-id` would say it
+/// directly, but Redis 7.0 does not raise it when trimming.)
 async fn redis_history(
     pool: &RedisPool,
     key: &str,
     after: Position,
 ) -> Result<(bool, Vec<(Position, Arc<str>)>), String> {
+    if !has_entry(pool, key, after).await? {
+        let last = last_generated(pool, key).await?;
+        return Ok((last == Some(after), Vec::new()));
+    }
     let mut entries = Vec::new();
     let mut from = after;
     loop {
@@ -914,36 +913,37 @@ async fn redis_history(
             break;
         }
     }
+    let covered = has_entry(pool, key, after).await?;
+    Ok((covered, entries))
+}
+
+/// The last id the log gave, if the log exists.
+async fn last_generated(pool: &RedisPool, key: &str) -> Result<Option<Position>, String> {
+    let mut info = redis::cmd("XINFO");
+    info.arg("STREAM").arg(key);
+    match service_kit::redis::query::<Value>(pool, &info).await {
+        Ok(info) => Ok(pairs(&info)
+            .into_iter()
+            .find(|(field, _)| field == "last-generated-id")
+            .and_then(|(_, value)| text(&value))
+            .and_then(|text| Position::parse(&text))),
+        // No such log: it was deleted since the cursor's event was in it.
+        Err(service_kit::redis::RedisError::Command(_)) => Ok(None),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+/// Whether the log holds an entry at `position`.
+async fn has_entry(pool: &RedisPool, key: &str, position: Position) -> Result<bool, String> {
     let mut anchor = redis::cmd("XRANGE");
     anchor
         .arg(key)
-        .arg(after.to_string())
-        .arg(after.to_string());
-    let anchored = !entries_of(
-        service_kit::redis::query::<Value>(pool, &anchor)
-            .await
-            .map_err(|err| err.to_string())?,
-    )
-    .is_empty();
-    if anchored {
-        return Ok((true, entries));
-    }
-    let mut info = redis::cmd("XINFO");
-    info.arg("STREAM").arg(key);
-    let covered = match service_kit::redis::query::<Value>(pool, &info).await {
-        Ok(info) => {
-            let last = pairs(&info)
-                .into_iter()
-                .find(|(field, _)| field == "last-generated-id")
-                .and_then(|(_, value)| text(&value))
-                .and_then(|text| Position::parse(&text));
-            last == Some(after) && entries.is_empty()
-        }
-        // No such log: it was deleted since the cursor's event was in it.
-        Err(service_kit::redis::RedisError::Command(_)) => false,
-        Err(err) => return Err(err.to_string()),
-    };
-    Ok((covered, entries))
+        .arg(position.to_string())
+        .arg(position.to_string());
+    let reply = service_kit::redis::query::<Value>(pool, &anchor)
+        .await
+        .map_err(|err| err.to_string())?;
+    Ok(!entries_of(reply).is_empty())
 }
 
 /// The entries of an `XREAD` reply, as (log, position, envelope).

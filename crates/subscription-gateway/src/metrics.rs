@@ -17,6 +17,8 @@ pub struct GatewayMetrics {
     pub slow_consumers: IntCounter,
     pub delivery_latency: Histogram,
     pub redis_connected: IntGauge,
+    pub replays: IntCounterVec,
+    pub replay_entries_read: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -92,6 +94,20 @@ impl GatewayMetrics {
                 "1 while the Redis event connection is up.",
             )
             .expect("valid metric"),
+            replays: IntCounterVec::new(
+                Opts::new(
+                    "gateway_replays_total",
+                    "Reads of a log after a resuming subscription's cursor, by whether the \
+                     history covered it.",
+                ),
+                &["recovered"],
+            )
+            .expect("valid metric"),
+            replay_entries_read: IntCounter::new(
+                "gateway_replay_entries_read_total",
+                "Log entries read for resuming subscriptions.",
+            )
+            .expect("valid metric"),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(this.connections_open.clone()),
@@ -105,6 +121,8 @@ impl GatewayMetrics {
             Box::new(this.slow_consumers.clone()),
             Box::new(this.delivery_latency.clone()),
             Box::new(this.redis_connected.clone()),
+            Box::new(this.replays.clone()),
+            Box::new(this.replay_entries_read.clone()),
         ];
         for collector in collectors {
             if let Err(err) = registry.register(collector) {

@@ -74,6 +74,10 @@ pub struct Settings {
         default_value = "http://127.0.0.1:8002/graphql"
     )]
     pub api_internal_url: String,
+    /// Set by the embedded mode only (not a setting): the secret its forwarded operations carry,
+    /// so that its own API counts them by the client's address.
+    #[arg(skip)]
+    pub forwarding_key: Option<std::sync::Arc<str>>,
     /// After SIGTERM, how long sockets may take to close before the process exits, in seconds.
     #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub drain_timeout_secs: u64,

@@ -18,7 +18,7 @@ use tokens::revocations::RevokedBefore;
 use tokio_util::sync::CancellationToken;
 
 use crate::executions::Coordinator;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubParts};
 use crate::metrics::GatewayMetrics;
 use crate::settings::Settings;
 use crate::state::{ConnectionLimits, GatewayState, Shared};
@@ -63,7 +63,7 @@ pub async fn state(
     };
     let verifier = tokens::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy)
         .await?
-        .with_revocations(revoked);
+        .with_revocations(revoked.clone());
     let limits = DocumentLimits {
         max_depth: settings.max_query_depth as usize,
         max_fields: settings.max_query_fields as usize,
@@ -73,28 +73,20 @@ pub async fn state(
     let buffer = settings.fanout_buffer as usize;
     // A domain type registered twice would mix two types in one log: refused before serving.
     let registry = domain::registry().map_err(StartupError::Other)?;
+    let parts = HubParts {
+        registry,
+        buffer,
+        metrics: gateway_metrics.clone(),
+        revoked,
+    };
     let hub = match source {
         HubSource::Redis {
             url,
             key_prefix,
             pool,
-        } => Hub::start(
-            &url,
-            &key_prefix,
-            registry,
-            pool,
-            buffer,
-            gateway_metrics.clone(),
-            hub_shutdown,
-        )
-        .map_err(|err| ConfigError::new("REDIS_URL", err))?,
-        HubSource::Memory(bus) => Hub::start_memory(
-            &bus,
-            registry,
-            buffer,
-            gateway_metrics.clone(),
-            hub_shutdown,
-        ),
+        } => Hub::start(&url, &key_prefix, pool, parts, hub_shutdown)
+            .map_err(|err| ConfigError::new("REDIS_URL", err))?,
+        HubSource::Memory(bus) => Hub::start_memory(&bus, parts, hub_shutdown),
     };
     let shared = Arc::new(Shared {
         coordinator: Arc::new(Coordinator::new(graphql_schema::schema(limits))),
@@ -116,7 +108,8 @@ pub async fn state(
         metrics: gateway_metrics,
         shutdown: CancellationToken::new(),
         upstream: crate::forward::Upstream::new(&settings.api_internal_url)
-            .map_err(|err| ConfigError::new("API_INTERNAL_URL", err))?,
+            .map_err(|err| ConfigError::new("API_INTERNAL_URL", err))?
+            .with_forwarding_key(settings.forwarding_key.clone()),
     });
     Ok(web::Data::new(GatewayState {
         shared,
@@ -163,6 +156,8 @@ impl Application {
             settings.jwt.access_token_lifetime_secs,
             settings.jwt.jwt_leeway_secs,
         );
+        tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
+            .await;
         let state = state(
             &settings,
             source,
@@ -264,17 +259,26 @@ pub async fn not_upgraded(req: HttpRequest) -> HttpResponse {
         }))
 }
 
-/// `GET /readyz`: ready while the Redis event connection is up.
+/// `GET /readyz`: ready while the Redis event connection is up, once the logout cutoffs
+/// written before the start have been read.
 async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
-    let (ready, redis) = if state.shared.hub.is_connected() {
+    let (connected, redis) = if state.shared.hub.is_connected() {
         (true, "ok")
     } else {
         (false, "event connection to Redis is down; reconnecting")
     };
+    let (loaded, revocations) = match state.shared.verifier.revocations() {
+        Some(list) if !list.is_loaded() => (
+            false,
+            "the logout cutoffs have not been read from Redis yet",
+        ),
+        _ => (true, "ok"),
+    };
+    let ready = connected && loaded;
     let draining = state.shared.shutdown.is_cancelled();
     let body = json!({
         "status": if ready && !draining { "ready" } else { "not ready" },
-        "checks": {"redis": redis, "draining": draining},
+        "checks": {"redis": redis, "revocations": revocations, "draining": draining},
     });
     if ready && !draining {
         HttpResponse::Ok().json(body)

@@ -38,6 +38,7 @@ pub fn sign(
             token_type,
             exp: now + lifetime_secs,
             iat: now,
+            iat_ms: None,
             jti: new_jti(),
             user_id,
             username: username.to_owned(),

@@ -34,7 +34,7 @@ impl WsClient {
         protocol: Option<&str>,
         authorization: Option<&str>,
     ) -> Result<WsClient, u16> {
-        match Self::handshake(url, protocol, authorization).await {
+        match Self::handshake(url, protocol, authorization, None).await {
             Ok(client) => Ok(client),
             Err(awc::error::WsClientError::InvalidResponseStatus(status)) => Err(status.as_u16()),
             Err(err) => panic!("websocket connect failed: {err}"),
@@ -43,22 +43,34 @@ impl WsClient {
 
     /// Connects with `protocol`; `Err` with the reason when the handshake fails.
     pub async fn connect_or_error(url: &str, protocol: &str) -> Result<WsClient, String> {
-        Self::handshake(url, Some(protocol), None)
+        Self::handshake(url, Some(protocol), None, None)
             .await
             .map_err(|err| err.to_string())
+    }
+
+    /// [`WsClient::connect`] from the local address `from` (a loopback address of the test's
+    /// own, so that per-address bounds apply to it alone).
+    pub async fn connect_from(url: &str, protocol: &str, from: std::net::IpAddr) -> WsClient {
+        Self::handshake(url, Some(protocol), None, Some(from))
+            .await
+            .unwrap()
     }
 
     async fn handshake(
         url: &str,
         protocol: Option<&str>,
         authorization: Option<&str>,
+        from: Option<std::net::IpAddr>,
     ) -> Result<WsClient, awc::error::WsClientError> {
         // A safety net only: no test asserts on how fast a handshake is.
-        let mut request = awc::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .finish()
-            .ws(url)
-            .max_frame_size(1 << 20);
+        let builder = awc::Client::builder().timeout(Duration::from_secs(30));
+        let client = match from {
+            Some(from) => builder
+                .connector(awc::Connector::new().local_address(from))
+                .finish(),
+            None => builder.finish(),
+        };
+        let mut request = client.ws(url).max_frame_size(1 << 20);
         if let Some(protocol) = protocol {
             request = request.protocols([protocol]);
         }

@@ -118,6 +118,19 @@ impl TokenVerifier {
         self
     }
 
+    /// The logout cutoffs this verifier refuses tokens by, if it follows them.
+    pub fn revocations(&self) -> Option<&Arc<RevokedBefore>> {
+        self.revoked.as_ref()
+    }
+
+    /// Whether `claims`, accepted before, are revoked by now (the gateway asks again for each
+    /// open socket when a cutoff is raised).
+    pub fn is_revoked(&self, claims: &Claims) -> bool {
+        self.revoked
+            .as_ref()
+            .is_some_and(|list| list.is_revoked(claims))
+    }
+
     pub async fn verify_access(&self, token: &str) -> Result<Claims, AuthError> {
         let claims = match &self.source {
             Source::Static(keys) => keys
@@ -125,11 +138,7 @@ impl TokenVerifier {
                 .map_err(AuthError::Token),
             Source::Jwks(cache) => cache.verify(token).await,
         }?;
-        if self
-            .revoked
-            .as_ref()
-            .is_some_and(|list| list.is_revoked(&claims))
-        {
+        if self.is_revoked(&claims) {
             return Err(AuthError::Token(TokenError::Revoked));
         }
         Ok(claims)

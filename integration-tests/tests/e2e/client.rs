@@ -39,6 +39,49 @@ pub async fn post_token(base_url: &str, username: &str, password: &str) -> (u16,
     )
 }
 
+/// `auth-service create-user` with the stack's database (the operator's command): a user of the
+/// test's own, so that revoking its tokens touches no other test.
+pub fn create_user(stack: &Stack, username: &str, password: &str) {
+    use std::io::Write as _;
+    let mut create = Command::new(bin_dir().join("auth-service"))
+        .args(["create-user", "--username", username, "--password-stdin"])
+        .env("DATABASE_URL", &stack.database_url)
+        .env("MIGRATE", "false")
+        .env("LOG_LEVEL", "warn")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = create.stdin.take().unwrap();
+        writeln!(stdin, "{password}").unwrap();
+    }
+    assert!(create.wait().unwrap().success(), "create-user {username}");
+}
+
+/// `auth-service deactivate-user` with the stack's database and Redis.
+pub fn deactivate_user(stack: &Stack, username: &str) {
+    let output = Command::new(bin_dir().join("auth-service"))
+        .args(["deactivate-user", "--username", username])
+        .env("DATABASE_URL", &stack.database_url)
+        .env("REDIS_URL", &stack.redis_url)
+        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
+        .env("MIGRATE", "false")
+        .env("LOG_LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
+/// A user's token pair through NGINX: `(access, refresh)`.
+pub async fn tokens_of(stack: &Stack, username: &str, password: &str) -> (String, String) {
+    let (status, body) = post_token(&stack.url, username, password).await;
+    assert_eq!(status, 200, "{body}");
+    (
+        body["access"].as_str().unwrap().to_owned(),
+        body["refresh"].as_str().unwrap().to_owned(),
+    )
+}
+
 /// The demo user's token pair (step 2 of the reference): `(access, refresh)`.
 pub async fn admin_tokens(stack: &Stack) -> (String, String) {
     admin_tokens_at(&stack.url).await
@@ -154,6 +197,16 @@ fn resigned(access: &str, exp_in_secs: i64, secret: Option<&str>) -> String {
         json!({"exp": now + exp_in_secs, "iat": now + exp_in_secs - 300}),
         secret,
     )
+}
+
+/// The claims of a token, read without verifying it.
+pub fn claims_of(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
 }
 
 /// `access` with the claims in `changes` replaced, signed with the demo secret or `secret`.

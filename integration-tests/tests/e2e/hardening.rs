@@ -16,11 +16,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::client::{
-    admin_tokens_at, expect_trigger_event_update, graphql, post_token, resigned_with, ws_connect,
-    ws_subscribed, Incoming, NodeSubscriber, WsClient, CAR_1_UPDATED, PATIENCE,
+    admin_tokens_at, create_user, deactivate_user, expect_trigger_event_update, graphql,
+    post_token, resigned_with, ws_connect, ws_subscribed, Incoming, NodeSubscriber, WsClient,
+    CAR_1_UPDATED, PATIENCE,
 };
 use crate::embedded::Gqlws;
-use crate::stack::{bin_dir, Stack};
+use crate::stack::Stack;
 
 /// A line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`, `Threads`), as a number (kB for sizes).
 fn proc_status(pid: u32, field: &str) -> u64 {
@@ -748,20 +749,7 @@ async fn logout_reaches_every_replica_through_redis() {
     let stack = Stack::shared();
     // A user of this test's own: revoking the admin's tokens would touch the other tests.
     let username = format!("logout-{}", test_support::random_suffix());
-    let mut create = std::process::Command::new(bin_dir().join("auth-service"))
-        .args(["create-user", "--username", &username, "--password-stdin"])
-        .env("DATABASE_URL", &stack.database_url)
-        .env("MIGRATE", "false")
-        .env("LOG_LEVEL", "warn")
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write as _;
-        let mut stdin = create.stdin.take().unwrap();
-        writeln!(stdin, "s3cret-pass").unwrap();
-    }
-    assert!(create.wait().unwrap().success());
+    create_user(stack, &username, "s3cret-pass");
     let (status, tokens) = post_token(&stack.url, &username, "s3cret-pass").await;
     assert_eq!(status, 200, "{tokens}");
     let access = tokens["access"].as_str().unwrap().to_owned();
@@ -833,16 +821,7 @@ async fn logout_reaches_every_replica_through_redis() {
 
     // Deactivating the user (the operator's command) revokes its tokens the same way.
     let mut open = ws_subscribed(stack, "graphql-transport-ws", fresh, CAR_1_UPDATED).await;
-    let output = std::process::Command::new(bin_dir().join("auth-service"))
-        .args(["deactivate-user", "--username", &username])
-        .env("DATABASE_URL", &stack.database_url)
-        .env("REDIS_URL", &stack.redis_url)
-        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
-        .env("MIGRATE", "false")
-        .env("LOG_LEVEL", "warn")
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    deactivate_user(stack, &username);
     match open.answer().await {
         Incoming::Close(Some(4403), reason) => assert!(reason.contains("revoked"), "{reason}"),
         other => panic!("the deactivated user's socket was not closed: {other:?}"),

@@ -21,5 +21,6 @@ mod npm_clients;
 mod reference;
 mod replicas;
 mod resume;
+mod second_probe;
 mod socket_operations;
 mod stack;

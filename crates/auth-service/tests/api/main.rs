@@ -11,3 +11,4 @@ mod obtain;
 mod operations;
 mod rate_limit;
 mod refresh;
+mod revocation;

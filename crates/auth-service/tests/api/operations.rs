@@ -16,7 +16,10 @@ async fn healthz_readyz_and_metrics() {
     let (status, body) = app.get("/readyz").await;
     assert_eq!(status, 200, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(ready["checks"], json!({"database": "ok", "redis": "ok"}));
+    assert_eq!(
+        ready["checks"],
+        json!({"database": "ok", "redis": "ok", "revocations": "ok"})
+    );
 
     app.create_user("alice", "pw", false).await;
     app.login("alice", "pw").await;

@@ -93,6 +93,7 @@ impl Minter {
                 token_type: TokenType::Access,
                 exp: now + self.lifetime_secs as i64,
                 iat: now,
+                iat_ms: None,
                 jti: new_jti(),
                 user_id,
                 username: format!("loadgen-{user_id}"),

@@ -127,7 +127,11 @@ async fn a_revocation_closes_only_that_users_sockets() {
     let channel = revocation_channel(&gateway.prefix);
     let suffix = channel.trim_start_matches(&gateway.prefix).to_owned();
     gateway
-        .publish_raw(&suffix, &json!({"user_id": 1, "jti": "abc"}).to_string())
+        .publish_raw(
+            &suffix,
+            &json!({"user_id": 1, "jti": "abc", "cutoff_ms": chrono::Utc::now().timestamp_millis()})
+                .to_string(),
+        )
         .await;
     let (code, reason) = alice.expect_close().await;
     assert_eq!(code, Some(4403));

@@ -366,15 +366,17 @@ async fn a_renewed_socket_is_judged_by_its_new_token_at_a_revocation() {
     let channel = events::revocation_channel(&gateway.prefix);
     let suffix = channel.trim_start_matches(&gateway.prefix).to_owned();
     let revoke =
-        |cutoff: i64| json!({"user_id": 1, "jti": "j", "revoked_before": cutoff}).to_string();
+        |cutoff_ms: i64| json!({"user_id": 1, "jti": "j", "cutoff_ms": cutoff_ms}).to_string();
     // A logout that covers only the first token: the renewed socket stays.
-    gateway.publish_raw(&suffix, &revoke(opened + 1)).await;
+    gateway
+        .publish_raw(&suffix, &revoke((opened + 1) * 1000))
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     client.send(json!({"type": "ping"})).await;
     assert_eq!(client.expect_json().await["type"], "pong");
     // A logout that covers the renewal too: closed.
     gateway
-        .publish_raw(&suffix, &revoke(chrono::Utc::now().timestamp()))
+        .publish_raw(&suffix, &revoke(chrono::Utc::now().timestamp_millis()))
         .await;
     let (code, reason) = client.expect_close().await;
     assert_eq!(code, Some(4403));
