@@ -13,7 +13,7 @@ pub mod cars;
 
 use std::fmt;
 
-use events::{EventKind, EventType, Registry};
+use events::{AnyData, EventKind, EventType, Key, Registry};
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -51,6 +51,18 @@ pub trait Record:
     fn id(&self) -> i64;
     /// The user who may change it besides staff; `None`: staff only.
     fn owner_id(&self) -> Option<i64>;
+
+    /// What its events are routed by: its own id, so that a subscription to one record costs
+    /// the gateway nothing for the others. A type that belongs to another adds the parent's id
+    /// (`Key::new("car", self.car_id)`), so that "every visit of car 7" is routed too.
+    fn keys(&self) -> Vec<Key> {
+        vec![Key::id(self.id())]
+    }
+}
+
+/// [`Record::keys`] of an event's decoded data, as the registry calls it.
+fn keys_of<T: Record>(data: &AnyData) -> Vec<Key> {
+    data.downcast_ref::<T>().map(T::keys).unwrap_or_default()
 }
 
 mod sealed {
@@ -139,11 +151,9 @@ macro_rules! register {
         pub fn registry() -> Result<Registry, String> {
             let mut kinds = Vec::new();
             $(
-                kinds.extend(
-                    <$record as Record>::EVENTS
-                        .all()
-                        .map(EventKind::of::<$record>),
-                );
+                kinds.extend(<$record as Record>::EVENTS.all().map(|event_type| {
+                    EventKind::of::<$record>(event_type).routed_by(keys_of::<$record>)
+                }));
             )+
             Registry::new(kinds)
         }
@@ -164,5 +174,23 @@ mod tests {
         let registry = super::registry().expect("no event type is registered twice");
         let names: Vec<&str> = registry.event_types().map(|t| t.as_str()).collect();
         assert_eq!(names, ["car.created", "car.updated", "car.deleted"]);
+    }
+
+    #[test]
+    fn a_cars_events_are_routed_by_its_id() {
+        use super::{Car, Record as _};
+        let registry = super::registry().expect("valid");
+        let car = Car {
+            id: 7,
+            make: "Skoda".into(),
+            model: "Octavia".into(),
+            variant: String::new(),
+            year: String::new(),
+            owner: None,
+        };
+        let data: events::AnyData = std::sync::Arc::new(car);
+        for event_type in Car::EVENTS.all() {
+            assert_eq!(registry.keys(event_type, &data), [events::Key::id(7)]);
+        }
     }
 }

@@ -68,15 +68,45 @@ impl Serialize for EventType {
 /// stream downcasts it to the type it serves. Shared: decoded once, read by every subscriber.
 pub type AnyData = Arc<dyn Any + Send + Sync>;
 
-/// One registered event type: its name and how its envelopes are decoded.
+/// What an event is routed by: a field of its record that subscriptions select on, and the
+/// value it has there. A car's own events carry `id` 7; a record that belongs to car 7 would
+/// carry its own `id` and `car` 7, so "every visit of car 7" is routed as well. A gateway hands
+/// an event only to the subscriptions keyed by one of its keys, and to the unkeyed ones of its
+/// type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub field: &'static str,
+    pub value: i64,
+}
+
+impl Key {
+    pub const fn new(field: &'static str, value: i64) -> Self {
+        Self { field, value }
+    }
+
+    /// The record's own id.
+    pub const fn id(value: i64) -> Self {
+        Self::new("id", value)
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.field, self.value)
+    }
+}
+
+/// One registered event type: its name, how its envelopes are decoded, and the keys an event of
+/// it is routed by.
 #[derive(Clone, Copy)]
 pub struct EventKind {
     pub event_type: EventType,
     decode: fn(&[u8]) -> Result<Envelope<AnyData>, serde_json::Error>,
+    keys: fn(&AnyData) -> Vec<Key>,
 }
 
 impl EventKind {
-    /// `event_type`, whose envelopes carry a `T`.
+    /// `event_type`, whose envelopes carry a `T`; routed by no key until [`EventKind::routed_by`].
     pub fn of<T>(event_type: EventType) -> Self
     where
         T: DeserializeOwned + Send + Sync + 'static,
@@ -84,7 +114,14 @@ impl EventKind {
         Self {
             event_type,
             decode: decode_as::<T>,
+            keys: |_| Vec::new(),
         }
+    }
+
+    /// The keys of a decoded event's data (the domain's `Record::keys`, through a downcast).
+    pub fn routed_by(mut self, keys: fn(&AnyData) -> Vec<Key>) -> Self {
+        self.keys = keys;
+        self
     }
 }
 
@@ -156,6 +193,17 @@ impl Registry {
             return Err(DecodeError::WrongType);
         }
         Ok(envelope)
+    }
+
+    /// The keys an event of `event_type` with `data` is routed by, each once.
+    pub fn keys(&self, event_type: EventType, data: &AnyData) -> Vec<Key> {
+        let mut keys = self
+            .kind(event_type.as_str())
+            .map(|kind| (kind.keys)(data))
+            .unwrap_or_default();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 
     /// The event type whose log is `key`, if it is a registered one.
@@ -319,6 +367,15 @@ pub struct LoggedEvent {
     /// The result cursor naming it, built once.
     pub cursor: Arc<str>,
     pub envelope: Envelope<AnyData>,
+    /// What it is routed by ([`Registry::keys`]), computed once when it is decoded.
+    pub keys: Vec<Key>,
+}
+
+impl LoggedEvent {
+    /// Whether a subscription keyed by `key` (or unkeyed, `None`) takes this event.
+    pub fn is_for(&self, key: Option<Key>) -> bool {
+        key.is_none_or(|key| self.keys.contains(&key))
+    }
 }
 
 /// How much of each log is kept.
@@ -599,7 +656,10 @@ pub type EnvelopeStream = Pin<Box<dyn Stream<Item = Envelope<AnyData>> + Send>>;
 /// Where subscription resolvers get events from. The subscription gateway plugs its fan-out in
 /// here (one Redis subscriber per process); api-service has none, as it serves no subscriptions.
 pub trait EventSource: Send + Sync + 'static {
-    fn subscribe(&self, event_type: EventType) -> EnvelopeStream;
+    /// The events of `event_type` from now on: all of them, or with `key` only those routed by
+    /// it ([`Key`]), which is what lets the gateway's work per event follow the subscriptions
+    /// it is for rather than all of the type.
+    fn subscribe(&self, event_type: EventType, key: Option<Key>) -> EnvelopeStream;
 }
 
 /// A shared event source, as the GraphQL context holds it.

@@ -17,7 +17,7 @@ pub mod sdl;
 use std::sync::Arc;
 
 use domain::{Actor, Car, DataSource, Page, Registered, Repository};
-use events::{EventSource, EventType, SharedEventSource};
+use events::{EventSource, EventType, Key, SharedEventSource};
 use futures_util::StreamExt as _;
 use juniper::{graphql_object, graphql_subscription, FieldError, IntoFieldError, RootNode, ID};
 use tokens::auth::AuthError;
@@ -216,24 +216,22 @@ impl Subscription {
     async fn car_model_updated(context: &Context, pk: ID) -> Result<Stream<CarObject>, FieldError> {
         context.claims().map_err(IntoFieldError::into_field_error)?;
         let id = parse_pk::<Car>(&pk).map_err(IntoFieldError::into_field_error)?;
-        let cars = events::<Car>(context, |events| events.updated)?;
         Ok(Box::pin(
-            cars.filter(move |car| std::future::ready(car.id == id))
-                .map(CarObject),
+            events::<Car>(context, |e| e.updated, Some(Key::id(id)))?.map(CarObject),
         ))
     }
 
     /// Every car created.
     async fn car_created(context: &Context) -> Result<Stream<CarObject>, FieldError> {
         Ok(Box::pin(
-            events::<Car>(context, |e| e.created)?.map(CarObject),
+            events::<Car>(context, |e| e.created, None)?.map(CarObject),
         ))
     }
 
     /// Every car deleted, as it was before.
     async fn car_deleted(context: &Context) -> Result<Stream<CarObject>, FieldError> {
         Ok(Box::pin(
-            events::<Car>(context, |e| e.deleted)?.map(CarObject),
+            events::<Car>(context, |e| e.deleted, None)?.map(CarObject),
         ))
     }
 }
@@ -270,24 +268,30 @@ where
 }
 
 /// The `T`s of one of its event types, for a signed-in user, from when the subscription starts
-/// (or from its resume cursor: the gateway's event source decides).
+/// (or from its resume cursor: the gateway's event source decides): all of them, or with `key`
+/// those routed by it (`Record::keys`), which only they cost the gateway anything for.
 fn events<T: Registered>(
     context: &Context,
     event_type: fn(&domain::Events) -> EventType,
+    key: Option<Key>,
 ) -> Result<Stream<T>, FieldError> {
     context.claims().map_err(IntoFieldError::into_field_error)?;
     let source = context.events.as_ref().ok_or_else(|| {
         GraphQLError::BadRequest(SUBSCRIPTION_OVER_HTTP.into()).into_field_error()
     })?;
-    Ok(typed(source.as_ref(), event_type(&T::EVENTS)))
+    Ok(typed(source.as_ref(), event_type(&T::EVENTS), key))
 }
 
 /// The envelopes of `event_type` as `T`s: the data was decoded once, by the type the registry
 /// names for it, so the downcast only fails for a type registered under another's event.
-fn typed<T: Registered>(source: &dyn EventSource, event_type: EventType) -> Stream<T> {
+fn typed<T: Registered>(
+    source: &dyn EventSource,
+    event_type: EventType,
+    key: Option<Key>,
+) -> Stream<T> {
     Box::pin(
         source
-            .subscribe(event_type)
+            .subscribe(event_type, key)
             .filter_map(|envelope| std::future::ready(envelope.data.downcast_ref::<T>().cloned())),
     )
 }

@@ -17,10 +17,37 @@ pub(crate) struct SubscribeArgs {
     /// New connections per second during the ramp.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=50_000))]
     pub(super) rate: u32,
-    /// Car pks subscribed to, comma-separated; subscriber i takes pks[i % len], event k goes to
-    /// pks[k % len].
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Car pks subscribed to, comma-separated; spread over subscribers and events by
+    /// `--distribution` (uniform: subscriber i takes pks[i % len], event k pks[k % len]).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1",
+        conflicts_with = "keys"
+    )]
     pub(super) pks: Vec<i64>,
+    /// Shorthand for `--pks 1,2,…,K`: K distinct keys (cars need not exist: events are
+    /// published straight into Redis).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub(super) keys: Option<u32>,
+    /// How subscribers and events are spread over the pks.
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub(super) distribution: Distribution,
+    /// With `--distribution zipf`: the law's exponent (1: the k-th key is 1/k as popular as the
+    /// first).
+    #[arg(long, default_value_t = 1.0)]
+    pub(super) zipf_exponent: f64,
+    /// A mixed run: this many subscribers on the first pk (the hot key), the others spread over
+    /// the rest.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=200_000))]
+    pub(super) hot_subscribers: Option<u32>,
+    /// With `--hot-subscribers`: the share of events for the hot key.
+    #[arg(long, default_value_t = 0.5)]
+    pub(super) hot_event_share: f64,
+    /// Publish the measured events back to back, pipelined, as fast as Redis takes them
+    /// (`--events-per-sec` is then ignored): a burst of writes.
+    #[arg(long, default_value_t = false)]
+    pub(super) burst: bool,
     /// Measured events (after one warm-up event per pk).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub(super) events: u32,
@@ -89,6 +116,14 @@ pub(crate) struct SubscribeArgs {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum Distribution {
+    /// Each key in turn.
+    Uniform,
+    /// A Zipf law over the keys (`--zipf-exponent`).
+    Zipf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(super) enum WsProtocol {
     /// The graphql-ws library's protocol (`subscribe` / `next`).
     #[value(name = "graphql-transport-ws")]
@@ -109,7 +144,22 @@ impl WsProtocol {
 
 impl SubscribeArgs {
     /// What clap cannot check: ranges of floats, and options that only make sense together.
-    pub(super) fn validate(&self) -> Result<(), String> {
+    /// Also expands `--keys` into `--pks`.
+    pub(super) fn validate(&mut self) -> Result<(), String> {
+        if let Some(keys) = self.keys {
+            self.pks = (1..=i64::from(keys)).collect();
+        }
+        if self.hot_subscribers.is_some() && self.pks.len() < 2 {
+            return Err(
+                "--hot-subscribers needs at least two pks: the hot one and the others".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.hot_event_share) {
+            return Err("--hot-event-share must be within 0..=1".into());
+        }
+        if !(0.1..=10.0).contains(&self.zipf_exponent) {
+            return Err("--zipf-exponent must be within 0.1..=10".into());
+        }
         if self.pks.is_empty() {
             return Err("--pks needs at least one pk".into());
         }

@@ -73,7 +73,7 @@ pub(super) async fn client_thread(
             user_id: user as i64 + 1,
             minter: minter.clone(),
             renew,
-            pk_index: index as usize % args.pks.len(),
+            pk_index: shared.spread.subscriber(index),
             shared: shared.clone(),
             stop: stop.clone(),
         })));

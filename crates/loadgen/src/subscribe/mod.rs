@@ -44,6 +44,7 @@ mod messages;
 mod phases;
 mod proc;
 mod report;
+mod spread;
 mod tally;
 mod tokens;
 mod ws;
@@ -65,6 +66,8 @@ struct Shared {
     delivered: Vec<AtomicU32>,
     /// Subscriptions started and not closed, per index into `pks`.
     live_by_pk: Vec<AtomicU64>,
+    /// Which pk each subscriber and each measured event takes.
+    spread: spread::Spread,
     /// Connections that finished their handshake, successfully or not.
     attempted: AtomicU64,
     established: AtomicU64,
@@ -83,12 +86,14 @@ impl Shared {
 /// Checks the arguments, starts the client threads, drives the phases on this thread and reports;
 /// an error when not one subscriber connected, so that a script running it notices.
 pub(crate) fn run(args: &SubscribeArgs) -> Result<(), String> {
+    let mut args = args.clone();
+    args.validate()?;
+    let args = &args;
     crate::ensure_loopback(&args.target);
     crate::ensure_loopback(&args.redis.redis_url);
     if let Some(auth) = &args.auth {
         crate::ensure_loopback(auth);
     }
-    args.validate()?;
     if let Some(limit) = proc::open_files_limit() {
         let needed = u64::from(args.connections) + 64;
         if needed > limit {
@@ -113,6 +118,7 @@ pub(crate) fn run(args: &SubscribeArgs) -> Result<(), String> {
         published_ns: (0..total_events).map(|_| AtomicU64::new(0)).collect(),
         delivered: (0..total_events).map(|_| AtomicU32::new(0)).collect(),
         live_by_pk: args.pks.iter().map(|_| AtomicU64::new(0)).collect(),
+        spread: spread::Spread::new(args),
         attempted: AtomicU64::new(0),
         established: AtomicU64::new(0),
         last_established_ns: AtomicU64::new(0),

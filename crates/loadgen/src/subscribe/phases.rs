@@ -16,6 +16,8 @@ use super::{Shared, SubscribeArgs};
 
 /// Longest wait for the warm-up events to reach every subscriber.
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// XADDs per pipeline of a burst.
+const BURST_PIPELINE: usize = 256;
 
 /// Times and readings the orchestrator took along the way.
 pub(super) struct Phases {
@@ -67,7 +69,7 @@ pub(super) async fn orchestrate(
     let rss_idle = args.gateway_pid.and_then(rss_kib);
 
     let pool = service_kit::redis::pool(&args.redis).map_err(|err| err.to_string())?;
-    let bus = RedisBus::new(pool, args.redis.redis_key_prefix.clone());
+    let bus = RedisBus::new(pool.clone(), args.redis.redis_key_prefix.clone());
     let mut publish_errors = BTreeMap::new();
 
     // 3. Warm-up: one event per pk, until each reached every live subscriber of its pk.
@@ -101,21 +103,44 @@ pub(super) async fn orchestrate(
         .zip(args.kill_after_secs)
         .map(|(pid, secs)| (pid, Instant::now() + Duration::from_secs_f64(secs)));
     let mut killed = None;
-    for k in 0..args.events as usize {
-        ticks.tick().await;
-        if Instant::now() >= deadline {
-            stopped_by_cap = true;
-            break;
-        }
-        if let Some((pid, at)) = kill_at.filter(|_| killed.is_none()) {
-            if Instant::now() >= at {
-                killed = Some((shared.now_ns(), terminate(pid)));
+    if args.burst {
+        // A burst: pipelines of XADDs back to back, each event's publish time taken just
+        // before its pipeline is sent.
+        let mut k = 0;
+        while k < args.events as usize {
+            if Instant::now() >= deadline {
+                stopped_by_cap = true;
+                break;
+            }
+            let batch: Vec<(usize, i64)> = (k..(k + BURST_PIPELINE).min(args.events as usize))
+                .map(|k| {
+                    let pk_index = shared.spread.event(k);
+                    expected.push(shared.live_by_pk[pk_index].load(Ordering::Relaxed));
+                    (warmups + k, args.pks[pk_index])
+                })
+                .collect();
+            k += batch.len();
+            if let Err(kind) = publish_pipelined(&pool, args, shared, &batch).await {
+                *publish_errors.entry(kind).or_insert(0) += batch.len() as u64;
             }
         }
-        let pk_index = k % args.pks.len();
-        expected.push(shared.live_by_pk[pk_index].load(Ordering::Relaxed));
-        if let Err(kind) = publish(&bus, shared, warmups + k, args.pks[pk_index]).await {
-            *publish_errors.entry(kind).or_insert(0) += 1;
+    } else {
+        for k in 0..args.events as usize {
+            ticks.tick().await;
+            if Instant::now() >= deadline {
+                stopped_by_cap = true;
+                break;
+            }
+            if let Some((pid, at)) = kill_at.filter(|_| killed.is_none()) {
+                if Instant::now() >= at {
+                    killed = Some((shared.now_ns(), terminate(pid)));
+                }
+            }
+            let pk_index = shared.spread.event(k);
+            expected.push(shared.live_by_pk[pk_index].load(Ordering::Relaxed));
+            if let Err(kind) = publish(&bus, shared, warmups + k, args.pks[pk_index]).await {
+                *publish_errors.entry(kind).or_insert(0) += 1;
+            }
         }
     }
 
@@ -172,18 +197,56 @@ fn live_total(shared: &Shared) -> u64 {
         .sum()
 }
 
-/// Publishes event `index` for car `pk`, as api-service's write path does; the publish time is
-/// taken just before the `XADD`, so it is set before any delivery can arrive.
-async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
-    let car = Car {
+/// Publishes the events `(index, pk)` in one pipeline of XADDs, as api-service's write path
+/// appends each; the publish times are taken just before it is sent.
+async fn publish_pipelined(
+    pool: &service_kit::redis::RedisPool,
+    args: &SubscribeArgs,
+    shared: &Shared,
+    batch: &[(usize, i64)],
+) -> Result<(), String> {
+    let key = events::channel(&args.redis.redis_key_prefix, Car::EVENTS.updated.as_str());
+    let retention = events::Retention::default();
+    let mut pipe = deadpool_redis::redis::pipe();
+    for (index, pk) in batch {
+        let envelope = Envelope::new(Car::EVENTS.updated, car(shared, *index, *pk));
+        let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(retention.count)
+            .arg("*")
+            .arg(events::ENTRY_FIELD)
+            .arg(payload)
+            .ignore();
+    }
+    let now = shared.now_ns().max(1);
+    for (index, _) in batch {
+        shared.published_ns[*index].store(now, Ordering::Relaxed);
+    }
+    service_kit::redis::query::<()>(pool, &pipe)
+        .await
+        .map_err(|err| crate::truncate(&err.to_string()))
+}
+
+/// The car of event `index`: its make names the run and the event, so that each delivery is
+/// matched to its event.
+fn car(shared: &Shared, index: usize, pk: i64) -> Car {
+    Car {
         id: pk,
         make: format!("{}-{index}", shared.run),
         model: "Octavia".into(),
         variant: "Scout".into(),
         year: "2011".into(),
         owner: None,
-    };
-    let envelope = Envelope::new(Car::EVENTS.updated, car);
+    }
+}
+
+/// Publishes event `index` for car `pk`, as api-service's write path does; the publish time is
+/// taken just before the `XADD`, so it is set before any delivery can arrive.
+async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
+    let envelope = Envelope::new(Car::EVENTS.updated, car(shared, index, pk));
     let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
     shared.published_ns[index].store(shared.now_ns().max(1), Ordering::Relaxed);
     bus.publish(Car::EVENTS.updated.as_str(), &payload)

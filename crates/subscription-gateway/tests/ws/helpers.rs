@@ -126,6 +126,24 @@ impl TestGateway {
             .unwrap();
     }
 
+    /// Publishes `cars` in one pipeline, as fast as Redis takes them: the hub reads them in
+    /// large batches, as it does under a burst of writes.
+    pub async fn publish_burst(&self, event_type: EventType, cars: Vec<Car>) {
+        let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
+        let key = events::channel(&self.prefix, event_type.as_str());
+        let mut pipe = deadpool_redis::redis::pipe();
+        for car in cars {
+            let payload = serde_json::to_string(&Envelope::new(event_type, car)).unwrap();
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg(events::ENTRY_FIELD)
+                .arg(payload)
+                .ignore();
+        }
+        service_kit::redis::query::<()>(&pool, &pipe).await.unwrap();
+    }
+
     pub async fn publish_raw(&self, channel_suffix: &str, payload: &str) {
         let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
         let append = events::append_command(

@@ -6,6 +6,7 @@
 mod auth;
 mod delivery;
 mod helpers;
+mod keyed;
 mod lifecycle;
 mod resume;
 mod stress;

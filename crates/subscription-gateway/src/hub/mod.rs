@@ -1,0 +1,489 @@
+//! The fan-out: one Redis connection per process reading the event logs (or, in the embedded
+//! mode, the in-memory bus), each entry decoded once and handed to the local executions it is
+//! for. By concern:
+//!
+//! - here, the [`Hub`]: what it holds, subscribing ([`Hub::subscribe`], [`TopicGuard`]) and
+//!   dispatching an entry (decode, dedupe by id, route); also what the executions read
+//!   ([`ConnectionEvents`]) and the revocation announcements, recorded in the logout cutoffs;
+//! - [`routes`]: which executions an event goes to. An event of Car 7 reaches the executions
+//!   keyed by Car 7 and the unkeyed ones of its type, so the work per event follows the
+//!   executions it is for, not how many exist; each execution has a queue of its own
+//!   (`FANOUT_BUFFER` events), so a burst on other keys never makes it fall behind;
+//! - [`redis`]: reading the logs. `XREAD BLOCK` over the logs local subscribers need, each from
+//!   the last position seen, plus the revocation stream; a log is added when the first local
+//!   subscriber of its type appears (at the log's tip; the blocked read is interrupted with
+//!   `CLIENT UNBLOCK`) and left out when the last one leaves. When Redis goes away the task
+//!   reconnects with capped backoff and reads on from the positions it had; sockets stay open
+//!   and `/readyz` says not ready. A changed epoch (Redis lost its data) restarts every log at 0;
+//! - [`replay`]: reading a log after a client's cursor for subscriptions that resume, each
+//!   handed only the events of its key; reads for one cursor that wait at the same time are
+//!   made once, at most a few at a time.
+//!
+//! Delivery is at-least-once, so event ids recently seen are dropped. The receivers are
+//! executions, not connections: one per distinct subscription, shared by every socket that sent
+//! it ([`crate::executions`]). An execution more than `FANOUT_BUFFER` events behind on its own
+//! queue has lost events for all of its members, so each member's connection is closed as slow
+//! (1013) rather than buffered without bound; a client slow on its own socket is cut off by its
+//! outbound queue instead (`OUTBOUND_QUEUE`).
+
+mod redis;
+mod replay;
+mod routes;
+
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use events::{
+    channel, revocation_channel, Cursor, DecodeError, EnvelopeStream, EventSource, EventType, Key,
+    LoggedEvent, MemoryBus, Position, Registry, Revocation,
+};
+use service_kit::redis::RedisPool;
+use tokens::revocations::RevokedBefore;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::lock;
+use crate::metrics::GatewayMetrics;
+
+use replay::{Flight, REPLAY_READS};
+pub use replay::{Replay, ReplayEnd, ReplayError, ReplayEvents, ReplayOutcome};
+use routes::{Route, Topic};
+
+/// How many event ids are remembered for dropping duplicates.
+const RECENT_IDS: usize = 16_384;
+/// Longest a replay waits for the hub to know where a log stands (Redis reconnecting).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a hub works with, whichever its source.
+pub struct HubParts {
+    /// The event types there are, and how each one's envelopes decode.
+    pub registry: Registry,
+    /// Events an execution may fall behind before it is cut off (`FANOUT_BUFFER`).
+    pub buffer: usize,
+    pub metrics: GatewayMetrics,
+    /// The logout cutoffs; announcements read with the logs are recorded here.
+    pub revoked: Arc<RevokedBefore>,
+}
+
+/// Cheap to clone; one per process.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    key_prefix: String,
+    /// The event types there are, and how each one's envelopes decode.
+    registry: Registry,
+    buffer: usize,
+    topics: Mutex<HashMap<EventType, Topic>>,
+    /// Tells the Redis task that a topic needs a start position and a place in the read.
+    wake: Notify,
+    /// Woken whenever a topic's start position becomes known.
+    ready: Notify,
+    connected: AtomicBool,
+    /// The logs' epoch; empty until the Redis task has read it.
+    epoch: RwLock<Arc<str>>,
+    /// The logout cutoffs the connections check their tokens against: an announcement read
+    /// with the logs is recorded here at once, which wakes them.
+    revoked: Arc<RevokedBefore>,
+    recent: Mutex<RecentIds>,
+    metrics: GatewayMetrics,
+    backend: Backend,
+    /// Replay reads by cursor that have not begun reading yet, or are reading.
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    replay_reads: Arc<Semaphore>,
+    /// Names each route, so that its guard removes that one.
+    next_route: AtomicU64,
+}
+
+enum Backend {
+    Redis(RedisPool),
+    Memory {
+        bus: MemoryBus,
+        /// The last position dispatched per type, subscribed or not: a new topic starts there.
+        seen: Mutex<HashMap<EventType, Position>>,
+    },
+}
+
+impl Hub {
+    /// Creates the hub over Redis and spawns its Redis task, which runs until `shutdown` is
+    /// cancelled. `pool` serves replays and the rare `CLIENT UNBLOCK`; events arrive on the
+    /// task's own connection.
+    pub fn start(
+        redis_url: &str,
+        key_prefix: &str,
+        pool: RedisPool,
+        parts: HubParts,
+        shutdown: CancellationToken,
+    ) -> Result<Hub, String> {
+        let client =
+            deadpool_redis::redis::Client::open(redis_url).map_err(|err| err.to_string())?;
+        let hub = Hub::new(key_prefix, parts, Backend::Redis(pool), "");
+        tokio::spawn(redis::run(hub.clone(), client, shutdown));
+        Ok(hub)
+    }
+
+    /// Creates the hub over the in-memory bus of the embedded mode and spawns the task that feeds
+    /// it, which runs until `shutdown` is cancelled. Messages go through the same decoding,
+    /// dedupe and fan-out as Redis entries; the bus carries every log, so there is nothing to
+    /// subscribe to and the hub is connected from the start.
+    pub fn start_memory(bus: &MemoryBus, parts: HubParts, shutdown: CancellationToken) -> Hub {
+        let hub = Hub::new(
+            bus.key_prefix(),
+            parts,
+            Backend::Memory {
+                bus: bus.clone(),
+                seen: Mutex::new(HashMap::new()),
+            },
+            bus.epoch(),
+        );
+        set_connected(&hub, true);
+        tokio::spawn(redis::run_memory(hub.clone(), bus.subscribe(), shutdown));
+        hub
+    }
+
+    fn new(key_prefix: &str, parts: HubParts, backend: Backend, epoch: &str) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                key_prefix: key_prefix.to_owned(),
+                registry: parts.registry,
+                buffer: parts.buffer.max(1),
+                topics: Mutex::new(HashMap::new()),
+                wake: Notify::new(),
+                ready: Notify::new(),
+                connected: AtomicBool::new(false),
+                epoch: RwLock::new(Arc::from(epoch)),
+                revoked: parts.revoked,
+                recent: Mutex::new(RecentIds::default()),
+                metrics: parts.metrics,
+                backend,
+                flights: Mutex::new(HashMap::new()),
+                replay_reads: Arc::new(Semaphore::new(REPLAY_READS)),
+                next_route: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// True while the connection to Redis is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// The event types there are.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    fn epoch(&self) -> Arc<str> {
+        self.inner
+            .epoch
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Registers a local subscriber of `event_type`: of every event of it, or with `key` of
+    /// those routed by that key. Returns the receiver, which gets at most the hub's buffer of
+    /// events ahead of its reader (further, `slow` is told and the receiver ends), and a guard
+    /// that unregisters it when dropped.
+    pub fn subscribe(
+        &self,
+        event_type: EventType,
+        key: Option<Key>,
+        slow: Arc<Notify>,
+    ) -> (mpsc::Receiver<Arc<LoggedEvent>>, TopicGuard) {
+        let (sender, receiver) = mpsc::channel(self.inner.buffer);
+        let id = self.inner.next_route.fetch_add(1, Ordering::Relaxed);
+        let mut topics = lock(&self.inner.topics);
+        let topic = topics.entry(event_type).or_insert_with(|| {
+            Topic::new(match &self.inner.backend {
+                Backend::Memory { seen, .. } => {
+                    Some(lock(seen).get(&event_type).copied().unwrap_or_default())
+                }
+                Backend::Redis(_) => None,
+            })
+        });
+        topic.add(key, Route::new(id, sender, slow));
+        if topic.position.is_none() {
+            self.inner.wake.notify_one();
+        }
+        (
+            receiver,
+            TopicGuard {
+                hub: self.clone(),
+                event_type,
+                key,
+                route: id,
+            },
+        )
+    }
+
+    /// Decodes one log entry and hands it to the local subscribers it is for.
+    fn dispatch(&self, key: &str, position: Position, payload: &[u8]) {
+        let inner = &self.inner;
+        if key == revocation_channel(&inner.key_prefix) {
+            match serde_json::from_slice::<Revocation>(payload) {
+                Ok(revocation) => inner
+                    .revoked
+                    .record(revocation.user_id, revocation.cutoff_ms),
+                Err(err) => {
+                    inner.metrics.events_malformed.inc();
+                    tracing::warn!(%err, "malformed revocation message");
+                }
+            }
+            return;
+        }
+        let Some(event_type) = inner.registry.channel_type(&inner.key_prefix, key) else {
+            inner.metrics.events_malformed.inc();
+            tracing::warn!(key, "entry of an unknown log");
+            return;
+        };
+        if let Backend::Memory { seen, .. } = &inner.backend {
+            lock(seen).insert(event_type, position);
+        }
+        // Decoded and keyed before the routes are locked: the lock is held only to hand on.
+        let decoded = inner.registry.decode(event_type, payload).map(|envelope| {
+            let keys = inner.registry.keys(event_type, &envelope.data);
+            (envelope, keys)
+        });
+        let mut topics = lock(&inner.topics);
+        let mut topic = topics.get_mut(&event_type);
+        if let Some(topic) = &mut topic {
+            if topic.position.is_some_and(|last| position <= last) {
+                // Read already (a read that raced with the topic's start).
+                return;
+            }
+            if topic.position.replace(position).is_none() {
+                // Started by this entry rather than by its tip: a replay may wait for that.
+                inner.ready.notify_waiters();
+            }
+        }
+        let (envelope, keys) = match decoded {
+            Ok(decoded) => decoded,
+            Err(DecodeError::WrongType) => {
+                inner.metrics.events_malformed.inc();
+                tracing::warn!(key, %position, "event type does not match its log");
+                return;
+            }
+            Err(err) => {
+                inner.metrics.events_malformed.inc();
+                tracing::warn!(%err, key, %position, "malformed event envelope");
+                return;
+            }
+        };
+        inner
+            .metrics
+            .events_received
+            .with_label_values(&[event_type.as_str()])
+            .inc();
+        if !lock(&inner.recent).insert(&envelope.id) {
+            inner.metrics.events_duplicate.inc();
+            return;
+        }
+        if let Some(topic) = topic {
+            let cursor = Cursor {
+                epoch: self.epoch().to_string(),
+                event_type,
+                position,
+            };
+            topic.deliver(&Arc::new(LoggedEvent {
+                position,
+                cursor: Arc::from(cursor.to_string()),
+                envelope,
+                keys,
+            }));
+        }
+    }
+
+    /// The topics the Redis task must find a start for.
+    fn unstarted(&self) -> Vec<EventType> {
+        lock(&self.inner.topics)
+            .iter()
+            .filter(|(_, topic)| topic.position.is_none())
+            .map(|(event_type, _)| *event_type)
+            .collect()
+    }
+
+    fn start_topic(&self, event_type: EventType, tip: Position) {
+        if let Some(topic) = lock(&self.inner.topics).get_mut(&event_type) {
+            topic.position.get_or_insert(tip);
+        }
+        self.inner.ready.notify_waiters();
+    }
+
+    /// The logs to read and where each stands.
+    fn read_set(&self) -> Vec<(String, Position)> {
+        lock(&self.inner.topics)
+            .iter()
+            .filter_map(|(event_type, topic)| {
+                Some((
+                    channel(&self.inner.key_prefix, event_type.as_str()),
+                    topic.position?,
+                ))
+            })
+            .collect()
+    }
+
+    /// A new epoch: the log was reset, and every position in it starts again at 0.
+    fn set_epoch(&self, epoch: &str) -> bool {
+        let mut current = self
+            .inner
+            .epoch
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if &**current == epoch {
+            return false;
+        }
+        let had_one = !current.is_empty();
+        *current = Arc::from(epoch);
+        drop(current);
+        if had_one {
+            for topic in lock(&self.inner.topics).values_mut() {
+                if topic.position.is_some() {
+                    topic.position = Some(Position::ZERO);
+                }
+            }
+        }
+        had_one
+    }
+
+    /// Waits until the hub reads `event_type`'s log (a subscription to it exists) and knows
+    /// where it stands: every event after that position reaches the topic's subscribers.
+    async fn until_ready(&self, event_type: EventType) -> Result<(), ReplayError> {
+        let wait = async {
+            loop {
+                let notified = self.inner.ready.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let started = lock(&self.inner.topics)
+                    .get(&event_type)
+                    .is_some_and(|topic| topic.position.is_some());
+                if started && !self.epoch().is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(READY_TIMEOUT, wait)
+            .await
+            .map_err(|_| ReplayError::Unavailable("Redis is not reachable".into()))
+    }
+}
+
+/// Unregisters a local subscriber on drop; the last one out takes the log out of the read.
+pub struct TopicGuard {
+    hub: Hub,
+    event_type: EventType,
+    key: Option<Key>,
+    route: u64,
+}
+
+impl Drop for TopicGuard {
+    fn drop(&mut self) {
+        let mut topics = lock(&self.hub.inner.topics);
+        if let Some(topic) = topics.get_mut(&self.event_type) {
+            if topic.remove(self.key, self.route) {
+                topics.remove(&self.event_type);
+            }
+        }
+    }
+}
+
+/// The event a subscription task is turning into a result: its commit time (`at`, µs since the
+/// epoch, for the delivery-latency histogram), its position and its cursor.
+#[derive(Clone)]
+pub struct EventMark {
+    pub at: i64,
+    pub position: Position,
+    pub cursor: Arc<str>,
+}
+
+tokio::task_local! {
+    /// Set by the event streams as they yield, read by the task after each result.
+    pub static CURRENT_EVENT: Cell<Option<EventMark>>;
+}
+
+fn mark(event: &LoggedEvent) {
+    let _ = CURRENT_EVENT.try_with(|current| {
+        current.set(Some(EventMark {
+            at: event.envelope.at.timestamp_micros(),
+            position: event.position,
+            cursor: event.cursor.clone(),
+        }))
+    });
+}
+
+/// The hub as one shared execution sees it: events come from the hub, and falling behind
+/// tells the execution (through `slow`) to cut its subscribers off.
+pub struct ConnectionEvents {
+    pub hub: Hub,
+    pub slow: Arc<Notify>,
+}
+
+impl EventSource for ConnectionEvents {
+    fn subscribe(&self, event_type: EventType, key: Option<Key>) -> EnvelopeStream {
+        let (receiver, guard) = self.hub.subscribe(event_type, key, self.slow.clone());
+        // When the hub drops a route that fell behind, `slow` has been told and the receiver
+        // ends after what it holds: the execution then cuts its members off.
+        Box::pin(futures_util::stream::unfold(
+            (receiver, guard),
+            |(mut receiver, guard)| async move {
+                let event = receiver.recv().await?;
+                mark(&event);
+                Some((event.envelope.clone(), (receiver, guard)))
+            },
+        ))
+    }
+}
+
+fn set_connected(hub: &Hub, connected: bool) {
+    hub.inner.connected.store(connected, Ordering::Relaxed);
+    hub.inner.metrics.redis_connected.set(i64::from(connected));
+}
+
+/// A bounded set of the most recent event ids.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    /// False when `id` was seen already.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() == RECENT_IDS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.set.remove(&oldest);
+            }
+        }
+        self.set.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentIds;
+
+    #[test]
+    fn recent_ids_drop_duplicates_and_forget_the_oldest() {
+        let mut recent = RecentIds::default();
+        assert!(recent.insert("a"));
+        assert!(!recent.insert("a"));
+        for i in 0..super::RECENT_IDS {
+            assert!(recent.insert(&i.to_string()));
+        }
+        assert!(
+            recent.insert("a"),
+            "the oldest id is forgotten once the set is full"
+        );
+    }
+}

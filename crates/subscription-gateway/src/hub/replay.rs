@@ -1,0 +1,251 @@
+//! Reading a log after a client's cursor, for subscriptions that resume.
+//!
+//! After a replica's restart its clients come back at once with the same cursor (the last event
+//! they all had), so reads for one cursor that wait at the same time are made once ([`Flight`]),
+//! and at most [`REPLAY_READS`] reads run at a time. A read covers the whole type's log after
+//! the cursor; each resuming subscription takes the events of its own key from it.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use events::{channel, Cursor, EnvelopeStream, EventSource, EventType, Key, LoggedEvent, Position};
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::{FutureExt as _, StreamExt as _};
+
+use super::redis::redis_history;
+use super::{mark, Backend, Hub};
+use crate::lock;
+
+/// Replay reads under way at once. More would only queue for the pool's connections (and time
+/// out there under a reconnect storm); while a read waits for its turn, others for the same
+/// cursor join it.
+pub(super) const REPLAY_READS: usize = 4;
+
+/// One read of a log after a cursor, shared by the resuming subscriptions that wait for it.
+///
+/// Sharing is correct only with a subscription whose live part already read the hub when the
+/// read begins: an event the read misses then reaches it live. So a subscription joins a flight
+/// only while `reading` is still false (set under the `flights` lock); once the read has begun,
+/// a newcomer starts a flight of its own.
+pub(super) struct Flight {
+    reading: AtomicBool,
+    result: Shared<BoxFuture<'static, Result<Arc<Replay>, ReplayError>>>,
+}
+
+/// What [`Hub::replay`] found after a cursor.
+#[derive(Debug)]
+pub struct Replay {
+    /// Whether the history still covers the cursor; when not, `events` is empty and the
+    /// subscriber continues live.
+    pub recovered: bool,
+    pub events: Vec<Arc<LoggedEvent>>,
+    /// Every event after this position reaches the subscription live: the last one read, or
+    /// the cursor's own when there was nothing after it.
+    pub until: Position,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "`extensions.resumeFrom` names a position among {cursor} events, but this subscription \
+         reads {wanted} events; resume with a cursor of this subscription's results"
+    )]
+    OtherType {
+        cursor: EventType,
+        wanted: EventType,
+    },
+    #[error("the event history cannot be read right now ({0}); resubscribe with the same cursor")]
+    Unavailable(String),
+}
+
+impl Hub {
+    /// The events of `event_type` after `cursor`, for a subscription that resumes. Called once
+    /// the subscription's live part reads the log, so that [`Replay::until`] joins the two
+    /// without a gap.
+    pub async fn replay(
+        &self,
+        event_type: EventType,
+        cursor: &Cursor,
+    ) -> Result<Arc<Replay>, ReplayError> {
+        if cursor.event_type != event_type {
+            return Err(ReplayError::OtherType {
+                cursor: cursor.event_type,
+                wanted: event_type,
+            });
+        }
+        self.until_ready(event_type).await?;
+        let key = cursor.to_string();
+        let flight = {
+            let mut flights = lock(&self.inner.flights);
+            match flights.get(&key) {
+                Some(flight) if !flight.reading.load(Ordering::Acquire) => flight.clone(),
+                _ => {
+                    let flight = self.flight(key.clone(), event_type, cursor.clone());
+                    flights.insert(key, flight.clone());
+                    flight
+                }
+            }
+        };
+        flight.result.clone().await
+    }
+
+    /// A read of the log after `cursor` that begins when one of [`REPLAY_READS`] is free.
+    fn flight(&self, key: String, event_type: EventType, cursor: Cursor) -> Arc<Flight> {
+        Arc::new_cyclic(|this: &std::sync::Weak<Flight>| {
+            let hub = self.clone();
+            let this = this.clone();
+            let result = async move {
+                let permit = hub.inner.replay_reads.clone().acquire_owned().await;
+                {
+                    let mut flights = lock(&hub.inner.flights);
+                    if let Some(flight) = this.upgrade() {
+                        flight.reading.store(true, Ordering::Release);
+                    }
+                    // Gone from the map once reading: later subscriptions start their own.
+                    if flights
+                        .get(&key)
+                        .is_some_and(|f| std::ptr::eq(Arc::as_ptr(f), this.as_ptr()))
+                    {
+                        flights.remove(&key);
+                    }
+                }
+                let result = hub.read_replay(event_type, &cursor).await.map(Arc::new);
+                drop(permit);
+                result
+            }
+            .boxed()
+            .shared();
+            Flight {
+                reading: AtomicBool::new(false),
+                result,
+            }
+        })
+    }
+
+    async fn read_replay(
+        &self,
+        event_type: EventType,
+        cursor: &Cursor,
+    ) -> Result<Replay, ReplayError> {
+        let epoch = self.epoch();
+        let not_recovered = Replay {
+            recovered: false,
+            events: Vec::new(),
+            until: Position::ZERO,
+        };
+        if *epoch != *cursor.epoch {
+            return Ok(not_recovered);
+        }
+        let key = channel(&self.inner.key_prefix, event_type.as_str());
+        let (covered, entries) = match &self.inner.backend {
+            Backend::Memory { bus, .. } => {
+                let history = bus.history(&key, cursor.position);
+                (history.covered, history.entries)
+            }
+            Backend::Redis(pool) => redis_history(pool, &key, cursor.position)
+                .await
+                .map_err(ReplayError::Unavailable)?,
+        };
+        let metrics = &self.inner.metrics;
+        metrics.replay_entries_read.inc_by(entries.len() as u64);
+        metrics
+            .replays
+            .with_label_values(&[if covered { "true" } else { "false" }])
+            .inc();
+        if !covered {
+            return Ok(not_recovered);
+        }
+        let mut until = cursor.position;
+        let mut ids = HashSet::new();
+        let mut events = Vec::with_capacity(entries.len());
+        for (position, payload) in entries {
+            until = until.max(position);
+            let Ok(envelope) = self.inner.registry.decode(event_type, payload.as_bytes()) else {
+                continue;
+            };
+            if !ids.insert(envelope.id.clone()) {
+                continue;
+            }
+            let cursor = Cursor {
+                epoch: epoch.to_string(),
+                event_type,
+                position,
+            };
+            let keys = self.inner.registry.keys(event_type, &envelope.data);
+            events.push(Arc::new(LoggedEvent {
+                position,
+                cursor: Arc::from(cursor.to_string()),
+                envelope,
+                keys,
+            }));
+        }
+        Ok(Replay {
+            recovered: true,
+            events,
+            until,
+        })
+    }
+}
+
+/// What a replay ended with, for the task that runs it.
+#[derive(Debug, Default)]
+pub struct ReplayOutcome {
+    /// `None` until the log was read.
+    pub result: Option<Result<ReplayEnd, ReplayError>>,
+}
+
+/// Where a replay ended (see [`Replay`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayEnd {
+    pub recovered: bool,
+    pub until: Position,
+}
+
+/// The log after a cursor as one resuming subscription sees it: a finite stream of the events
+/// it missed, through the same resolver as live ones.
+pub struct ReplayEvents {
+    pub hub: Hub,
+    pub cursor: Cursor,
+    pub outcome: Arc<Mutex<ReplayOutcome>>,
+}
+
+impl EventSource for ReplayEvents {
+    fn subscribe(&self, event_type: EventType, key: Option<Key>) -> EnvelopeStream {
+        let hub = self.hub.clone();
+        let cursor = self.cursor.clone();
+        let outcome = self.outcome.clone();
+        Box::pin(
+            futures_util::stream::once(async move {
+                let replay = hub.replay(event_type, &cursor).await;
+                let mut outcome = lock(&outcome);
+                match replay {
+                    Ok(replay) => {
+                        outcome.result = Some(Ok(ReplayEnd {
+                            recovered: replay.recovered,
+                            until: replay.until,
+                        }));
+                        // One read of the type's log serves every key resuming from the cursor;
+                        // each subscription takes its own key's events from it.
+                        replay
+                            .events
+                            .iter()
+                            .filter(|event| event.is_for(key))
+                            .cloned()
+                            .collect()
+                    }
+                    Err(err) => {
+                        outcome.result = Some(Err(err));
+                        Vec::new()
+                    }
+                }
+            })
+            .flat_map(|events: Vec<Arc<LoggedEvent>>| {
+                futures_util::stream::iter(events.into_iter().map(|event| {
+                    mark(&event);
+                    event.envelope.clone()
+                }))
+            }),
+        )
+    }
+}
