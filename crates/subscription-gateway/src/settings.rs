@@ -62,8 +62,9 @@ pub struct Settings {
     /// disconnected as too slow (1013), in seconds.
     #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub write_timeout_secs: u64,
-    /// Events buffered per event type for the shared executions; an execution further behind
-    /// than this closes its subscribers' connections as slow (1013) so they resubscribe.
+    /// Events queued for each shared execution (only those it is for: of its key, or all of its
+    /// type when unkeyed); an execution further behind than this closes its subscribers'
+    /// connections as slow (1013) so they resubscribe.
     #[arg(long, env = "FANOUT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fanout_buffer: u64,
     /// api-service's GraphQL endpoint as this process reaches it (directly, not through NGINX):

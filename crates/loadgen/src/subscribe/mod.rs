@@ -4,13 +4,17 @@
 //! 1. **Ramp.** `--connections` sockets are opened at `--rate` per second, each bound to a source
 //!    address 127.0.0.x (x cycling 1..=250), so the count is not capped by the ~28k ephemeral
 //!    ports of one address pair. Each sends `connection_init` with the token, waits for the ack,
-//!    and starts `carModelUpdated(pk: …)` (pks from `--pks`, dealt out in turn).
+//!    and starts `carModelUpdated(pk: …)`: pks from `--pks` (or `--keys K`: 1..=K), spread over
+//!    the subscribers by `--distribution` (in turn, or a Zipf law), or with `--hot-subscribers N`
+//!    N on the first pk and the rest over the others (`spread`).
 //! 2. **Idle.** `--settle-secs` with nothing to deliver; the gateway's RSS is read at the end.
 //! 3. **Warm-up.** One event per pk, not counted, until every subscriber has had one: this proves
 //!    each subscription is live at the gateway (the protocol has no ack for a subscription).
-//! 4. **Events.** `--events` envelopes at `--events-per-sec`, published straight into Redis as
-//!    api-service would (`XADD <prefix>events:car.updated`). Each carries a unique make, so
-//!    every delivery is matched to its event and timed from just before the `XADD`.
+//! 4. **Events.** `--events` envelopes at `--events-per-sec` (with `--burst`: pipelined back to
+//!    back, as fast as Redis takes them), published straight into Redis as api-service would
+//!    (`XADD <prefix>events:car.updated`), their pks spread as the subscribers are (with a hot
+//!    pk: `--hot-event-share` of them on it). Each carries a unique make, so every delivery is
+//!    matched to its event and timed from just before the `XADD`.
 //! 5. **Drain.** Up to `--drain-secs` for the last deliveries; whatever has not arrived then is
 //!    counted missing.
 //!
@@ -34,7 +38,7 @@
 //!
 //! This module starts the run and holds what its threads share; the rest is by concern: `args`
 //! the command line, `phases` the orchestrator (the phases and the publishing), `tokens` the
-//! access tokens, `client` the subscribers, `messages` the graphql-ws messages, `ws` the
+//! access tokens, `spread` which pk each subscriber and event takes, `client` the subscribers, `messages` the graphql-ws messages, `ws` the
 //! websocket client, `proc` the /proc readings, `tally` what the subscribers saw, `report` the
 //! figures.
 

@@ -144,13 +144,21 @@ pub(super) fn report(
         cpu.filter(|_| delivered > 0)
             .map(|secs| secs * 1e6 / delivered as f64)
     };
+    // Per published event, whatever the number of its subscribers: what routing by key bounds.
+    let per_event_us = |cpu: Option<f64>| {
+        cpu.filter(|_| measured > 0)
+            .map(|secs| secs * 1e6 / measured as f64)
+    };
     let ms = |sorted: &[u32], p: f64| crate::percentile(sorted, p);
 
     let figures = json!({
         "scenario": "subscribe carModelUpdated",
         "protocol": args.protocol.name(),
         "connections": args.connections,
-        "pks": args.pks,
+        "pks": args.pks.len(),
+        "distribution": format!("{:?}", args.distribution),
+        "hot_subscribers": args.hot_subscribers,
+        "burst": args.burst,
         "threads": args.threads,
         "rate": args.rate,
         "established": established,
@@ -168,6 +176,7 @@ pub(super) fn report(
         "deliveries": delivered,
         "deliveries_expected": expected_total,
         "messages_per_second": messages_per_sec,
+        "first_publish_to_last_delivery_seconds": delivery_secs,
         "messages_per_second_while_delivering": burst_per_sec,
         "delivery_ms": {
             "p50": ms(&latencies_us, 50.0),
@@ -207,6 +216,7 @@ pub(super) fn report(
             "ramp": {"gateway": phases.cpu_ramp.gateway, "loadgen": phases.cpu_ramp.loadgen},
             "events": {"gateway": phases.cpu_events.gateway, "loadgen": phases.cpu_events.loadgen},
             "gateway_us_per_delivery": per_delivery_us(phases.cpu_events.gateway),
+            "gateway_us_per_event": per_event_us(phases.cpu_events.gateway),
             "loadgen_us_per_delivery": per_delivery_us(phases.cpu_events.loadgen),
         },
         "stopped_by_cap": phases.stopped_by_cap,
@@ -228,7 +238,11 @@ pub(super) fn report(
     println!(
         "subscribe {} ({}), {} threads: {}/{} established in {:.2} s = {:.0} conn/s; handshake p50 {:.2} ms, p99 {:.2} ms",
         args.protocol.name(),
-        if args.pks.len() == 1 { format!("pk {}", args.pks[0]) } else { format!("pks {:?}", args.pks) },
+        match args.pks.len() {
+            1 => format!("pk {}", args.pks[0]),
+            2..=8 => format!("pks {:?}", args.pks),
+            n => format!("{n} pks, {:?}", args.distribution),
+        },
         args.threads,
         established,
         args.connections,
@@ -268,9 +282,10 @@ pub(super) fn report(
     );
     let secs = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     println!(
-        "fan-out while delivering: {burst_per_sec:.0} msg/s; CPU s during events: gateway {} ({} µs/delivery), loadgen {} ({} µs/delivery); during ramp: gateway {}, loadgen {}",
+        "fan-out while delivering: {burst_per_sec:.0} msg/s; first publish to last delivery {delivery_secs:.3} s; CPU s during events: gateway {} ({} µs/delivery, {} µs/event), loadgen {} ({} µs/delivery); during ramp: gateway {}, loadgen {}",
         secs(phases.cpu_events.gateway),
         secs(per_delivery_us(phases.cpu_events.gateway)),
+        secs(per_event_us(phases.cpu_events.gateway)),
         secs(phases.cpu_events.loadgen),
         secs(per_delivery_us(phases.cpu_events.loadgen)),
         secs(phases.cpu_ramp.gateway),
