@@ -69,6 +69,7 @@ fn fixture() -> &'static Fixture {
             token_type,
             exp: 4_102_444_800, // 2100-01-01: never expires during a run.
             iat: 1_700_000_000,
+            iat_ms: Some(1_700_000_000_123),
             jti: format!("{user_id:032x}"),
             user_id,
             username: username.into(),
