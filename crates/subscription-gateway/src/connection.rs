@@ -107,11 +107,16 @@ struct Ready {
     /// `None` when the verifier follows no logouts.
     revocations: Option<watch::Receiver<u64>>,
     keepalive: tokio::time::Interval,
-    _user_slot: Counted<i64>,
+    _user_slot: crate::user_sockets::UserSlot,
 }
 
 impl Ready {
-    fn new(shared: &Shared, claims: Claims, authorization: String, slot: Counted<i64>) -> Self {
+    fn new(
+        shared: &Shared,
+        claims: Claims,
+        authorization: String,
+        slot: crate::user_sockets::UserSlot,
+    ) -> Self {
         let mut keepalive = tokio::time::interval_at(
             tokio::time::Instant::now() + shared.limits.keepalive,
             shared.limits.keepalive,
@@ -244,6 +249,7 @@ pub async fn run(
     let mut last_heard = tokio::time::Instant::now();
     // Bytes that arrived with the upgrade request are handled before the first read.
     let mut ready_input = true;
+    let replay_slots = shared.replays.connection_slots();
 
     let closing: Closing = 'serve: loop {
         if ready_input {
@@ -292,6 +298,7 @@ pub async fn run(
                     Peer {
                         header_authorization: header_authorization.as_deref(),
                         address: *_address_slot.key(),
+                        replay_slots: &replay_slots,
                     },
                 )
                 .await;
@@ -429,6 +436,8 @@ struct Peer<'a> {
     header_authorization: Option<&'a str>,
     /// The client's address (behind NGINX, the one it forwarded).
     address: IpAddr,
+    /// This connection's replays running (MAX_REPLAYS_PER_CONNECTION).
+    replay_slots: &'a Arc<tokio::sync::Semaphore>,
 }
 
 /// One message from the client; an error when the connection has to close.
@@ -464,7 +473,7 @@ async fn handle(
             // would otherwise make every idle connection's task as large as it.
             match Box::pin(shared.verifier.authenticate(token.as_deref())).await {
                 Ok(verified) => {
-                    let Some(user_slot) = shared.users.enter(verified.user_id) else {
+                    let Some(user_slot) = shared.users.enter(verified.user_id).await else {
                         let reason = format!(
                             "too many connections for this user (at most {})",
                             shared.users.max()
@@ -617,7 +626,16 @@ async fn handle(
                         .as_ref()
                         .map(|_| Gate::new(shared.limits.outbound_queue)),
                 },
-                resume,
+                resume: resume.map(|cursor| {
+                    (
+                        cursor,
+                        crate::replays::ReplayAdmission {
+                            replays: shared.replays.clone(),
+                            connection: peer.replay_slots.clone(),
+                            user_id: verified.user_id,
+                        },
+                    )
+                }),
             });
             shared
                 .metrics

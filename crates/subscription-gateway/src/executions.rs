@@ -35,6 +35,7 @@ use crate::hub::{ConnectionEvents, Hub, ReplayError, ReplayEvents, ReplayOutcome
 use crate::lock;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, Protocol};
+use crate::replays::ReplayAdmission;
 use crate::socket::{text_frame, Link};
 
 /// juniper's subscription coordinator over the schema: what an execution drives.
@@ -254,8 +255,9 @@ pub struct Start<'a> {
     pub claims: &'a tokens::jwt::Claims,
     pub request: juniper::http::GraphQLRequest<DefaultScalarValue>,
     pub subscriber: Subscriber,
-    /// `extensions.resumeFrom`: replay what the subscriber missed after it, then go live.
-    pub resume: Option<Cursor>,
+    /// `extensions.resumeFrom`: replay what the subscriber missed after it, then go live, when
+    /// its turn comes ([`crate::replays`]).
+    pub resume: Option<(Cursor, ReplayAdmission)>,
 }
 
 impl Executions {
@@ -271,21 +273,23 @@ impl Executions {
     /// result from now on, for as long as the returned membership lives. Called on the worker
     /// thread that serves the subscriber's connection.
     pub fn join(self: &Arc<Self>, start: Start<'_>) -> Membership {
-        let replay = start
-            .resume
-            .zip(start.subscriber.gate.clone())
-            .map(|(cursor, gate)| Replay {
-                coordinator: start.coordinator.clone(),
-                request: start.request.clone(),
-                claims: start.claims.clone(),
-                hub: start.hub.clone(),
-                cursor,
-                gate,
-                protocol: start.subscriber.protocol,
-                id: start.subscriber.id.clone(),
-                link: start.subscriber.link.clone(),
-                metrics: self.metrics.clone(),
-            });
+        let replay =
+            start
+                .resume
+                .zip(start.subscriber.gate.clone())
+                .map(|((cursor, admission), gate)| Replay {
+                    admission,
+                    coordinator: start.coordinator.clone(),
+                    request: start.request.clone(),
+                    claims: start.claims.clone(),
+                    hub: start.hub.clone(),
+                    cursor,
+                    gate,
+                    protocol: start.subscriber.protocol,
+                    id: start.subscriber.id.clone(),
+                    link: start.subscriber.link.clone(),
+                    metrics: self.metrics.clone(),
+                });
         let mut membership = self.join_live(
             start.coordinator,
             start.hub,
@@ -364,6 +368,7 @@ impl Executions {
 /// cursor, with its own connection's identity, written to its socket ahead of the live results
 /// its [`Gate`] holds meanwhile.
 struct Replay {
+    admission: ReplayAdmission,
     coordinator: Arc<Coordinator>,
     request: juniper::http::GraphQLRequest<DefaultScalarValue>,
     /// The resuming connection's: replayed events are authorized as live ones.
@@ -380,6 +385,12 @@ struct Replay {
 impl Replay {
     /// `started`: the live execution's [`Execution::started`].
     async fn run(self, mut started: watch::Receiver<bool>) {
+        let Some(turn) = self.admission.replays.admit(&self.admission).await else {
+            // Past its user's line: the history is not replayed, which the first live result
+            // says, as for a cursor the history no longer covers.
+            self.open_gate(None, Some(false));
+            return;
+        };
         // Until the live execution reads the hub, events could pass between the two unseen.
         if started.wait_for(|started| *started).await.is_err() {
             return;
@@ -394,7 +405,12 @@ impl Replay {
         let mut first = true;
         if let Ok(stream) = self.coordinator.subscribe(&self.request, &context).await {
             tokio::pin!(stream);
-            while let Some(output) = stream.next().await {
+            loop {
+                // The user's budget, and the worker's live deliveries first.
+                turn.pace().await;
+                let Some(output) = stream.next().await else {
+                    break;
+                };
                 let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
                 let mut payload = result_payload(output, mark.as_ref().map(|m| &*m.cursor));
                 if first {
@@ -431,6 +447,13 @@ impl Replay {
             }
             None => (None, None),
         };
+        drop(turn);
+        self.open_gate(after, recovered);
+    }
+
+    /// Ends the replay: what the gate held goes out, then live results as for every member.
+    fn open_gate(&self, after: Option<Position>, recovered: Option<bool>) {
+        let id_json = id_json(&self.id);
         for payload in self.gate.open(after, recovered) {
             let text = protocol::next_raw(self.protocol, &id_json, &payload);
             if !self.link.push_text(&text) {

@@ -9,15 +9,19 @@
 //! - [`socket`]: a websocket's own I/O: frames, small on-demand buffers, the shared write side
 //!   that executions write results into.
 //! - [`hub`]: the one Redis subscriber of the process (or the in-memory bus of the embedded
-//!   mode) and the in-memory fan-out to local subscribers; also the revocation feed.
+//!   mode) and the in-memory fan-out to local subscribers, routed by key; also the revocation
+//!   feed.
 //! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`).
 //! - [`connection`]: the life of one socket: auth at `connection_init`, subscriptions, keep-alive,
 //!   expiry, revocation, slow consumers, shutdown.
 //! - [`executions`]: subscriptions with the same operation executed once per event and shared.
+//! - [`replays`]: how many resumes a connection, a user and the process may replay at once, and
+//!   how fast a user's replays may go.
 //! - [`metrics`]: the gateway's Prometheus metrics.
+//! - [`user_sockets`]: sockets per user, counted across every gateway process through Redis.
 //! - [`state`]: what the parts share (`Shared`, `GatewayState`, the limits, the coordinator),
-//!   so that imports run one way: startup → server → connection → executions → hub/socket/
-//!   protocol.
+//!   so that imports run one way: startup → server → connection → executions → replays/hub/
+//!   socket/protocol.
 
 pub mod connection;
 pub mod executions;
@@ -25,11 +29,13 @@ pub mod forward;
 pub mod hub;
 pub mod metrics;
 pub mod protocol;
+pub mod replays;
 pub mod server;
 pub mod settings;
 pub mod socket;
 pub mod startup;
 pub mod state;
+pub mod user_sockets;
 
 /// A mutex's guard even if a thread panicked while holding it: every mutex here guards plain
 /// data that stays consistent between statements, and one panicking connection must not take

@@ -19,6 +19,8 @@ pub struct GatewayMetrics {
     pub redis_connected: IntGauge,
     pub replays: IntCounterVec,
     pub replay_entries_read: IntCounter,
+    pub replays_refused: IntCounter,
+    pub replay_events_paced: IntCounter,
 }
 
 impl GatewayMetrics {
@@ -108,6 +110,16 @@ impl GatewayMetrics {
                 "Log entries read for resuming subscriptions.",
             )
             .expect("valid metric"),
+            replays_refused: IntCounter::new(
+                "gateway_replays_refused_total",
+                "Resumes answered `recovered: false` at once: their user's line of replays was full.",
+            )
+            .expect("valid metric"),
+            replay_events_paced: IntCounter::new(
+                "gateway_replay_events_paced_total",
+                "Replayed events that waited for their user's budget (REPLAY_EVENTS_PER_SEC_PER_USER).",
+            )
+            .expect("valid metric"),
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(this.connections_open.clone()),
@@ -123,6 +135,8 @@ impl GatewayMetrics {
             Box::new(this.redis_connected.clone()),
             Box::new(this.replays.clone()),
             Box::new(this.replay_entries_read.clone()),
+            Box::new(this.replays_refused.clone()),
+            Box::new(this.replay_events_paced.clone()),
         ];
         for collector in collectors {
             if let Err(err) = registry.register(collector) {

@@ -48,6 +48,23 @@ pub struct Settings {
     /// bound.
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub max_connections_per_user: u64,
+    /// Replays (resumes reading what they missed) one connection may run at once; more wait.
+    #[arg(long, env = "MAX_REPLAYS_PER_CONNECTION", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_replays_per_connection: u64,
+    /// Replays one user may run at once on this process; more wait (REPLAY_QUEUE_PER_USER).
+    #[arg(long, env = "MAX_REPLAYS_PER_USER", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_replays_per_user: u64,
+    /// Replays running at once on this process, whoever asked.
+    #[arg(long, env = "MAX_REPLAYS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_replays: u64,
+    /// A user's replays that may wait for a turn; a resume past them is answered at once with
+    /// `recovered: false` (the client refetches its state) and goes live.
+    #[arg(long, env = "REPLAY_QUEUE_PER_USER", default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub replay_queue_per_user: u64,
+    /// Replayed events per second one user's replays may take together on this process; live
+    /// events are never paced.
+    #[arg(long, env = "REPLAY_EVENTS_PER_SEC_PER_USER", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub replay_events_per_sec_per_user: u32,
     /// Most subscriptions one connection may hold at once.
     #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_subscriptions_per_connection: u64,

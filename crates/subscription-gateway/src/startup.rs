@@ -73,6 +73,16 @@ pub async fn state(
     let buffer = settings.fanout_buffer as usize;
     // A domain type registered twice would mix two types in one log: refused before serving.
     let registry = domain::registry().map_err(StartupError::Other)?;
+    let users = crate::user_sockets::UserSockets::new(
+        usize::try_from(settings.max_connections_per_user).unwrap_or(0),
+        match &source {
+            HubSource::Redis {
+                pool, key_prefix, ..
+            } => Some((pool.clone(), key_prefix.clone())),
+            HubSource::Memory(_) => None,
+        },
+    );
+    users.spawn_renewal(hub_shutdown.clone());
     let parts = HubParts {
         registry,
         buffer,
@@ -91,7 +101,7 @@ pub async fn state(
     let shared = Arc::new(Shared {
         coordinator: Arc::new(Coordinator::new(graphql_schema::schema(limits))),
         schema: Arc::new(graphql_schema::schema(limits)),
-        users: Tally::new(usize::try_from(settings.max_connections_per_user).unwrap_or(0)),
+        users,
         verifier,
         hub,
         executions: Arc::new(crate::executions::Executions::new(
@@ -105,8 +115,18 @@ pub async fn state(
             outbound_queue: settings.outbound_queue as usize,
             write_timeout: Duration::from_secs(settings.write_timeout_secs),
         },
-        metrics: gateway_metrics,
+        metrics: gateway_metrics.clone(),
         shutdown: CancellationToken::new(),
+        replays: crate::replays::Replays::new(
+            crate::replays::ReplayLimits {
+                per_connection: settings.max_replays_per_connection as usize,
+                per_user: settings.max_replays_per_user as usize,
+                per_process: settings.max_replays as usize,
+                queue_per_user: settings.replay_queue_per_user as usize,
+                events_per_sec_per_user: settings.replay_events_per_sec_per_user,
+            },
+            gateway_metrics.clone(),
+        ),
         upstream: crate::forward::Upstream::new(&settings.api_internal_url)
             .map_err(|err| ConfigError::new("API_INTERNAL_URL", err))?
             .with_forwarding_key(settings.forwarding_key.clone()),

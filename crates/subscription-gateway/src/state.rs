@@ -1,5 +1,5 @@
 //! The state the gateway's parts share, in a room of its own so that imports run one way:
-//! startup → server → connection → state → executions → hub, socket, protocol. `state` names
+//! startup → server → connection → state → executions → replays, hub, socket, protocol. `state` names
 //! the types it holds and nothing above it; executions and below never import it.
 
 use std::net::IpAddr;
@@ -32,8 +32,8 @@ pub struct Shared {
     /// The same schema, for checks before an execution starts (one root field per
     /// subscription) and for metric labels.
     pub schema: Arc<Schema>,
-    /// Authenticated sockets per user (MAX_CONNECTIONS_PER_USER).
-    pub users: Arc<Tally<i64>>,
+    /// Authenticated sockets per user (MAX_CONNECTIONS_PER_USER), across every process.
+    pub users: crate::user_sockets::UserSockets,
     pub verifier: TokenVerifier,
     pub hub: Hub,
     /// Subscriptions with the same operation share one execution (see [`crate::executions`]).
@@ -44,6 +44,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Where queries and mutations sent on the socket are executed.
     pub upstream: crate::forward::Upstream,
+    /// Replays waiting or running, by user ([`crate::replays`]).
+    pub replays: Arc<crate::replays::Replays>,
 }
 
 /// What the upgrade handler shares (the server reads it as app data).

@@ -19,6 +19,7 @@ mod embedded;
 mod hardening;
 mod npm_clients;
 mod reference;
+mod replay_bounds;
 mod replicas;
 mod resume;
 mod second_probe;
