@@ -473,7 +473,9 @@ async fn handle(
             // would otherwise make every idle connection's task as large as it.
             match Box::pin(shared.verifier.authenticate(token.as_deref())).await {
                 Ok(verified) => {
-                    let Some(user_slot) = shared.users.enter(verified.user_id).await else {
+                    // Boxed too: the Redis round trip's future is large, and is awaited once.
+                    let Some(user_slot) = Box::pin(shared.users.enter(verified.user_id)).await
+                    else {
                         let reason = format!(
                             "too many connections for this user (at most {})",
                             shared.users.max()
