@@ -55,7 +55,7 @@ pub struct Settings {
     #[arg(long, env = "MAX_REPLAYS_PER_USER", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_replays_per_user: u64,
     /// Replays running at once on this process, whoever asked.
-    #[arg(long, env = "MAX_REPLAYS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "MAX_REPLAYS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_replays: u64,
     /// A user's replays that may wait for a turn; a resume past them is answered at once with
     /// `recovered: false` (the client refetches its state) and goes live.
