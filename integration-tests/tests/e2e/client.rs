@@ -39,15 +39,36 @@ pub async fn post_token(base_url: &str, username: &str, password: &str) -> (u16,
     )
 }
 
-/// `auth-service create-user` with the stack's database (the operator's command): a user of the
-/// test's own, so that revoking its tokens touches no other test.
+/// A release binary of the stack's (`api-service`, `auth-service`, `subscription-gateway`)
+/// with the stack's database, Redis and key prefix, as an operator runs one beside it.
+pub fn stack_command(stack: &Stack, binary: &str) -> Command {
+    let mut command = Command::new(bin_dir().join(binary));
+    command
+        .env("DATABASE_URL", &stack.database_url)
+        .env("REDIS_URL", &stack.redis_url)
+        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
+        .env("DEMO", "true")
+        .env("MIGRATE", "false")
+        .env("LOG_LEVEL", "warn");
+    command
+}
+
+/// The password of the users [`new_user`] creates.
+pub const USER_PASSWORD: &str = "e2e-user-pass-1";
+
+/// A user of the test's own (`label-<random>`, password [`USER_PASSWORD`]), so that what a test
+/// does to it (a logout, a flood) touches no other test.
+pub fn new_user(stack: &Stack, label: &str) -> String {
+    let username = format!("{label}-{}", test_support::random_suffix());
+    create_user(stack, &username, USER_PASSWORD);
+    username
+}
+
+/// `auth-service create-user` with the stack's database (the operator's command).
 pub fn create_user(stack: &Stack, username: &str, password: &str) {
     use std::io::Write as _;
-    let mut create = Command::new(bin_dir().join("auth-service"))
+    let mut create = stack_command(stack, "auth-service")
         .args(["create-user", "--username", username, "--password-stdin"])
-        .env("DATABASE_URL", &stack.database_url)
-        .env("MIGRATE", "false")
-        .env("LOG_LEVEL", "warn")
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
@@ -60,13 +81,8 @@ pub fn create_user(stack: &Stack, username: &str, password: &str) {
 
 /// `auth-service deactivate-user` with the stack's database and Redis.
 pub fn deactivate_user(stack: &Stack, username: &str) {
-    let output = Command::new(bin_dir().join("auth-service"))
+    let output = stack_command(stack, "auth-service")
         .args(["deactivate-user", "--username", username])
-        .env("DATABASE_URL", &stack.database_url)
-        .env("REDIS_URL", &stack.redis_url)
-        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
-        .env("MIGRATE", "false")
-        .env("LOG_LEVEL", "warn")
         .output()
         .unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -150,14 +166,8 @@ pub async fn update_make(stack: &Stack, access: &str, pk: &str, make: &str) {
 
 /// `api-service trigger-event --pk <pk>`, the real binary with the stack's settings (step 5).
 pub fn trigger_event(stack: &Stack, pk: i64) -> String {
-    let output = Command::new(bin_dir().join("api-service"))
+    let output = stack_command(stack, "api-service")
         .args(["trigger-event", "--pk", &pk.to_string()])
-        .env("DATABASE_URL", &stack.database_url)
-        .env("REDIS_URL", &stack.redis_url)
-        .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
-        .env("DEMO", "true")
-        .env("MIGRATE", "false")
-        .env("LOG_LEVEL", "warn")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

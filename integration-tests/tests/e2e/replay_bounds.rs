@@ -13,15 +13,9 @@ use deadpool_redis::redis;
 use serde_json::{json, Value};
 
 use crate::client::{
-    create_car, create_user, metric_sum, tokens_of, update_make, Incoming, WsClient,
+    create_car, metric_sum, new_user, tokens_of, update_make, Incoming, WsClient, USER_PASSWORD,
 };
 use crate::stack::Stack;
-
-fn new_user(stack: &Stack, label: &str) -> String {
-    let username = format!("{label}-{}", test_support::random_suffix());
-    create_user(stack, &username, "replay-pass-1");
-    username
-}
 
 fn model_updated(pk: &str) -> String {
     format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make }} }}")
@@ -62,6 +56,29 @@ async fn next_make(ws: &mut WsClient) -> (String, String, Value) {
         }
         other => panic!("{other:?}"),
     }
+}
+
+/// Subscribes `ws` to car `pk`'s updates and updates the car until a result arrives (the
+/// protocol does not acknowledge a subscription); the cursor of the last result it got.
+async fn subscribed_cursor(stack: &Stack, access: &str, pk: &str, ws: &mut WsClient) -> String {
+    subscribe(ws, "s", &model_updated(pk), None).await;
+    let mut cursor = None;
+    for attempt in 0..20 {
+        update_make(stack, access, pk, &format!("before {attempt}")).await;
+        if let Some(Incoming::Json(message)) = ws.answer_within(Duration::from_secs(2)).await {
+            cursor = message["payload"]["extensions"]["cursor"]
+                .as_str()
+                .map(str::to_owned);
+            break;
+        }
+    }
+    // A late delivery of an earlier attempt may still come: the cursor is the last one seen.
+    while let Some(Incoming::Json(message)) = ws.answer_within(Duration::from_millis(500)).await {
+        cursor = message["payload"]["extensions"]["cursor"]
+            .as_str()
+            .map(str::to_owned);
+    }
+    cursor.expect("the subscription never delivered")
 }
 
 /// `count` events of car `pk` appended to the stack's log as api-service appends them.
@@ -121,69 +138,32 @@ async fn one_accounts_resume_flood_leaves_live_updates_and_honest_resumes_whole(
     let attacker = new_user(stack, "flooder");
     let victim = new_user(stack, "watcher");
     let honest = new_user(stack, "resumer");
-    let (attacker_access, _) = tokens_of(stack, &attacker, "replay-pass-1").await;
-    let (victim_access, _) = tokens_of(stack, &victim, "replay-pass-1").await;
-    let (honest_access, _) = tokens_of(stack, &honest, "replay-pass-1").await;
+    let (attacker_access, _) = tokens_of(stack, &attacker, USER_PASSWORD).await;
+    let (victim_access, _) = tokens_of(stack, &victim, USER_PASSWORD).await;
+    let (honest_access, _) = tokens_of(stack, &honest, USER_PASSWORD).await;
 
     // The victim's car and subscriber, and the epoch from its first result.
     let victim_car = create_car(stack, &victim_access, "Watched").await;
     let mut watcher = connected(&stack.ws_url(), &victim_access).await;
-    subscribe(&mut watcher, "w", &model_updated(&victim_car), None).await;
-    let mut epoch = None;
-    for attempt in 0..20 {
-        update_make(
-            stack,
-            &victim_access,
-            &victim_car,
-            &format!("warm {attempt}"),
-        )
-        .await;
-        if let Some(Incoming::Json(message)) = watcher.answer_within(Duration::from_secs(2)).await {
-            let cursor = message["payload"]["extensions"]["cursor"].as_str().unwrap();
-            epoch = Some(cursor.split(':').next().unwrap().to_owned());
-            break;
-        }
-    }
-    let epoch = epoch.expect("the watcher's subscription never delivered");
-
-    // An honest client's place in the log before the flood: it will resume from here.
-    let honest_car = create_car(stack, &honest_access, "Honest").await;
-    let mut first_life = connected(&stack.ws_url(), &honest_access).await;
-    subscribe(&mut first_life, "h", &model_updated(&honest_car), None).await;
-    let mut honest_cursor = None;
-    for attempt in 0..20 {
-        update_make(
-            stack,
-            &honest_access,
-            &honest_car,
-            &format!("before {attempt}"),
-        )
-        .await;
-        if let Some(Incoming::Json(message)) =
-            first_life.answer_within(Duration::from_secs(2)).await
-        {
-            honest_cursor = message["payload"]["extensions"]["cursor"]
-                .as_str()
-                .map(str::to_owned);
-            break;
-        }
-    }
-    // A late delivery of an earlier attempt may still come: the cursor is the last one seen.
-    while let Some(Incoming::Json(message)) =
-        first_life.answer_within(Duration::from_millis(500)).await
-    {
-        honest_cursor = message["payload"]["extensions"]["cursor"]
-            .as_str()
-            .map(str::to_owned);
-    }
-    let honest_cursor = honest_cursor.expect("the honest subscription never delivered");
-    drop(first_life);
+    let epoch = subscribed_cursor(stack, &victim_access, &victim_car, &mut watcher)
+        .await
+        .split(':')
+        .next()
+        .unwrap()
+        .to_owned();
 
     // 10,000 retained events of the attacker's target car, then the flood: 80 sockets × 100
     // resumes from the oldest cursor, through NGINX (both gateways), never read.
     let target = "987654321";
     fill_log(stack, target, 10_000).await;
     let oldest = oldest_cursor(stack, &epoch).await;
+    // An honest client's place in the log, just before the flood: it will resume from here.
+    // (After the 10,000: a cursor older than the retention is rightly not recovered.)
+    let honest_car = create_car(stack, &honest_access, "Honest").await;
+    let mut first_life = connected(&stack.ws_url(), &honest_access).await;
+    let honest_cursor =
+        subscribed_cursor(stack, &honest_access, &honest_car, &mut first_life).await;
+    drop(first_life);
     let refused_before = replays_refused(stack).await;
     let mut flood = Vec::new();
     for socket in 0..80 {
@@ -263,7 +243,7 @@ async fn one_accounts_resume_flood_leaves_live_updates_and_honest_resumes_whole(
 async fn a_user_at_the_socket_cap_on_one_gateway_is_refused_on_the_other() {
     let stack = Stack::shared();
     let user = new_user(stack, "capped");
-    let (access, _) = tokens_of(stack, &user, "replay-pass-1").await;
+    let (access, _) = tokens_of(stack, &user, USER_PASSWORD).await;
     let [first, second] = [stack.gateway_ports[0], stack.gateway_ports[1]]
         .map(|port| format!("ws://127.0.0.1:{port}/graphql"));
     // MAX_CONNECTIONS_PER_USER is 100 (the default): all of them on the first gateway.

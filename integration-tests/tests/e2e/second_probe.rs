@@ -12,18 +12,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::client::{
-    create_car, create_user, deactivate_user, graphql, http, tokens_of, update_make, Incoming,
-    WsClient, CAR_1_UPDATED, PATIENCE,
+    create_car, deactivate_user, graphql, http, new_user, stack_command, tokens_of, update_make,
+    Incoming, WsClient, CAR_1_UPDATED, PATIENCE, USER_PASSWORD,
 };
 use crate::embedded::Gqlws;
-use crate::stack::{bin_dir, Stack};
-
-/// A user of the test's own, with its password.
-fn new_user(stack: &Stack, label: &str) -> String {
-    let username = format!("{label}-{}", test_support::random_suffix());
-    create_user(stack, &username, "probe-pass-1");
-    username
-}
+use crate::stack::Stack;
 
 async fn logout(base_url: &str, refresh: &str) -> (u16, Value) {
     let mut response = http()
@@ -124,14 +117,8 @@ struct LateReplica {
 impl LateReplica {
     async fn start(stack: &Stack, binary: &str) -> LateReplica {
         let port = test_support::free_port();
-        let child = std::process::Command::new(bin_dir().join(binary))
+        let child = stack_command(stack, binary)
             .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATABASE_URL", &stack.database_url)
-            .env("REDIS_URL", &stack.redis_url)
-            .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
-            .env("DEMO", "true")
-            .env("MIGRATE", "false")
-            .env("LOG_LEVEL", "warn")
             .env(
                 "API_INTERNAL_URL",
                 format!("http://127.0.0.1:{}/graphql", stack.api_ports[0]),
@@ -178,11 +165,11 @@ async fn one_users_burst_of_logouts_leaves_every_other_logout_whole() {
     let (http_urls, ws_urls) = every_replica(stack);
 
     for _ in 0..60 {
-        let (_, refresh) = tokens_of(stack, &alice, "probe-pass-1").await;
+        let (_, refresh) = tokens_of(stack, &alice, USER_PASSWORD).await;
         assert_eq!(logout(&stack.url, &refresh).await.0, 200);
     }
     // Her next tokens: issued now, for the configured lifetime.
-    let (alice_access, _) = tokens_of(stack, &alice, "probe-pass-1").await;
+    let (alice_access, _) = tokens_of(stack, &alice, USER_PASSWORD).await;
     let claims = crate::client::claims_of(&alice_access);
     let now_ms = chrono::Utc::now().timestamp_millis();
     assert!(claims["iat_ms"].as_i64().unwrap() <= now_ms, "{claims}");
@@ -193,7 +180,7 @@ async fn one_users_burst_of_logouts_leaves_every_other_logout_whole() {
     );
 
     // Bob: an open socket, a logout, then his token everywhere.
-    let (bob_access, bob_refresh) = tokens_of(stack, &bob, "probe-pass-1").await;
+    let (bob_access, bob_refresh) = tokens_of(stack, &bob, USER_PASSWORD).await;
     let mut bob_socket =
         crate::client::ws_subscribed(stack, "graphql-transport-ws", &bob_access, CAR_1_UPDATED)
             .await;
@@ -204,7 +191,7 @@ async fn one_users_burst_of_logouts_leaves_every_other_logout_whole() {
     }
     until_refused_everywhere(&http_urls, &ws_urls, &bob_access).await;
     // Renewal with the revoked token, on a socket of his new one: closed as revoked.
-    let (bob_new, _) = tokens_of(stack, &bob, "probe-pass-1").await;
+    let (bob_new, _) = tokens_of(stack, &bob, USER_PASSWORD).await;
     let mut renewing = crate::client::ws_connect(stack, "graphql-transport-ws")
         .await
         .unwrap();
@@ -220,7 +207,7 @@ async fn one_users_burst_of_logouts_leaves_every_other_logout_whole() {
     }
 
     // Carol: deactivated by the operator while her socket is open.
-    let (carol_access, _) = tokens_of(stack, &carol, "probe-pass-1").await;
+    let (carol_access, _) = tokens_of(stack, &carol, USER_PASSWORD).await;
     let mut carol_socket =
         crate::client::ws_subscribed(stack, "graphql-ws", &carol_access, CAR_1_UPDATED).await;
     deactivate_user(stack, &carol);
@@ -264,7 +251,7 @@ async fn one_users_burst_of_logouts_leaves_every_other_logout_whole() {
 async fn sockets_opened_around_a_logout_are_all_closed() {
     let stack = Stack::shared();
     let user = new_user(stack, "racer");
-    let (access, refresh) = tokens_of(stack, &user, "probe-pass-1").await;
+    let (access, refresh) = tokens_of(stack, &user, USER_PASSWORD).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut openers = Vec::new();
     for _ in 0..4 {
@@ -443,7 +430,7 @@ async fn epoch_of(stack: &Stack, access: &str, pk: &str) -> String {
 async fn forged_cursors_are_answered_without_reading_the_log() {
     let stack = Stack::shared();
     let user = new_user(stack, "cursor");
-    let (access, _) = tokens_of(stack, &user, "probe-pass-1").await;
+    let (access, _) = tokens_of(stack, &user, USER_PASSWORD).await;
     let pk = create_car(stack, &access, "Forged").await;
     let epoch = epoch_of(stack, &access, &pk).await;
     // A log of some length to read, if the gateway read it.
