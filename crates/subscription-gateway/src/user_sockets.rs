@@ -138,6 +138,28 @@ impl UserSockets {
     }
 }
 
+impl UserSlot {
+    /// Gives the place back now, in Redis too, before the caller goes on: the socket's user may
+    /// open the next one at once (on any gateway).
+    pub async fn release(mut self) {
+        if let Some(entry) = self.shared.take() {
+            let (shared, member, user_id) = *entry;
+            lock(&shared.live).remove(&member);
+            shared.remove(user_id, &member).await;
+        }
+    }
+}
+
+impl SharedCount {
+    async fn remove(&self, user_id: i64, member: &str) {
+        let mut remove = redis::cmd("ZREM");
+        remove.arg(key(&self.key_prefix, user_id)).arg(member);
+        if let Err(err) = service_kit::redis::query::<i64>(&self.pool, &remove).await {
+            tracing::debug!(%err, "cannot remove a closed socket's entry; it expires");
+        }
+    }
+}
+
 impl Drop for UserSlot {
     fn drop(&mut self) {
         let Some(entry) = self.shared.take() else {
@@ -147,11 +169,7 @@ impl Drop for UserSlot {
         lock(&shared.live).remove(&member);
         // Outside a runtime (the process is stopping) the entry simply expires.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let mut remove = redis::cmd("ZREM");
-                remove.arg(key(&shared.key_prefix, user_id)).arg(&member);
-                let _ = service_kit::redis::query::<i64>(&shared.pool, &remove).await;
-            });
+            runtime.spawn(async move { shared.remove(user_id, &member).await });
         }
     }
 }

@@ -399,3 +399,47 @@ fn a_bad_api_internal_url_stops_the_start_with_a_line_that_names_it() {
         );
     }
 }
+
+/// A client cut as slow (1013) that reconnects the moment it reads the close frame, while its
+/// old connection is still open on its side, gets a place: the user's count (1 here, shared
+/// with every gateway through Redis) was given back when the close was decided, not once the
+/// closing handshake had drained.
+#[actix_web::test]
+async fn a_client_cut_as_slow_reconnects_at_once_without_1008() {
+    let gateway = TestGateway::spawn(&[
+        "--max-connections-per-user=1",
+        "--fanout-buffer=4",
+        "--outbound-queue=4",
+    ])
+    .await;
+    let mut cut = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    cut.init(&access(1)).await;
+    cut.send(json!({"id": "s", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+        .await;
+    gateway.settle().await;
+    gateway
+        .publish_burst(
+            CAR_UPDATED,
+            (0..5_000).map(|n| car(1, &format!("m{n}"))).collect(),
+        )
+        .await;
+    let code = loop {
+        match cut.answer().await {
+            Incoming::Json(message) if message["type"] == "next" => {}
+            Incoming::Close(code, _) => break code,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1013));
+    // `cut` is still open on this side: the reconnect comes before its closing handshake ends.
+    let mut again = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    again
+        .send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {}", access(1))}}))
+        .await;
+    let answer = again.answer().await;
+    assert!(
+        matches!(&answer, Incoming::Json(ack) if ack["type"] == "connection_ack"),
+        "{answer:?}"
+    );
+    drop(cut);
+}
