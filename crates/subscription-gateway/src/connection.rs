@@ -388,13 +388,14 @@ pub async fn run(
         .connections_closed
         .with_label_values(&[&closing.code.to_string()])
         .inc();
-    shared.metrics.connections_open.dec();
     // The user's place is given back when the close is decided, not once it has drained: a
     // client cut (1013, 1001) that reconnects at once must not find its own closing socket
-    // still counted (1008). Boxed: a Redis round trip, once per socket.
+    // still counted (1008). Boxed: a Redis round trip, once per socket. Before the open count
+    // drops, which a draining process waits for, so that the close frame still goes out.
     if let Phase::Ready(ready) = phase {
         Box::pin(ready._user_slot.release()).await;
     }
+    shared.metrics.connections_open.dec();
     close_socket(&link, &closing).await;
 }
 
