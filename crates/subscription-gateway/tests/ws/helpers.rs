@@ -144,6 +144,12 @@ impl TestGateway {
         service_kit::redis::query::<()>(&pool, &pipe).await.unwrap();
     }
 
+    /// Car `pk`'s burst of `count` updates, as [`TestGateway::publish_burst`].
+    pub async fn burst_on(&self, pk: i64, count: i64) {
+        let cars = (0..count).map(|n| car(pk, &format!("m{n}"))).collect();
+        self.publish_burst(CAR_UPDATED, cars).await;
+    }
+
     pub async fn publish_raw(&self, channel_suffix: &str, payload: &str) {
         let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
         let append = events::append_command(
@@ -202,3 +208,14 @@ pub fn access(user_id: i64) -> String {
 }
 
 pub const MODEL_UPDATED: &str = "subscription { carModelUpdated(pk: 1) { id make model } }";
+
+/// Reads results until the socket closes; the close code.
+pub async fn close_code_after_results(client: &mut WsClient) -> Option<u16> {
+    loop {
+        match client.answer().await {
+            Incoming::Json(message) if message["type"] == "next" => {}
+            Incoming::Close(code, _) => return code,
+            other => panic!("{other:?}"),
+        }
+    }
+}

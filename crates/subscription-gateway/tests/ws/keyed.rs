@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{access, car, Incoming, TestGateway, WsClient, CAR_UPDATED};
+use crate::helpers::{access, car, close_code_after_results, TestGateway, WsClient, CAR_UPDATED};
 
 fn model_updated(pk: i64) -> String {
     format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make }} }}")
@@ -125,22 +125,11 @@ async fn a_burst_on_a_subscribers_own_key_longer_than_the_buffer_still_cuts_it_o
     let mut stuck = subscribed(&gateway, 1, None).await;
     let mut other = subscribed(&gateway, 2, None).await;
     gateway.settle().await;
-    gateway
-        .publish_burst(
-            CAR_UPDATED,
-            (0..5_000).map(|n| car(1, &format!("m{n}"))).collect(),
-        )
-        .await;
+    gateway.burst_on(1, 5_000).await;
     gateway.publish(CAR_UPDATED, car(2, "fine")).await;
     let (_, make, _, _) = next_result(&mut other).await;
     assert_eq!(make, "fine");
-    let closed = loop {
-        match stuck.answer().await {
-            Incoming::Json(message) if message["type"] == "next" => {}
-            Incoming::Close(code, _) => break code,
-            other => panic!("{other:?}"),
-        }
-    };
+    let closed = close_code_after_results(&mut stuck).await;
     assert_eq!(closed, Some(1013));
 }
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 use awc::ws;
 use serde_json::json;
 
-use crate::helpers::{access, car, Incoming, TestGateway, WsClient, MODEL_UPDATED};
+use crate::helpers::{
+    access, car, close_code_after_results, Incoming, TestGateway, WsClient, MODEL_UPDATED,
+};
 
 #[actix_web::test]
 async fn a_request_without_a_known_subprotocol_is_refused_with_the_supported_ones() {
@@ -417,19 +419,8 @@ async fn a_client_cut_as_slow_reconnects_at_once_without_1008() {
     cut.send(json!({"id": "s", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
         .await;
     gateway.settle().await;
-    gateway
-        .publish_burst(
-            CAR_UPDATED,
-            (0..5_000).map(|n| car(1, &format!("m{n}"))).collect(),
-        )
-        .await;
-    let code = loop {
-        match cut.answer().await {
-            Incoming::Json(message) if message["type"] == "next" => {}
-            Incoming::Close(code, _) => break code,
-            other => panic!("{other:?}"),
-        }
-    };
+    gateway.burst_on(1, 5_000).await;
+    let code = close_code_after_results(&mut cut).await;
     assert_eq!(code, Some(1013));
     // `cut` is still open on this side: the reconnect comes before its closing handshake ends.
     let mut again = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
