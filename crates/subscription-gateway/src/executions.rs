@@ -12,10 +12,15 @@
 //! not held up. The last subscriber to leave drops the execution, which stops its tasks and,
 //! through the hub's guard, unsubscribes the Redis channel when nobody else needs it.
 //!
+//! A subscriber that resumes gets what it missed first, from a replay of the operation over the
+//! log after its cursor; subscribers resuming from one cursor with one operation while the replay
+//! waits for its turn ([`crate::replays`]) share it, executed and serialized once
+//! ([`SharedReplay`]), each holding a place in its own user's line.
+//!
 //! Results do not depend on who subscribed (any signed-in user may read every car, and each
 //! connection's own token was checked at `connection_init` and is watched for expiry and
-//! revocation), which is what makes sharing them correct. A per-user field would have to be
-//! part of the key.
+//! revocation), which is what makes sharing them, live and replayed, correct. A per-user field
+//! would have to be part of the key.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -45,6 +50,9 @@ pub type Coordinator =
 /// The running executions of this process, by operation key.
 pub struct Executions {
     running: Mutex<HashMap<String, Weak<Execution>>>,
+    /// Replays not begun yet, by operation and cursor: a subscriber resuming from the same
+    /// cursor with the same operation joins one instead of starting its own.
+    pending_replays: Mutex<HashMap<String, Weak<SharedReplay>>>,
     metrics: GatewayMetrics,
     /// Results that may wait for one worker's group task (FANOUT_BUFFER); a group that far
     /// behind holds up its execution, which then lags behind the hub and cuts everyone off.
@@ -216,16 +224,66 @@ pub struct Membership {
     _execution: Arc<Execution>,
     group: Arc<Group>,
     slot: u64,
-    /// A resuming subscriber's replay, stopped when it leaves.
-    replay: Option<actix_web::rt::task::JoinHandle<()>>,
+    /// A resuming subscriber's seat in its replay; leaving gives it up.
+    replay: Option<ReplaySeat>,
 }
 
 impl Drop for Membership {
     fn drop(&mut self) {
-        if let Some(replay) = self.replay.take() {
-            replay.abort();
-        }
+        drop(self.replay.take());
         lock(&self.group.members).remove(&self.slot);
+    }
+}
+
+/// One replay of an operation after a cursor, written to every subscriber that resumed from
+/// that cursor with that operation before it began: executed and serialized once. Results do
+/// not depend on who subscribed (see the module doc), so the first subscriber's identity serves
+/// them all, as a shared execution's does.
+struct SharedReplay {
+    members: Mutex<HashMap<u64, ReplayMember>>,
+    next_seat: AtomicU64,
+    /// Set (under the registry's `pending_replays` lock) when it leaves the pending ones.
+    begun: AtomicBool,
+    task: Mutex<Option<actix_web::rt::task::JoinHandle<()>>>,
+}
+
+/// Where one resuming subscriber's replayed results go.
+struct ReplayMember {
+    protocol: Protocol,
+    id: String,
+    link: Arc<Link>,
+    gate: Arc<Gate>,
+    /// A member that joined holds a place in its user's line, as one waiting for its own
+    /// replay would (the first member's is the replay's turn).
+    _place: Option<crate::replays::LinePlace>,
+}
+
+/// A subscriber's place in a [`SharedReplay`]; the last one to leave stops it.
+struct ReplaySeat {
+    replay: Arc<SharedReplay>,
+    seat: u64,
+}
+
+impl SharedReplay {
+    fn seat(self: &Arc<Self>, member: ReplayMember) -> ReplaySeat {
+        let seat = self.next_seat.fetch_add(1, Ordering::Relaxed);
+        lock(&self.members).insert(seat, member);
+        ReplaySeat {
+            replay: self.clone(),
+            seat,
+        }
+    }
+}
+
+impl Drop for ReplaySeat {
+    fn drop(&mut self) {
+        let mut members = lock(&self.replay.members);
+        members.remove(&self.seat);
+        if members.is_empty() {
+            if let Some(task) = lock(&self.replay.task).take() {
+                task.abort();
+            }
+        }
     }
 }
 
@@ -264,6 +322,7 @@ impl Executions {
     pub fn new(metrics: GatewayMetrics, group_buffer: usize) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
+            pending_replays: Mutex::new(HashMap::new()),
             metrics,
             group_buffer: group_buffer.max(1),
         }
@@ -273,23 +332,26 @@ impl Executions {
     /// result from now on, for as long as the returned membership lives. Called on the worker
     /// thread that serves the subscriber's connection.
     pub fn join(self: &Arc<Self>, start: Start<'_>) -> Membership {
-        let replay =
-            start
-                .resume
-                .zip(start.subscriber.gate.clone())
-                .map(|((cursor, admission), gate)| Replay {
-                    admission,
-                    coordinator: start.coordinator.clone(),
-                    request: start.request.clone(),
-                    claims: start.claims.clone(),
-                    hub: start.hub.clone(),
-                    cursor,
-                    gate,
-                    protocol: start.subscriber.protocol,
-                    id: start.subscriber.id.clone(),
-                    link: start.subscriber.link.clone(),
-                    metrics: self.metrics.clone(),
-                });
+        let resume = start.resume.zip(start.subscriber.gate.clone());
+        let member = resume.as_ref().map(|(_, gate)| ReplayMember {
+            protocol: start.subscriber.protocol,
+            id: start.subscriber.id.clone(),
+            link: start.subscriber.link.clone(),
+            gate: gate.clone(),
+            _place: None,
+        });
+        let replay_key = resume
+            .as_ref()
+            .map(|((cursor, _), _)| format!("{}\u{0}{cursor}", operation_key(&start.request)));
+        let replay = resume.map(|((cursor, admission), _)| Replay {
+            admission,
+            coordinator: start.coordinator.clone(),
+            request: start.request.clone(),
+            claims: start.claims.clone(),
+            hub: start.hub.clone(),
+            cursor,
+            metrics: self.metrics.clone(),
+        });
         let mut membership = self.join_live(
             start.coordinator,
             start.hub,
@@ -297,11 +359,38 @@ impl Executions {
             start.request,
             start.subscriber,
         );
-        if let Some(replay) = replay {
+        if let (Some(replay), Some(mut member), Some(key)) = (replay, member, replay_key) {
+            let mut pending = lock(&self.pending_replays);
+            if let Some(shared) = pending.get(&key).and_then(Weak::upgrade) {
+                if !shared.begun.load(Ordering::Acquire) {
+                    let replays = &replay.admission.replays;
+                    match replays.join_line(replay.admission.user_id) {
+                        Some(place) => {
+                            self.metrics.replays_shared.inc();
+                            member._place = Some(place);
+                            membership.replay = Some(shared.seat(member));
+                        }
+                        // Past its user's line: live at once, saying so.
+                        None => open_gate(&member, None, Some(false), &self.metrics),
+                    }
+                    return membership;
+                }
+            }
+            let shared = Arc::new(SharedReplay {
+                members: Mutex::new(HashMap::new()),
+                next_seat: AtomicU64::new(0),
+                begun: AtomicBool::new(false),
+                task: Mutex::new(None),
+            });
+            pending.insert(key.clone(), Arc::downgrade(&shared));
+            drop(pending);
+            membership.replay = Some(shared.seat(member));
             let started = membership._execution.started.subscribe();
-            membership.replay = Some(actix_web::rt::spawn(
-                CURRENT_EVENT.scope(Cell::new(None), replay.run(started)),
+            let task = actix_web::rt::spawn(CURRENT_EVENT.scope(
+                Cell::new(None),
+                replay.run(shared.clone(), Arc::downgrade(self), key, started),
             ));
+            *lock(&shared.task) = Some(task);
         }
         membership
     }
@@ -375,20 +464,35 @@ struct Replay {
     claims: tokens::jwt::Claims,
     hub: Hub,
     cursor: Cursor,
-    gate: Arc<Gate>,
-    protocol: Protocol,
-    id: String,
-    link: Arc<Link>,
     metrics: GatewayMetrics,
 }
 
 impl Replay {
-    /// `started`: the live execution's [`Execution::started`].
-    async fn run(self, mut started: watch::Receiver<bool>) {
-        let Some(turn) = self.admission.replays.admit(&self.admission).await else {
+    /// Replays for every member of `shared`. `key` is its place among the pending replays of
+    /// `registry`, left when it begins; `started`: the live execution's [`Execution::started`].
+    async fn run(
+        self,
+        shared: Arc<SharedReplay>,
+        registry: Weak<Executions>,
+        key: String,
+        mut started: watch::Receiver<bool>,
+    ) {
+        let turn = self.admission.replays.admit(&self.admission).await;
+        // From here on nobody joins: a newcomer would have missed what is written from now.
+        if let Some(registry) = registry.upgrade() {
+            let mut pending = lock(&registry.pending_replays);
+            shared.begun.store(true, Ordering::Release);
+            if pending
+                .get(&key)
+                .is_some_and(|weak| std::ptr::eq(weak.as_ptr(), Arc::as_ptr(&shared)))
+            {
+                pending.remove(&key);
+            }
+        }
+        let Some(turn) = turn else {
             // Past its user's line: the history is not replayed, which the first live result
             // says, as for a cursor the history no longer covers.
-            self.open_gate(None, Some(false));
+            self.open_gates(&shared, None, Some(false));
             return;
         };
         // Until the live execution reads the hub, events could pass between the two unseen.
@@ -401,12 +505,12 @@ impl Replay {
             cursor: self.cursor.clone(),
             outcome: outcome.clone(),
         }));
-        let id_json = id_json(&self.id);
         let mut first = true;
         if let Ok(stream) = self.coordinator.subscribe(&self.request, &context).await {
             tokio::pin!(stream);
             loop {
-                // The user's budget, and the worker's live deliveries first.
+                // The user's budget (one event, however many share it: its members are bounded
+                // by their users' lines), and the worker's live deliveries first.
                 turn.pace().await;
                 let Some(output) = stream.next().await else {
                     break;
@@ -418,11 +522,19 @@ impl Replay {
                     payload = with_recovered(&payload, true);
                     first = false;
                 }
-                let text = protocol::next_raw(self.protocol, &id_json, &payload);
-                if !self.link.push_text(&text) {
+                // A member whose socket refuses it is cut as slow by its link; it leaves.
+                let mut members = lock(&shared.members);
+                members.retain(|_, member| {
+                    let text = protocol::next_raw(member.protocol, &id_json(&member.id), &payload);
+                    let pushed = member.link.push_text(&text);
+                    if pushed {
+                        self.metrics.messages_sent.inc();
+                    }
+                    pushed
+                });
+                if members.is_empty() {
                     return;
                 }
-                self.metrics.messages_sent.inc();
             }
         }
         // (A document that does not start fails the live execution too, which tells the member.)
@@ -435,32 +547,45 @@ impl Replay {
                     ReplayError::OtherType { .. } => "BAD_USER_INPUT",
                     ReplayError::Unavailable(_) => "SERVICE_UNAVAILABLE",
                 };
-                let errors = protocol::errors(&err.to_string(), code);
-                if self.link.push_text(&protocol::operation_error_raw(
-                    &id_json,
-                    &errors.to_string(),
-                )) {
-                    self.metrics.messages_sent.inc();
+                let errors = protocol::errors(&err.to_string(), code).to_string();
+                for member in lock(&shared.members).values() {
+                    let error = protocol::operation_error_raw(&id_json(&member.id), &errors);
+                    if member.link.push_text(&error) {
+                        self.metrics.messages_sent.inc();
+                    }
+                    member.link.finished(&member.id);
                 }
-                self.link.finished(&self.id);
                 return;
             }
             None => (None, None),
         };
         drop(turn);
-        self.open_gate(after, recovered);
+        self.open_gates(&shared, after, recovered);
     }
 
-    /// Ends the replay: what the gate held goes out, then live results as for every member.
-    fn open_gate(&self, after: Option<Position>, recovered: Option<bool>) {
-        let id_json = id_json(&self.id);
-        for payload in self.gate.open(after, recovered) {
-            let text = protocol::next_raw(self.protocol, &id_json, &payload);
-            if !self.link.push_text(&text) {
-                return;
-            }
-            self.metrics.messages_sent.inc();
+    /// Ends the replay for every member: what its gate held goes out, then live results as for
+    /// every member of the execution.
+    fn open_gates(&self, shared: &SharedReplay, after: Option<Position>, recovered: Option<bool>) {
+        for member in lock(&shared.members).values() {
+            open_gate(member, after, recovered, &self.metrics);
         }
+    }
+}
+
+/// Ends one member's replay: what its gate held goes out, then live results.
+fn open_gate(
+    member: &ReplayMember,
+    after: Option<Position>,
+    recovered: Option<bool>,
+    metrics: &GatewayMetrics,
+) {
+    let id_json = id_json(&member.id);
+    for payload in member.gate.open(after, recovered) {
+        let text = protocol::next_raw(member.protocol, &id_json, &payload);
+        if !member.link.push_text(&text) {
+            break;
+        }
+        metrics.messages_sent.inc();
     }
 }
 

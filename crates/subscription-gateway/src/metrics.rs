@@ -20,6 +20,7 @@ pub struct GatewayMetrics {
     pub replays: IntCounterVec,
     pub replay_entries_read: IntCounter,
     pub replays_refused: IntCounter,
+    pub replays_shared: IntCounter,
     pub replay_events_paced: IntCounter,
 }
 
@@ -115,6 +116,11 @@ impl GatewayMetrics {
                 "Resumes answered `recovered: false` at once: their user's line of replays was full.",
             )
             .expect("valid metric"),
+            replays_shared: IntCounter::new(
+                "gateway_replays_shared_total",
+                "Resumes that joined a replay of the same operation and cursor instead of running their own.",
+            )
+            .expect("valid metric"),
             replay_events_paced: IntCounter::new(
                 "gateway_replay_events_paced_total",
                 "Replayed events that waited for their user's budget (REPLAY_EVENTS_PER_SEC_PER_USER).",
@@ -136,6 +142,7 @@ impl GatewayMetrics {
             Box::new(this.replays.clone()),
             Box::new(this.replay_entries_read.clone()),
             Box::new(this.replays_refused.clone()),
+            Box::new(this.replays_shared.clone()),
             Box::new(this.replay_events_paced.clone()),
         ];
         for collector in collectors {

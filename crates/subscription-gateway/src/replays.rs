@@ -101,22 +101,7 @@ impl Replays {
     /// `recovered: false` at once).
     pub async fn admit(self: &Arc<Self>, admission: &ReplayAdmission) -> Option<Turn> {
         let user_id = admission.user_id;
-        let user = {
-            let mut users = lock(&self.users);
-            users
-                .entry(user_id)
-                .or_insert_with(|| {
-                    Arc::new(UserReplays {
-                        running: Arc::new(Semaphore::new(self.limits.per_user.max(1))),
-                        admitted: AtomicUsize::new(0),
-                        budget: Mutex::new(Bucket {
-                            tokens: f64::from(self.limits.events_per_sec_per_user),
-                            at: Instant::now(),
-                        }),
-                    })
-                })
-                .clone()
-        };
+        let user = self.user(user_id);
         let most = self.limits.per_user + self.limits.queue_per_user;
         if user.admitted.fetch_add(1, Ordering::AcqRel) >= most {
             self.leave(user_id, &user);
@@ -142,6 +127,41 @@ impl Replays {
         })
     }
 
+    /// A place in `user_id`'s line for a subscriber that joins a replay already waiting (it runs
+    /// no replay of its own, but its results are written for it too); `None` when the line is
+    /// full (answer `recovered: false` at once).
+    pub fn join_line(self: &Arc<Self>, user_id: i64) -> Option<LinePlace> {
+        let user = self.user(user_id);
+        let most = self.limits.per_user + self.limits.queue_per_user;
+        if user.admitted.fetch_add(1, Ordering::AcqRel) >= most {
+            self.leave(user_id, &user);
+            self.metrics.replays_refused.inc();
+            return None;
+        }
+        Some(LinePlace(Waiting {
+            replays: self.clone(),
+            user_id,
+            user: Some(user),
+        }))
+    }
+
+    fn user(&self, user_id: i64) -> Arc<UserReplays> {
+        let mut users = lock(&self.users);
+        users
+            .entry(user_id)
+            .or_insert_with(|| {
+                Arc::new(UserReplays {
+                    running: Arc::new(Semaphore::new(self.limits.per_user.max(1))),
+                    admitted: AtomicUsize::new(0),
+                    budget: Mutex::new(Bucket {
+                        tokens: f64::from(self.limits.events_per_sec_per_user),
+                        at: Instant::now(),
+                    }),
+                })
+            })
+            .clone()
+    }
+
     /// One replay of the user's is over (or was refused): forget the user when it was the last.
     fn leave(&self, user_id: i64, user: &Arc<UserReplays>) {
         if user.admitted.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -160,6 +180,10 @@ impl Replays {
         lock(&self.users).len()
     }
 }
+
+/// A subscriber's place in its user's line while it shares another's replay; given back when
+/// dropped.
+pub struct LinePlace(#[allow(dead_code)] Waiting);
 
 /// A place in a user's line that is given back if the replay stops waiting.
 struct Waiting {
@@ -255,6 +279,10 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(replays.admit(&alice).await.is_none(), "past the line");
+        assert!(
+            replays.join_line(1).is_none(),
+            "sharing another's replay takes a place in the line too"
+        );
         // Another user is not held up by alice.
         let bob = replays.admit(&admission(&replays, 2)).await;
         assert!(bob.is_some());

@@ -382,3 +382,42 @@ async fn a_renewed_socket_is_judged_by_its_new_token_at_a_revocation() {
     assert_eq!(code, Some(4403));
     assert!(reason.contains("revoked"), "{reason}");
 }
+
+/// Resumes of one operation from one cursor that wait for their turn together are replayed
+/// once: one replay holds the process's only slot (`--max-replays=1`), paced at 10 events a
+/// second, while two more resume from the same cursor; when it goes, one replay serves both,
+/// and each gets every event once, in order, the first saying `recovered`.
+#[actix_web::test]
+async fn resumes_of_one_operation_from_one_cursor_share_one_replay() {
+    let gateway =
+        TestGateway::spawn(&["--max-replays=1", "--replay-events-per-sec-per-user=10"]).await;
+    let cursor = cursor_of_a_departed_subscriber(&gateway, "seen").await;
+    for n in 0..20 {
+        gateway
+            .publish(CAR_UPDATED, car(1, &format!("missed {n}")))
+            .await;
+    }
+    let blocker = subscriber(&gateway, Some(&cursor)).await;
+    gateway.settle().await;
+    let mut first = subscriber(&gateway, Some(&cursor)).await;
+    let mut second = subscriber(&gateway, Some(&cursor)).await;
+    gateway.settle().await;
+    drop(blocker);
+    for client in [&mut first, &mut second] {
+        for n in 0..20 {
+            let (make, _, recovered) = next_result(client).await;
+            assert_eq!(make, format!("missed {n}"));
+            assert_eq!(recovered, (n == 0).then_some(true));
+        }
+    }
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(
+        metrics.contains("gateway_replays_shared_total 1\n"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|line| line.contains("replay"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
