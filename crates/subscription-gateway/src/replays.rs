@@ -62,12 +62,10 @@ struct Bucket {
     at: Instant,
 }
 
-/// A replay's turn: its places in the connection's, the user's and the process's counts, given
-/// back when dropped.
+/// A replay's turn: its place in its user's line and in the connection's, the user's and the
+/// process's counts of running replays, given back when dropped.
 pub struct Turn {
-    replays: Arc<Replays>,
-    user_id: i64,
-    user: Arc<UserReplays>,
+    place: LinePlace,
     _connection: OwnedSemaphorePermit,
     _user: OwnedSemaphorePermit,
     _process: OwnedSemaphorePermit,
@@ -98,38 +96,24 @@ impl Replays {
     }
 
     /// Waits for the replay's turn; `None` when the user's line is full (answer
-    /// `recovered: false` at once).
+    /// `recovered: false` at once). Waiting holds a place in the line, given back if the wait is
+    /// abandoned (the subscriber left).
     pub async fn admit(self: &Arc<Self>, admission: &ReplayAdmission) -> Option<Turn> {
-        let user_id = admission.user_id;
-        let user = self.user(user_id);
-        let most = self.limits.per_user + self.limits.queue_per_user;
-        if user.admitted.fetch_add(1, Ordering::AcqRel) >= most {
-            self.leave(user_id, &user);
-            self.metrics.replays_refused.inc();
-            return None;
-        }
-        // Given back if the wait is abandoned (the subscriber left) or after the turn.
-        let waiting = Waiting {
-            replays: self.clone(),
-            user_id,
-            user: Some(user.clone()),
-        };
+        let place = self.join_line(admission.user_id)?;
         let connection = admission.connection.clone().acquire_owned().await.ok()?;
-        let user_permit = user.running.clone().acquire_owned().await.ok()?;
+        let user = place.user.running.clone().acquire_owned().await.ok()?;
         let process = self.process.clone().acquire_owned().await.ok()?;
         Some(Turn {
-            replays: waiting.disarm(),
-            user_id,
-            user,
+            place,
             _connection: connection,
-            _user: user_permit,
+            _user: user,
             _process: process,
         })
     }
 
-    /// A place in `user_id`'s line for a subscriber that joins a replay already waiting (it runs
-    /// no replay of its own, but its results are written for it too); `None` when the line is
-    /// full (answer `recovered: false` at once).
+    /// A place in `user_id`'s line: a replay's own while it waits and runs ([`Replays::admit`]),
+    /// or that of a subscriber sharing a replay already waiting (its results are written for it
+    /// too); `None` when the line is full (answer `recovered: false` at once).
     pub fn join_line(self: &Arc<Self>, user_id: i64) -> Option<LinePlace> {
         let user = self.user(user_id);
         let most = self.limits.per_user + self.limits.queue_per_user;
@@ -138,11 +122,11 @@ impl Replays {
             self.metrics.replays_refused.inc();
             return None;
         }
-        Some(LinePlace(Waiting {
+        Some(LinePlace {
             replays: self.clone(),
             user_id,
-            user: Some(user),
-        }))
+            user,
+        })
     }
 
     fn user(&self, user_id: i64) -> Arc<UserReplays> {
@@ -181,29 +165,16 @@ impl Replays {
     }
 }
 
-/// A subscriber's place in its user's line while it shares another's replay; given back when
-/// dropped.
-pub struct LinePlace(#[allow(dead_code)] Waiting);
-
-/// A place in a user's line that is given back if the replay stops waiting.
-struct Waiting {
+/// A place in a user's line, given back when dropped.
+pub struct LinePlace {
     replays: Arc<Replays>,
     user_id: i64,
-    user: Option<Arc<UserReplays>>,
+    user: Arc<UserReplays>,
 }
 
-impl Waiting {
-    fn disarm(mut self) -> Arc<Replays> {
-        self.user = None;
-        self.replays.clone()
-    }
-}
-
-impl Drop for Waiting {
+impl Drop for LinePlace {
     fn drop(&mut self) {
-        if let Some(user) = self.user.take() {
-            self.replays.leave(self.user_id, &user);
-        }
+        self.replays.leave(self.user_id, &self.user);
     }
 }
 
@@ -211,9 +182,10 @@ impl Turn {
     /// Before each replayed event: takes one event of the user's budget (waiting for it when
     /// spent) and lets the worker run what else is ready, live deliveries first.
     pub async fn pace(&self) {
-        let rate = f64::from(self.replays.limits.events_per_sec_per_user.max(1));
+        let replays = &self.place.replays;
+        let rate = f64::from(replays.limits.events_per_sec_per_user.max(1));
         let wait = {
-            let mut bucket = lock(&self.user.budget);
+            let mut bucket = lock(&self.place.user.budget);
             let now = Instant::now();
             let refilled = now.duration_since(bucket.at).as_secs_f64() * rate;
             bucket.tokens = (bucket.tokens + refilled).min(rate);
@@ -226,17 +198,11 @@ impl Turn {
             }
         };
         if wait > Duration::ZERO {
-            self.replays.metrics.replay_events_paced.inc();
+            replays.metrics.replay_events_paced.inc();
             tokio::time::sleep(wait).await;
         } else {
             tokio::task::yield_now().await;
         }
-    }
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        self.replays.leave(self.user_id, &self.user);
     }
 }
 
