@@ -74,6 +74,7 @@ fn fixture() -> &'static Fixture {
             jti: format!("{user_id:032x}"),
             user_id,
             username: username.into(),
+            is_staff: false,
         };
         let tokens = [
             (&hs_keys, claims(TokenType::Access, 1, "alice")),

@@ -11,7 +11,7 @@ pub const MAKES: [&str; 3] = ["Skoda", "Skoda Autogroup", "Skoda (VAG)"];
 
 /// Sets a random make on car `pk`; returns the car before and after.
 pub async fn trigger_event(store: &Store, pk: i64) -> Result<(Car, Car), String> {
-    let before = store::records::find::<Car>(&store.pool, pk)
+    let before = store::records::find_for_system::<Car>(&store.pool, pk)
         .await
         .map_err(|err| err.to_string())?
         .ok_or_else(|| format!("car {pk} does not exist"))?;

@@ -401,6 +401,7 @@ fn sign(
         jti: new_jti(),
         user_id: user.id,
         username: user.username.clone(),
+        is_staff: user.is_staff,
     };
     let token = state
         .keys

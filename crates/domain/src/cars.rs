@@ -3,7 +3,7 @@
 use events::EventType;
 use serde::{Deserialize, Serialize};
 
-use crate::{Events, Record};
+use crate::{Events, Readers, Record};
 
 /// A car as readers see it: the reference's fields plus its owner. This is also the `data` of an
 /// event envelope, so a subscriber needs no database to show it.
@@ -14,6 +14,10 @@ pub struct Car {
     pub model: String,
     pub variant: String,
     pub year: String,
+    /// Visible to its owner and staff only. Absent from events written before it existed,
+    /// which were all of public cars.
+    #[serde(default)]
+    pub private: bool,
     pub owner: Option<Owner>,
 }
 
@@ -31,6 +35,7 @@ pub struct NewCar {
     pub model: String,
     pub variant: String,
     pub year: String,
+    pub private: bool,
 }
 
 /// The fields an update sets; `None` leaves a field as it is.
@@ -40,6 +45,7 @@ pub struct CarChanges {
     pub model: Option<String>,
     pub variant: Option<String>,
     pub year: Option<String>,
+    pub private: Option<bool>,
 }
 
 impl Record for Car {
@@ -58,5 +64,14 @@ impl Record for Car {
 
     fn owner_id(&self) -> Option<i64> {
         self.owner.as_ref().map(|owner| owner.id)
+    }
+
+    /// A public car is everyone's to read; a private one its owner's and staff's.
+    fn readers(&self) -> Readers {
+        if self.private {
+            Readers::OwnerAndStaff(self.owner_id())
+        } else {
+            Readers::Everyone
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod cars;
 use std::fmt;
 
 use events::{AnyData, EventKind, EventType, Key, Registry};
+pub use events::{Readers, Viewer};
 use futures_util::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -52,6 +53,18 @@ pub trait Record:
     /// The user who may change it besides staff; `None`: staff only.
     fn owner_id(&self) -> Option<i64>;
 
+    /// Who may read it, as this version of it shows it: the one read rule of the type, asked
+    /// by every read (a query, the record a write returns, each live or replayed event, for
+    /// each subscriber). No default: a type says `Readers::Everyone` if that is what it means.
+    /// The store's lists filter by the same rule in SQL ([`Repository::page`]), which its tests
+    /// hold to this one.
+    fn readers(&self) -> Readers;
+
+    /// Whether `viewer` may read it.
+    fn readable_by(&self, viewer: Viewer) -> bool {
+        self.readers().admit(viewer)
+    }
+
     /// What its events are routed by: its own id, so that a subscription to one record costs
     /// the gateway nothing for the others. A type that belongs to another adds the parent's id
     /// (`Key::new("car", self.car_id)`), so that "every visit of car 7" is routed too.
@@ -63,6 +76,11 @@ pub trait Record:
 /// [`Record::keys`] of an event's decoded data, as the registry calls it.
 fn keys_of<T: Record>(data: &AnyData) -> Vec<Key> {
     data.downcast_ref::<T>().map(T::keys).unwrap_or_default()
+}
+
+/// [`Record::readers`] of an event's decoded data, as the registry calls it.
+fn readers_of<T: Record>(data: &AnyData) -> Readers {
+    data.downcast_ref::<T>().map_or(Readers::Staff, T::readers)
 }
 
 mod sealed {
@@ -94,6 +112,8 @@ pub enum StoreError {
 /// Why a write did not happen.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WriteError {
+    /// Also when the writer may not read it: a private record is not found by others, rather
+    /// than forbidden, which would say that it exists.
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("only the {0}'s owner or a staff user may change it")]
@@ -115,10 +135,19 @@ pub struct Page<T> {
 
 /// Reads and writes of one type. Every write commits the change and its event together and
 /// publishes the event after the commit.
+/// Reads are for a `reader`, the signed-in user's id: only what [`Record::readers`] admits for
+/// it (whether it is staff is the database's answer, read in the same connection).
 pub trait Repository<T: Registered>: Send + Sync {
-    fn find(&self, id: i64) -> BoxFuture<'_, Result<Option<T>, StoreError>>;
-    /// At most `first` after the id `after`, in id order.
-    fn page(&self, after: Option<i64>, first: i64) -> BoxFuture<'_, Result<Page<T>, StoreError>>;
+    /// None also when `reader` may not read it.
+    fn find(&self, reader: i64, id: i64) -> BoxFuture<'_, Result<Option<T>, StoreError>>;
+    /// At most `first` after the id `after` of those `reader` may read, in id order; the
+    /// total counts those too.
+    fn page(
+        &self,
+        reader: i64,
+        after: Option<i64>,
+        first: i64,
+    ) -> BoxFuture<'_, Result<Page<T>, StoreError>>;
     /// Creates one owned by the active user `owner_id`.
     fn create(&self, owner_id: i64, new: T::New) -> BoxFuture<'_, Result<T, WriteError>>;
     fn update(
@@ -152,7 +181,8 @@ macro_rules! register {
             let mut kinds = Vec::new();
             $(
                 kinds.extend(<$record as Record>::EVENTS.all().map(|event_type| {
-                    EventKind::of::<$record>(event_type).routed_by(keys_of::<$record>)
+                    EventKind::of::<$record>(event_type, readers_of::<$record>)
+                        .routed_by(keys_of::<$record>)
                 }));
             )+
             Registry::new(kinds)
@@ -186,6 +216,7 @@ mod tests {
             model: "Octavia".into(),
             variant: String::new(),
             year: String::new(),
+            private: false,
             owner: None,
         };
         let data: events::AnyData = std::sync::Arc::new(car);

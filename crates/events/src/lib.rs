@@ -96,18 +96,53 @@ impl fmt::Display for Key {
     }
 }
 
-/// One registered event type: its name, how its envelopes are decoded, and the keys an event of
-/// it is routed by.
+/// Who may read a record as one of its versions shows it: the domain's read rule
+/// (`Record::readers`), computed once per event and compared with each subscriber's [`Viewer`],
+/// so that a shared execution serves private records without running once per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readers {
+    /// Every signed-in user.
+    Everyone,
+    /// Its owner (none: staff only) and staff.
+    OwnerAndStaff(Option<i64>),
+    /// Staff only: what an event whose data does not decode to its type gets, so that a
+    /// mistake never shows a record to everyone.
+    Staff,
+}
+
+impl Readers {
+    pub fn admit(self, viewer: Viewer) -> bool {
+        match self {
+            Readers::Everyone => true,
+            Readers::OwnerAndStaff(owner) => viewer.is_staff || owner == Some(viewer.user_id),
+            Readers::Staff => viewer.is_staff,
+        }
+    }
+}
+
+/// Who is reading: the signed-in user and whether it is staff (from the database over HTTP; from
+/// the access token's `is_staff` claim on the gateway, which has no database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Viewer {
+    pub user_id: i64,
+    pub is_staff: bool,
+}
+
+/// One registered event type: its name, how its envelopes are decoded, the keys an event of it
+/// is routed by and who may read it.
 #[derive(Clone, Copy)]
 pub struct EventKind {
     pub event_type: EventType,
     decode: fn(&[u8]) -> Result<Envelope<AnyData>, serde_json::Error>,
     keys: fn(&AnyData) -> Vec<Key>,
+    readers: fn(&AnyData) -> Readers,
 }
 
 impl EventKind {
-    /// `event_type`, whose envelopes carry a `T`; routed by no key until [`EventKind::routed_by`].
-    pub fn of<T>(event_type: EventType) -> Self
+    /// `event_type`, whose envelopes carry a `T`, read by `readers` (the domain's read rule
+    /// through a downcast; there is no default, so that no type is readable by everyone
+    /// because a line was forgotten); routed by no key until [`EventKind::routed_by`].
+    pub fn of<T>(event_type: EventType, readers: fn(&AnyData) -> Readers) -> Self
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
@@ -115,6 +150,7 @@ impl EventKind {
             event_type,
             decode: decode_as::<T>,
             keys: |_| Vec::new(),
+            readers,
         }
     }
 
@@ -204,6 +240,12 @@ impl Registry {
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+
+    /// Who may read an event of `event_type` with `data`; staff only for a type not registered.
+    pub fn readers(&self, event_type: EventType, data: &AnyData) -> Readers {
+        self.kind(event_type.as_str())
+            .map_or(Readers::Staff, |kind| (kind.readers)(data))
     }
 
     /// The event type whose log is `key`, if it is a registered one.
@@ -369,6 +411,8 @@ pub struct LoggedEvent {
     pub envelope: Envelope<AnyData>,
     /// What it is routed by ([`Registry::keys`]), computed once when it is decoded.
     pub keys: Vec<Key>,
+    /// Who may read it ([`Registry::readers`]), computed once when it is decoded.
+    pub readers: Readers,
 }
 
 impl LoggedEvent {
@@ -486,11 +530,18 @@ impl EventBus for RedisBus {
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
         Box::pin(async move {
-            let pipe = append_command(
-                &channel(&self.key_prefix, event_type),
-                payload,
-                self.retention,
-            );
+            let pipe = match event_type {
+                REVOCATION_EVENT => append_command(
+                    &revocation_channel(&self.key_prefix),
+                    payload,
+                    REVOCATION_RETENTION,
+                ),
+                _ => append_command(
+                    &channel(&self.key_prefix, event_type),
+                    payload,
+                    self.retention,
+                ),
+            };
             service_kit::redis::query::<(String,)>(&self.pool, &pipe)
                 .await
                 .map(|_id| ())
@@ -645,7 +696,11 @@ impl EventBus for MemoryBus {
         event_type: &'a str,
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), BusError>> {
-        self.send(channel(&self.key_prefix, event_type), payload);
+        let name = match event_type {
+            REVOCATION_EVENT => revocation_channel(&self.key_prefix),
+            _ => channel(&self.key_prefix, event_type),
+        };
+        self.send(name, payload);
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -671,6 +726,12 @@ pub type SharedEventSource = Arc<dyn EventSource>;
 pub fn revocation_channel(key_prefix: &str) -> String {
     format!("{key_prefix}auth:revoked")
 }
+
+/// The name under which a [`Revocation`] is committed to the outbox and published by its relay:
+/// both buses append it to [`revocation_channel`], not to a log of its own. What a process that
+/// cannot reach the server's memory does (`gqlws deactivate-user` beside the embedded server),
+/// as `trigger-event` does for a write.
+pub const REVOCATION_EVENT: &str = "auth.revoked";
 
 /// Announcements kept on the revocation stream. The stream is only a wake-up (the cutoffs of
 /// `tokens::revocations` are the record, read by every replica's poll), so a gateway that
@@ -735,7 +796,8 @@ mod tests {
 
     #[test]
     fn the_registry_decodes_what_it_knows_and_refuses_the_rest() {
-        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED)]).expect("valid");
+        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone)])
+            .expect("valid");
         let payload = serde_json::to_vec(&Envelope::new(
             UPDATED,
             Thing {
@@ -757,8 +819,8 @@ mod tests {
         );
         assert_eq!(registry.channel_type("p:", "p:events:thing.deleted"), None);
         let wrong = Registry::new(vec![
-            EventKind::of::<Thing>(other),
-            EventKind::of::<Thing>(UPDATED),
+            EventKind::of::<Thing>(other, |_| Readers::Everyone),
+            EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone),
         ])
         .expect("valid");
         assert!(matches!(
@@ -766,16 +828,22 @@ mod tests {
             Err(DecodeError::WrongType)
         ));
         assert!(Registry::new(vec![
-            EventKind::of::<Thing>(UPDATED),
-            EventKind::of::<Thing>(UPDATED)
+            EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone),
+            EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone)
         ])
         .is_err());
-        assert!(Registry::new(vec![EventKind::of::<Thing>(EventType::new("a:b"))]).is_err());
+        assert!(
+            Registry::new(vec![EventKind::of::<Thing>(EventType::new("a:b"), |_| {
+                Readers::Everyone
+            })])
+            .is_err()
+        );
     }
 
     #[test]
     fn a_cursor_past_every_log_is_refused_at_parse() {
-        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED)]).expect("valid");
+        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone)])
+            .expect("valid");
         let max = format!("ab12:thing.updated:{}-{}", u64::MAX, u64::MAX);
         let err = Cursor::parse(&max, &registry).expect_err("refused");
         assert!(err.contains("no log reaches"), "{err}");
@@ -784,5 +852,39 @@ mod tests {
         let fine = format!("ab12:thing.updated:{}-{}", u64::MAX - 1, u64::MAX);
         assert!(Cursor::parse(&fine, &registry).is_ok());
         assert!(Cursor::parse("ab12:thing.updated:1-2-3", &registry).is_err());
+    }
+
+    #[test]
+    fn readers_admit_the_owner_and_staff_of_a_private_record() {
+        let owner = Viewer {
+            user_id: 7,
+            is_staff: false,
+        };
+        let other = Viewer {
+            user_id: 8,
+            is_staff: false,
+        };
+        let staff = Viewer {
+            user_id: 9,
+            is_staff: true,
+        };
+        let private = Readers::OwnerAndStaff(Some(7));
+        assert!(private.admit(owner) && private.admit(staff) && !private.admit(other));
+        let unowned = Readers::OwnerAndStaff(None);
+        assert!(unowned.admit(staff) && !unowned.admit(owner));
+        assert!(Readers::Everyone.admit(other));
+        assert!(Readers::Staff.admit(staff) && !Readers::Staff.admit(owner));
+    }
+
+    #[test]
+    fn an_unregistered_type_is_read_by_staff_only() {
+        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone)])
+            .expect("valid");
+        let data: AnyData = Arc::new(());
+        assert_eq!(registry.readers(UPDATED, &data), Readers::Everyone);
+        assert_eq!(
+            registry.readers(EventType::new("other.updated"), &data),
+            Readers::Staff
+        );
     }
 }

@@ -32,6 +32,11 @@ impl CarObject {
         &self.0.year
     }
 
+    /// Visible to its owner and staff only.
+    fn private(&self) -> bool {
+        self.0.private
+    }
+
     /// Who may change it (besides staff); none for the demo fixture's Car 1.
     fn owner(&self) -> Option<User> {
         self.0.owner.clone().map(User)
@@ -65,6 +70,8 @@ pub struct CarInput {
     pub variant: Option<String>,
     /// Empty when left out.
     pub year: Option<String>,
+    /// Visible to its owner and staff only; false when left out.
+    pub private: Option<bool>,
 }
 
 impl CarInput {
@@ -74,6 +81,7 @@ impl CarInput {
             model: required_text("model", self.model)?,
             variant: text("variant", self.variant.unwrap_or_default())?,
             year: text("year", self.year.unwrap_or_default())?,
+            private: self.private.unwrap_or(false),
         })
     }
 }
@@ -85,6 +93,7 @@ pub struct CarPatch {
     pub model: Option<String>,
     pub variant: Option<String>,
     pub year: Option<String>,
+    pub private: Option<bool>,
 }
 
 impl CarPatch {
@@ -94,6 +103,7 @@ impl CarPatch {
             model: self.model.map(|v| required_text("model", v)).transpose()?,
             variant: self.variant.map(|v| text("variant", v)).transpose()?,
             year: self.year.map(|v| text("year", v)).transpose()?,
+            private: self.private,
         })
     }
 }

@@ -160,12 +160,13 @@ impl Query {
         Ok(User(user))
     }
 
-    /// One car, or null when there is none with this id.
+    /// One car, or null when there is none with this id that the signed-in user may see.
     async fn car(context: &Context, pk: ID) -> FieldResult<Option<CarObject>> {
         Ok(find::<Car>(context, &pk).await?.map(CarObject))
     }
 
-    /// Cars in id order, `first` (1-100) at a time after the cursor `after`.
+    /// The cars the signed-in user may see, in id order, `first` (1-100) at a time after the
+    /// cursor `after`.
     async fn cars(
         context: &Context,
         #[graphql(default = 20)] first: i32,
@@ -187,7 +188,7 @@ impl Mutation {
         Ok(CarObject(car))
     }
 
-    /// Changes a car; only its owner or staff may.
+    /// Changes a car; only its owner or staff may (`NOT_FOUND` for a private car of someone else).
     async fn update_car(context: &Context, pk: ID, input: CarPatch) -> FieldResult<CarObject> {
         let (user_id, data) = context.signed_in()?;
         let id = parse_pk::<Car>(&pk)?;
@@ -212,7 +213,8 @@ pub struct Subscription;
 
 #[graphql_subscription(context = Context)]
 impl Subscription {
-    /// Every change of the car `pk` (the reference's subscription; `pk: 1` and `pk: "1"` both work).
+    /// Every change of the car `pk` (the reference's subscription; `pk: 1` and `pk: "1"` both
+    /// work) that the subscriber may see: nothing while it is private to someone else.
     async fn car_model_updated(context: &Context, pk: ID) -> Result<Stream<CarObject>, FieldError> {
         context.claims().map_err(IntoFieldError::into_field_error)?;
         let id = parse_pk::<Car>(&pk).map_err(IntoFieldError::into_field_error)?;
@@ -221,14 +223,14 @@ impl Subscription {
         ))
     }
 
-    /// Every car created.
+    /// Every car created that the subscriber may see.
     async fn car_created(context: &Context) -> Result<Stream<CarObject>, FieldError> {
         Ok(Box::pin(
             events::<Car>(context, |e| e.created, None)?.map(CarObject),
         ))
     }
 
-    /// Every car deleted, as it was before.
+    /// Every car deleted that the subscriber may see, as it was before.
     async fn car_deleted(context: &Context) -> Result<Stream<CarObject>, FieldError> {
         Ok(Box::pin(
             events::<Car>(context, |e| e.deleted, None)?.map(CarObject),
@@ -241,11 +243,11 @@ async fn find<T: Registered>(context: &Context, pk: &ID) -> FieldResult<Option<T
 where
     dyn DataSource: Repository<T>,
 {
-    let (_, data) = context.signed_in()?;
+    let (user_id, data) = context.signed_in()?;
     let Ok(id) = parse_pk::<T>(pk) else {
         return Ok(None);
     };
-    Ok(Repository::<T>::find(data, id).await?)
+    Ok(Repository::<T>::find(data, user_id, id).await?)
 }
 
 /// A page of `T`, `first` after the cursor `after`.
@@ -257,14 +259,14 @@ async fn page<T: Registered>(
 where
     dyn DataSource: Repository<T>,
 {
-    let (_, data) = context.signed_in()?;
+    let (user_id, data) = context.signed_in()?;
     if !(1..=MAX_PAGE_SIZE).contains(&first) {
         return Err(GraphQLError::BadUserInput(format!(
             "`first` must be between 1 and {MAX_PAGE_SIZE}"
         )));
     }
     let after = after.as_ref().map(parse_pk::<T>).transpose()?;
-    Ok(Repository::<T>::page(data, after, i64::from(first)).await?)
+    Ok(Repository::<T>::page(data, user_id, after, i64::from(first)).await?)
 }
 
 /// The `T`s of one of its event types, for a signed-in user, from when the subscription starts

@@ -2,7 +2,7 @@
 //! the authorization and the event of every write, and the demo fixture.
 
 use diesel::prelude::*;
-use domain::{Car, CarChanges, NewCar, Owner};
+use domain::{Car, CarChanges, NewCar, Owner, Viewer};
 
 use super::records::Table;
 use super::schema::users;
@@ -16,6 +16,7 @@ diesel::table! {
         model -> Varchar,
         variant -> Varchar,
         year -> Varchar,
+        private -> Bool,
         owner_id -> Nullable<Int8>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
@@ -31,16 +32,18 @@ type CarRow = (
     String,
     String,
     String,
+    bool,
     Option<(i64, String, bool)>,
 );
 
-fn into_car((id, make, model, variant, year, owner): CarRow) -> Car {
+fn into_car((id, make, model, variant, year, private, owner): CarRow) -> Car {
     Car {
         id,
         make,
         model,
         variant,
         year,
+        private,
         owner: owner.map(|(id, username, is_staff)| Owner {
             id,
             username,
@@ -57,6 +60,7 @@ macro_rules! car_columns {
             cars::model,
             cars::variant,
             cars::year,
+            cars::private,
             (users::id, users::username, users::is_staff).nullable(),
         )
     };
@@ -73,19 +77,36 @@ impl Table for Car {
             .map(|row| row.map(into_car))
     }
 
-    fn load_page(conn: &mut AnyConnection, after: i64, limit: i64) -> QueryResult<Vec<Car>> {
-        cars::table
+    fn load_page(
+        conn: &mut AnyConnection,
+        viewer: Viewer,
+        after: i64,
+        limit: i64,
+    ) -> QueryResult<Vec<Car>> {
+        let rows = cars::table
             .left_join(users::table)
             .filter(cars::id.gt(after))
             .order(cars::id.asc())
             .limit(limit)
-            .select(car_columns!())
-            .load::<CarRow>(conn)
-            .map(|rows| rows.into_iter().map(into_car).collect())
+            .select(car_columns!());
+        if viewer.is_staff {
+            rows.load::<CarRow>(conn)
+        } else {
+            rows.filter(readable_by(viewer.user_id))
+                .load::<CarRow>(conn)
+        }
+        .map(|rows| rows.into_iter().map(into_car).collect())
     }
 
-    fn count(conn: &mut AnyConnection) -> QueryResult<i64> {
-        cars::table.count().get_result(conn)
+    fn count(conn: &mut AnyConnection, viewer: Viewer) -> QueryResult<i64> {
+        if viewer.is_staff {
+            cars::table.count().get_result(conn)
+        } else {
+            cars::table
+                .filter(readable_by(viewer.user_id))
+                .count()
+                .get_result(conn)
+        }
     }
 
     fn insert(conn: &mut AnyConnection, owner_id: i64, new: NewCar) -> QueryResult<i64> {
@@ -95,6 +116,7 @@ impl Table for Car {
                 cars::model.eq(new.model),
                 cars::variant.eq(new.variant),
                 cars::year.eq(new.year),
+                cars::private.eq(new.private),
                 cars::owner_id.eq(owner_id),
             ))
             .returning(cars::id)
@@ -108,6 +130,7 @@ impl Table for Car {
                 changes.model.map(|v| cars::model.eq(v)),
                 changes.variant.map(|v| cars::variant.eq(v)),
                 changes.year.map(|v| cars::year.eq(v)),
+                changes.private.map(|v| cars::private.eq(v)),
                 cars::updated_at.eq(super::now()),
             ))
             .execute(conn)
@@ -119,6 +142,13 @@ impl Table for Car {
             .execute(conn)
             .map(|_| ())
     }
+}
+
+/// `Car::readers` for a user who is not staff, in SQL: public, or its own.
+fn readable_by(
+    user_id: i64,
+) -> diesel::dsl::Or<diesel::dsl::Eq<cars::private, bool>, diesel::dsl::Eq<cars::owner_id, i64>> {
+    cars::private.eq(false).or(cars::owner_id.eq(user_id))
 }
 
 /// The staff user `admin` (password `letmein`) when absent, and the reference's fixture cars:

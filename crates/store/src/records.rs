@@ -3,7 +3,7 @@
 //! the rest (who may write, the transaction, the event) is here, once.
 
 use diesel::prelude::*;
-use domain::{Actor, Page, Registered, WriteError};
+use domain::{Actor, Page, Registered, Viewer, WriteError};
 
 use super::outbox::{self, NewEvent, PendingEvent};
 use super::schema::users;
@@ -12,9 +12,16 @@ use super::{run, AnyConnection, DbError, DbPool};
 /// A [`Registered`] domain type's table: its reads and its three writes, nothing else.
 pub trait Table: Registered {
     fn load(conn: &mut AnyConnection, id: i64) -> QueryResult<Option<Self>>;
-    /// At most `limit` with an id above `after`, in id order.
-    fn load_page(conn: &mut AnyConnection, after: i64, limit: i64) -> QueryResult<Vec<Self>>;
-    fn count(conn: &mut AnyConnection) -> QueryResult<i64>;
+    /// At most `limit` with an id above `after` that `viewer` may read, in id order: the type's
+    /// `Record::readers` as a filter in SQL (the store's tests hold the two to one answer).
+    fn load_page(
+        conn: &mut AnyConnection,
+        viewer: Viewer,
+        after: i64,
+        limit: i64,
+    ) -> QueryResult<Vec<Self>>;
+    /// How many `viewer` may read.
+    fn count(conn: &mut AnyConnection, viewer: Viewer) -> QueryResult<i64>;
     /// Inserts one owned by `owner_id`; returns its id.
     fn insert(conn: &mut AnyConnection, owner_id: i64, new: Self::New) -> QueryResult<i64>;
     fn update(conn: &mut AnyConnection, id: i64, changes: Self::Changes) -> QueryResult<()>;
@@ -24,27 +31,51 @@ pub trait Table: Registered {
 /// Builds the outbox row of a write from the value as written; runs inside the transaction.
 pub type EventDraft<T> = Box<dyn FnOnce(&T) -> Result<NewEvent, diesel::result::Error> + Send>;
 
-pub async fn find<T: Table>(pool: &DbPool, id: i64) -> Result<Option<T>, DbError> {
+/// One by its id, if `reader` may read it.
+pub async fn find<T: Table>(pool: &DbPool, reader: i64, id: i64) -> Result<Option<T>, DbError> {
+    run(pool, move |conn| {
+        let viewer = viewer(conn, reader)?;
+        Ok(T::load(conn, id)?.filter(|value| value.readable_by(viewer)))
+    })
+    .await
+}
+
+/// One by its id, whoever may read it: for the system (`trigger-event`), as writes by
+/// [`Actor::System`] are.
+pub async fn find_for_system<T: Table>(pool: &DbPool, id: i64) -> Result<Option<T>, DbError> {
     run(pool, move |conn| T::load(conn, id)).await
 }
 
-/// One page in id order. Keyset pagination stays cheap and stable while rows come and go.
+/// One page of what `reader` may read, in id order. Keyset pagination stays cheap and stable
+/// while rows come and go.
 pub async fn page<T: Table>(
     pool: &DbPool,
+    reader: i64,
     after: Option<i64>,
     limit: i64,
 ) -> Result<Page<T>, DbError> {
     run(pool, move |conn| {
-        let mut items = T::load_page(conn, after.unwrap_or(0), limit + 1)?;
+        let viewer = viewer(conn, reader)?;
+        let mut items = T::load_page(conn, viewer, after.unwrap_or(0), limit + 1)?;
         let has_next_page = items.len() as i64 > limit;
         items.truncate(usize::try_from(limit).unwrap_or(0));
         Ok(Page {
             items,
             has_next_page,
-            total_count: T::count(conn)?,
+            total_count: T::count(conn, viewer)?,
         })
     })
     .await
+}
+
+/// The reader as the database knows it now: staff rights are read here, not from the token, so
+/// that a demotion counts at once. A user no longer active reads as one without rights (its
+/// tokens are revoked with its deactivation anyway).
+fn viewer(conn: &mut AnyConnection, user_id: i64) -> QueryResult<Viewer> {
+    Ok(Viewer {
+        user_id,
+        is_staff: active_user(conn, user_id)?.unwrap_or(false),
+    })
 }
 
 /// Inserts one owned by the active user `owner_id` together with its event.
@@ -105,7 +136,8 @@ pub async fn delete<T: Table>(
     .await
 }
 
-/// `Ok(value)` when `actor` may change `id`: the system, staff, or the owner.
+/// `Ok(value)` when `actor` may change `id`: the system, staff, or the owner. Someone who may
+/// not even read it is told it does not exist.
 fn authorize<T: Table>(
     conn: &mut AnyConnection,
     actor: Actor,
@@ -121,14 +153,16 @@ fn authorize<T: Table>(
     let Some(value) = T::load(conn, id)? else {
         return Ok(Err(WriteError::NotFound(T::NAME)));
     };
-    let allowed = match user {
-        None | Some((_, true)) => true,
-        Some((user_id, false)) => value.owner_id() == Some(user_id),
+    let (user_id, is_staff) = match user {
+        None | Some((_, true)) => return Ok(Ok(value)),
+        Some(user) => user,
     };
-    Ok(if allowed {
+    Ok(if value.owner_id() == Some(user_id) {
         Ok(value)
-    } else {
+    } else if value.readable_by(Viewer { user_id, is_staff }) {
         Err(WriteError::Forbidden(T::NAME))
+    } else {
+        Err(WriteError::NotFound(T::NAME))
     })
 }
 

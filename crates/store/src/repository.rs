@@ -257,12 +257,17 @@ fn lease(duration: Duration) -> chrono::Duration {
 }
 
 impl<T: Table> Repository<T> for Store {
-    fn find(&self, id: i64) -> BoxFuture<'_, Result<Option<T>, StoreError>> {
-        Box::pin(async move { Ok(records::find(&self.pool, id).await?) })
+    fn find(&self, reader: i64, id: i64) -> BoxFuture<'_, Result<Option<T>, StoreError>> {
+        Box::pin(async move { Ok(records::find(&self.pool, reader, id).await?) })
     }
 
-    fn page(&self, after: Option<i64>, first: i64) -> BoxFuture<'_, Result<Page<T>, StoreError>> {
-        Box::pin(async move { Ok(records::page(&self.pool, after, first).await?) })
+    fn page(
+        &self,
+        reader: i64,
+        after: Option<i64>,
+        first: i64,
+    ) -> BoxFuture<'_, Result<Page<T>, StoreError>> {
+        Box::pin(async move { Ok(records::page(&self.pool, reader, after, first).await?) })
     }
 
     fn create(&self, owner_id: i64, new: T::New) -> BoxFuture<'_, Result<T, WriteError>> {

@@ -634,6 +634,10 @@ async fn handle(
                     gate: resume
                         .as_ref()
                         .map(|_| Gate::new(shared.limits.outbound_queue)),
+                    viewer: events::Viewer {
+                        user_id: verified.user_id,
+                        is_staff: verified.is_staff,
+                    },
                 },
                 resume: resume.map(|cursor| {
                     (

@@ -17,10 +17,14 @@
 //! waits for its turn ([`crate::replays`]) share it, executed and serialized once
 //! ([`SharedReplay`]), each holding a place in its own user's line.
 //!
-//! Results do not depend on who subscribed (any signed-in user may read every car, and each
-//! connection's own token was checked at `connection_init` and is watched for expiry and
-//! revocation), which is what makes sharing them, live and replayed, correct. A per-user field
-//! would have to be part of the key.
+//! Results do not depend on who subscribed: a result shows a record as its event shows it, the
+//! same for every reader, and each connection's own token was checked at `connection_init` and
+//! is watched for expiry and revocation. That is what makes sharing them, live and replayed,
+//! correct. Who may *receive* a result does depend on the subscriber: each result carries the
+//! read rule of the record behind it (`Readers`, computed once per event by the hub), and each
+//! member's [`Viewer`] is compared with it before the frame is written; a live or replayed
+//! result a member may not read is not sent to it, and nothing says that one was withheld. A
+//! per-user field in a result would have to be part of the key.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -34,7 +38,7 @@ use graphql_schema::{Context, Mutation, Query, Subscription};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use tokio::sync::{mpsc, watch, Notify};
 
-use events::{Cursor, Position};
+use events::{Cursor, Position, Readers, Viewer};
 
 use crate::hub::{ConnectionEvents, Hub, ReplayError, ReplayEvents, ReplayOutcome, CURRENT_EVENT};
 use crate::lock;
@@ -92,6 +96,7 @@ enum Batch {
         payload: Arc<str>,
         event_at: Option<i64>,
         position: Option<Position>,
+        readers: Readers,
     },
     /// The last message: an error list, or `complete` when `None`.
     Finish(Option<String>),
@@ -108,6 +113,8 @@ pub struct Subscriber {
     pub link: Arc<Link>,
     /// Set for a subscription that resumes: live results wait behind the replay.
     pub gate: Option<Arc<Gate>>,
+    /// Who it is: each result goes out only if its readers admit it.
+    pub viewer: Viewer,
 }
 
 /// Where a resuming subscriber's live results wait while what it missed is replayed, and what
@@ -238,7 +245,7 @@ impl Drop for Membership {
 /// One replay of an operation after a cursor, written to every subscriber that resumed from
 /// that cursor with that operation before it began: executed and serialized once. Results do
 /// not depend on who subscribed (see the module doc), so the first subscriber's identity serves
-/// them all, as a shared execution's does.
+/// them all, as a shared execution's does; each result goes to the members its readers admit.
 struct SharedReplay {
     members: Mutex<HashMap<u64, ReplayMember>>,
     next_seat: AtomicU64,
@@ -253,6 +260,9 @@ struct ReplayMember {
     id: String,
     link: Arc<Link>,
     gate: Arc<Gate>,
+    viewer: Viewer,
+    /// Whether a replayed result went to it: the first one it receives says `recovered`.
+    replayed: bool,
     /// A member that joined holds a place in its user's line, as one waiting for its own
     /// replay would (the first member's is the replay's turn).
     _place: Option<crate::replays::LinePlace>,
@@ -338,6 +348,8 @@ impl Executions {
             id: start.subscriber.id.clone(),
             link: start.subscriber.link.clone(),
             gate: gate.clone(),
+            viewer: start.subscriber.viewer,
+            replayed: false,
             _place: None,
         });
         let replay_key = resume
@@ -505,7 +517,6 @@ impl Replay {
             cursor: self.cursor.clone(),
             outcome: outcome.clone(),
         }));
-        let mut first = true;
         if let Ok(stream) = self.coordinator.subscribe(&self.request, &context).await {
             tokio::pin!(stream);
             loop {
@@ -516,16 +527,24 @@ impl Replay {
                     break;
                 };
                 let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
-                let mut payload = result_payload(output, mark.as_ref().map(|m| &*m.cursor));
-                if first {
-                    // Results only come from a log that covered the cursor.
-                    payload = with_recovered(&payload, true);
-                    first = false;
-                }
+                let readers = readers_of(mark.as_ref());
+                let payload = result_payload(output, mark.as_ref().map(|m| &*m.cursor));
+                // Results only come from a log that covered the cursor: a member's first says so.
+                let mut first_payload = None;
                 // A member whose socket refuses it is cut as slow by its link; it leaves.
                 let mut members = lock(&shared.members);
                 members.retain(|_, member| {
-                    let text = protocol::next_raw(member.protocol, &id_json(&member.id), &payload);
+                    if !readers.admit(member.viewer) {
+                        self.metrics.results_withheld.inc();
+                        return true;
+                    }
+                    let payload = if member.replayed {
+                        &payload
+                    } else {
+                        member.replayed = true;
+                        first_payload.get_or_insert_with(|| with_recovered(&payload, true))
+                    };
+                    let text = protocol::next_raw(member.protocol, &id_json(&member.id), payload);
                     let pushed = member.link.push_text(&text);
                     if pushed {
                         self.metrics.messages_sent.inc();
@@ -540,7 +559,8 @@ impl Replay {
         // (A document that does not start fails the live execution too, which tells the member.)
         let result = lock(&outcome).result.take();
         let (after, recovered) = match result {
-            Some(Ok(replay)) if replay.recovered => (Some(replay.until), first.then_some(true)),
+            // A member that got no replayed result learns `recovered` from its first live one.
+            Some(Ok(replay)) if replay.recovered => (Some(replay.until), Some(true)),
             Some(Ok(_)) => (None, Some(false)),
             Some(Err(err)) => {
                 let code = match err {
@@ -580,6 +600,7 @@ fn open_gate(
     metrics: &GatewayMetrics,
 ) {
     let id_json = id_json(&member.id);
+    let recovered = recovered.filter(|_| !member.replayed);
     for payload in member.gate.open(after, recovered) {
         let text = protocol::next_raw(member.protocol, &id_json, &payload);
         if !member.link.push_text(&text) {
@@ -654,7 +675,8 @@ async fn serve_group(
                 payload,
                 event_at,
                 position,
-            } => group.deliver(payload, *event_at, *position, &metrics),
+                readers,
+            } => group.deliver(payload, *event_at, *position, *readers, &metrics),
             Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
             Batch::CutOff => {
                 for member in lock(&group.members).values() {
@@ -672,13 +694,21 @@ impl Group {
         payload: &Arc<str>,
         event_at: Option<i64>,
         position: Option<Position>,
+        readers: Readers,
         metrics: &GatewayMetrics,
     ) {
         let members = lock(&self.members);
         let mut frames: Vec<(Protocol, &str, Bytes)> = Vec::with_capacity(2);
         let mut sent = 0u64;
+        let mut withheld = 0u64;
         let latency = metrics.delivery_latency.local();
         for member in members.values() {
+            // Before the gate: a resuming member holds only what it may read, and the first
+            // result it receives is the one that says `recovered`.
+            if !readers.admit(member.viewer) {
+                withheld += 1;
+                continue;
+            }
             if let Some(gate) = member
                 .gate
                 .as_ref()
@@ -725,6 +755,9 @@ impl Group {
         }
         latency.flush();
         metrics.messages_sent.inc_by(sent);
+        if withheld > 0 {
+            metrics.results_withheld.inc_by(withheld);
+        }
     }
 
     /// The last message to every member, who is told that the subscription ended.
@@ -783,6 +816,7 @@ async fn drive(
             .broadcast(Batch::Next {
                 payload,
                 event_at: mark.as_ref().map(|m| m.at),
+                readers: readers_of(mark.as_ref()),
                 position: mark.map(|m| m.position),
             })
             .await;
@@ -796,6 +830,13 @@ async fn drive(
     } else {
         execution.broadcast(Batch::Finish(None)).await;
     }
+}
+
+/// Who may receive a result: the readers of the event behind it. Every record reaches a
+/// subscription through an event, so a result without one carries no record; it goes to staff
+/// only all the same, so that a result whose event was not traced cannot show a private record.
+fn readers_of(mark: Option<&crate::hub::EventMark>) -> Readers {
+    mark.map_or(Readers::Staff, |mark| mark.readers)
 }
 
 /// `{data, errors, extensions}` with `errors` left out when empty, as the GraphQL response format
@@ -939,6 +980,7 @@ mod tests {
             jti: "test".to_owned(),
             user_id: 1,
             username: "test".to_owned(),
+            is_staff: false,
         };
         let membership = executions.join(Start {
             coordinator: &coordinator,
@@ -950,6 +992,10 @@ mod tests {
                 id: "1".to_owned(),
                 link: Arc::new(Link::new(stream, 16)),
                 gate: None,
+                viewer: Viewer {
+                    user_id: 1,
+                    is_staff: false,
+                },
             },
             resume: None,
         });

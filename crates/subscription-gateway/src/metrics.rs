@@ -14,6 +14,7 @@ pub struct GatewayMetrics {
     pub events_duplicate: IntCounter,
     pub events_malformed: IntCounter,
     pub messages_sent: IntCounter,
+    pub results_withheld: IntCounter,
     pub slow_consumers: IntCounter,
     pub delivery_latency: Histogram,
     pub redis_connected: IntGauge,
@@ -77,6 +78,12 @@ impl GatewayMetrics {
                 "Protocol messages written to clients.",
             )
             .expect("valid metric"),
+            results_withheld: IntCounter::new(
+                "gateway_results_withheld_total",
+                "Subscription results not sent to a subscriber because the record's read rule \
+                 does not admit it (a private record of someone else).",
+            )
+            .expect("valid metric"),
             slow_consumers: IntCounter::new(
                 "gateway_slow_consumers_total",
                 "Connections closed because the client read too slowly (events dropped for it).",
@@ -136,6 +143,7 @@ impl GatewayMetrics {
             Box::new(this.events_duplicate.clone()),
             Box::new(this.events_malformed.clone()),
             Box::new(this.messages_sent.clone()),
+            Box::new(this.results_withheld.clone()),
             Box::new(this.slow_consumers.clone()),
             Box::new(this.delivery_latency.clone()),
             Box::new(this.redis_connected.clone()),

@@ -32,6 +32,18 @@ pub fn sign(
     token_type: TokenType,
     lifetime_secs: i64,
 ) -> String {
+    sign_as(keys, user_id, username, false, token_type, lifetime_secs)
+}
+
+/// [`sign`], for a staff user when `is_staff` (the claim auth-service sets).
+pub fn sign_as(
+    keys: &JwtKeys,
+    user_id: i64,
+    username: &str,
+    is_staff: bool,
+    token_type: TokenType,
+    lifetime_secs: i64,
+) -> String {
     let now = chrono::Utc::now().timestamp();
     keys.signing
         .sign(&Claims {
@@ -42,6 +54,7 @@ pub fn sign(
             jti: new_jti(),
             user_id,
             username: username.to_owned(),
+            is_staff,
         })
         .unwrap()
 }

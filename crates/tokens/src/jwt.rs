@@ -58,6 +58,12 @@ pub struct Claims {
     pub jti: String,
     pub user_id: i64,
     pub username: String,
+    /// A claim of ours: the user was staff when the token was issued. The gateway, which has no
+    /// database, reads private records for staff by it; a change of a user's staff rights
+    /// revokes its access tokens, so no token outlives the rights it states. Absent (false)
+    /// from tokens of other issuers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_staff: bool,
 }
 
 impl Claims {

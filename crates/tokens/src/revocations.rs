@@ -330,6 +330,7 @@ mod tests {
             jti: "j".into(),
             user_id,
             username: "u".into(),
+            is_staff: false,
         }
     }
 

@@ -10,3 +10,4 @@ mod limits;
 mod mutations;
 mod queries;
 mod schema;
+mod visibility;

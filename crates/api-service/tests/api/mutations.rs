@@ -35,7 +35,7 @@ async fn each_mutation_publishes_its_envelope() {
     assert_eq!(
         envelope["data"],
         json!({"id": id, "make": "Skoda", "model": "Fabia", "variant": "Combi", "year": "2020",
-            "owner": {"id": owner_id, "username": "alice", "is_staff": false}})
+            "private": false, "owner": {"id": owner_id, "username": "alice", "is_staff": false}})
     );
     let created_event_id = envelope["id"].clone();
 

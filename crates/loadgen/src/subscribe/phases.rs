@@ -239,6 +239,7 @@ fn car(shared: &Shared, index: usize, pk: i64) -> Car {
         model: "Octavia".into(),
         variant: "Scout".into(),
         year: "2011".into(),
+        private: false,
         owner: None,
     }
 }

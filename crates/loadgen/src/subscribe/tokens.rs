@@ -97,6 +97,7 @@ impl Minter {
                 jti: new_jti(),
                 user_id,
                 username: format!("loadgen-{user_id}"),
+                is_staff: false,
             })
             .map_err(|err| format!("cannot sign the token: {err}"))
     }

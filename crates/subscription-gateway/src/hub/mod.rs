@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use events::{
     channel, revocation_channel, Cursor, DecodeError, EnvelopeStream, EventSource, EventType, Key,
-    LoggedEvent, MemoryBus, Position, Registry, Revocation,
+    LoggedEvent, MemoryBus, Position, Readers, Registry, Revocation,
 };
 use service_kit::redis::RedisPool;
 use tokens::revocations::RevokedBefore;
@@ -248,7 +248,8 @@ impl Hub {
         // Decoded and keyed before the routes are locked: the lock is held only to hand on.
         let decoded = inner.registry.decode(event_type, payload).map(|envelope| {
             let keys = inner.registry.keys(event_type, &envelope.data);
-            (envelope, keys)
+            let readers = inner.registry.readers(event_type, &envelope.data);
+            (envelope, keys, readers)
         });
         let mut topics = lock(&inner.topics);
         let mut topic = topics.get_mut(&event_type);
@@ -262,7 +263,7 @@ impl Hub {
                 inner.ready.notify_waiters();
             }
         }
-        let (envelope, keys) = match decoded {
+        let (envelope, keys, readers) = match decoded {
             Ok(decoded) => decoded,
             Err(DecodeError::WrongType) => {
                 inner.metrics.events_malformed.inc();
@@ -295,6 +296,7 @@ impl Hub {
                 cursor: Arc::from(cursor.to_string()),
                 envelope,
                 keys,
+                readers,
             }));
         }
     }
@@ -394,12 +396,13 @@ impl Drop for TopicGuard {
 }
 
 /// The event a subscription task is turning into a result: its commit time (`at`, µs since the
-/// epoch, for the delivery-latency histogram), its position and its cursor.
+/// epoch, for the delivery-latency histogram), its position, its cursor and who may read it.
 #[derive(Clone)]
 pub struct EventMark {
     pub at: i64,
     pub position: Position,
     pub cursor: Arc<str>,
+    pub readers: Readers,
 }
 
 tokio::task_local! {
@@ -413,6 +416,7 @@ fn mark(event: &LoggedEvent) {
             at: event.envelope.at.timestamp_micros(),
             position: event.position,
             cursor: event.cursor.clone(),
+            readers: event.readers,
         }))
     });
 }

@@ -173,11 +173,13 @@ impl Hub {
                 position,
             };
             let keys = self.inner.registry.keys(event_type, &envelope.data);
+            let readers = self.inner.registry.readers(event_type, &envelope.data);
             events.push(Arc::new(LoggedEvent {
                 position,
                 cursor: Arc::from(cursor.to_string()),
                 envelope,
                 keys,
+                readers,
             }));
         }
         Ok(Replay {

@@ -125,6 +125,7 @@ mod tests {
             cursor: Arc::from(""),
             envelope: Envelope::new(EventType::new("thing.updated"), data),
             keys,
+            readers: events::Readers::Everyone,
         })
     }
 

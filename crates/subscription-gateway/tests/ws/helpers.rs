@@ -188,6 +188,7 @@ pub fn car(id: i64, make: &str) -> Car {
         model: "Octavia".into(),
         variant: "Scout".into(),
         year: "2011".into(),
+        private: false,
         owner: None,
     }
 }
