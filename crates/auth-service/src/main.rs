@@ -1,4 +1,4 @@
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use auth_service::settings::{Cli, Command};
@@ -58,22 +58,7 @@ async fn deactivate_user_command(
     store::users::set_active(&pool, username.to_owned(), false)
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?;
-    let redis = service_kit::redis::pool(&settings.redis)?;
-    let revocations = auth_service::routes::Revocations::Redis {
-        pool: redis,
-        revoked: tokens::revocations::RevokedBefore::new(
-            settings.jwt.access_token_lifetime_secs,
-            settings.jwt.jwt_leeway_secs,
-        ),
-    };
-    if let Err(err) = auth_service::routes::revoke_access_tokens(
-        &revocations,
-        &settings.redis.redis_key_prefix,
-        user.id,
-        "deactivated",
-    )
-    .await
-    {
+    if let Err(err) = revoke(settings, user.id, "deactivated").await {
         return Err(StartupError::Other(format!(
             "user `{username}` is deactivated, but its access tokens could not be revoked \
              ({err}); they stay valid until they expire: run deactivate-user again"
@@ -83,6 +68,30 @@ async fn deactivate_user_command(
     Ok(())
 }
 
+/// Revokes every access token of `user_id` issued up to now, for every replica and gateway.
+async fn revoke(
+    settings: &auth_service::settings::Settings,
+    user_id: i64,
+    why: &str,
+) -> Result<(), String> {
+    let redis = service_kit::redis::pool(&settings.redis).map_err(|err| err.to_string())?;
+    let revocations = auth_service::routes::Revocations::Redis {
+        pool: redis,
+        revoked: tokens::revocations::RevokedBefore::new(
+            settings.jwt.access_token_lifetime_secs,
+            settings.jwt.jwt_leeway_secs,
+        ),
+    };
+    auth_service::routes::revoke_access_tokens(
+        &revocations,
+        &settings.redis.redis_key_prefix,
+        user_id,
+        why,
+    )
+    .await
+    .map_err(|err| err.to_string())
+}
+
 async fn create_user_command(
     settings: &auth_service::settings::Settings,
     username: &str,
@@ -90,16 +99,8 @@ async fn create_user_command(
     staff: bool,
     update: bool,
 ) -> Result<(), StartupError> {
-    let (password, generated) = if password_stdin {
-        let mut line = String::new();
-        std::io::stdin()
-            .lock()
-            .read_line(&mut line)
-            .map_err(|err| StartupError::Other(format!("cannot read the password: {err}")))?;
-        (line.trim_end_matches(['\r', '\n']).to_owned(), false)
-    } else {
-        (tokens::jwt::new_jti(), true)
-    };
+    let (password, generated) =
+        auth_service::users::password_for_command(password_stdin).map_err(StartupError::Other)?;
     store::migrate_async(&settings.database.database_url, Duration::from_secs(30))
         .await
         .map_err(StartupError::Other)?;
@@ -109,7 +110,25 @@ async fn create_user_command(
         .map_err(StartupError::Other)?
     {
         Created::Created => println!("created user {username}"),
-        Created::Updated => println!("updated user {username}"),
+        Created::Updated => {
+            // A new password or a change of staff rights counts at once: the tokens issued
+            // before it (whose `is_staff` claim the gateway reads private records by) are
+            // revoked, and the user logs in again.
+            let user = store::users::find_by_username(&pool, username.to_owned())
+                .await
+                .map_err(|err| StartupError::Other(err.to_string()))?
+                .ok_or_else(|| StartupError::Other(format!("no user `{username}`")))?;
+            revoke(settings, user.id, "credentials updated")
+                .await
+                .map_err(|err| {
+                    StartupError::Other(format!(
+                        "user {username} is updated, but its access tokens could not be \
+                         revoked ({err}); they keep their old rights until they expire: run \
+                         create-user --update again"
+                    ))
+                })?;
+            println!("updated user {username}; its access tokens are revoked");
+        }
         Created::AlreadyExists => {
             return Err(StartupError::Other(format!(
                 "user {username} already exists (pass --update to reset its password)"

@@ -49,6 +49,18 @@ pub async fn create_user(
     Ok(Created::Updated)
 }
 
+/// The password of `create-user`: the first line of standard input with `--password-stdin`,
+/// else a random one; true when generated (the command prints it once).
+pub fn password_for_command(password_stdin: bool) -> Result<(String, bool), String> {
+    if !password_stdin {
+        return Ok((tokens::jwt::new_jti(), true));
+    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line)
+        .map_err(|err| format!("cannot read the password: {err}"))?;
+    Ok((line.trim_end_matches(['\r', '\n']).to_owned(), false))
+}
+
 /// The demo user `admin`/`letmein` (staff), created only when absent.
 pub async fn ensure_demo_user(pool: &DbPool) -> Result<(), String> {
     if users::find_by_username(pool, DEMO_USERNAME.to_owned())

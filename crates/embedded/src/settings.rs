@@ -36,6 +36,29 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         pk: i64,
     },
+    /// Create a user (as auth-service's `create-user`), e.g. a second user to try private cars.
+    CreateUser {
+        #[arg(long)]
+        username: String,
+        /// Read the password from the first line of standard input; otherwise a random one is
+        /// generated and printed once.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Make the user staff (may read and change any car).
+        #[arg(long)]
+        staff: bool,
+        /// Reset the password (and staff flag) when the user exists instead of failing; its
+        /// access tokens are revoked.
+        #[arg(long)]
+        update: bool,
+    },
+    /// Deactivate a user: no more logins or refreshes, and every access token already issued is
+    /// refused (the running server learns it through its outbox relay, within
+    /// OUTBOX_RELAY_INTERVAL_MS).
+    DeactivateUser {
+        #[arg(long)]
+        username: String,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -54,6 +54,18 @@ pub(crate) fn insert(conn: &mut AnyConnection, event: NewEvent) -> QueryResult<P
     })
 }
 
+/// Commits an event that is no write's (a revocation by a command run beside the embedded
+/// server), due at once for the relay of the process that owns the bus.
+pub async fn commit(pool: &DbPool, event_type: &str, payload: String) -> Result<(), DbError> {
+    let event = NewEvent {
+        event_id: events::new_event_id(),
+        event_type: event_type.to_owned(),
+        payload,
+        locked_until: None,
+    };
+    run(pool, move |conn| insert(conn, event).map(|_| ())).await
+}
+
 /// Removes a published event.
 pub async fn delete(pool: &DbPool, id: i64) -> Result<(), DbError> {
     run(pool, move |conn| {

@@ -107,6 +107,8 @@ async fn create_user_reads_the_password_from_stdin_and_refuses_duplicates() {
         let mut child = Command::new(env!("CARGO_BIN_EXE_auth-service"))
             .env_clear()
             .env("DATABASE_URL", &app.db_url)
+            .env("REDIS_URL", test_support::redis_url())
+            .env("REDIS_KEY_PREFIX", &app.redis_prefix)
             .env("LOG_LEVEL", "warn")
             .args(args)
             .stdin(Stdio::piped())
@@ -133,7 +135,9 @@ async fn create_user_reads_the_password_from_stdin_and_refuses_duplicates() {
         "c4rol-pw\n",
     );
     assert!(created.status.success(), "{created:?}");
-    app.login("carol", "c4rol-pw").await;
+    let (_, staff_access) = app.login("carol", "c4rol-pw").await;
+    // The gateway, which has no database, reads private records for staff by this claim.
+    assert_eq!(crate::helpers::peek(&staff_access).1["is_staff"], true);
     let user = store::users::find_by_username(&app.pool, "carol".into())
         .await
         .unwrap()
@@ -158,8 +162,12 @@ async fn create_user_reads_the_password_from_stdin_and_refuses_duplicates() {
         ],
         "new-pw\n",
     );
-    assert!(updated.status.success());
-    app.login("carol", "new-pw").await;
+    assert!(updated.status.success(), "{updated:?}");
+    assert!(String::from_utf8_lossy(&updated.stdout).contains("access tokens are revoked"));
+    // No longer staff (the update sets the flag as given): the token that said so is revoked.
+    crate::revocation::until_refused(&app, &staff_access).await;
+    let (_, access) = app.login("carol", "new-pw").await;
+    assert_eq!(crate::helpers::peek(&access).1.get("is_staff"), None);
 
     let generated = run(&["create-user", "--username", "dave"], "");
     assert!(generated.status.success());

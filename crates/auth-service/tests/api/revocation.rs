@@ -25,7 +25,7 @@ async fn verify_status(app: &TestApp, token: &str) -> u16 {
 }
 
 /// Waits until `app` refuses `token` at `/api/token/verify/`; panics after [`PATIENCE`].
-async fn until_refused(app: &TestApp, token: &str) {
+pub async fn until_refused(app: &TestApp, token: &str) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while verify_status(app, token).await != 401 {
         assert!(

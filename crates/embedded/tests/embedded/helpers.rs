@@ -129,6 +129,49 @@ impl TestApp {
         body
     }
 
+    /// `gqlws <args>` as a separate process on this app's database, with `stdin`; its stdout.
+    pub fn gqlws(&self, args: &[&str], stdin: &str) -> String {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gqlws"))
+            .arg(format!("--database-url={}", self.database_url))
+            .arg("--log-level=warn")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "gqlws {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// A token pair for `username`, through `POST /api/token/`.
+    pub async fn login_as(&self, username: &str, password: &str) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/api/token/",
+                json!({"username": username, "password": password}),
+                &[],
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (
+            body["access"].as_str().unwrap().to_owned(),
+            body["refresh"].as_str().unwrap().to_owned(),
+        )
+    }
+
     /// `gqlws trigger-event` as a separate process on this app's database, as an operator runs it.
     pub fn trigger_event(&self) -> String {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_gqlws"))

@@ -8,4 +8,5 @@ mod graphql;
 mod helpers;
 mod rest;
 mod storage;
+mod users;
 mod ws;

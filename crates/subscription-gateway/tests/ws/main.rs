@@ -10,3 +10,4 @@ mod keyed;
 mod lifecycle;
 mod resume;
 mod stress;
+mod visibility;
