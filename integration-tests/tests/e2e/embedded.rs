@@ -87,6 +87,27 @@ impl Gqlws {
         format!("{}/graphql/", self.url.replacen("http://", "ws://", 1))
     }
 
+    /// `gqlws create-user`, a second process on the server's SQLite file.
+    pub fn create_user(&self, username: &str, password: &str) {
+        use std::io::Write as _;
+        let mut create = Command::new(bin_dir().join("gqlws"))
+            .args(["create-user", "--username", username, "--password-stdin"])
+            .env("GQLWS_DATABASE_URL", &self.database_url)
+            .env("LOG_LEVEL", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            let mut stdin = create.stdin.take().unwrap();
+            writeln!(stdin, "{password}").unwrap();
+        }
+        assert!(
+            create.wait().unwrap().success(),
+            "gqlws create-user {username}"
+        );
+    }
+
     /// `gqlws trigger-event`: a second process that commits the change to the SQLite file; the
     /// server's relay publishes it.
     pub fn trigger_event(&self, pk: i64) {

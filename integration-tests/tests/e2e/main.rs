@@ -25,3 +25,4 @@ mod resume;
 mod second_probe;
 mod socket_operations;
 mod stack;
+mod visibility;
