@@ -48,6 +48,18 @@ pub(crate) struct SubscribeArgs {
     /// (`--events-per-sec` is then ignored): a burst of writes.
     #[arg(long, default_value_t = false)]
     pub(super) burst: bool,
+    /// Publish the cars private: readable by their owner and staff only. Their owner is the
+    /// subscribers' user with `--owners`, else nobody (staff only), and only the subscribers
+    /// who may read them are expected to receive them.
+    #[arg(long, default_value_t = false)]
+    pub(super) private: bool,
+    /// Each subscriber is the owner of the car it watches: its token is minted for that car's
+    /// owner (one user per key), whom the published cars name.
+    #[arg(long, default_value_t = false)]
+    pub(super) owners: bool,
+    /// The first N subscribers carry a staff token (the `is_staff` claim).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=200_000))]
+    pub(super) staff: u32,
     /// Measured events (after one warm-up event per pk).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub(super) events: u32,
@@ -165,6 +177,9 @@ impl SubscribeArgs {
         }
         if !(0.1..=10_000.0).contains(&self.events_per_sec) {
             return Err("--events-per-sec must be within 0.1..=10000".into());
+        }
+        if (self.owners || self.staff > 0) && self.auth.is_some() {
+            return Err("--owners and --staff mint their tokens: give --jwt-secret or --demo-secret, not --auth".into());
         }
         if self.renew_every_secs.is_some() {
             if self.protocol != WsProtocol::TransportWs {

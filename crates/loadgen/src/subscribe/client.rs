@@ -58,6 +58,26 @@ pub(super) async fn client_thread(
         let due = ramp_start + Duration::from_secs_f64(f64::from(nth) / thread_rate);
         tokio::time::sleep_until(due.into()).await;
         let user = (index / CONNECTIONS_PER_USER) as usize % inits.len();
+        let pk_index = shared.spread.subscriber(index);
+        let is_staff = index < args.staff;
+        // Owners and staff get tokens of their own; the others share one per user.
+        let (user_id, init) = match (&minter, is_staff, args.owners) {
+            (Some(minter), true, _) | (Some(minter), false, true) => {
+                let user_id = if is_staff {
+                    super::tokens::staff_user(index)
+                } else {
+                    super::tokens::owner_of(args.pks[pk_index])
+                };
+                match minter.mint(user_id, is_staff) {
+                    Ok(token) => (user_id, Arc::new(init_message(args.protocol, &token))),
+                    Err(err) => {
+                        eprintln!("{err}");
+                        break;
+                    }
+                }
+            }
+            _ => (user as i64 + 1, inits[user].clone()),
+        };
         // Renewals start spread over one period, so that they do not all come at once.
         let renew = args.renew_every_secs.map(|every| {
             let first = Duration::from_secs_f64(
@@ -69,11 +89,13 @@ pub(super) async fn client_thread(
             local: Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8),
             target: target.clone(),
             args: args.clone(),
-            init: inits[user].clone(),
-            user_id: user as i64 + 1,
+            init,
+            user_id,
+            is_staff,
+            reads: !args.private || is_staff || args.owners,
             minter: minter.clone(),
             renew,
-            pk_index: shared.spread.subscriber(index),
+            pk_index,
             shared: shared.clone(),
             stop: stop.clone(),
         })));
@@ -116,6 +138,9 @@ struct Subscription {
     args: Arc<SubscribeArgs>,
     init: Arc<String>,
     user_id: i64,
+    is_staff: bool,
+    /// Whether it may read its car: only then is it expected to receive its events.
+    reads: bool,
     minter: Option<Arc<Minter>>,
     /// With --renew-every-secs: the first renewal's delay, then the period.
     renew: Option<(Duration, Duration)>,
@@ -170,7 +195,10 @@ async fn subscriber(sub: Subscription) -> Tally {
     tally
         .handshake_us
         .push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-    shared.live_by_pk[sub.pk_index].fetch_add(1, Ordering::Relaxed);
+    let readers = &shared.live_by_pk[sub.pk_index];
+    if sub.reads {
+        readers.fetch_add(1, Ordering::Relaxed);
+    }
     shared.established.fetch_add(1, Ordering::Relaxed);
     shared
         .last_established_ns
@@ -195,7 +223,9 @@ async fn subscriber(sub: Subscription) -> Tally {
         };
         *tally.closes.entry(kind).or_insert(0) += 1;
         if !args.resume || sub.stop.flag.load(Ordering::Relaxed) {
-            shared.live_by_pk[sub.pk_index].fetch_sub(1, Ordering::Relaxed);
+            if sub.reads {
+                readers.fetch_sub(1, Ordering::Relaxed);
+            }
             shared.dropped.fetch_add(1, Ordering::Relaxed);
             break;
         }
@@ -211,7 +241,9 @@ async fn subscriber(sub: Subscription) -> Tally {
             }
             None => {
                 tally.gave_up += 1;
-                shared.live_by_pk[sub.pk_index].fetch_sub(1, Ordering::Relaxed);
+                if sub.reads {
+                    readers.fetch_sub(1, Ordering::Relaxed);
+                }
                 shared.dropped.fetch_add(1, Ordering::Relaxed);
                 break;
             }
@@ -325,7 +357,7 @@ async fn serve(
                         progress.next_renewal = Some(next);
                         renewal = Some(Box::pin(tokio::time::sleep_until(next.into())));
                         let Some(minter) = &sub.minter else { continue };
-                        let token = match minter.mint(sub.user_id) {
+                        let token = match minter.mint(sub.user_id, sub.is_staff) {
                             Ok(token) => token,
                             Err(kind) => {
                                 *tally.protocol_errors.entry(kind).or_insert(0) += 1;

@@ -64,6 +64,9 @@ struct Shared {
     base: Instant,
     /// Tag in every make of this run (`lg<run>-<event>`), so stray events of other runs are ignored.
     run: String,
+    /// `--private` and `--owners`: how the published cars say who may read them.
+    private: bool,
+    owners: bool,
     /// Publish time per event (warm-up events first); 0 until published.
     published_ns: Vec<AtomicU64>,
     /// Deliveries per event so far.
@@ -119,6 +122,8 @@ pub(crate) fn run(args: &SubscribeArgs) -> Result<(), String> {
     let shared = Arc::new(Shared {
         base: started,
         run: format!("lg{:x}", started_nanos() & 0xff_ffff),
+        private: args.private,
+        owners: args.owners,
         published_ns: (0..total_events).map(|_| AtomicU64::new(0)).collect(),
         delivered: (0..total_events).map(|_| AtomicU32::new(0)).collect(),
         live_by_pk: args.pks.iter().map(|_| AtomicU64::new(0)).collect(),

@@ -239,8 +239,12 @@ fn car(shared: &Shared, index: usize, pk: i64) -> Car {
         model: "Octavia".into(),
         variant: "Scout".into(),
         year: "2011".into(),
-        private: false,
-        owner: None,
+        private: shared.private,
+        owner: shared.owners.then(|| domain::Owner {
+            id: super::tokens::owner_of(pk),
+            username: format!("loadgen-{}", super::tokens::owner_of(pk)),
+            is_staff: false,
+        }),
     }
 }
 

@@ -41,7 +41,7 @@ pub(super) async fn obtain_tokens(
     let minter = minter.ok_or("give --jwt-secret (or JWT_SECRET), --demo-secret, or --auth")?;
     let users = args.connections.div_ceil(CONNECTIONS_PER_USER).max(1);
     (1..=i64::from(users))
-        .map(|user_id| minter.mint(user_id))
+        .map(|user_id| minter.mint(user_id, false))
         .collect()
 }
 
@@ -84,8 +84,19 @@ struct JwtOnly {
     jwt: service_kit::config::JwtArgs,
 }
 
+/// The user that owns car `pk` in `--owners` runs: ids of their own, apart from the users
+/// minted per [`CONNECTIONS_PER_USER`] connections.
+pub(super) fn owner_of(pk: i64) -> i64 {
+    1_000_000 + pk
+}
+
+/// The staff user of subscriber `index` in `--staff` runs.
+pub(super) fn staff_user(index: u32) -> i64 {
+    2_000_000 + i64::from(index / CONNECTIONS_PER_USER)
+}
+
 impl Minter {
-    pub(super) fn mint(&self, user_id: i64) -> Result<String, String> {
+    pub(super) fn mint(&self, user_id: i64, is_staff: bool) -> Result<String, String> {
         let now = chrono_now();
         self.keys
             .signing
@@ -97,7 +108,7 @@ impl Minter {
                 jti: new_jti(),
                 user_id,
                 username: format!("loadgen-{user_id}"),
-                is_staff: false,
+                is_staff,
             })
             .map_err(|err| format!("cannot sign the token: {err}"))
     }
