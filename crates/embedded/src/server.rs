@@ -139,6 +139,8 @@ impl Application {
                     // NGINX's rules: `/api/token/…` → auth; `/graphql` → api. An incomplete
                     // websocket upgrade gets the gateway's answer rather than the API's.
                     .configure(auth_service::routes::config)
+                    // Subscriptions over SSE and multipart: the gateway's, as NGINX routes them.
+                    .configure(subscription_gateway::streamed::routes)
                     .configure(websocket_routes)
                     .configure(metrics_from_loopback_only)
                     .configure(api_service::routes::config)

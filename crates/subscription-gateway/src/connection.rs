@@ -22,14 +22,13 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
-use juniper::DefaultScalarValue;
 use serde_json::Value;
 use service_kit::http::Counted;
 use tokens::auth::AuthError;
 use tokens::jwt::{Claims, TokenError};
 
-use crate::executions::{Gate, Membership, Start, Subscriber};
 use crate::metrics::GatewayMetrics;
+use crate::operations::{start, Active, Caller};
 use crate::protocol::{self, close, ClientMessage, Protocol};
 use crate::socket::{
     ping_frame, pong_frame, Filled, Inbound, Incoming, Link, LinkState, ReadError,
@@ -144,7 +143,7 @@ impl Ready {
 }
 
 /// Resolves when a logout's cutoff was raised since the last look; never without a feed.
-async fn revocations_changed(feed: &mut Option<watch::Receiver<u64>>) {
+pub(crate) async fn revocations_changed(feed: &mut Option<watch::Receiver<u64>>) {
     match feed {
         Some(receiver) => {
             if receiver.changed().await.is_err() {
@@ -156,7 +155,7 @@ async fn revocations_changed(feed: &mut Option<watch::Receiver<u64>>) {
     }
 }
 
-fn expiry_instant(shared: &Shared, exp: i64) -> tokio::time::Instant {
+pub(crate) fn expiry_instant(shared: &Shared, exp: i64) -> tokio::time::Instant {
     let left = exp - chrono::Utc::now().timestamp();
     tokio::time::Instant::now()
         + Duration::from_secs(left.max(0) as u64)
@@ -190,39 +189,6 @@ impl Phase {
     }
 }
 
-struct Active {
-    /// The subscription field, for the metric; `None` for a forwarded query or mutation.
-    field: Option<String>,
-    _work: Work,
-}
-
-/// What an active operation holds; dropping it stops the operation.
-enum Work {
-    /// A subscription's place in its shared execution.
-    Subscription { _membership: Membership },
-    /// A query or mutation under way at api-service.
-    Forwarded { _task: AbortOnDrop },
-}
-
-struct AbortOnDrop(actix_web::rt::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The subscription metric, for an operation that ends.
-fn left(shared: &Shared, done: &Active) {
-    if let Some(field) = &done.field {
-        shared
-            .metrics
-            .subscriptions_active
-            .with_label_values(&[field])
-            .dec();
-    }
-}
-
 /// Serves one socket until it closes. `header_authorization` is the upgrade request's
 /// `Authorization` header, used when `connection_init` carries no token.
 pub async fn run(
@@ -233,8 +199,12 @@ pub async fn run(
     header_authorization: Option<String>,
     _address_slot: Counted<IpAddr>,
 ) {
-    shared.metrics.connections_open.inc();
     let link = Arc::new(link);
+    let Some(socket) = link.stream() else {
+        // Only a websocket's link is served here; a streamed response's has no socket.
+        return;
+    };
+    shared.metrics.connections_open.inc();
     let mut phase = Phase::AwaitingInit {
         deadline: Box::pin(tokio::time::sleep(shared.limits.init_timeout)),
     };
@@ -318,15 +288,13 @@ pub async fn run(
             _ = shared.shutdown.cancelled() => break Closing::going_away(),
             () = link.woken() => {
                 for id in link.take_finished() {
-                    if let Some(done) = active.remove(&id) {
-                        left(&shared, &done);
-                    }
+                    active.remove(&id);
                 }
                 if link.state() != LinkState::Open {
                     break Closing::refused(&link, &shared.metrics);
                 }
             }
-            writable = link.stream().writable(), if flushing => {
+            writable = socket.writable(), if flushing => {
                 if writable.is_err() {
                     break Closing::gone();
                 }
@@ -365,11 +333,11 @@ pub async fn run(
                     shared.metrics.messages_sent.inc();
                 }
             },
-            readable = link.stream().readable() => {
+            readable = socket.readable() => {
                 if readable.is_err() {
                     break Closing::gone();
                 }
-                match inbound.fill(link.stream()) {
+                match inbound.fill(socket) {
                     Filled::Data => {
                         ready_input = true;
                         last_heard = tokio::time::Instant::now();
@@ -380,9 +348,7 @@ pub async fn run(
         }
     };
 
-    for (_, done) in active.drain() {
-        left(&shared, &done);
-    }
+    active.clear();
     shared
         .metrics
         .connections_closed
@@ -402,6 +368,9 @@ pub async fn run(
 /// Sends the close frame behind whatever still waits (at most [`CLOSE_TIMEOUT`]), closes our
 /// side, and gives the client [`CLOSE_LINGER`] to close its own.
 async fn close_socket(link: &Link, closing: &Closing) {
+    let Some(socket) = link.stream() else {
+        return;
+    };
     if link.state() == LinkState::Gone {
         return;
     }
@@ -411,7 +380,7 @@ async fn close_socket(link: &Link, closing: &Closing) {
             match link.flush() {
                 Ok(true) => return true,
                 Ok(false) => {
-                    if link.stream().writable().await.is_err() {
+                    if socket.writable().await.is_err() {
                         return false;
                     }
                 }
@@ -423,13 +392,13 @@ async fn close_socket(link: &Link, closing: &Closing) {
     if !matches!(flushed, Ok(true)) {
         return;
     }
-    let _ = socket2::SockRef::from(link.stream()).shutdown(std::net::Shutdown::Write);
+    let _ = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write);
     let _ = tokio::time::timeout(CLOSE_LINGER, async {
         loop {
-            if link.stream().readable().await.is_err() {
+            if socket.readable().await.is_err() {
                 return;
             }
-            if let Filled::Closed = Inbound::discard(link.stream()) {
+            if let Filled::Closed = Inbound::discard(socket) {
                 return;
             }
         }
@@ -543,132 +512,22 @@ async fn handle(
                 send(protocol::operation_error(&id, errors))?;
                 return Ok(());
             }
-            let resume = match resume_from(&payload, shared.hub.registry()) {
-                Ok(resume) => resume,
-                Err(message) => {
-                    let errors = protocol::errors(&message, "BAD_USER_INPUT");
-                    send(protocol::operation_error(&id, errors))?;
-                    return Ok(());
-                }
+            let caller = Caller {
+                claims: &auth.claims,
+                authorization: &auth.authorization,
+                address: peer.address,
+                replay_slots: peer.replay_slots,
             };
-            let request = match graphql_request(payload) {
-                Ok(request) => request,
-                Err(message) => {
-                    let errors = protocol::errors(&message, "BAD_REQUEST");
-                    send(protocol::operation_error(&id, errors))?;
-                    return Ok(());
+            match start(shared, protocol, link, &id, payload, caller) {
+                Ok(started) => {
+                    active.insert(id, started);
+                    Ok(())
                 }
-            };
-            if let Some(message) =
-                graphql_schema::unknown_variable_type(&shared.schema, &request.query)
-            {
-                let errors = protocol::errors(&message, "GRAPHQL_VALIDATION_FAILED");
-                send(protocol::operation_error(&id, errors))?;
-                return Ok(());
+                Err(errors) => send(protocol::operation_error(&id, errors)),
             }
-            let kind = graphql_schema::operation_type(
-                &shared.schema,
-                &request.query,
-                request.operation_name.as_deref(),
-            );
-            if matches!(
-                kind,
-                Some(juniper::OperationType::Query | juniper::OperationType::Mutation)
-            ) {
-                let operation = crate::forward::Operation {
-                    protocol,
-                    id: id.clone(),
-                    request: serde_json::to_value(&request).unwrap_or_default(),
-                    authorization: auth.authorization.clone(),
-                    client: peer.address,
-                };
-                let task = actix_web::rt::spawn(crate::forward::run(
-                    shared.upstream.clone(),
-                    link.clone(),
-                    operation,
-                ));
-                active.insert(
-                    id,
-                    Active {
-                        field: None,
-                        _work: Work::Forwarded {
-                            _task: AbortOnDrop(task),
-                        },
-                    },
-                );
-                return Ok(());
-            }
-            let verified = &auth.claims;
-            let root_fields = graphql_schema::subscription_root_fields(
-                &shared.schema,
-                &request.query,
-                request.operation_name.as_deref(),
-            );
-            // The spec's "single root field" rule, which juniper does not check: with two, one
-            // event would be answered for one field and the other silently dropped.
-            if let Some(fields) = root_fields.as_ref().filter(|fields| fields.count != 1) {
-                let errors = protocol::errors(
-                    &format!(
-                        "a subscription must select exactly one root field; this one selects {}",
-                        fields.count
-                    ),
-                    "GRAPHQL_VALIDATION_FAILED",
-                );
-                send(protocol::operation_error(&id, errors))?;
-                return Ok(());
-            }
-            // Labels come from the schema, so clients cannot create label values.
-            let field = root_fields
-                .and_then(|fields| fields.first)
-                .filter(|field| graphql_schema::is_subscription_field(&shared.schema, field))
-                .unwrap_or_else(|| "unknown".to_owned());
-            let membership = shared.executions.join(Start {
-                coordinator: &shared.coordinator,
-                hub: &shared.hub,
-                claims: verified,
-                request,
-                subscriber: Subscriber {
-                    protocol,
-                    id: id.clone(),
-                    link: link.clone(),
-                    gate: resume
-                        .as_ref()
-                        .map(|_| Gate::new(shared.limits.outbound_queue)),
-                    viewer: events::Viewer {
-                        user_id: verified.user_id,
-                        is_staff: verified.is_staff,
-                    },
-                },
-                resume: resume.map(|cursor| {
-                    (
-                        cursor,
-                        crate::replays::ReplayAdmission {
-                            replays: shared.replays.clone(),
-                            connection: peer.replay_slots.clone(),
-                            user_id: verified.user_id,
-                        },
-                    )
-                }),
-            });
-            shared
-                .metrics
-                .subscriptions_active
-                .with_label_values(&[&field])
-                .inc();
-            active.insert(
-                id,
-                Active {
-                    field: Some(field),
-                    _work: Work::Subscription {
-                        _membership: membership,
-                    },
-                },
-            );
-            Ok(())
         }
         ClientMessage::Stop { id } => {
-            if let Some(stopped) = active.remove(&id) {
-                left(shared, &stopped);
+            if active.remove(&id).is_some() {
                 // graphql-transport-ws: the client's `complete` needs no answer; the legacy
                 // protocol confirms a `stop` with `complete`.
                 if protocol == Protocol::LegacyWs {
@@ -707,45 +566,6 @@ async fn handle(
         ClientMessage::Pong => Ok(()),
         ClientMessage::Terminate => Err(Closing::new(close::NORMAL, "connection terminated")),
     }
-}
-
-/// `extensions.resumeFrom` of a `subscribe`/`start` payload, if any.
-fn resume_from(
-    payload: &Value,
-    registry: &events::Registry,
-) -> Result<Option<events::Cursor>, String> {
-    match payload
-        .get("extensions")
-        .and_then(|extensions| extensions.get("resumeFrom"))
-    {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => events::Cursor::parse(text, registry).map(Some),
-        Some(_) => Err(
-            "`extensions.resumeFrom` must be a string: a result's `extensions.cursor`".to_owned(),
-        ),
-    }
-}
-
-fn graphql_request(
-    payload: Value,
-) -> Result<juniper::http::GraphQLRequest<DefaultScalarValue>, String> {
-    // Only the three standard fields; clients also send `extensions`, which we do not use.
-    let Value::Object(mut map) = payload else {
-        return Err("payload must be an object".into());
-    };
-    let mut request = serde_json::Map::new();
-    for key in ["query", "operationName", "variables"] {
-        if let Some(value) = map.remove(key) {
-            if !value.is_null() {
-                request.insert(key.to_owned(), value);
-            }
-        }
-    }
-    if !request.contains_key("query") {
-        return Err("payload has no `query`".into());
-    }
-    serde_json::from_value(Value::Object(request))
-        .map_err(|err| format!("invalid subscription payload: {err}"))
 }
 
 /// The token of a connection: `connectionParams.Authorization` (or `authorization`), as GraphQL

@@ -45,7 +45,7 @@ use crate::lock;
 use crate::metrics::GatewayMetrics;
 use crate::protocol::{self, Protocol};
 use crate::replays::ReplayAdmission;
-use crate::socket::{text_frame, Link};
+use crate::socket::Link;
 
 /// juniper's subscription coordinator over the schema: what an execution drives.
 pub type Coordinator =
@@ -96,6 +96,8 @@ enum Batch {
         payload: Arc<str>,
         event_at: Option<i64>,
         position: Option<Position>,
+        /// The cursor in the payload, again for the SSE event's `id`.
+        cursor: Option<Arc<str>>,
         readers: Readers,
     },
     /// The last message: an error list, or `complete` when `None`.
@@ -128,9 +130,12 @@ pub struct Gate {
     limit: usize,
 }
 
+/// A live result held at a gate: its position, payload and cursor.
+type Held = (Option<Position>, Arc<str>, Option<Arc<str>>);
+
 enum GateState {
     /// Replaying: live results wait here.
-    Holding(Vec<(Option<Position>, Arc<str>)>),
+    Holding(Vec<Held>),
     /// Live results at or before `after` were replayed already; the first one delivered says
     /// `recovered` when that is still to be said.
     Live {
@@ -160,14 +165,19 @@ impl Gate {
         })
     }
 
-    fn offer(&self, position: Option<Position>, payload: &Arc<str>) -> Offer {
+    fn offer(
+        &self,
+        position: Option<Position>,
+        payload: &Arc<str>,
+        cursor: Option<&Arc<str>>,
+    ) -> Offer {
         let mut state = lock(&self.state);
         match &mut *state {
             GateState::Holding(held) => {
                 if held.len() >= self.limit {
                     return Offer::Overflow;
                 }
-                held.push((position, payload.clone()));
+                held.push((position, payload.clone(), cursor.cloned()));
                 Offer::Skip
             }
             GateState::Live { after, recovered } => {
@@ -185,22 +195,28 @@ impl Gate {
     }
 
     /// Ends the replay: live results after `after` go out from now on (`None`: all of them),
-    /// and the first says `recovered` if given. Returns the held results to send first.
-    fn open(&self, after: Option<Position>, mut recovered: Option<bool>) -> Vec<String> {
+    /// and the first says `recovered` if given. Returns the held results to send first, each
+    /// with its cursor.
+    fn open(
+        &self,
+        after: Option<Position>,
+        mut recovered: Option<bool>,
+    ) -> Vec<(String, Option<Arc<str>>)> {
         let mut state = lock(&self.state);
         let held = match std::mem::replace(&mut *state, GateState::Holding(Vec::new())) {
             GateState::Holding(held) => held,
             GateState::Live { .. } => Vec::new(),
         };
         let mut texts = Vec::new();
-        for (position, payload) in held {
+        for (position, payload, cursor) in held {
             if replayed(after, position) {
                 continue;
             }
-            texts.push(match recovered.take() {
+            let text = match recovered.take() {
                 Some(flag) => with_recovered(&payload, flag),
                 None => payload.to_string(),
-            });
+            };
+            texts.push((text, cursor));
         }
         if !texts.is_empty() {
             self.plain.store(recovered.is_none(), Ordering::Relaxed);
@@ -544,8 +560,13 @@ impl Replay {
                         member.replayed = true;
                         first_payload.get_or_insert_with(|| with_recovered(&payload, true))
                     };
-                    let text = protocol::next_raw(member.protocol, &id_json(&member.id), payload);
-                    let pushed = member.link.push_text(&text);
+                    let frame = protocol::next_frame(
+                        member.protocol,
+                        &id_json(&member.id),
+                        payload,
+                        mark.as_ref().map(|m| &*m.cursor),
+                    );
+                    let pushed = member.link.push(&frame);
                     if pushed {
                         self.metrics.messages_sent.inc();
                     }
@@ -569,8 +590,9 @@ impl Replay {
                 };
                 let errors = protocol::errors(&err.to_string(), code).to_string();
                 for member in lock(&shared.members).values() {
-                    let error = protocol::operation_error_raw(&id_json(&member.id), &errors);
-                    if member.link.push_text(&error) {
+                    let error =
+                        protocol::error_frame(member.protocol, &id_json(&member.id), &errors);
+                    if member.link.push(&error) {
                         self.metrics.messages_sent.inc();
                     }
                     member.link.finished(&member.id);
@@ -601,9 +623,9 @@ fn open_gate(
 ) {
     let id_json = id_json(&member.id);
     let recovered = recovered.filter(|_| !member.replayed);
-    for payload in member.gate.open(after, recovered) {
-        let text = protocol::next_raw(member.protocol, &id_json, &payload);
-        if !member.link.push_text(&text) {
+    for (payload, cursor) in member.gate.open(after, recovered) {
+        let frame = protocol::next_frame(member.protocol, &id_json, &payload, cursor.as_deref());
+        if !member.link.push(&frame) {
             break;
         }
         metrics.messages_sent.inc();
@@ -675,8 +697,18 @@ async fn serve_group(
                 payload,
                 event_at,
                 position,
+                cursor,
                 readers,
-            } => group.deliver(payload, *event_at, *position, *readers, &metrics),
+            } => group.deliver(
+                payload,
+                Delivery {
+                    event_at: *event_at,
+                    position: *position,
+                    cursor: cursor.as_ref(),
+                    readers: *readers,
+                },
+                &metrics,
+            ),
             Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
             Batch::CutOff => {
                 for member in lock(&group.members).values() {
@@ -689,14 +721,13 @@ async fn serve_group(
 
 impl Group {
     /// One result to every member: the frame is built once per (protocol, id).
-    fn deliver(
-        &self,
-        payload: &Arc<str>,
-        event_at: Option<i64>,
-        position: Option<Position>,
-        readers: Readers,
-        metrics: &GatewayMetrics,
-    ) {
+    fn deliver(&self, payload: &Arc<str>, delivery: Delivery<'_>, metrics: &GatewayMetrics) {
+        let Delivery {
+            event_at,
+            position,
+            cursor,
+            readers,
+        } = delivery;
         let members = lock(&self.members);
         let mut frames: Vec<(Protocol, &str, Bytes)> = Vec::with_capacity(2);
         let mut sent = 0u64;
@@ -714,7 +745,7 @@ impl Group {
                 .as_ref()
                 .filter(|g| !g.plain.load(Ordering::Relaxed))
             {
-                match gate.offer(position, payload) {
+                match gate.offer(position, payload, cursor) {
                     Offer::Plain => {}
                     Offer::Skip => continue,
                     Offer::Overflow => {
@@ -722,8 +753,13 @@ impl Group {
                         continue;
                     }
                     Offer::Send(text) => {
-                        let text = protocol::next_raw(member.protocol, &id_json(&member.id), &text);
-                        if member.link.push_text(&text) {
+                        let frame = protocol::next_frame(
+                            member.protocol,
+                            &id_json(&member.id),
+                            &text,
+                            cursor.map(|c| &**c),
+                        );
+                        if member.link.push(&frame) {
                             sent += 1;
                         }
                         continue;
@@ -736,11 +772,12 @@ impl Group {
             {
                 Some((_, _, frame)) => frame.clone(),
                 None => {
-                    let frame = text_frame(&protocol::next_raw(
+                    let frame = protocol::next_frame(
                         member.protocol,
                         &id_json(&member.id),
                         payload,
-                    ));
+                        cursor.map(|c| &**c),
+                    );
                     frames.push((member.protocol, &member.id, frame.clone()));
                     frame
                 }
@@ -763,16 +800,27 @@ impl Group {
     /// The last message to every member, who is told that the subscription ended.
     fn finish(&self, errors: Option<&str>, metrics: &GatewayMetrics) {
         for member in lock(&self.members).values() {
-            let text = match errors {
-                Some(errors) => protocol::operation_error_raw(&id_json(&member.id), errors),
-                None => protocol::complete(&member.id),
+            let frame = match errors {
+                Some(errors) => {
+                    protocol::error_frame(member.protocol, &id_json(&member.id), errors)
+                }
+                None => protocol::complete_frame(member.protocol, &member.id),
             };
-            if member.link.push_text(&text) {
+            if member.link.push(&frame) {
                 metrics.messages_sent.inc();
             }
             member.link.finished(&member.id);
         }
     }
+}
+
+/// What a group is told of one result besides its payload.
+struct Delivery<'a> {
+    /// Commit time of the event behind it (µs since the epoch).
+    event_at: Option<i64>,
+    position: Option<Position>,
+    cursor: Option<&'a Arc<str>>,
+    readers: Readers,
 }
 
 /// Runs the juniper stream once for every subscriber of the operation.
@@ -817,6 +865,7 @@ async fn drive(
                 payload,
                 event_at: mark.as_ref().map(|m| m.at),
                 readers: readers_of(mark.as_ref()),
+                cursor: mark.as_ref().map(|m| m.cursor.clone()),
                 position: mark.map(|m| m.position),
             })
             .await;

@@ -83,16 +83,22 @@ pub async fn run(upstream: Upstream, link: Arc<Link>, operation: Operation) {
     let id_json = serde_json::to_string(&operation.id).unwrap_or_else(|_| "\"\"".into());
     match execute(&upstream, &operation).await {
         Ok(Answer::Result(result)) => {
-            if link.push_text(&protocol::next_raw(operation.protocol, &id_json, &result)) {
-                link.push_text(&protocol::complete(&operation.id));
+            let next = protocol::next_frame(operation.protocol, &id_json, &result, None);
+            if link.push(&next) {
+                link.push(&protocol::complete_frame(operation.protocol, &operation.id));
             }
         }
         Ok(Answer::RequestError(errors)) => {
-            link.push_text(&protocol::operation_error_raw(&id_json, &errors));
+            link.push(&protocol::error_frame(
+                operation.protocol,
+                &id_json,
+                &errors,
+            ));
         }
         Err(message) => {
             let errors = protocol::errors(&message, "SERVICE_UNAVAILABLE");
-            link.push_text(&protocol::operation_error_raw(
+            link.push(&protocol::error_frame(
+                operation.protocol,
                 &id_json,
                 &errors.to_string(),
             ));

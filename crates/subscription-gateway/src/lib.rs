@@ -28,6 +28,7 @@ pub mod executions;
 pub mod forward;
 pub mod hub;
 pub mod metrics;
+pub mod operations;
 pub mod protocol;
 pub mod replays;
 pub mod server;
@@ -35,6 +36,7 @@ pub mod settings;
 pub mod socket;
 pub mod startup;
 pub mod state;
+pub mod streamed;
 pub mod user_sockets;
 
 /// A mutex's guard even if a thread panicked while holding it: every mutex here guards plain

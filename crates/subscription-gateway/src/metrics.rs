@@ -7,6 +7,7 @@ use prometheus::{
 #[derive(Clone)]
 pub struct GatewayMetrics {
     pub connections_open: IntGauge,
+    pub streams_open: IntGaugeVec,
     pub connections_closed: IntCounterVec,
     pub subscriptions_active: IntGaugeVec,
     pub executions_active: IntGauge,
@@ -32,6 +33,14 @@ impl GatewayMetrics {
             connections_open: IntGauge::new(
                 "gateway_connections_open",
                 "Open websocket connections.",
+            )
+            .expect("valid metric"),
+            streams_open: IntGaugeVec::new(
+                Opts::new(
+                    "gateway_streams_open",
+                    "Open streamed HTTP subscriptions, by transport (graphql-sse, multipart).",
+                ),
+                &["transport"],
             )
             .expect("valid metric"),
             connections_closed: IntCounterVec::new(
@@ -136,6 +145,7 @@ impl GatewayMetrics {
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(this.connections_open.clone()),
+            Box::new(this.streams_open.clone()),
             Box::new(this.connections_closed.clone()),
             Box::new(this.subscriptions_active.clone()),
             Box::new(this.executions_active.clone()),

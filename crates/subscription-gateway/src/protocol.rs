@@ -1,5 +1,7 @@
 //! The two websocket subprotocols: what a client may send, what the server writes, and the close
-//! codes. Both carry the same operations; only the names differ:
+//! codes; and how each message is framed on the wire for them and for the two streamed HTTP
+//! transports ([`next_frame`] and its siblings). Both subprotocols carry the same operations;
+//! only the names differ:
 //!
 //! | | `graphql-transport-ws` (graphql-ws library) | `graphql-ws` (subscriptions-transport-ws) |
 //! |---|---|---|
@@ -9,8 +11,11 @@
 //! | keep-alive | `ping` / `pong` | `ka` (server only) |
 //! | bad init | close 4403 | `connection_error`, then close 4403 |
 
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::{json, Value};
+
+use crate::socket::text_frame;
 
 pub const TRANSPORT_WS: &str = "graphql-transport-ws";
 pub const LEGACY_WS: &str = "graphql-ws";
@@ -31,17 +36,33 @@ pub mod close {
     pub const TOO_MANY_INITS: u16 = 4429;
 }
 
+/// How a subscriber's messages are framed: one of the two websocket subprotocols, or one of the
+/// two streamed HTTP responses ([`crate::streamed`]), which carry one operation each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     TransportWs,
     LegacyWs,
+    /// GraphQL over Server-Sent Events (the `graphql-sse` protocol, distinct connections mode):
+    /// `event: next` with the result's cursor as the event's `id`, then `event: complete`.
+    Sse,
+    /// Apollo's multipart subscriptions (`multipart/mixed;subscriptionSpec="1.0"`): one
+    /// `{"payload": …}` part per result, `{}` parts as heartbeats, boundary `graphql`.
+    Multipart,
 }
+
+/// The multipart response's content type, and what opens its body: every part then ends with
+/// the boundary, and the last is closed by [`complete_frame`]'s `--`.
+pub const MULTIPART_CONTENT_TYPE: &str =
+    "multipart/mixed;boundary=\"graphql\";subscriptionSpec=\"1.0\"";
+pub const MULTIPART_PREAMBLE: &str = "\r\n--graphql";
 
 impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::TransportWs => TRANSPORT_WS,
             Protocol::LegacyWs => LEGACY_WS,
+            Protocol::Sse => "graphql-sse",
+            Protocol::Multipart => "multipart",
         }
     }
 
@@ -141,12 +162,92 @@ pub fn connection_ack() -> String {
     encode::<()>("connection_ack", None, None)
 }
 
-/// Keep-alive: `ping` (modern) or `ka` (legacy).
+/// Keep-alive on a websocket: `ping` (modern) or `ka` (legacy).
 pub fn keepalive(protocol: Protocol) -> String {
     match protocol {
-        Protocol::TransportWs => encode::<()>("ping", None, None),
         Protocol::LegacyWs => encode::<()>("ka", None, None),
+        _ => encode::<()>("ping", None, None),
     }
+}
+
+/// Keep-alive as the protocol writes it on the wire: a websocket message, an SSE comment, or an
+/// empty multipart part (Apollo's heartbeat).
+pub fn keepalive_frame(protocol: Protocol) -> Bytes {
+    match protocol {
+        Protocol::Sse => Bytes::from_static(b":\n\n"),
+        Protocol::Multipart => multipart_part("{}"),
+        _ => text_frame(&keepalive(protocol)),
+    }
+}
+
+/// One result as the protocol writes it on the wire, around the payload every subscriber of the
+/// execution shares. `cursor` names the event behind it: the SSE event's `id`, which a browser's
+/// `EventSource` sends back as `Last-Event-ID`.
+pub fn next_frame(protocol: Protocol, id_json: &str, payload: &str, cursor: Option<&str>) -> Bytes {
+    match protocol {
+        Protocol::Sse => {
+            let id = cursor
+                .map(|cursor| format!("id: {cursor}\n"))
+                .unwrap_or_default();
+            Bytes::from(format!("event: next\n{id}data: {payload}\n\n"))
+        }
+        Protocol::Multipart => multipart_part(&format!(r#"{{"payload":{payload}}}"#)),
+        _ => text_frame(&next_raw(protocol, id_json, payload)),
+    }
+}
+
+/// An operation that failed before producing results, and ends: `error` on a websocket; a
+/// result carrying only the errors, then the end, on a stream.
+pub fn error_frame(protocol: Protocol, id_json: &str, errors: &str) -> Bytes {
+    match protocol {
+        Protocol::Sse => Bytes::from(format!(
+            "event: next\ndata: {{\"errors\":{errors}}}\n\nevent: complete\ndata: \n\n"
+        )),
+        Protocol::Multipart => {
+            let mut part = BytesMut::from(
+                &multipart_part(&format!(r#"{{"payload":{{"errors":{errors}}}}}"#))[..],
+            );
+            part.extend_from_slice(&complete_frame(protocol, ""));
+            part.freeze()
+        }
+        _ => text_frame(&operation_error_raw(id_json, errors)),
+    }
+}
+
+/// The operation's end: `complete` on a websocket and over SSE; the closing boundary of a
+/// multipart response.
+pub fn complete_frame(protocol: Protocol, id: &str) -> Bytes {
+    match protocol {
+        Protocol::Sse => Bytes::from_static(b"event: complete\ndata: \n\n"),
+        Protocol::Multipart => Bytes::from_static(b"--\r\n"),
+        _ => text_frame(&complete(id)),
+    }
+}
+
+/// A stream's end for a reason of the transport (an expired or revoked token, a client too
+/// slow, the gateway draining), with no `complete`: graphql-sse and Apollo's clients then
+/// reconnect, and resume from the last cursor they saw. Over SSE a result with the error;
+/// over multipart Apollo's transport error (`payload: null` with `errors`), then the end.
+pub fn transport_error_frame(protocol: Protocol, message: &str, code: &str) -> Bytes {
+    let errors = errors(message, code).to_string();
+    match protocol {
+        Protocol::Multipart => {
+            let mut part = BytesMut::from(
+                &multipart_part(&format!(r#"{{"payload":null,"errors":{errors}}}"#))[..],
+            );
+            part.extend_from_slice(&complete_frame(protocol, ""));
+            part.freeze()
+        }
+        _ => Bytes::from(format!("event: next\ndata: {{\"errors\":{errors}}}\n\n")),
+    }
+}
+
+/// One JSON part of a multipart response, ending with the boundary that the next part (or the
+/// final `--`) follows.
+fn multipart_part(json: &str) -> Bytes {
+    Bytes::from(format!(
+        "\r\ncontent-type: application/json\r\n\r\n{json}\r\n--graphql"
+    ))
 }
 
 pub fn pong(payload: Option<Value>) -> String {
@@ -156,8 +257,8 @@ pub fn pong(payload: Option<Value>) -> String {
 /// One result of a subscription: `next` / `data` with `{data, errors?}`.
 pub fn next<P: Serialize>(protocol: Protocol, id: &str, result: &P) -> String {
     let kind = match protocol {
-        Protocol::TransportWs => "next",
         Protocol::LegacyWs => "data",
+        _ => "next",
     };
     encode(kind, Some(id), Some(result))
 }
@@ -166,8 +267,8 @@ pub fn next<P: Serialize>(protocol: Protocol, id: &str, result: &P) -> String {
 /// only the id differs, so nothing is serialized per subscriber.
 pub fn next_raw(protocol: Protocol, id_json: &str, payload: &str) -> String {
     let kind = match protocol {
-        Protocol::TransportWs => "next",
         Protocol::LegacyWs => "data",
+        _ => "next",
     };
     format!(r#"{{"type":"{kind}","id":{id_json},"payload":{payload}}}"#)
 }

@@ -29,8 +29,10 @@ const READ_CHUNK: usize = 8 * 1024;
 const READ_BUDGET: usize = 64 * 1024;
 
 /// The write side of one connection, shared by its task and by the executions it subscribes to.
+/// A websocket's link writes to its socket; a streamed HTTP response's ([`Link::buffered`]) only
+/// queues, for the response body to take ([`Link::take_pending`]) as actix-web writes it.
 pub struct Link {
-    stream: TcpStream,
+    stream: Option<TcpStream>,
     out: Mutex<Outgoing>,
     /// Wakes the connection's task: bytes wait to be written, a subscription ended, or the
     /// connection has to close.
@@ -63,6 +65,15 @@ struct Outgoing {
 
 impl Link {
     pub fn new(stream: TcpStream, max_queued: usize) -> Self {
+        Self::with_stream(Some(stream), max_queued)
+    }
+
+    /// A link whose bytes wait for a streamed response body to take them.
+    pub fn buffered(max_queued: usize) -> Self {
+        Self::with_stream(None, max_queued)
+    }
+
+    fn with_stream(stream: Option<TcpStream>, max_queued: usize) -> Self {
         Self {
             stream,
             out: Mutex::new(Outgoing {
@@ -76,8 +87,9 @@ impl Link {
         }
     }
 
-    pub fn stream(&self) -> &TcpStream {
-        &self.stream
+    /// The socket; `None` for a [`Link::buffered`] one.
+    pub fn stream(&self) -> Option<&TcpStream> {
+        self.stream.as_ref()
     }
 
     /// Resolves when the connection's task has something to do (see [`Link::wake`]).
@@ -107,7 +119,21 @@ impl Link {
             out.queued += 1;
             return true;
         }
-        let written = match self.stream.try_write(frame) {
+        let Some(stream) = &self.stream else {
+            // Buffered: the response body takes it; `queued` bounds what waits for it.
+            if out.queued >= self.max_queued {
+                out.state = LinkState::Slow;
+                drop(out);
+                self.wake.notify_one();
+                return false;
+            }
+            out.pending.extend_from_slice(frame);
+            out.queued += 1;
+            drop(out);
+            self.wake.notify_one();
+            return true;
+        };
+        let written = match stream.try_write(frame) {
             Ok(n) if n == frame.len() => return true,
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
@@ -175,8 +201,11 @@ impl Link {
     /// means the client is gone.
     pub fn flush(&self) -> io::Result<bool> {
         let mut out = lock(&self.out);
+        let Some(stream) = &self.stream else {
+            return Ok(out.pending.is_empty());
+        };
         while !out.pending.is_empty() {
-            match self.stream.try_write(&out.pending) {
+            match stream.try_write(&out.pending) {
                 Ok(n) => out.pending.advance(n),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(err) => {
@@ -189,6 +218,18 @@ impl Link {
         out.pending = BytesMut::new();
         out.queued = 0;
         Ok(true)
+    }
+}
+
+impl Link {
+    /// What waits to be written, taken all at once (a buffered link's response body).
+    pub fn take_pending(&self) -> Option<Bytes> {
+        let mut out = lock(&self.out);
+        if out.pending.is_empty() {
+            return None;
+        }
+        out.queued = 0;
+        Some(std::mem::take(&mut out.pending).freeze())
     }
 }
 

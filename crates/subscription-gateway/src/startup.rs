@@ -212,6 +212,7 @@ impl Application {
                     .app_data(address_limit.clone())
                     .wrap(middleware::from_fn(service_kit::http::limit_per_address))
                     .wrap(middleware::from_fn(metrics::record))
+                    .configure(crate::streamed::routes)
                     .route("/graphql", web::get().to(not_upgraded))
                     .route("/graphql/", web::get().to(not_upgraded))
                     .route("/healthz", web::get().to(healthz))

@@ -9,5 +9,6 @@ mod helpers;
 mod keyed;
 mod lifecycle;
 mod resume;
+mod streamed;
 mod stress;
 mod visibility;
