@@ -1,8 +1,8 @@
 // The walk-through in a real browser, for the end-to-end suite: Debian's chromium driven by
 // playwright-core, on GraphQL Playground or GraphiQL as served by the stack (no other host).
 //
-//   node browser.mjs --base http://127.0.0.1:8000 --token <access> --ide playground|graphiql
-//                    [--shots DIR]
+//   node browser.mjs --base http://127.0.0.1:8000 --token <access>
+//                    --ide playground|graphiql|eventsource [--shots DIR]
 //
 // Like a person: open /graphql/ (Playground) or /graphiql, set the HTTP headers to
 // {"Authorization": "Bearer <access>"}, run `{ hi }` and wait for "Hi!", then run
@@ -25,8 +25,8 @@ const { base, token, ide, shots } = parseArgs({
     shots: { type: 'string' },
   },
 }).values;
-if (!base || !token || !['playground', 'graphiql'].includes(ide)) {
-  console.error('usage: node browser.mjs --base HTTP_BASE_URL --token ACCESS --ide playground|graphiql [--shots DIR]');
+if (!base || !token || !['playground', 'graphiql', 'eventsource'].includes(ide)) {
+  console.error('usage: node browser.mjs --base HTTP_BASE_URL --token ACCESS --ide playground|graphiql|eventsource [--shots DIR]');
   process.exit(2);
 }
 const headers = JSON.stringify({ Authorization: `Bearer ${token}` }, null, 2);
@@ -102,6 +102,40 @@ async function graphiql(page) {
   print({ update });
   if (shots) await page.screenshot({ path: `${shots}/graphiql-update.png` });
 }
+// A page of the stack's origin using the browser's own EventSource, as a web app without a
+// GraphQL client would: `{ hi }` by fetch, then the subscription as GraphQL over SSE by GET
+// (an EventSource cannot set headers: the token goes as `access_token`). Each result's event id
+// must be its cursor, which a reconnecting EventSource sends back as `Last-Event-ID`.
+async function eventsource(page) {
+  await page.goto(`${base}/graphql/`);
+  const hi = await page.evaluate(async (token) => {
+    const response = await fetch('/graphql/', {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${token}` },
+      body: JSON.stringify({ query: '{ hi }' }),
+    });
+    return JSON.stringify(await response.json());
+  }, token);
+  print({ hi });
+  await page.evaluate(({ token, query }) => {
+    window.updates = [];
+    const params = new URLSearchParams({ query, access_token: token });
+    const source = new EventSource(`/graphql/?${params}`);
+    window.opened = new Promise((resolve) => { source.onopen = resolve; });
+    source.addEventListener('next', (event) => {
+      const cursor = JSON.parse(event.data).extensions?.cursor;
+      window.updates.push({ data: event.data, idIsCursor: event.lastEventId === cursor });
+    });
+  }, { token, query: subscription });
+  await page.evaluate(() => window.opened);
+  print({ listening: true });
+  const update = await until(page, 'no update', () => page.evaluate(() => JSON.stringify(window.updates[0] ?? null)),
+    (text) => text !== 'null', 60_000);
+  const { data, idIsCursor } = JSON.parse(update);
+  if (!idIsCursor) throw new Error(`the event's id is not its cursor: ${update}`);
+  print({ update: data });
+}
+
 const print = (value) => process.stdout.write(JSON.stringify(value) + '\n');
 const origin = new URL(base).host;
 
@@ -128,7 +162,7 @@ try {
     if (message.type() === 'error') errors.push(`console: ${message.text()}`);
   });
 
-  await (ide === 'playground' ? playground(page) : graphiql(page));
+  await ({ playground, graphiql, eventsource })[ide](page);
 } catch (err) {
   failed = true;
   errors.push(`test: ${err.message}`);

@@ -37,6 +37,7 @@ EXPECTED_ROUTES = {
     ("/api/token/", "main"): "auth-service",
     ("/graphql", "main"): "api-service",
     ("/graphql", "canary"): GATEWAY,
+    ("/graphql/stream", "main"): GATEWAY,
     ("/graphiql", "main"): "api-service",
 }
 # ingress-nginx's annotation validation (parser.IsValidRegex): other characters make the
@@ -312,6 +313,11 @@ def check_ingresses(rep: Report, name: str, objs: list[dict], services: dict) ->
                 (canaries.append(hp) if canary else mains.add(hp))
                 if canary:
                     continue
+                if p["path"] == "/graphql/stream":
+                    read = int(ann.get(ANN + "proxy-read-timeout", "60"))
+                    rep.check(read >= 3600 and ann.get(ANN + "proxy-buffering") == "off",
+                              f"{what} /graphql/stream (SSE, multipart) has buffering off and a "
+                              "3600 s read timeout, as nginx.conf", f"read {read}")
                 if p["path"] == "/graphql":
                     read = int(ann.get(ANN + "proxy-read-timeout", "60"))
                     send = int(ann.get(ANN + "proxy-send-timeout", "60"))

@@ -47,8 +47,10 @@ const OPERATION_ID: &str = "1";
 
 /// `POST` and `GET` of `/graphql` and `/graphql/` asking for an event stream or Apollo's
 /// multipart subscriptions; other requests of those paths are left to the routes after these.
+/// Also `/graphql/stream`: the path of its own that a Kubernetes ingress, which cannot route by
+/// `Accept`, sends to the gateway (deploy/kubernetes/base/ingress.yaml).
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    for path in ["/graphql", "/graphql/"] {
+    for path in ["/graphql", "/graphql/", "/graphql/stream"] {
         cfg.service(
             web::resource(path)
                 .guard(guard::Any(guard::Post()).or(guard::Get()))

@@ -132,3 +132,14 @@ async fn graphiql_in_chromium_through_nginx() {
 async fn graphiql_in_chromium_in_the_embedded_mode() {
     in_the_embedded_mode("graphiql").await;
 }
+
+/// The browser's own `EventSource` on the stack's origin, GraphQL over SSE by GET.
+#[actix_web::test]
+async fn eventsource_in_chromium_through_nginx() {
+    through_nginx("eventsource").await;
+}
+
+#[actix_web::test]
+async fn eventsource_in_chromium_in_the_embedded_mode() {
+    in_the_embedded_mode("eventsource").await;
+}

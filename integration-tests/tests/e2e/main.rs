@@ -25,4 +25,5 @@ mod resume;
 mod second_probe;
 mod socket_operations;
 mod stack;
+mod streamed;
 mod visibility;

@@ -7,7 +7,8 @@
 //! and through NGINX;
 //! (b) rolling SIGTERM of the two gateway replicas behind NGINX; (c) Redis restarted twice
 //! (3 s down each) with mutations committed during the outages; (d) the gateways' Redis event
-//! connections killed (`CLIENT KILL`). Also with that client: in-band renewal, a cursor older
+//! connections killed (`CLIENT KILL`); (a) and (b) also over GraphQL over SSE with the npm
+//! `graphql-sse` client (`node/resume-sse.mjs`, `Last-Event-ID`). Also with that client: in-band renewal, a cursor older
 //! than the retention (`recovered: false`, then live), and another user's token at renewal (4403).
 
 use std::collections::HashMap;
@@ -38,12 +39,24 @@ impl Resumer {
 
     /// With more of resume.mjs's options (`--resume-from`, `--renew-with`).
     fn spawn_with(ws_url: &str, http_url: &str, renew: bool, options: &[&str]) -> Resumer {
+        Self::spawn_script("resume.mjs", ws_url, http_url, renew, options)
+    }
+
+    /// `script` (resume.mjs, or resume-sse.mjs: the same subscriber over GraphQL over SSE),
+    /// subscribing at `url` and logging in at `http_url`.
+    fn spawn_script(
+        script: &str,
+        url: &str,
+        http_url: &str,
+        renew: bool,
+        options: &[&str],
+    ) -> Resumer {
         let node_dir = repo_root().join("integration-tests/node");
         let mut command = Command::new("node");
         command
             .current_dir(&node_dir)
-            .arg("resume.mjs")
-            .args(["--url", ws_url, "--http", http_url])
+            .arg(script)
+            .args(["--url", url, "--http", http_url])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -216,7 +229,24 @@ async fn run_scenario(
     order: Order,
     disrupt: impl std::future::Future<Output = ()>,
 ) -> Resumer {
-    let client = Resumer::spawn(ws_url, http_url, false);
+    run_scenario_with(
+        Resumer::spawn(ws_url, http_url, false),
+        name,
+        http_url,
+        order,
+        disrupt,
+    )
+    .await
+}
+
+/// [`run_scenario`] with a client already started (resume-sse.mjs for GraphQL over SSE).
+async fn run_scenario_with(
+    client: Resumer,
+    name: &str,
+    http_url: &str,
+    order: Order,
+    disrupt: impl std::future::Future<Output = ()>,
+) -> Resumer {
     client
         .until(&format!("{name}: the client never connected"), |c| {
             c.count("connected") > 0
@@ -464,6 +494,20 @@ const GATEWAYS: [&str; 2] = [
     "subscription-gateway:subscription-gateway-1",
 ];
 
+/// SIGTERM to each gateway replica in turn, 8 s apart, three times.
+async fn rolling_restarts(stack: &Stack) {
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let process = GATEWAYS[round % 2];
+        let pid = stack.pid_of(process);
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
 #[actix_web::test]
 async fn rolling_gateway_restarts_lose_nothing() {
     let stack = Stack::start("resume-rolling");
@@ -472,24 +516,67 @@ async fn rolling_gateway_restarts_lose_nothing() {
         &stack.ws_url(),
         &stack.url,
         Order::Commit,
-        async {
-            for round in 0..3 {
-                tokio::time::sleep(Duration::from_secs(8)).await;
-                let process = GATEWAYS[round % 2];
-                let pid = stack.pid_of(process);
-                let status = Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status()
-                    .unwrap();
-                assert!(status.success());
-            }
-        },
+        rolling_restarts(&stack),
     )
     .await;
     assert!(
         client.count("closed") >= 1,
         "no client socket was closed by the restarts"
     );
+}
+
+/// The same over GraphQL over SSE with the npm `graphql-sse` client (resume-sse.mjs): each
+/// stream the restarts end is resumed by `Last-Event-ID` on the other replica.
+#[actix_web::test]
+async fn graphql_sse_loses_nothing_across_rolling_gateway_restarts() {
+    let stack = Stack::start("resume-sse-rolling");
+    let url = format!("{}/graphql/", stack.url);
+    let client = run_scenario_with(
+        Resumer::spawn_script("resume-sse.mjs", &url, &stack.url, false, &[]),
+        "graphql-sse, rolling SIGTERM",
+        &stack.url,
+        Order::Commit,
+        rolling_restarts(&stack),
+    )
+    .await;
+    assert!(
+        client.count("reconnecting") >= 1,
+        "no stream was ended by the restarts"
+    );
+    let resumed = client
+        .lines()
+        .iter()
+        .filter(|line| line["recovered"] == true)
+        .count();
+    assert!(resumed >= 1, "resumed streams: {resumed}");
+}
+
+/// graphql-sse with 10 s tokens in the embedded mode: each stream ends at its token's expiry
+/// with an error, and the client reconnects with a fresh token and its last id.
+#[actix_web::test]
+async fn graphql_sse_loses_nothing_across_token_expiry_reconnects() {
+    let gqlws = Gqlws::start_with(&SHORT_TOKENS).await;
+    let url = format!("{}/graphql/", gqlws.url);
+    let client = run_scenario_with(
+        Resumer::spawn_script("resume-sse.mjs", &url, &gqlws.url, false, &[]),
+        "graphql-sse, embedded, 10 s tokens",
+        &gqlws.url,
+        Order::Commit,
+        async {},
+    )
+    .await;
+    let expiries = client
+        .lines()
+        .iter()
+        .filter(|line| line["error"].to_string().contains("token has expired"))
+        .count();
+    assert!(expiries >= 2, "streams ended by expiry: {expiries}");
+    let resumed = client
+        .lines()
+        .iter()
+        .filter(|line| line["recovered"] == true)
+        .count();
+    assert!(resumed >= 2, "resumed streams: {resumed}");
 }
 
 #[actix_web::test]
