@@ -32,6 +32,8 @@ pub struct ApiState {
     /// operations each within the document limit did ten documents' work in one request.
     pub max_batch_fields: usize,
     pub playground: bool,
+    /// Automatic persisted queries, and trusted documents only when configured.
+    pub persisted: graphql_schema::persisted::PersistedQueries,
 }
 
 pub fn config(cfg: &mut web::ServiceConfig) {
@@ -139,8 +141,14 @@ async fn graphql_post(
                     "BATCH_TOO_LARGE",
                 );
             }
-            let requests: Vec<Result<GraphQLRequest, String>> =
-                items.into_iter().map(parse_request).collect();
+            let mut requests: Vec<Result<GraphQLRequest, Refused>> =
+                Vec::with_capacity(items.len());
+            for item in items {
+                requests.push(match persisted(&state, item).await {
+                    Ok(item) => parse_request(item).map_err(Refused::bad_request),
+                    Err(refused) => Err(refused),
+                });
+            }
             let fields: usize = requests
                 .iter()
                 .flatten()
@@ -167,8 +175,8 @@ async fn graphql_post(
             for request in requests {
                 let outcome = match request {
                     Ok(request) => execute(&state, &request, &context, &Method::POST).await,
-                    Err(message) => Outcome {
-                        body: graphql_error_body(&message, "BAD_REQUEST"),
+                    Err(refused) => Outcome {
+                        body: graphql_error_body(&refused.message, refused.code),
                         kind: OutcomeKind::RequestError,
                     },
                 };
@@ -176,13 +184,19 @@ async fn graphql_post(
             }
             respond(framing, StatusCode::OK, format!("[{}]", results.join(",")))
         }
-        item => match parse_request(item) {
-            Ok(request) => {
-                let outcome = execute(&state, &request, &context, &Method::POST).await;
-                respond_outcome(framing, outcome)
+        item => {
+            let item = match persisted(&state, item).await {
+                Ok(item) => item,
+                Err(refused) => return refused.response(),
+            };
+            match parse_request(item) {
+                Ok(request) => {
+                    let outcome = execute(&state, &request, &context, &Method::POST).await;
+                    respond_outcome(framing, outcome)
+                }
+                Err(message) => http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST"),
             }
-            Err(message) => http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST"),
-        },
+        }
     }
 }
 
@@ -192,6 +206,8 @@ struct GetParams {
     #[serde(rename = "operationName")]
     operation_name: Option<String>,
     variables: Option<String>,
+    /// JSON, for `persistedQuery` (Apollo's link may send hashed queries by GET).
+    extensions: Option<String>,
 }
 
 async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpResponse {
@@ -205,6 +221,31 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
             )
         }
     };
+    let extensions = match params
+        .extensions
+        .as_deref()
+        .map(serde_json::from_str::<Json>)
+    {
+        None => None,
+        Some(Ok(extensions @ Json::Object(_))) => Some(extensions),
+        Some(_) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                "`extensions` must be a JSON object",
+                "BAD_REQUEST",
+            )
+        }
+    };
+    let mut params = params;
+    if let Some(extensions) = extensions {
+        let item = json!({"query": params.query, "extensions": extensions});
+        match persisted(&state, item).await {
+            Ok(item) => params.query = item["query"].as_str().map(str::to_owned),
+            Err(refused) => return refused.response(),
+        }
+    } else if let Err(refused) = persisted(&state, json!({"query": params.query})).await {
+        return refused.response();
+    }
     let Some(query) = params.query else {
         let accept = header_str(&req, header::ACCEPT).unwrap_or("");
         if state.playground && accept.contains("text/html") {
@@ -282,6 +323,49 @@ async fn context(req: &HttpRequest, state: &ApiState) -> Context {
         .map(|value| value.to_str().unwrap_or("?"));
     let auth = state.verifier.authenticate(header).await;
     Context::new(auth).with_data(state.data.clone())
+}
+
+/// A request refused before it was parsed, as a GraphQL error's message and code.
+struct Refused {
+    message: String,
+    code: &'static str,
+}
+
+impl Refused {
+    fn bad_request(message: String) -> Self {
+        Self {
+            message,
+            code: "BAD_REQUEST",
+        }
+    }
+
+    /// `PERSISTED_QUERY_NOT_FOUND` is answered 200, as Apollo's servers do: it is the first
+    /// step of the protocol, after which the client sends the document.
+    fn response(self) -> HttpResponse {
+        let status = match self.code {
+            "PERSISTED_QUERY_NOT_FOUND" | "PERSISTED_QUERY_NOT_SUPPORTED" => StatusCode::OK,
+            "SERVICE_UNAVAILABLE" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        http_error(status, &self.message, self.code)
+    }
+}
+
+/// The request with its persisted document filled in (`extensions.persistedQuery`), or why it
+/// is refused (an unknown hash, a mismatch, a document outside the trusted ones).
+async fn persisted(state: &ApiState, item: Json) -> Result<Json, Refused> {
+    let Json::Object(mut map) = item else {
+        return Ok(item);
+    };
+    state
+        .persisted
+        .resolve(&mut map)
+        .await
+        .map_err(|refusal| Refused {
+            message: refusal.message,
+            code: refusal.code,
+        })?;
+    Ok(Json::Object(map))
 }
 
 /// A JSON object with a `query` string, optional `operationName` and `variables`.

@@ -77,6 +77,8 @@ pub struct Settings {
     /// Most fields (aliases included, fragments expanded) an operation may select.
     #[arg(long, env = "MAX_QUERY_FIELDS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_query_fields: u64,
+    #[command(flatten)]
+    pub persisted: service_kit::config::PersistedQueryArgs,
     /// Most tokens a document may have.
     #[arg(long, env = "MAX_QUERY_TOKENS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
     pub max_query_tokens: u64,

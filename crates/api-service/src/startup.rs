@@ -49,7 +49,11 @@ impl Application {
         let revoked = revoked_before(&settings);
         tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
             .await;
-        let state = state(&settings, store.clone(), revoked.clone()).await?;
+        let persisted = graphql_schema::persisted::PersistedQueries::from_args(
+            &settings.persisted,
+            Some((redis.clone(), &settings.redis.redis_key_prefix)),
+        )?;
+        let state = state(&settings, store.clone(), revoked.clone(), persisted).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
         }
@@ -126,6 +130,7 @@ pub async fn state(
     settings: &Settings,
     store: Store,
     revoked: Arc<RevokedBefore>,
+    persisted: graphql_schema::persisted::PersistedQueries,
 ) -> Result<web::Data<ApiState>, StartupError> {
     let verifier = verifier(settings).await?.with_revocations(revoked);
     let max_body_bytes = usize::try_from(settings.max_body_bytes)
@@ -143,6 +148,7 @@ pub async fn state(
         max_batch_size: settings.max_batch_size,
         max_batch_fields: limits.max_fields,
         playground: settings.playground,
+        persisted,
     }))
 }
 

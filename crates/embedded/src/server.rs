@@ -83,8 +83,16 @@ impl Application {
             api_service::startup::outbox_config(&services.api),
             &metrics,
         );
-        let api =
-            api_service::startup::state(&services.api, store.clone(), revoked.clone()).await?;
+        // One registry of persisted queries in memory, for the API and the gateway alike.
+        let persisted =
+            graphql_schema::persisted::PersistedQueries::from_args(&services.api.persisted, None)?;
+        let api = api_service::startup::state(
+            &services.api,
+            store.clone(),
+            revoked.clone(),
+            persisted.clone(),
+        )
+        .await?;
         let (listener, port) = service_kit::http::bind(settings.listen_addr, "GQLWS_LISTEN_ADDR")?;
         // Queries and mutations sent on the socket go to this same server's /graphql, on
         // loopback when it listens on every address.
@@ -106,6 +114,7 @@ impl Application {
             &metrics,
             hub_shutdown.clone(),
             revoked,
+            persisted,
         )
         .await?;
         let readiness =

@@ -12,6 +12,7 @@
 pub mod cars;
 pub mod documents;
 pub mod errors;
+pub mod persisted;
 pub mod sdl;
 
 use std::sync::Arc;

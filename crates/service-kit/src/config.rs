@@ -184,6 +184,19 @@ impl Default for EventLogArgs {
     }
 }
 
+/// Persisted queries (`graphql_schema::persisted`), read by api-service and the gateway.
+#[derive(Debug, Clone, Args)]
+pub struct PersistedQueryArgs {
+    /// How long an automatic persisted query stays registered after its last registration.
+    #[arg(long, env = "APQ_TTL_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..=2_592_000))]
+    pub apq_ttl_secs: u64,
+    /// Run trusted documents only: the operations of this persisted query manifest (Apollo's
+    /// format, `{"operations": [{"id": "<sha256>", "body": "<document>"}]}`); anything else is
+    /// refused with PERSISTED_QUERY_NOT_IN_LIST.
+    #[arg(long, env = "TRUSTED_DOCUMENTS")]
+    pub trusted_documents: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
     /// Address to listen on.

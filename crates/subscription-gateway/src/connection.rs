@@ -518,7 +518,7 @@ async fn handle(
                 address: peer.address,
                 replay_slots: peer.replay_slots,
             };
-            match start(shared, protocol, link, &id, payload, caller) {
+            match start(shared, protocol, link, &id, payload, caller).await {
                 Ok(started) => {
                     active.insert(id, started);
                     Ok(())

@@ -61,14 +61,20 @@ pub struct Caller<'a> {
 /// Starts operation `id` of `payload` (`{query, operationName?, variables?, extensions?}`) for
 /// `caller`, its messages going to `link` framed by `protocol`. `Err` holds the GraphQL errors
 /// of an operation refused before it started, for the caller to send as it frames them.
-pub fn start(
+pub async fn start(
     shared: &Shared,
     protocol: Protocol,
     link: &Arc<Link>,
     id: &str,
-    payload: Value,
+    mut payload: Value,
     caller: Caller<'_>,
 ) -> Result<Active, Value> {
+    // A persisted query (APQ, or a trusted document) becomes its document first.
+    if let Value::Object(map) = &mut payload {
+        Box::pin(shared.persisted.resolve(map))
+            .await
+            .map_err(|refusal| protocol::errors(&refusal.message, refusal.code))?;
+    }
     let resume = resume_from(&payload, shared.hub.registry())
         .map_err(|message| protocol::errors(&message, "BAD_USER_INPUT"))?;
     let request =

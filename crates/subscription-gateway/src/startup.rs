@@ -55,6 +55,7 @@ pub async fn state(
     metrics: &Metrics,
     hub_shutdown: CancellationToken,
     revoked: Arc<RevokedBefore>,
+    persisted: graphql_schema::persisted::PersistedQueries,
 ) -> Result<web::Data<GatewayState>, StartupError> {
     let policy = if settings.demo {
         SecretPolicy::AllowDemoSecret
@@ -130,6 +131,7 @@ pub async fn state(
         upstream: crate::forward::Upstream::new(&settings.api_internal_url)
             .map_err(|err| ConfigError::new("API_INTERNAL_URL", err))?
             .with_forwarding_key(settings.forwarding_key.clone()),
+        persisted,
     });
     Ok(web::Data::new(GatewayState {
         shared,
@@ -178,12 +180,17 @@ impl Application {
         );
         tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
             .await;
+        let persisted = graphql_schema::persisted::PersistedQueries::from_args(
+            &settings.persisted,
+            Some((redis.clone(), &settings.redis.redis_key_prefix)),
+        )?;
         let state = state(
             &settings,
             source,
             &metrics,
             hub_shutdown.clone(),
             revoked.clone(),
+            persisted,
         )
         .await?;
         // Logouts' cutoffs, read from Redis until the hub stops.

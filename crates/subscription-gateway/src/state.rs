@@ -46,6 +46,8 @@ pub struct Shared {
     pub upstream: crate::forward::Upstream,
     /// Replays waiting or running, by user ([`crate::replays`]).
     pub replays: Arc<crate::replays::Replays>,
+    /// Persisted queries, shared with api-service (Redis; in memory embedded).
+    pub persisted: graphql_schema::persisted::PersistedQueries,
 }
 
 /// What the upgrade handler shares (the server reads it as app data).

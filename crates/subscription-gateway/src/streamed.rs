@@ -151,7 +151,8 @@ async fn serve(
         address,
         replay_slots: &replay_slots,
     };
-    let active = match operations::start(&shared, protocol, &link, OPERATION_ID, payload, caller) {
+    let started = operations::start(&shared, protocol, &link, OPERATION_ID, payload, caller);
+    let active = match started.await {
         Ok(active) => Some(active),
         Err(errors) => {
             // Refused before it started: the protocol's way is a result with the errors, then

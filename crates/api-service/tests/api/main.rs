@@ -8,6 +8,7 @@ mod http;
 mod jwks;
 mod limits;
 mod mutations;
+mod persisted;
 mod queries;
 mod schema;
 mod visibility;
