@@ -2,7 +2,11 @@
 // subscription goes over Apollo's multipart protocol, a query or mutation as plain HTTP.
 //
 //   node apollo.mjs --url http://127.0.0.1:8000/graphql/ --token <access> \
-//        --query 'subscription { … }' [--count 1]
+//        --query 'subscription { … }' [--count 1] [--persisted]
+//
+// --persisted: Apollo's persisted-queries link in front (automatic persisted queries: the hash
+// first, the document only when the server asks for it); the requests it made are printed as
+// {"requests":[{"hashOnly":…,"code":…}, …]} before the result.
 //
 // Output on stdout, one JSON object a line:
 //   {"subscribed":true}        the subscription was sent
@@ -10,15 +14,18 @@
 //   {"error":…}                why it failed (exit 1)
 // Exit status: 0 after --count results.
 
+import { createHash } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { ApolloClient, HttpLink, InMemoryCache, gql } from '@apollo/client';
+import { PersistedQueryLink } from '@apollo/client/link/persisted-queries';
 
-const { url, token, query, count } = parseArgs({
+const { url, token, query, count, persisted } = parseArgs({
   options: {
     url: { type: 'string' },
     token: { type: 'string' },
     query: { type: 'string' },
     count: { type: 'string', default: '1' },
+    persisted: { type: 'boolean', default: false },
   },
 }).values;
 if (!url || !query) {
@@ -29,8 +36,27 @@ const wanted = Number.parseInt(count, 10);
 const print = (value) => process.stdout.write(JSON.stringify(value) + '\n');
 const exit = (code) => process.stdout.write('', () => process.exit(code));
 
+// What went over the wire, for --persisted: whether the document was left out, and the answer's
+// error code if any.
+const requests = [];
+async function recordingFetch(input, init) {
+  const response = await fetch(input, init);
+  const sent = JSON.parse(init?.body ?? '{}');
+  // A subscription's multipart body streams on: only JSON answers are read here.
+  const json = (response.headers.get('content-type') ?? '').includes('json');
+  const answer = json ? await response.clone().json().catch(() => ({})) : {};
+  requests.push({ hashOnly: !sent.query, code: answer.errors?.[0]?.extensions?.code ?? null });
+  return response;
+}
+
+const http = new HttpLink({
+  uri: url,
+  headers: token ? { Authorization: `Bearer ${token}` } : {},
+  fetch: recordingFetch,
+});
+const sha256 = (text) => createHash('sha256').update(text).digest('hex');
 const client = new ApolloClient({
-  link: new HttpLink({ uri: url, headers: token ? { Authorization: `Bearer ${token}` } : {} }),
+  link: persisted ? new PersistedQueryLink({ sha256 }).concat(http) : http,
   cache: new InMemoryCache(),
 });
 
@@ -71,6 +97,7 @@ if (isSubscription) {
     : client.query({ query: document, fetchPolicy: 'network-only' });
   operation
     .then((result) => {
+      if (persisted) print({ requests });
       print({ data: result.data });
       exit(0);
     })

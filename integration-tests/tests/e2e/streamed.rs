@@ -1,7 +1,9 @@
 //! Subscriptions over streamed HTTP with a client people use: Apollo Client 4 with its HttpLink
 //! only (`node/apollo.mjs`), whose subscriptions then go over Apollo's multipart protocol, through
 //! NGINX and against the embedded binary; its queries, which ask for `@defer`'s multipart, still
-//! reach api-service. (graphql-sse is walked in `resume`, the browser's EventSource in `browser`.)
+//! reach api-service. And Apollo's persisted-queries link (automatic persisted queries): the
+//! hash first, the document only when asked, then the hash alone for every later client.
+//! (graphql-sse is walked in `resume`, the browser's EventSource in `browser`.)
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,11 +24,16 @@ struct Apollo {
 
 impl Apollo {
     fn spawn(base_url: &str, access: &str, query: &str) -> Apollo {
+        Self::spawn_with(base_url, access, query, &[])
+    }
+
+    fn spawn_with(base_url: &str, access: &str, query: &str, options: &[&str]) -> Apollo {
         let mut child = Command::new("node")
             .current_dir(repo_root().join("integration-tests/node"))
             .arg("apollo.mjs")
             .args(["--url", &format!("{base_url}/graphql/"), "--token", access])
             .args(["--query", query, "--count", "1"])
+            .args(options)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -103,4 +110,61 @@ async fn apollo_client_subscribes_over_multipart_through_nginx() {
 async fn apollo_client_subscribes_over_multipart_in_the_embedded_mode() {
     let gqlws = Gqlws::start().await;
     apollo_client(&gqlws.url, || gqlws.trigger_event(1)).await;
+}
+
+/// The requests Apollo's persisted-queries link made, and the result.
+async fn persisted(base_url: &str, access: &str, query: &str) -> (Value, Value) {
+    let mut apollo = Apollo::spawn_with(base_url, access, query, &["--persisted"]);
+    let requests = apollo
+        .next_within(PATIENCE)
+        .await
+        .expect("nothing from apollo.mjs");
+    let result = apollo.next_within(PATIENCE).await.expect("no result");
+    assert_eq!(apollo.exit_code(), Some(0), "{requests} {result}");
+    (requests["requests"].clone(), result)
+}
+
+async fn persisted_queries(base_url: &str) {
+    let (access, _) = admin_tokens_at(base_url).await;
+    // Documents of this run only, so that no earlier run registered them.
+    let run = test_support::random_suffix();
+    let query = format!("query Hi{run} {{ hi }}");
+    let mutation = format!(
+        "mutation Model{run} {{ updateCar(pk: 2, input: {{variant: \"apq-{run}\"}}) {{ variant }} }}"
+    );
+    let asked_then_sent = json!([
+        {"hashOnly": true, "code": "PERSISTED_QUERY_NOT_FOUND"},
+        {"hashOnly": false, "code": null}
+    ]);
+    for (document, field, value) in [
+        (&query, "hi", json!("Hi!")),
+        (
+            &mutation,
+            "updateCar",
+            json!({"__typename": "Car", "variant": format!("apq-{run}")}),
+        ),
+    ] {
+        let (requests, result) = persisted(base_url, &access, document).await;
+        assert_eq!(requests, asked_then_sent, "{document}");
+        assert_eq!(result["data"][field], value, "{result}");
+        // A later client (another process) sends the hash alone, and it is known.
+        let (requests, result) = persisted(base_url, &access, document).await;
+        assert_eq!(
+            requests,
+            json!([{"hashOnly": true, "code": null}]),
+            "{document}"
+        );
+        assert_eq!(result["data"][field], value, "{result}");
+    }
+}
+
+#[actix_web::test]
+async fn apollo_persisted_queries_link_through_nginx() {
+    persisted_queries(&Stack::shared().url).await;
+}
+
+#[actix_web::test]
+async fn apollo_persisted_queries_link_in_the_embedded_mode() {
+    let gqlws = Gqlws::start().await;
+    persisted_queries(&gqlws.url).await;
 }

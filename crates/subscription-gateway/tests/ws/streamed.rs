@@ -376,3 +376,102 @@ async fn refusals_before_and_after_the_stream_starts() {
         "{payload}"
     );
 }
+
+/// A subscription by hash (Apollo's automatic persisted queries), on the socket and on a
+/// stream: unknown at first, registered with its document, then known to the others.
+#[actix_web::test]
+async fn persisted_subscriptions_by_hash() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let query = "subscription ByHash { carModelUpdated(pk: 6) { id make } }";
+    let hash = graphql_schema::persisted::sha256_hex(query);
+    let extensions = json!({"persistedQuery": {"version": 1, "sha256Hash": hash}});
+    let mut socket = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    socket.init(&access(1)).await;
+    socket
+        .send(json!({"id": "a", "type": "subscribe", "payload": {"extensions": extensions}}))
+        .await;
+    let refused = socket.expect_json().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(
+        refused["payload"][0]["extensions"]["code"],
+        "PERSISTED_QUERY_NOT_FOUND"
+    );
+    socket
+        .send(json!({"id": "b", "type": "subscribe",
+                     "payload": {"query": query, "extensions": extensions}}))
+        .await;
+    // Registered: a stream by hash alone runs it.
+    let mut stream = open(
+        &gateway,
+        SSE,
+        Some(&access(2)),
+        json!({"extensions": extensions}),
+        None,
+    )
+    .await;
+    let (payload, _) = first_result(&gateway, &mut stream, 6).await;
+    assert!(
+        payload["data"]["carModelUpdated"]["make"].is_string(),
+        "{payload}"
+    );
+    let message = socket.expect_json().await;
+    assert_eq!(
+        (message["type"].as_str(), message["id"].as_str()),
+        (Some("next"), Some("b"))
+    );
+}
+
+#[actix_web::test]
+async fn trusted_documents_only_on_the_socket_and_the_streams() {
+    let dir = std::env::temp_dir().join(format!(
+        "gqlws-trusted-gw-{}",
+        test_support::random_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("manifest.json");
+    let trusted = "subscription Trusted { carModelUpdated(pk: 7) { id make } }";
+    std::fs::write(
+        &manifest,
+        json!({"operations": [{"id": graphql_schema::persisted::sha256_hex(trusted), "body": trusted}]})
+            .to_string(),
+    )
+    .unwrap();
+    let gateway =
+        TestGateway::spawn(&[&format!("--trusted-documents={}", manifest.display())]).await;
+    let mut socket = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    socket.init(&access(1)).await;
+    socket.subscribe("1", MODEL_UPDATED).await;
+    let refused = socket.expect_json().await;
+    assert_eq!(
+        refused["payload"][0]["extensions"]["code"],
+        "PERSISTED_QUERY_NOT_IN_LIST"
+    );
+    let mut refused = open(
+        &gateway,
+        SSE,
+        Some(&access(1)),
+        json!({"query": MODEL_UPDATED}),
+        None,
+    )
+    .await;
+    let (payload, _) = refused.next().await;
+    assert_eq!(
+        payload["errors"][0]["extensions"]["code"],
+        "PERSISTED_QUERY_NOT_IN_LIST"
+    );
+    // The manifest's own document runs.
+    let mut stream = open(
+        &gateway,
+        SSE,
+        Some(&access(1)),
+        json!({"query": trusted}),
+        None,
+    )
+    .await;
+    let (payload, _) = first_result(&gateway, &mut stream, 7).await;
+    assert!(
+        payload["data"]["carModelUpdated"]["make"].is_string(),
+        "{payload}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
