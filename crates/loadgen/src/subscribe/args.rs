@@ -143,6 +143,10 @@ pub(super) enum WsProtocol {
     /// subscriptions-transport-ws's legacy protocol (`start` / `data`).
     #[value(name = "graphql-ws")]
     LegacyWs,
+    /// Not a websocket: GraphQL over SSE (`POST` with `Accept: text/event-stream`), one
+    /// stream per subscriber.
+    #[value(name = "graphql-sse")]
+    Sse,
 }
 
 impl WsProtocol {
@@ -150,6 +154,7 @@ impl WsProtocol {
         match self {
             WsProtocol::TransportWs => "graphql-transport-ws",
             WsProtocol::LegacyWs => "graphql-ws",
+            WsProtocol::Sse => "graphql-sse",
         }
     }
 }
@@ -177,6 +182,9 @@ impl SubscribeArgs {
         }
         if !(0.1..=10_000.0).contains(&self.events_per_sec) {
             return Err("--events-per-sec must be within 0.1..=10000".into());
+        }
+        if self.protocol == WsProtocol::Sse && (self.resume || self.renew_every_secs.is_some()) {
+            return Err("--protocol graphql-sse measures fan-out only: no --resume or --renew-every-secs".into());
         }
         if (self.owners || self.staff > 0) && self.auth.is_some() {
             return Err("--owners and --staff mint their tokens: give --jwt-secret or --demo-secret, not --auth".into());

@@ -3,7 +3,7 @@
 //! its token on the open socket (--renew-every-secs) and, with --resume, reconnects from its last
 //! cursor whenever its socket closes.
 
-use std::future::{poll_fn, Future as _};
+use std::future::{poll_fn, Future};
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::{CloseCode, Frame, Message};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use serde_json::json;
 
 use super::args::WsProtocol;
@@ -61,7 +62,7 @@ pub(super) async fn client_thread(
         let pk_index = shared.spread.subscriber(index);
         let is_staff = index < args.staff;
         // Owners and staff get tokens of their own; the others share one per user.
-        let (user_id, init) = match (&minter, is_staff, args.owners) {
+        let (user_id, init, token) = match (&minter, is_staff, args.owners) {
             (Some(minter), true, _) | (Some(minter), false, true) => {
                 let user_id = if is_staff {
                     super::tokens::staff_user(index)
@@ -69,14 +70,22 @@ pub(super) async fn client_thread(
                     super::tokens::owner_of(args.pks[pk_index])
                 };
                 match minter.mint(user_id, is_staff) {
-                    Ok(token) => (user_id, Arc::new(init_message(args.protocol, &token))),
+                    Ok(token) => (
+                        user_id,
+                        Arc::new(init_message(args.protocol, &token)),
+                        Arc::new(token),
+                    ),
                     Err(err) => {
                         eprintln!("{err}");
                         break;
                     }
                 }
             }
-            _ => (user as i64 + 1, inits[user].clone()),
+            _ => (
+                user as i64 + 1,
+                inits[user].clone(),
+                Arc::new(tokens[user].clone()),
+            ),
         };
         // Renewals start spread over one period, so that they do not all come at once.
         let renew = args.renew_every_secs.map(|every| {
@@ -85,11 +94,17 @@ pub(super) async fn client_thread(
             );
             (first, Duration::from_secs(every))
         });
-        tasks.push(tokio::spawn(subscriber(Subscription {
+        let run = if args.protocol == WsProtocol::Sse {
+            |sub| Box::pin(sse_subscriber(sub)) as std::pin::Pin<Box<dyn Future<Output = Tally> + Send>>
+        } else {
+            |sub| Box::pin(subscriber(sub)) as std::pin::Pin<Box<dyn Future<Output = Tally> + Send>>
+        };
+        tasks.push(tokio::spawn(run(Subscription {
             local: Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8),
             target: target.clone(),
             args: args.clone(),
             init,
+            token,
             user_id,
             is_staff,
             reads: !args.private || is_staff || args.owners,
@@ -137,6 +152,8 @@ struct Subscription {
     target: Arc<Target>,
     args: Arc<SubscribeArgs>,
     init: Arc<String>,
+    /// The access token in `init`, for a stream's `Authorization` header.
+    token: Arc<String>,
     user_id: i64,
     is_staff: bool,
     /// Whether it may read its car: only then is it expected to receive its events.
@@ -499,4 +516,124 @@ async fn handshake(
         return Err(Handshake::Failed("send failed".into()));
     }
     Ok(conn)
+}
+
+/// A subscriber over GraphQL over SSE: one `POST` with `Accept: text/event-stream`, then the
+/// events counted as [`subscriber`] counts deliveries, until told to stop or the stream ends.
+/// HTTP/1.0, so that the body comes unchunked, event after event.
+async fn sse_subscriber(sub: Subscription) -> Tally {
+    let shared = &sub.shared;
+    let mut tally = Tally::default();
+    let began = Instant::now();
+    let pk = sub.args.pks[sub.pk_index];
+    let body = json!({
+        "query": format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make model }} }}"),
+    })
+    .to_string();
+    let opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut stream = super::ws::connect(sub.local, &sub.target).await?;
+        let request = format!(
+            "POST {path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/event-stream\r\n\
+             Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\n\r\n{body}",
+            path = sub.target.path(),
+            host = sub.target.authority(),
+            token = sub.token,
+            length = body.len(),
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|err| err.to_string())?;
+        let mut buf = Vec::new();
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                if !buf.starts_with(b"HTTP/1.1 200") && !buf.starts_with(b"HTTP/1.0 200") {
+                    let line = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
+                    return Err(format!("stream refused: {line}"));
+                }
+                let rest = buf.split_off(end + 4);
+                return Ok((stream, rest));
+            }
+            let mut chunk = [0u8; 1024];
+            match stream.read(&mut chunk).await {
+                Ok(0) => return Err("eof before the stream".into()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(err) => return Err(err.to_string()),
+            }
+        }
+    })
+    .await;
+    let (mut stream, mut buf) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(kind)) => {
+            Handshake::Failed(kind).count(&mut tally);
+            shared.attempted.fetch_add(1, Ordering::Relaxed);
+            return tally;
+        }
+        Err(_) => {
+            Handshake::Failed("no stream in time".into()).count(&mut tally);
+            shared.attempted.fetch_add(1, Ordering::Relaxed);
+            return tally;
+        }
+    };
+    tally
+        .handshake_us
+        .push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    let readers = &shared.live_by_pk[sub.pk_index];
+    if sub.reads {
+        readers.fetch_add(1, Ordering::Relaxed);
+    }
+    shared.established.fetch_add(1, Ordering::Relaxed);
+    shared
+        .last_established_ns
+        .fetch_max(shared.now_ns(), Ordering::Relaxed);
+    shared.attempted.fetch_add(1, Ordering::Relaxed);
+    let mut seen = vec![0u64; shared.delivered.len().div_ceil(64)];
+    let stopped = sub.stop.notify.notified();
+    tokio::pin!(stopped);
+    stopped.as_mut().enable();
+    let ended = loop {
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            if event.starts_with(b":") {
+                tally.keepalives += 1;
+                continue;
+            }
+            match event_index(&event, &shared.run) {
+                Some(index) if index < shared.delivered.len() => {
+                    let (word, bit) = (index / 64, 1u64 << (index % 64));
+                    if seen[word] & bit != 0 {
+                        tally.duplicates += 1;
+                        continue;
+                    }
+                    seen[word] |= bit;
+                    shared.delivered[index].fetch_add(1, Ordering::Relaxed);
+                    tally.receipts.push((index as u32, shared.now_ns()));
+                }
+                _ => tally.foreign += 1,
+            }
+        }
+        if sub.stop.flag.load(Ordering::Relaxed) {
+            break None;
+        }
+        let mut chunk = [0u8; 2048];
+        tokio::select! {
+            () = stopped.as_mut() => break None,
+            read = stream.read(&mut chunk) => match read {
+                Ok(0) => break Some("eof".to_owned()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(err) => break Some(websocket_error(&err)),
+            },
+        }
+    };
+    if let Some(kind) = ended {
+        *tally.closes.entry(kind).or_insert(0) += 1;
+        shared.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+    if sub.reads {
+        readers.fetch_sub(1, Ordering::Relaxed);
+    }
+    let _ = stream.shutdown().await;
+    tally
 }

@@ -21,8 +21,8 @@ pub(super) fn subscribe_message(
     resume_from: Option<&str>,
 ) -> String {
     let kind = match protocol {
-        WsProtocol::TransportWs => "subscribe",
         WsProtocol::LegacyWs => "start",
+        _ => "subscribe",
     };
     let mut payload = json!({
         "query": format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make model }} }}"),

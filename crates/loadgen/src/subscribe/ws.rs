@@ -68,6 +68,27 @@ const MAX_RESPONSE_HEAD: usize = 8192;
 /// more, and they are parsed into an array of this many on the stack.
 const MAX_RESPONSE_HEADERS: usize = 64;
 
+impl Target {
+    pub(super) fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub(super) fn authority(&self) -> &str {
+        &self.authority
+    }
+}
+
+/// A TCP connection to the target from `local`.
+pub(super) async fn connect(local: Ipv4Addr, target: &Target) -> Result<TcpStream, String> {
+    let io_kind = |err: std::io::Error| connect_error_kind(&err.to_string());
+    let socket = TcpSocket::new_v4().map_err(io_kind)?;
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(local), 0))
+        .map_err(io_kind)?;
+    socket.set_nodelay(true).map_err(io_kind)?;
+    socket.connect(target.addr).await.map_err(io_kind)
+}
+
 /// Connects from `local`, sends the upgrade request and checks the response head. Returns the
 /// stream and the bytes read past the head, which are already websocket frames.
 pub(super) async fn upgrade(
@@ -76,12 +97,7 @@ pub(super) async fn upgrade(
     protocol: &str,
 ) -> Result<(TcpStream, BytesMut), String> {
     let io_kind = |err: std::io::Error| connect_error_kind(&err.to_string());
-    let socket = TcpSocket::new_v4().map_err(io_kind)?;
-    socket
-        .bind(SocketAddr::new(IpAddr::V4(local), 0))
-        .map_err(io_kind)?;
-    socket.set_nodelay(true).map_err(io_kind)?;
-    let stream = socket.connect(target.addr).await.map_err(io_kind)?;
+    let stream = connect(local, target).await?;
     let key = BASE64_STANDARD.encode(rand::random::<[u8; 16]>());
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
