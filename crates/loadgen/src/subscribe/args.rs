@@ -184,7 +184,10 @@ impl SubscribeArgs {
             return Err("--events-per-sec must be within 0.1..=10000".into());
         }
         if self.protocol == WsProtocol::Sse && (self.resume || self.renew_every_secs.is_some()) {
-            return Err("--protocol graphql-sse measures fan-out only: no --resume or --renew-every-secs".into());
+            return Err(
+                "--protocol graphql-sse measures fan-out only: no --resume or --renew-every-secs"
+                    .into(),
+            );
         }
         if (self.owners || self.staff > 0) && self.auth.is_some() {
             return Err("--owners and --staff mint their tokens: give --jwt-secret or --demo-secret, not --auth".into());

@@ -11,8 +11,8 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix_http::ws::{CloseCode, Frame, Message};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::args::WsProtocol;
 use super::messages::{
@@ -95,7 +95,10 @@ pub(super) async fn client_thread(
             (first, Duration::from_secs(every))
         });
         let run = if args.protocol == WsProtocol::Sse {
-            |sub| Box::pin(sse_subscriber(sub)) as std::pin::Pin<Box<dyn Future<Output = Tally> + Send>>
+            |sub| {
+                Box::pin(sse_subscriber(sub))
+                    as std::pin::Pin<Box<dyn Future<Output = Tally> + Send>>
+            }
         } else {
             |sub| Box::pin(subscriber(sub)) as std::pin::Pin<Box<dyn Future<Output = Tally> + Send>>
         };
