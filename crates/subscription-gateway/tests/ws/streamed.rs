@@ -475,3 +475,85 @@ async fn trusted_documents_only_on_the_socket_and_the_streams() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Streams count as sockets do: one user's stream and websocket share MAX_CONNECTIONS_PER_USER.
+#[actix_web::test]
+async fn streams_and_sockets_share_the_per_user_count() {
+    let gateway = TestGateway::spawn(&["--max-connections-per-user=1"]).await;
+    let mut stream = open(&gateway, SSE, Some(&access(1)), model_updated(9), None).await;
+    assert_eq!(stream.status, 200);
+    first_result(&gateway, &mut stream, 9).await;
+    let mut second = open(
+        &gateway,
+        MULTIPART,
+        Some(&access(1)),
+        model_updated(9),
+        None,
+    )
+    .await;
+    assert_eq!(second.status, 429);
+    let body = second.until(b"}]}").await.unwrap();
+    assert!(body.contains("TOO_MANY_CONNECTIONS"), "{body}");
+    let mut socket = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    socket
+        .send(json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {}", access(1))}}))
+        .await;
+    let (code, _) = socket.expect_close().await;
+    assert_eq!(code, Some(1008));
+    // Another user is not affected.
+    let other = open(&gateway, SSE, Some(&access(2)), model_updated(9), None).await;
+    assert_eq!(other.status, 200);
+}
+
+/// A client that does not read: once its kernel buffers and OUTBOUND_QUEUE (4 here) are full,
+/// the stream ends with a SLOW_CONSUMER error and no `complete`, and the client resumes.
+#[actix_web::test]
+async fn a_stream_that_is_not_read_ends_as_slow() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let gateway = TestGateway::spawn(&["--outbound-queue=4", "--fanout-buffer=200000"]).await;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address: std::net::SocketAddr = format!("127.0.0.1:{}", gateway.port).parse().unwrap();
+    socket.connect(&address.into()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let mut client = tokio::net::TcpStream::from_std(socket.into()).unwrap();
+    let body = model_updated(8).to_string();
+    let request = format!(
+        "POST /graphql/ HTTP/1.0\r\nAccept: text/event-stream\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        access(1),
+        body.len()
+    );
+    client.write_all(request.as_bytes()).await.unwrap();
+    gateway.settle().await;
+    gateway.settle().await;
+    gateway.burst_on(8, 40_000).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut received))
+        .await
+        .expect("the stream should end")
+        .unwrap();
+    let text = String::from_utf8_lossy(&received);
+    let results = text.matches("event: next").count();
+    assert!(
+        text.contains("SLOW_CONSUMER"),
+        "{}",
+        &text[text.len().saturating_sub(400)..]
+    );
+    assert!(!text.contains("event: complete"));
+    assert!(
+        results < 40_000,
+        "{results} results: the client was never found slow"
+    );
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(
+        metrics.contains("gateway_slow_consumers_total 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("slow"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
