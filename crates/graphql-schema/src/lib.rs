@@ -299,9 +299,12 @@ fn typed<T: Registered>(
     )
 }
 
-/// The answer to a subscription sent where only queries and mutations are served.
-pub const SUBSCRIPTION_OVER_HTTP: &str = "subscriptions are not served over HTTP: connect a \
-     websocket to this same URL (/graphql/) with the graphql-transport-ws or graphql-ws protocol";
+/// The answer to a subscription sent where only queries and mutations are served (a plain
+/// request; with a streaming `Accept` the gateway serves it).
+pub const SUBSCRIPTION_OVER_HTTP: &str = "a subscription needs a stream: send it with \
+     `Accept: text/event-stream` (GraphQL over SSE) or `Accept: multipart/mixed;subscriptionSpec=\"1.0\"`, \
+     or connect a websocket to this same URL (/graphql/) with the graphql-transport-ws or \
+     graphql-ws protocol";
 
 fn parse_pk<T: Registered>(pk: &ID) -> Result<i64, GraphQLError> {
     pk.trim()
