@@ -146,10 +146,60 @@ impl ManageConnection for Manager {
             .map_err(diesel::r2d2::Error::QueryError)
     }
 
+    /// Also true for the connection [`run`] just found dead: diesel's own check only knows of
+    /// a broken transaction, so a connection whose server side was terminated (a restart, an
+    /// administrator's `pg_terminate_backend`) would go back to the pool and fail every caller
+    /// that draws it, until r2d2 retires it minutes later.
     fn has_broken(&self, conn: &mut AnyConnection) -> bool {
         use diesel::r2d2::R2D2Connection;
-        conn.is_broken()
+        DISCARD.with(std::cell::Cell::take) || conn.is_broken()
     }
+}
+
+thread_local! {
+    /// Set by [`run`] right before it drops a connection it found dead; read by `has_broken`,
+    /// which r2d2 calls on the same thread as the connection goes back.
+    static DISCARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Until when (unix ms) connections are checked before use: a connection was found dead lately,
+/// and the pool's other idle ones most likely died with it.
+static SUSPECT_UNTIL_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// How long after a dead connection every checkout is checked first.
+const SUSPECT_FOR_MS: i64 = 30_000;
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Gives a dead connection back for r2d2 to discard.
+fn discard(conn: DbConn) {
+    DISCARD.with(|discard| discard.set(true));
+    drop(conn);
+    // Cleared in case r2d2 did not ask (a pool being dropped).
+    DISCARD.with(|discard| discard.set(false));
+}
+
+/// A connection from the pool; after a connection was found dead lately, one that answers
+/// `SELECT 1` (the dead ones met on the way are discarded).
+fn checkout(pool: &DbPool) -> Result<DbConn, DbError> {
+    let attempts = pool.max_size() + 1;
+    for _ in 0..attempts {
+        let mut conn = pool
+            .get()
+            .map_err(|err| DbError::Unavailable(err.to_string()))?;
+        if SUSPECT_UNTIL_MS.load(std::sync::atomic::Ordering::Relaxed) < now_ms() {
+            return Ok(conn);
+        }
+        if diesel::sql_query("SELECT 1").execute(&mut *conn).is_ok() {
+            return Ok(conn);
+        }
+        discard(conn);
+    }
+    Err(DbError::Unavailable(
+        "no pooled connection answers; the database may be restarting".into(),
+    ))
 }
 
 pub type DbPool = Pool<Manager>;
@@ -220,10 +270,21 @@ where
     // The blocking pool is bounded (`service_kit::http::ServerOptions::blocking_threads`): past its
     // size, calls wait in its queue, not in threads of their own.
     tokio::task::spawn_blocking(move || {
-        let mut conn: DbConn = pool
-            .get()
-            .map_err(|err| DbError::Unavailable(err.to_string()))?;
-        work(&mut conn).map_err(|err| classify(err, &mut conn))
+        let mut conn = checkout(&pool)?;
+        match work(&mut conn) {
+            Ok(value) => Ok(value),
+            Err(err) => {
+                let err = classify(err, &mut conn);
+                if matches!(err, DbError::Unavailable(_)) {
+                    SUSPECT_UNTIL_MS.store(
+                        now_ms() + SUSPECT_FOR_MS,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    discard(conn);
+                }
+                Err(err)
+            }
+        }
     })
     .await
     .map_err(|_| DbError::Cancelled)?
@@ -296,12 +357,19 @@ fn classify(err: diesel::result::Error, conn: &mut AnyConnection) -> DbError {
     }
 }
 
-/// `SELECT 1`, for `/readyz`.
+/// `SELECT 1`, for `/readyz`. Once more when it fails for want of a connection: the first
+/// query after the database came back meets a connection that died with it (and discards
+/// it); that says nothing of the database now.
 pub async fn ping(pool: &DbPool) -> Result<(), DbError> {
-    run(pool, |conn| {
-        diesel::sql_query("SELECT 1").execute(conn).map(|_| ())
-    })
-    .await
+    let once = || {
+        run(pool, |conn| {
+            diesel::sql_query("SELECT 1").execute(conn).map(|_| ())
+        })
+    };
+    match once().await {
+        Err(DbError::Unavailable(_)) => once().await,
+        other => other,
+    }
 }
 
 /// [`migrate`] on the blocking pool (it blocks while it waits for the database), logging what
