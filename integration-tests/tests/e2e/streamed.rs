@@ -168,3 +168,71 @@ async fn apollo_persisted_queries_link_in_the_embedded_mode() {
     let gqlws = Gqlws::start().await;
     persisted_queries(&gqlws.url).await;
 }
+
+/// A manifest of one operation, `query Hi { hi }` as Apollo's link prints it; its path.
+fn trusted_manifest(dir: &std::path::Path) -> std::path::PathBuf {
+    let hi = "query Hi {\n  hi\n}";
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        json!({"format": "apollo-persisted-query-manifest", "version": 1, "operations": [
+            {"id": graphql_schema::persisted::sha256_hex(hi), "name": "Hi", "type": "query", "body": hi}]})
+        .to_string(),
+    )
+    .unwrap();
+    manifest
+}
+
+/// Trusted documents only: the manifest's operation runs by hash alone, anything else is
+/// refused, with Apollo's persisted-queries link as the client.
+async fn trusted_only(base_url: &str) {
+    let (access, _) = admin_tokens_at(base_url).await;
+    let (requests, result) = persisted(base_url, &access, "query Hi { hi }").await;
+    assert_eq!(requests, json!([{"hashOnly": true, "code": null}]));
+    assert_eq!(result["data"]["hi"], "Hi!");
+    let mut refused =
+        Apollo::spawn_with(base_url, &access, "{ me { username } }", &["--persisted"]);
+    let line = refused
+        .next_within(PATIENCE)
+        .await
+        .expect("nothing from apollo.mjs");
+    assert!(
+        line["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("trusted documents only")),
+        "{line}"
+    );
+    assert_eq!(refused.exit_code(), Some(1));
+}
+
+#[actix_web::test]
+async fn trusted_documents_only_through_nginx() {
+    let dir = std::env::temp_dir().join(format!(
+        "gqlws-trusted-e2e-{}",
+        test_support::random_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = trusted_manifest(&dir);
+    let stack = Stack::start_with(
+        "trusted",
+        &test_support::redis_url(),
+        &[("TRUSTED_DOCUMENTS", manifest.to_str().unwrap())],
+    );
+    trusted_only(&stack.url).await;
+    drop(stack);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[actix_web::test]
+async fn trusted_documents_only_in_the_embedded_mode() {
+    let dir = std::env::temp_dir().join(format!(
+        "gqlws-trusted-e2e-{}",
+        test_support::random_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = trusted_manifest(&dir);
+    let gqlws = Gqlws::start_with(&[("TRUSTED_DOCUMENTS", manifest.to_str().unwrap())]).await;
+    trusted_only(&gqlws.url).await;
+    drop(gqlws);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -317,13 +317,10 @@ async fn an_expired_token_ends_the_stream_with_an_error_and_no_complete() {
     let short = token(1, TokenType::Access, 2);
     let mut stream = open(&gateway, SSE, Some(&short), model_updated(5), None).await;
     assert_eq!(stream.status, 200);
-    let (event, _, data) = loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), stream.event())
-            .await
-            .expect("the stream should end within its token's life")
-            .expect("an error event before the end");
-        break event;
-    };
+    let (event, _, data) = tokio::time::timeout(Duration::from_secs(10), stream.event())
+        .await
+        .expect("the stream should end within its token's life")
+        .expect("an error event before the end");
     assert_eq!(event, "next");
     let data: Value = serde_json::from_str(&data).unwrap();
     assert_eq!(
