@@ -187,7 +187,7 @@ async fn graphql_post(
         item => {
             let item = match persisted(&state, item).await {
                 Ok(item) => item,
-                Err(refused) => return refused.response(),
+                Err(refused) => return refused.response(framing),
             };
             match parse_request(item) {
                 Ok(request) => {
@@ -241,10 +241,10 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
         let item = json!({"query": params.query, "extensions": extensions});
         match persisted(&state, item).await {
             Ok(item) => params.query = item["query"].as_str().map(str::to_owned),
-            Err(refused) => return refused.response(),
+            Err(refused) => return refused.response(framing(&req)),
         }
     } else if let Err(refused) = persisted(&state, json!({"query": params.query})).await {
-        return refused.response();
+        return refused.response(framing(&req));
     }
     let Some(query) = params.query else {
         let accept = header_str(&req, header::ACCEPT).unwrap_or("");
@@ -339,15 +339,25 @@ impl Refused {
         }
     }
 
-    /// `PERSISTED_QUERY_NOT_FOUND` is answered 200, as Apollo's servers do: it is the first
-    /// step of the protocol, after which the client sends the document.
-    fn response(self) -> HttpResponse {
-        let status = match self.code {
-            "PERSISTED_QUERY_NOT_FOUND" | "PERSISTED_QUERY_NOT_SUPPORTED" => StatusCode::OK,
-            "SERVICE_UNAVAILABLE" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        http_error(status, &self.message, self.code)
+    /// A request error, framed as the client asked (400 with `application/graphql-response+json`,
+    /// 200 with `application/json`). `PERSISTED_QUERY_NOT_FOUND` is always 200, as Apollo's
+    /// servers answer it: it is the protocol's first step, after which the client sends the
+    /// document.
+    fn response(self, framing: Framing) -> HttpResponse {
+        let body = graphql_error_body(&self.message, self.code);
+        match self.code {
+            "PERSISTED_QUERY_NOT_FOUND" | "PERSISTED_QUERY_NOT_SUPPORTED" => {
+                respond(framing, StatusCode::OK, body)
+            }
+            "SERVICE_UNAVAILABLE" => respond(framing, StatusCode::SERVICE_UNAVAILABLE, body),
+            _ => respond_outcome(
+                framing,
+                Outcome {
+                    body,
+                    kind: OutcomeKind::RequestError,
+                },
+            ),
+        }
     }
 }
 
