@@ -1,8 +1,8 @@
 //! The one GraphQL schema (juniper), served by api-service over HTTP and by the subscription
 //! gateway over websocket: the root types, the per-request [`Context`] holding the verified
 //! claims (or why there are none), errors with a stable `extensions.code` ([`errors`]),
-//! document limits and checks ([`documents`]), and [`sdl`], which prints the schema checked in
-//! as `schema.graphql`.
+//! document limits and checks ([`documents`]), persisted queries ([`persisted`]: APQ and trusted
+//! documents), and [`sdl`], which prints the schema checked in as `schema.graphql`.
 //!
 //! Resolvers read and write through the domain's interfaces ([`domain::DataSource`]) and read
 //! events from an [`EventSource`]; neither is a database, so the gateway serves this schema

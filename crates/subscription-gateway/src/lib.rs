@@ -11,9 +11,14 @@
 //! - [`hub`]: the one Redis subscriber of the process (or the in-memory bus of the embedded
 //!   mode) and the in-memory fan-out to local subscribers, routed by key; also the revocation
 //!   feed.
-//! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`).
+//! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`),
+//!   and how every message is framed for them and for the streamed transports.
 //! - [`connection`]: the life of one socket: auth at `connection_init`, subscriptions, keep-alive,
 //!   expiry, revocation, slow consumers, shutdown.
+//! - [`streamed`]: subscriptions over streamed HTTP (GraphQL over SSE, Apollo's multipart), one
+//!   operation per request, with the socket's rules.
+//! - [`operations`]: starting one operation for either: checks, persisted queries, then the
+//!   shared execution (or api-service, for a query or mutation).
 //! - [`executions`]: subscriptions with the same operation executed once per event and shared.
 //! - [`replays`]: how many resumes a connection, a user and the process may replay at once, and
 //!   how fast a user's replays may go.
