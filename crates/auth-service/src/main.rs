@@ -5,7 +5,6 @@ use auth_service::settings::{Cli, Command};
 use std::time::Duration;
 
 use auth_service::startup::{Application, StartupError};
-use auth_service::users::{create_user, Created};
 use service_kit::config::parse_or_exit;
 
 #[actix_web::main]
@@ -99,47 +98,15 @@ async fn create_user_command(
     staff: bool,
     update: bool,
 ) -> Result<(), StartupError> {
-    let (password, generated) =
-        auth_service::users::password_for_command(password_stdin).map_err(StartupError::Other)?;
     store::migrate_async(&settings.database.database_url, Duration::from_secs(30))
         .await
         .map_err(StartupError::Other)?;
     let pool = store::pool(&settings.database);
-    match create_user(&pool, username, &password, staff, update)
-        .await
-        .map_err(StartupError::Other)?
-    {
-        Created::Created => println!("created user {username}"),
-        Created::Updated => {
-            // A new password or a change of staff rights counts at once: the tokens issued
-            // before it (whose `is_staff` claim the gateway reads private records by) are
-            // revoked, and the user logs in again.
-            let user = store::users::find_by_username(&pool, username.to_owned())
-                .await
-                .map_err(|err| StartupError::Other(err.to_string()))?
-                .ok_or_else(|| StartupError::Other(format!("no user `{username}`")))?;
-            revoke(settings, user.id, "credentials updated")
-                .await
-                .map_err(|err| {
-                    StartupError::Other(format!(
-                        "user {username} is updated, but its access tokens could not be \
-                         revoked ({err}); they keep their old rights until they expire: run \
-                         create-user --update again"
-                    ))
-                })?;
-            println!("updated user {username}; its access tokens are revoked");
-        }
-        Created::AlreadyExists => {
-            return Err(StartupError::Other(format!(
-                "user {username} already exists (pass --update to reset its password)"
-            )))
-        }
-    }
-    if generated {
-        println!("password: {password}");
-    }
-    let _ = std::io::stdout().flush();
-    Ok(())
+    auth_service::users::create_user_command(&pool, username, password_stdin, staff, update, |id| {
+        revoke(settings, id, "credentials updated")
+    })
+    .await
+    .map_err(StartupError::Other)
 }
 
 fn generate_key(out: &std::path::Path) -> Result<(), StartupError> {

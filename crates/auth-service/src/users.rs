@@ -61,6 +61,53 @@ pub fn password_for_command(password_stdin: bool) -> Result<(String, bool), Stri
     Ok((line.trim_end_matches(['\r', '\n']).to_owned(), false))
 }
 
+/// The `create-user` command, auth-service's and `gqlws`'s: creates the user (or updates it with
+/// `update`), prints what it did and a generated password, and after an update calls `revoke`
+/// with the user's id: a new password or a change of staff rights counts at once (the gateway
+/// reads private records for staff by the tokens' `is_staff` claim), so the user logs in again.
+/// Each binary revokes its own way (Redis, or the embedded server's outbox).
+pub async fn create_user_command<F, Fut>(
+    pool: &DbPool,
+    username: &str,
+    password_stdin: bool,
+    staff: bool,
+    update: bool,
+    revoke: F,
+) -> Result<(), String>
+where
+    F: FnOnce(i64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let (password, generated) = password_for_command(password_stdin)?;
+    match create_user(pool, username, &password, staff, update).await? {
+        Created::Created => println!("created user {username}"),
+        Created::Updated => {
+            let user = users::find_by_username(pool, username.to_owned())
+                .await
+                .map_err(|err| err.to_string())?
+                .ok_or_else(|| format!("no user `{username}`"))?;
+            revoke(user.id).await.map_err(|err| {
+                format!(
+                    "user {username} is updated, but its access tokens could not be revoked \
+                     ({err}); they keep their old rights until they expire: run create-user \
+                     --update again"
+                )
+            })?;
+            println!("updated user {username}; its access tokens are revoked");
+        }
+        Created::AlreadyExists => {
+            return Err(format!(
+                "user {username} already exists (pass --update to reset its password)"
+            ))
+        }
+    }
+    if generated {
+        println!("password: {password}");
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    Ok(())
+}
+
 /// The demo user `admin`/`letmein` (staff), created only when absent.
 pub async fn ensure_demo_user(pool: &DbPool) -> Result<(), String> {
     if users::find_by_username(pool, DEMO_USERNAME.to_owned())

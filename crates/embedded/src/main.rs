@@ -76,64 +76,43 @@ async fn create_user(
     staff: bool,
     update: bool,
 ) -> Result<(), StartupError> {
-    use auth_service::users::Created;
-    let (password, generated) =
-        auth_service::users::password_for_command(password_stdin).map_err(StartupError::Other)?;
     let pool = database(settings).await?;
-    match auth_service::users::create_user(&pool, username, &password, staff, update)
-        .await
-        .map_err(StartupError::Other)?
-    {
-        Created::Created => println!("created user {username}"),
-        Created::Updated => {
-            // As auth-service's: a new password or staff flag counts at once.
-            revoke(&pool, username, "credentials updated").await?;
-            println!("updated user {username}; its access tokens are revoked");
-        }
-        Created::AlreadyExists => {
-            return Err(StartupError::Other(format!(
-                "user {username} already exists (pass --update to reset its password)"
-            )))
-        }
-    }
-    if generated {
-        println!("password: {password}");
-    }
-    Ok(())
+    auth_service::users::create_user_command(&pool, username, password_stdin, staff, update, |id| {
+        revoke(&pool, id, "credentials updated")
+    })
+    .await
+    .map_err(StartupError::Other)
 }
 
 async fn deactivate_user(settings: &Settings, username: &str) -> Result<(), StartupError> {
     let pool = database(settings).await?;
+    let user = store::users::find_by_username(&pool, username.to_owned())
+        .await
+        .map_err(|err| StartupError::Other(err.to_string()))?
+        .ok_or_else(|| StartupError::Other(format!("no user `{username}`")))?;
     store::users::set_active(&pool, username.to_owned(), false)
         .await
         .map_err(|err| StartupError::Other(err.to_string()))?;
-    revoke(&pool, username, "deactivated").await?;
+    revoke(&pool, user.id, "deactivated")
+        .await
+        .map_err(StartupError::Other)?;
     println!("deactivated user `{username}`; its access tokens are revoked");
     Ok(())
 }
 
-/// Revokes the user's access tokens issued up to now. This process cannot reach the server's
-/// memory, where the embedded mode keeps the cutoffs, so the revocation is committed to the
-/// outbox, as `trigger-event` commits a write, and the server's relay announces it on its bus:
-/// its hub records the cutoff (which its auth and API parts read too) and closes the user's
+/// Revokes the access tokens of `user_id` issued up to now. This process cannot reach the
+/// server's memory, where the embedded mode keeps the cutoffs, so the revocation is committed to
+/// the outbox, as `trigger-event` commits a write, and the server's relay announces it on its
+/// bus: its hub records the cutoff (which its auth and API parts read too) and closes the user's
 /// sockets. A server started later relays it at start.
-async fn revoke(pool: &store::DbPool, username: &str, why: &str) -> Result<(), StartupError> {
-    let user = store::users::find_by_username(pool, username.to_owned())
-        .await
-        .map_err(|err| StartupError::Other(err.to_string()))?
-        .ok_or_else(|| StartupError::Other(format!("no user `{username}`")))?;
+async fn revoke(pool: &store::DbPool, user_id: i64, why: &str) -> Result<(), String> {
     let revocation = events::Revocation {
-        user_id: user.id,
+        user_id,
         jti: why.to_owned(),
         cutoff_ms: tokens::revocations::now_ms(),
     };
-    let payload =
-        serde_json::to_string(&revocation).map_err(|err| StartupError::Other(err.to_string()))?;
+    let payload = serde_json::to_string(&revocation).map_err(|err| err.to_string())?;
     store::outbox::commit(pool, events::REVOCATION_EVENT, payload)
         .await
-        .map_err(|err| {
-            StartupError::Other(format!(
-                "cannot revoke the access tokens of `{username}` ({err}): run the command again"
-            ))
-        })
+        .map_err(|err| format!("cannot revoke the access tokens ({err}): run the command again"))
 }

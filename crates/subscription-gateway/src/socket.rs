@@ -108,30 +108,27 @@ impl Link {
         if out.state != LinkState::Open {
             return false;
         }
-        if !out.pending.is_empty() {
-            if out.queued >= self.max_queued {
-                out.state = LinkState::Slow;
+        let stream = match &self.stream {
+            Some(stream) if out.pending.is_empty() => stream,
+            waiting => {
+                // Behind bytes still waiting, or a buffered link (its response body takes
+                // them): queued, `queued` bounding what waits.
+                if out.queued >= self.max_queued {
+                    out.state = LinkState::Slow;
+                    drop(out);
+                    self.wake.notify_one();
+                    return false;
+                }
+                out.pending.extend_from_slice(frame);
+                out.queued += 1;
+                // A socket's task is flushing already; a response body must be told.
+                let buffered = waiting.is_none();
                 drop(out);
-                self.wake.notify_one();
-                return false;
+                if buffered {
+                    self.wake.notify_one();
+                }
+                return true;
             }
-            out.pending.extend_from_slice(frame);
-            out.queued += 1;
-            return true;
-        }
-        let Some(stream) = &self.stream else {
-            // Buffered: the response body takes it; `queued` bounds what waits for it.
-            if out.queued >= self.max_queued {
-                out.state = LinkState::Slow;
-                drop(out);
-                self.wake.notify_one();
-                return false;
-            }
-            out.pending.extend_from_slice(frame);
-            out.queued += 1;
-            drop(out);
-            self.wake.notify_one();
-            return true;
         };
         let written = match stream.try_write(frame) {
             Ok(n) if n == frame.len() => return true,

@@ -212,18 +212,8 @@ async fn subscriber(sub: Subscription) -> Tally {
             return tally;
         }
     };
-    tally
-        .handshake_us
-        .push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    established(&sub, began, &mut tally);
     let readers = &shared.live_by_pk[sub.pk_index];
-    if sub.reads {
-        readers.fetch_add(1, Ordering::Relaxed);
-    }
-    shared.established.fetch_add(1, Ordering::Relaxed);
-    shared
-        .last_established_ns
-        .fetch_max(shared.now_ns(), Ordering::Relaxed);
-    shared.attempted.fetch_add(1, Ordering::Relaxed);
 
     // One waiter for the subscriber's life, registered before the flag is first read, so a stop
     // between the two still wakes this task; re-polling it costs no new registration.
@@ -416,14 +406,7 @@ async fn serve(
                                 tally.unrecovered += 1;
                             }
                         }
-                        let (word, bit) = (index / 64, 1u64 << (index % 64));
-                        if progress.seen[word] & bit != 0 {
-                            tally.duplicates += 1;
-                            continue;
-                        }
-                        progress.seen[word] |= bit;
-                        shared.delivered[index].fetch_add(1, Ordering::Relaxed);
-                        tally.receipts.push((index as u32, received_ns));
+                        record(&mut progress.seen, index, received_ns, shared, tally);
                     }
                     _ => tally.foreign += 1,
                 },
@@ -580,18 +563,8 @@ async fn sse_subscriber(sub: Subscription) -> Tally {
             return tally;
         }
     };
-    tally
-        .handshake_us
-        .push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    established(&sub, began, &mut tally);
     let readers = &shared.live_by_pk[sub.pk_index];
-    if sub.reads {
-        readers.fetch_add(1, Ordering::Relaxed);
-    }
-    shared.established.fetch_add(1, Ordering::Relaxed);
-    shared
-        .last_established_ns
-        .fetch_max(shared.now_ns(), Ordering::Relaxed);
-    shared.attempted.fetch_add(1, Ordering::Relaxed);
     let mut seen = vec![0u64; shared.delivered.len().div_ceil(64)];
     let stopped = sub.stop.notify.notified();
     tokio::pin!(stopped);
@@ -605,14 +578,7 @@ async fn sse_subscriber(sub: Subscription) -> Tally {
             }
             match event_index(&event, &shared.run) {
                 Some(index) if index < shared.delivered.len() => {
-                    let (word, bit) = (index / 64, 1u64 << (index % 64));
-                    if seen[word] & bit != 0 {
-                        tally.duplicates += 1;
-                        continue;
-                    }
-                    seen[word] |= bit;
-                    shared.delivered[index].fetch_add(1, Ordering::Relaxed);
-                    tally.receipts.push((index as u32, shared.now_ns()));
+                    record(&mut seen, index, shared.now_ns(), shared, &mut tally);
                 }
                 _ => tally.foreign += 1,
             }
@@ -639,4 +605,33 @@ async fn sse_subscriber(sub: Subscription) -> Tally {
     }
     let _ = stream.shutdown().await;
     tally
+}
+
+/// A connection that got through: its handshake time, and its place in the counts (in its car's
+/// readers when it may read the car).
+fn established(sub: &Subscription, began: Instant, tally: &mut Tally) {
+    let shared = &sub.shared;
+    tally
+        .handshake_us
+        .push(began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+    if sub.reads {
+        shared.live_by_pk[sub.pk_index].fetch_add(1, Ordering::Relaxed);
+    }
+    shared.established.fetch_add(1, Ordering::Relaxed);
+    shared
+        .last_established_ns
+        .fetch_max(shared.now_ns(), Ordering::Relaxed);
+    shared.attempted.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Delivery of event `index` received at `received_ns`: counted once, a repeat as a duplicate.
+fn record(seen: &mut [u64], index: usize, received_ns: u64, shared: &Shared, tally: &mut Tally) {
+    let (word, bit) = (index / 64, 1u64 << (index % 64));
+    if seen[word] & bit != 0 {
+        tally.duplicates += 1;
+        return;
+    }
+    seen[word] |= bit;
+    shared.delivered[index].fetch_add(1, Ordering::Relaxed);
+    tally.receipts.push((index as u32, received_ns));
 }
