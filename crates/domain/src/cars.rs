@@ -3,7 +3,7 @@
 use events::EventType;
 use serde::{Deserialize, Serialize};
 
-use crate::{Events, Readers, Record};
+use crate::{Events, Readers, Record, Root};
 
 /// A car as readers see it: the reference's fields plus its owner. This is also the `data` of an
 /// event envelope, so a subscriber needs no database to show it.
@@ -39,7 +39,7 @@ pub struct NewCar {
 }
 
 /// The fields an update sets; `None` leaves a field as it is.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CarChanges {
     pub make: Option<String>,
     pub model: Option<String>,
@@ -61,7 +61,9 @@ impl Record for Car {
     fn id(&self) -> i64 {
         self.id
     }
+}
 
+impl Root for Car {
     fn owner_id(&self) -> Option<i64> {
         self.owner.as_ref().map(|owner| owner.id)
     }

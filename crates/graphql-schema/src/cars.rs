@@ -1,9 +1,9 @@
 //! [`Car`] in the schema: its object, its page, and the inputs of its writes.
 
-use domain::{Car, CarChanges, NewCar, Page};
+use domain::{Car, CarChanges, NewCar};
 use juniper::{graphql_object, GraphQLInputObject, ID};
 
-use crate::{required_text, text, Context, GraphQLError, PageInfo, User};
+use crate::{required_text, text, Context, GraphQLError, User};
 
 /// [`Car`] as the schema shows it (juniper's traits cannot be implemented on another crate's
 /// type, so each domain type has its object wrapper).
@@ -43,24 +43,12 @@ impl CarObject {
     }
 }
 
-/// One page of cars, in id order.
-pub struct CarPage(pub Page<Car>);
-
-#[graphql_object(context = Context)]
-impl CarPage {
-    fn nodes(&self) -> Vec<CarObject> {
-        self.0.items.iter().cloned().map(CarObject).collect()
-    }
-
-    /// All cars, not only this page's.
-    fn total_count(&self) -> i32 {
-        i32::try_from(self.0.total_count).unwrap_or(i32::MAX)
-    }
-
-    fn page_info(&self) -> PageInfo {
-        PageInfo::of(&self.0)
-    }
-}
+page_object!(
+    /// One page of cars, in id order.
+    CarPage,
+    Car,
+    CarObject
+);
 
 #[derive(GraphQLInputObject)]
 pub struct CarInput {

@@ -14,6 +14,9 @@ pub enum GraphQLError {
     NotFound(String),
     #[error("{0}")]
     BadUserInput(String),
+    /// The write conflicts with what the data holds (a parent whose children refuse its deletion).
+    #[error("{0}")]
+    Conflict(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("service temporarily unavailable, try again later")]
@@ -31,6 +34,7 @@ impl GraphQLError {
             GraphQLError::Forbidden(_) => "FORBIDDEN",
             GraphQLError::NotFound(_) => "NOT_FOUND",
             GraphQLError::BadUserInput(_) => "BAD_USER_INPUT",
+            GraphQLError::Conflict(_) => "CONFLICT",
             GraphQLError::BadRequest(_) => "BAD_REQUEST",
             GraphQLError::Unavailable | GraphQLError::KeysUnavailable(_) => "SERVICE_UNAVAILABLE",
             GraphQLError::Internal => "INTERNAL_SERVER_ERROR",
@@ -101,6 +105,7 @@ impl From<WriteError> for GraphQLError {
             WriteError::NotFound(_) => GraphQLError::NotFound(err.to_string()),
             WriteError::Forbidden(_) => GraphQLError::Forbidden(err.to_string()),
             WriteError::UnknownUser => GraphQLError::Unauthenticated(err.to_string()),
+            WriteError::HasChildren { .. } => GraphQLError::Conflict(err.to_string()),
             WriteError::Store(cause) => cause.into(),
         }
     }

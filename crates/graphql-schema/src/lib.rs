@@ -9,15 +9,42 @@
 //! without linking one. Each domain type has a module of its own ([`cars`]) with its objects
 //! and inputs; the roots below name its fields.
 
+/// A page object for a type, in id order: `page_object!(CarPage, Car, CarObject)`.
+macro_rules! page_object {
+    ($(#[$meta:meta])* $page:ident, $record:ty, $object:ident) => {
+        $(#[$meta])*
+        pub struct $page(pub domain::Page<$record>);
+
+        #[juniper::graphql_object(context = $crate::Context)]
+        impl $page {
+            fn nodes(&self) -> Vec<$object> {
+                self.0.items.iter().cloned().map($object).collect()
+            }
+
+            /// All of those the signed-in user may see, not only this page's.
+            fn total_count(&self) -> i32 {
+                i32::try_from(self.0.total_count).unwrap_or(i32::MAX)
+            }
+
+            fn page_info(&self) -> $crate::PageInfo {
+                $crate::PageInfo::of(&self.0)
+            }
+        }
+    };
+}
+
 pub mod cars;
 pub mod documents;
 pub mod errors;
 pub mod persisted;
 pub mod sdl;
+pub mod service_visits;
 
 use std::sync::Arc;
 
-use domain::{Actor, Car, DataSource, Page, Registered, Repository};
+use domain::{
+    parent_key, Actor, Car, DataSource, Page, Record, Registered, Repository, ServiceVisit,
+};
 use events::{EventSource, EventType, Key, SharedEventSource};
 use futures_util::StreamExt as _;
 use juniper::{graphql_object, graphql_subscription, FieldError, IntoFieldError, RootNode, ID};
@@ -31,6 +58,9 @@ pub use documents::{
 };
 pub use errors::{extensions, request_errors, GraphQLError};
 pub use sdl::sdl;
+pub use service_visits::{
+    ServiceVisitInput, ServiceVisitObject, ServiceVisitPage, ServiceVisitPatch,
+};
 
 pub type Schema = RootNode<Query, Mutation, Subscription>;
 
@@ -173,7 +203,28 @@ impl Query {
         #[graphql(default = 20)] first: i32,
         after: Option<ID>,
     ) -> FieldResult<CarPage> {
-        Ok(CarPage(page::<Car>(context, first, after).await?))
+        Ok(CarPage(page::<Car>(context, None, first, after).await?))
+    }
+
+    /// One service visit, or null when there is none with this id that the signed-in user may
+    /// see (one of a car they may see).
+    async fn service_visit(context: &Context, pk: ID) -> FieldResult<Option<ServiceVisitObject>> {
+        Ok(find::<ServiceVisit>(context, &pk)
+            .await?
+            .map(ServiceVisitObject))
+    }
+
+    /// The service visits of the car `carPk`, in id order, `first` (1-100) at a time after the
+    /// cursor `after`; none when the signed-in user may not see the car.
+    async fn service_visits(
+        context: &Context,
+        car_pk: ID,
+        #[graphql(default = 20)] first: i32,
+        after: Option<ID>,
+    ) -> FieldResult<ServiceVisitPage> {
+        let car = Some((Car::NAME, &car_pk));
+        let page = page::<ServiceVisit>(context, car, first, after).await?;
+        Ok(ServiceVisitPage(page))
     }
 }
 
@@ -183,28 +234,45 @@ pub struct Mutation;
 impl Mutation {
     /// Creates a car owned by the signed-in user.
     async fn create_car(context: &Context, input: CarInput) -> FieldResult<CarObject> {
-        let (user_id, data) = context.signed_in()?;
-        let new = input.validate()?;
-        let car = Repository::<Car>::create(data, user_id, new).await?;
-        Ok(CarObject(car))
+        Ok(CarObject(create(context, || input.validate()).await?))
     }
 
     /// Changes a car; only its owner or staff may (`NOT_FOUND` for a private car of someone else).
+    /// Setting nothing changes nothing: the answer is the car as it is.
     async fn update_car(context: &Context, pk: ID, input: CarPatch) -> FieldResult<CarObject> {
-        let (user_id, data) = context.signed_in()?;
-        let id = parse_pk::<Car>(&pk)?;
-        let changes = input.validate()?;
-        let actor = Actor::User(user_id);
-        Ok(CarObject(data.update(actor, id, changes).await?))
+        Ok(CarObject(update(context, &pk, || input.validate()).await?))
     }
 
-    /// Deletes a car (only its owner or staff may) and returns it as it was.
+    /// Deletes a car (only its owner or staff may) with its service visits, and returns it as
+    /// it was.
     async fn delete_car(context: &Context, pk: ID) -> FieldResult<CarObject> {
-        let (user_id, data) = context.signed_in()?;
-        let id = parse_pk::<Car>(&pk)?;
-        let actor = Actor::User(user_id);
-        let car = Repository::<Car>::delete(data, actor, id).await?;
-        Ok(CarObject(car))
+        Ok(CarObject(delete(context, &pk).await?))
+    }
+
+    /// Records a service visit of the car `carPk`; only the car's owner or staff may.
+    async fn create_service_visit(
+        context: &Context,
+        car_pk: ID,
+        input: ServiceVisitInput,
+    ) -> FieldResult<ServiceVisitObject> {
+        let visit = create(context, || input.validate(parse_pk::<Car>(&car_pk)?)).await?;
+        Ok(ServiceVisitObject(visit))
+    }
+
+    /// Changes a service visit; only its car's owner or staff may.
+    async fn update_service_visit(
+        context: &Context,
+        pk: ID,
+        input: ServiceVisitPatch,
+    ) -> FieldResult<ServiceVisitObject> {
+        Ok(ServiceVisitObject(
+            update(context, &pk, || input.validate()).await?,
+        ))
+    }
+
+    /// Deletes a service visit (only its car's owner or staff may) and returns it as it was.
+    async fn delete_service_visit(context: &Context, pk: ID) -> FieldResult<ServiceVisitObject> {
+        Ok(ServiceVisitObject(delete(context, &pk).await?))
     }
 }
 
@@ -237,6 +305,37 @@ impl Subscription {
             events::<Car>(context, |e| e.deleted, None)?.map(CarObject),
         ))
     }
+
+    /// Every service visit recorded for the car `carPk`, while the subscriber may see the car.
+    async fn service_visit_created(
+        context: &Context,
+        car_pk: ID,
+    ) -> Result<Stream<ServiceVisitObject>, FieldError> {
+        let key = parent_key::<Car>(parse_pk::<Car>(&car_pk)?);
+        let visits = events::<ServiceVisit>(context, |e| e.created, Some(key))?;
+        Ok(Box::pin(visits.map(ServiceVisitObject)))
+    }
+
+    /// Every change of the service visit `pk`.
+    async fn service_visit_updated(
+        context: &Context,
+        pk: ID,
+    ) -> Result<Stream<ServiceVisitObject>, FieldError> {
+        let key = Key::id(parse_pk::<ServiceVisit>(&pk)?);
+        let visits = events::<ServiceVisit>(context, |e| e.updated, Some(key))?;
+        Ok(Box::pin(visits.map(ServiceVisitObject)))
+    }
+
+    /// Every service visit of the car `carPk` deleted, as it was before: also each visit of
+    /// the car when the car is deleted.
+    async fn service_visit_deleted(
+        context: &Context,
+        car_pk: ID,
+    ) -> Result<Stream<ServiceVisitObject>, FieldError> {
+        let key = parent_key::<Car>(parse_pk::<Car>(&car_pk)?);
+        let visits = events::<ServiceVisit>(context, |e| e.deleted, Some(key))?;
+        Ok(Box::pin(visits.map(ServiceVisitObject)))
+    }
 }
 
 /// One `T` by its id, or none.
@@ -251,9 +350,11 @@ where
     Ok(Repository::<T>::find(data, user_id, id).await?)
 }
 
-/// A page of `T`, `first` after the cursor `after`.
+/// A page of `T`, `first` after the cursor `after`: of a child type, those of the record
+/// `parent` (its type's name, for errors, and its id).
 async fn page<T: Registered>(
     context: &Context,
+    parent: Option<(&'static str, &ID)>,
     first: i32,
     after: Option<ID>,
 ) -> FieldResult<Page<T>>
@@ -266,8 +367,48 @@ where
             "`first` must be between 1 and {MAX_PAGE_SIZE}"
         )));
     }
+    let parent = parent.map(|(name, pk)| parse_id(name, pk)).transpose()?;
     let after = after.as_ref().map(parse_pk::<T>).transpose()?;
-    Ok(Repository::<T>::page(data, user_id, after, i64::from(first)).await?)
+    Ok(Repository::<T>::page(data, user_id, parent, after, i64::from(first)).await?)
+}
+
+/// Creates a `T` from the input `validate` checks, for the signed-in user (sign-in first: a
+/// stranger learns nothing of the input).
+async fn create<T: Registered>(
+    context: &Context,
+    validate: impl FnOnce() -> FieldResult<T::New>,
+) -> FieldResult<T>
+where
+    dyn DataSource: Repository<T>,
+{
+    let (user_id, data) = context.signed_in()?;
+    let new = validate()?;
+    Ok(Repository::<T>::create(data, user_id, new).await?)
+}
+
+/// Changes the `T` `pk` as the signed-in user.
+async fn update<T: Registered>(
+    context: &Context,
+    pk: &ID,
+    validate: impl FnOnce() -> FieldResult<T::Changes>,
+) -> FieldResult<T>
+where
+    dyn DataSource: Repository<T>,
+{
+    let (user_id, data) = context.signed_in()?;
+    let id = parse_pk::<T>(pk)?;
+    let changes = validate()?;
+    Ok(Repository::<T>::update(data, Actor::User(user_id), id, changes).await?)
+}
+
+/// Deletes the `T` `pk` as the signed-in user; returns it as it was.
+async fn delete<T: Registered>(context: &Context, pk: &ID) -> FieldResult<T>
+where
+    dyn DataSource: Repository<T>,
+{
+    let (user_id, data) = context.signed_in()?;
+    let id = parse_pk::<T>(pk)?;
+    Ok(Repository::<T>::delete(data, Actor::User(user_id), id).await?)
 }
 
 /// The `T`s of one of its event types, for a signed-in user, from when the subscription starts
@@ -306,12 +447,17 @@ pub const SUBSCRIPTION_OVER_HTTP: &str = "a subscription needs a stream: send it
      or connect a websocket to this same URL (/graphql/) with the graphql-transport-ws or \
      graphql-ws protocol";
 
-fn parse_pk<T: Registered>(pk: &ID) -> Result<i64, GraphQLError> {
+fn parse_pk<T: Record>(pk: &ID) -> Result<i64, GraphQLError> {
+    parse_id(T::NAME, pk)
+}
+
+/// The id `pk` of a record of the type called `name`.
+fn parse_id(name: &str, pk: &ID) -> Result<i64, GraphQLError> {
     pk.trim()
         .parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
-        .ok_or_else(|| GraphQLError::BadUserInput(format!("`{}` is not a {} id", &**pk, T::NAME)))
+        .ok_or_else(|| GraphQLError::BadUserInput(format!("`{}` is not a {name} id", &**pk)))
 }
 
 /// A text input trimmed, at most [`MAX_FIELD_CHARS`] long.
@@ -337,6 +483,25 @@ pub(crate) fn required_text(field: &str, value: String) -> Result<String, GraphQ
     if value.is_empty() {
         return Err(GraphQLError::BadUserInput(format!(
             "`{field}` may not be blank"
+        )));
+    }
+    Ok(value)
+}
+
+/// A calendar date, `YYYY-MM-DD` (checked to be one: month 1-12, day 1-31).
+pub(crate) fn date(field: &str, value: String) -> Result<String, GraphQLError> {
+    let value = value.trim().to_owned();
+    let parts: Vec<&str> = value.split('-').collect();
+    let number = |part: &str, digits: usize, range: std::ops::RangeInclusive<u32>| {
+        part.len() == digits
+            && part.bytes().all(|b| b.is_ascii_digit())
+            && part.parse::<u32>().is_ok_and(|n| range.contains(&n))
+    };
+    let valid = matches!(parts.as_slice(), [year, month, day]
+        if number(year, 4, 1..=9999) && number(month, 2, 1..=12) && number(day, 2, 1..=31));
+    if !valid {
+        return Err(GraphQLError::BadUserInput(format!(
+            "`{field}` must be a date, YYYY-MM-DD"
         )));
     }
     Ok(value)

@@ -2,7 +2,7 @@
 //! the authorization and the event of every write, and the demo fixture.
 
 use diesel::prelude::*;
-use domain::{Car, CarChanges, NewCar, Owner, Viewer};
+use domain::{Car, CarChanges, NewCar, NoParent, Owner, Viewer};
 
 use super::records::Table;
 use super::schema::users;
@@ -80,6 +80,7 @@ impl Table for Car {
     fn load_page(
         conn: &mut AnyConnection,
         viewer: Viewer,
+        _: &NoParent,
         after: i64,
         limit: i64,
     ) -> QueryResult<Vec<Car>> {
@@ -98,7 +99,7 @@ impl Table for Car {
         .map(|rows| rows.into_iter().map(into_car).collect())
     }
 
-    fn count(conn: &mut AnyConnection, viewer: Viewer) -> QueryResult<i64> {
+    fn count(conn: &mut AnyConnection, viewer: Viewer, _: &NoParent) -> QueryResult<i64> {
         if viewer.is_staff {
             cars::table.count().get_result(conn)
         } else {

@@ -13,6 +13,7 @@ pub mod outbox;
 pub mod records;
 pub mod repository;
 pub mod schema;
+pub mod service_visits;
 pub mod users;
 
 use std::time::{Duration, Instant};

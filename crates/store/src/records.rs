@@ -1,35 +1,198 @@
 //! The write path every domain type shares: authorization, the change and its outbox row in one
 //! transaction, and the reads. A type plugs in with [`Table`], which holds only its own SQL; all
-//! the rest (who may write, the transaction, the event) is here, once.
+//! the rest (who may write, the transaction, the event, a child's parent and a parent's
+//! children) is here, once.
 
 use diesel::prelude::*;
-use domain::{Actor, Page, Registered, Viewer, WriteError};
+use domain::{Actor, Child, NoParent, OnParentDelete, Page, Registered, Viewer, WriteError};
+use events::{Envelope, EventType};
 
 use super::outbox::{self, NewEvent, PendingEvent};
 use super::schema::users;
 use super::{run, AnyConnection, DbError, DbPool};
 
-/// A [`Registered`] domain type's table: its reads and its three writes, nothing else.
-pub trait Table: Registered {
+/// A [`Registered`] domain type's table: its reads and its three writes, nothing else. A child
+/// type's rules (who may write it, which list it is in, what its parent's deletion does) are
+/// not here: the functions below derive them from its declaration.
+pub trait Table: Registered<Parent: Parent, Children: Cascade<Self>> {
+    /// A child's value includes its parent, loaded here too (`Car::load`).
     fn load(conn: &mut AnyConnection, id: i64) -> QueryResult<Option<Self>>;
-    /// At most `limit` with an id above `after` that `viewer` may read, in id order: the type's
-    /// `Record::readers` as a filter in SQL (the store's tests hold the two to one answer).
+    /// At most `limit` with an id above `after`, in id order: for a root type, those `viewer`
+    /// may read (its `Root::readers` as a filter in SQL; the store's tests hold the two to one
+    /// answer); for a child, those of `parent`, which `viewer` may read (so all of them).
     fn load_page(
         conn: &mut AnyConnection,
         viewer: Viewer,
+        parent: &Self::Parent,
         after: i64,
         limit: i64,
     ) -> QueryResult<Vec<Self>>;
-    /// How many `viewer` may read.
-    fn count(conn: &mut AnyConnection, viewer: Viewer) -> QueryResult<i64>;
-    /// Inserts one owned by `owner_id`; returns its id.
+    /// How many of those `load_page` reads there are.
+    fn count(conn: &mut AnyConnection, viewer: Viewer, parent: &Self::Parent) -> QueryResult<i64>;
+    /// Inserts one owned by `owner_id` (a child: in the parent `new` names); returns its id.
     fn insert(conn: &mut AnyConnection, owner_id: i64, new: Self::New) -> QueryResult<i64>;
     fn update(conn: &mut AnyConnection, id: i64, changes: Self::Changes) -> QueryResult<()>;
     fn delete(conn: &mut AnyConnection, id: i64) -> QueryResult<()>;
 }
 
-/// Builds the outbox row of a write from the value as written; runs inside the transaction.
-pub type EventDraft<T> = Box<dyn FnOnce(&T) -> Result<NewEvent, diesel::result::Error> + Send>;
+/// What a type's parent is to the write path: [`NoParent`] for a root type, or the parent's
+/// [`Table`].
+pub trait Parent: Sized + Send + Sync + 'static {
+    /// The parent `id` names when `viewer` may read it (`NoParent` takes no id).
+    fn readable(
+        conn: &mut AnyConnection,
+        viewer: Viewer,
+        id: Option<i64>,
+    ) -> QueryResult<Option<Self>>;
+    /// `Ok` when `actor` may add a child to the parent `id`: when it may change the parent.
+    fn may_add(
+        conn: &mut AnyConnection,
+        actor: Actor,
+        id: Option<i64>,
+    ) -> QueryResult<Result<(), WriteError>>;
+}
+
+impl Parent for NoParent {
+    fn readable(_: &mut AnyConnection, _: Viewer, id: Option<i64>) -> QueryResult<Option<Self>> {
+        Ok(id.is_none().then_some(NoParent))
+    }
+
+    fn may_add(
+        _: &mut AnyConnection,
+        _: Actor,
+        _: Option<i64>,
+    ) -> QueryResult<Result<(), WriteError>> {
+        Ok(Ok(()))
+    }
+}
+
+impl<P: Table> Parent for P {
+    fn readable(
+        conn: &mut AnyConnection,
+        viewer: Viewer,
+        id: Option<i64>,
+    ) -> QueryResult<Option<Self>> {
+        let Some(id) = id else { return Ok(None) };
+        Ok(P::load(conn, id)?.filter(|parent| parent.readable_by(viewer)))
+    }
+
+    fn may_add(
+        conn: &mut AnyConnection,
+        actor: Actor,
+        id: Option<i64>,
+    ) -> QueryResult<Result<(), WriteError>> {
+        let Some(id) = id else {
+            return Ok(Err(WriteError::NotFound(P::NAME)));
+        };
+        Ok(authorize::<P>(conn, actor, id)?.map(|_| ()))
+    }
+}
+
+/// What deleting a `P` does to the types that belong to it ([`Registered::Children`], a tuple):
+/// each type's [`Child::ON_PARENT_DELETE`].
+pub trait Cascade<P> {
+    /// Runs before `parent` is deleted, in its transaction: deletes its children (theirs
+    /// first), each with its `deleted` event, or refuses.
+    fn on_delete(
+        conn: &mut AnyConnection,
+        parent: &P,
+        lease: chrono::Duration,
+    ) -> QueryResult<Result<Vec<PendingEvent>, WriteError>>;
+}
+
+impl<P> Cascade<P> for () {
+    fn on_delete(
+        _: &mut AnyConnection,
+        _: &P,
+        _: chrono::Duration,
+    ) -> QueryResult<Result<Vec<PendingEvent>, WriteError>> {
+        Ok(Ok(Vec::new()))
+    }
+}
+
+/// Reads every row: the children of a parent being deleted, whoever may read them.
+const SYSTEM: Viewer = Viewer {
+    user_id: 0,
+    is_staff: true,
+};
+
+fn delete_children<P: Registered, C: Table + Registered<Parent = P> + Child>(
+    conn: &mut AnyConnection,
+    parent: &P,
+    lease: chrono::Duration,
+) -> QueryResult<Result<Vec<PendingEvent>, WriteError>> {
+    if C::ON_PARENT_DELETE == OnParentDelete::Refuse {
+        let count = C::count(conn, SYSTEM, parent)?;
+        return Ok(if count == 0 {
+            Ok(Vec::new())
+        } else {
+            Err(WriteError::HasChildren {
+                parent: P::NAME,
+                child: C::NAME,
+                count,
+            })
+        });
+    }
+    let mut events = Vec::new();
+    for child in C::load_page(conn, SYSTEM, parent, 0, i64::MAX)? {
+        match <C::Children as Cascade<C>>::on_delete(conn, &child, lease)? {
+            Ok(theirs) => events.extend(theirs),
+            Err(refused) => return Ok(Err(refused)),
+        }
+        C::delete(conn, child.id())?;
+        events.push(outbox::insert(
+            conn,
+            draft(C::EVENTS.deleted, &child, lease)?,
+        )?);
+    }
+    Ok(Ok(events))
+}
+
+macro_rules! cascade_tuple {
+    ($($child:ident),+) => {
+        impl<P: Registered, $($child: Table + Registered<Parent = P> + Child),+> Cascade<P>
+            for ($($child,)+)
+        {
+            fn on_delete(
+                conn: &mut AnyConnection,
+                parent: &P,
+                lease: chrono::Duration,
+            ) -> QueryResult<Result<Vec<PendingEvent>, WriteError>> {
+                let mut events = Vec::new();
+                $(
+                    match delete_children::<P, $child>(conn, parent, lease)? {
+                        Ok(theirs) => events.extend(theirs),
+                        Err(refused) => return Ok(Err(refused)),
+                    }
+                )+
+                Ok(Ok(events))
+            }
+        }
+    };
+}
+
+cascade_tuple!(A);
+cascade_tuple!(A, B);
+cascade_tuple!(A, B, C);
+cascade_tuple!(A, B, C, D);
+
+/// The outbox row of a write, leased to this process for `lease` so that no relay publishes it
+/// while the writer does (right after commit).
+fn draft<T: Registered>(
+    event_type: EventType,
+    value: &T,
+    lease: chrono::Duration,
+) -> QueryResult<NewEvent> {
+    let envelope = Envelope::new(event_type, value);
+    let payload = serde_json::to_string(&envelope)
+        .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
+    Ok(NewEvent {
+        event_id: envelope.id,
+        event_type: event_type.as_str().to_owned(),
+        payload,
+        locked_until: Some(outbox::lease_until(lease)),
+    })
+}
 
 /// One by its id, if `reader` may read it.
 pub async fn find<T: Table>(pool: &DbPool, reader: i64, id: i64) -> Result<Option<T>, DbError> {
@@ -46,23 +209,32 @@ pub async fn find_for_system<T: Table>(pool: &DbPool, id: i64) -> Result<Option<
     run(pool, move |conn| T::load(conn, id)).await
 }
 
-/// One page of what `reader` may read, in id order. Keyset pagination stays cheap and stable
-/// while rows come and go.
+/// One page of what `reader` may read (of a child type: of the record `parent`), in id order.
+/// Keyset pagination stays cheap and stable while rows come and go.
 pub async fn page<T: Table>(
     pool: &DbPool,
     reader: i64,
+    parent: Option<i64>,
     after: Option<i64>,
     limit: i64,
 ) -> Result<Page<T>, DbError> {
     run(pool, move |conn| {
         let viewer = viewer(conn, reader)?;
-        let mut items = T::load_page(conn, viewer, after.unwrap_or(0), limit + 1)?;
+        let Some(parent) = T::Parent::readable(conn, viewer, parent)? else {
+            // Not "not found": an empty page says nothing of whether the parent exists.
+            return Ok(Page {
+                items: Vec::new(),
+                has_next_page: false,
+                total_count: 0,
+            });
+        };
+        let mut items = T::load_page(conn, viewer, &parent, after.unwrap_or(0), limit + 1)?;
         let has_next_page = items.len() as i64 > limit;
         items.truncate(usize::try_from(limit).unwrap_or(0));
         Ok(Page {
             items,
             has_next_page,
-            total_count: T::count(conn, viewer)?,
+            total_count: T::count(conn, viewer, &parent)?,
         })
     })
     .await
@@ -78,60 +250,82 @@ fn viewer(conn: &mut AnyConnection, user_id: i64) -> QueryResult<Viewer> {
     })
 }
 
-/// Inserts one owned by the active user `owner_id` together with its event.
+/// A write's value and the events it committed, to publish after the commit.
+pub type Written<T> = (T, Vec<PendingEvent>);
+
+/// Inserts one owned by the active user `owner_id` (a child: in a parent it may change)
+/// together with its event.
 pub async fn create<T: Table>(
     pool: &DbPool,
     owner_id: i64,
     new: T::New,
-    event: EventDraft<T>,
-) -> Result<(T, PendingEvent), WriteError> {
+    lease: chrono::Duration,
+) -> Result<Written<T>, WriteError> {
     transaction(pool, move |conn| {
         if active_user(conn, owner_id)?.is_none() {
             return Ok(Err(WriteError::UnknownUser));
         }
+        let parent = T::parent_of(&new);
+        if let Err(refused) = T::Parent::may_add(conn, Actor::User(owner_id), parent)? {
+            return Ok(Err(refused));
+        }
         let id = T::insert(conn, owner_id, new)?;
         let value = T::load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
-        let pending = outbox::insert(conn, event(&value)?)?;
-        Ok(Ok((value, pending)))
+        let pending = outbox::insert(conn, draft(T::EVENTS.created, &value, lease)?)?;
+        Ok(Ok((value, vec![pending])))
     })
     .await
 }
 
-/// Applies `changes` when `actor` may; returns the value as updated and its event.
+/// Applies `changes` when `actor` may; returns the value as updated and its event. Changes that
+/// set nothing write nothing: the answer is the value as it is, with no event.
 pub async fn update<T: Table>(
     pool: &DbPool,
     actor: Actor,
     id: i64,
     changes: T::Changes,
-    event: EventDraft<T>,
-) -> Result<(T, PendingEvent), WriteError> {
-    transaction(pool, move |conn| {
-        if let Err(refused) = authorize::<T>(conn, actor, id)? {
-            return Ok(Err(refused));
-        }
-        T::update(conn, id, changes)?;
-        let value = T::load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
-        let pending = outbox::insert(conn, event(&value)?)?;
-        Ok(Ok((value, pending)))
-    })
-    .await
-}
-
-/// Deletes it when `actor` may; returns it as it was and its event.
-pub async fn delete<T: Table>(
-    pool: &DbPool,
-    actor: Actor,
-    id: i64,
-    event: EventDraft<T>,
-) -> Result<(T, PendingEvent), WriteError> {
+    lease: chrono::Duration,
+) -> Result<Written<T>, WriteError> {
     transaction(pool, move |conn| {
         let value = match authorize::<T>(conn, actor, id)? {
             Ok(value) => value,
             Err(refused) => return Ok(Err(refused)),
         };
+        if changes == T::Changes::default() {
+            return Ok(Ok((value, Vec::new())));
+        }
+        T::update(conn, id, changes)?;
+        let value = T::load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
+        let pending = outbox::insert(conn, draft(T::EVENTS.updated, &value, lease)?)?;
+        Ok(Ok((value, vec![pending])))
+    })
+    .await
+}
+
+/// Deletes it when `actor` may, with what belongs to it as its type declares
+/// ([`Child::ON_PARENT_DELETE`]); returns it as it was and the events: its children's
+/// deletions first, then its own.
+pub async fn delete<T: Table>(
+    pool: &DbPool,
+    actor: Actor,
+    id: i64,
+    lease: chrono::Duration,
+) -> Result<Written<T>, WriteError> {
+    transaction(pool, move |conn| {
+        let value = match authorize::<T>(conn, actor, id)? {
+            Ok(value) => value,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let mut events = match T::Children::on_delete(conn, &value, lease)? {
+            Ok(events) => events,
+            Err(refused) => return Ok(Err(refused)),
+        };
         T::delete(conn, id)?;
-        let pending = outbox::insert(conn, event(&value)?)?;
-        Ok(Ok((value, pending)))
+        events.push(outbox::insert(
+            conn,
+            draft(T::EVENTS.deleted, &value, lease)?,
+        )?);
+        Ok(Ok((value, events)))
     })
     .await
 }

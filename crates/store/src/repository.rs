@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{Accounts, Actor, Owner, Page, Repository, StoreError, WriteError};
-use events::{Envelope, EventBus, EventType};
+use events::EventBus;
 use futures_util::future::BoxFuture;
 use prometheus::{IntCounterVec, IntGauge};
 use service_kit::metrics::Metrics;
 
-use crate::outbox::{self, NewEvent};
-use crate::records::{self, EventDraft, Table};
+use crate::outbox;
+use crate::records::{self, Table, Written};
 use crate::DbPool;
 
 /// Timing of the outbox. The defaults suit production; tests shorten them.
@@ -100,10 +100,8 @@ impl Store {
     }
 
     pub async fn create<T: Table>(&self, owner_id: i64, new: T::New) -> Result<T, WriteError> {
-        let draft = self.draft::<T>(T::EVENTS.created);
-        let (value, event) = records::create(&self.pool, owner_id, new, draft).await?;
-        self.publish(event, Path::Inline).await;
-        Ok(value)
+        let written = records::create(&self.pool, owner_id, new, self.lease()).await?;
+        Ok(self.publish_written(written).await)
     }
 
     pub async fn update<T: Table>(
@@ -112,34 +110,27 @@ impl Store {
         id: i64,
         changes: T::Changes,
     ) -> Result<T, WriteError> {
-        let draft = self.draft::<T>(T::EVENTS.updated);
-        let (value, event) = records::update(&self.pool, actor, id, changes, draft).await?;
-        self.publish(event, Path::Inline).await;
-        Ok(value)
+        let written = records::update(&self.pool, actor, id, changes, self.lease()).await?;
+        Ok(self.publish_written(written).await)
     }
 
+    /// Deletes it and what belongs to it (its type's children, as they declare).
     pub async fn delete<T: Table>(&self, actor: Actor, id: i64) -> Result<T, WriteError> {
-        let draft = self.draft::<T>(T::EVENTS.deleted);
-        let (value, event) = records::delete(&self.pool, actor, id, draft).await?;
-        self.publish(event, Path::Inline).await;
-        Ok(value)
+        let written = records::delete(&self.pool, actor, id, self.lease()).await?;
+        Ok(self.publish_written(written).await)
     }
 
-    /// The outbox row of a write, leased to this process so that no relay publishes it while
-    /// we do.
-    fn draft<T: Table>(&self, event_type: EventType) -> EventDraft<T> {
-        let lease = lease(self.config.lease);
-        Box::new(move |value: &T| {
-            let envelope = Envelope::new(event_type, value);
-            let payload = serde_json::to_string(&envelope)
-                .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
-            Ok(NewEvent {
-                event_id: envelope.id,
-                event_type: event_type.as_str().to_owned(),
-                payload,
-                locked_until: Some(outbox::lease_until(lease)),
-            })
-        })
+    /// How long a writer owns the events it committed before a relay may publish them.
+    fn lease(&self) -> chrono::Duration {
+        lease(self.config.lease)
+    }
+
+    /// Publishes a write's events in the order they were committed; returns its value.
+    async fn publish_written<T>(&self, (value, events): Written<T>) -> T {
+        for event in events {
+            self.publish(event, Path::Inline).await;
+        }
+        value
     }
 
     /// Publishes an event, then removes it from the outbox. After a write (`inline`), a failure
@@ -264,10 +255,11 @@ impl<T: Table> Repository<T> for Store {
     fn page(
         &self,
         reader: i64,
+        parent: Option<i64>,
         after: Option<i64>,
         first: i64,
     ) -> BoxFuture<'_, Result<Page<T>, StoreError>> {
-        Box::pin(async move { Ok(records::page(&self.pool, reader, after, first).await?) })
+        Box::pin(async move { Ok(records::page(&self.pool, reader, parent, after, first).await?) })
     }
 
     fn create(&self, owner_id: i64, new: T::New) -> BoxFuture<'_, Result<T, WriteError>> {

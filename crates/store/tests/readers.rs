@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use domain::{Actor, Car, CarChanges, NewCar, Record as _, Viewer, WriteError};
+use domain::{Actor, Car, CarChanges, NewCar, Registered as _, Viewer, WriteError};
 use store::records::{self, Table};
 use store::users::{self, NewUser};
 use store::DbPool;
@@ -128,7 +128,9 @@ async fn check(pool: &DbPool) {
             .filter(|car| car.readable_by(viewer))
             .map(|car| car.id)
             .collect();
-        let page = records::page::<Car>(pool, reader, None, 100).await.unwrap();
+        let page = records::page::<Car>(pool, reader, None, None, 100)
+            .await
+            .unwrap();
         let listed: Vec<i64> = page.items.iter().map(|car| car.id).collect();
         assert_eq!(listed, expected, "page of {viewer:?}");
         assert_eq!(
@@ -140,7 +142,9 @@ async fn check(pool: &DbPool) {
         let mut after = None;
         let mut walked = Vec::new();
         loop {
-            let page = records::page::<Car>(pool, reader, after, 1).await.unwrap();
+            let page = records::page::<Car>(pool, reader, None, after, 1)
+                .await
+                .unwrap();
             walked.extend(page.items.iter().map(|car| car.id));
             after = page.items.last().map(|car| car.id);
             if !page.has_next_page {
@@ -169,20 +173,18 @@ async fn check(pool: &DbPool) {
         ..CarChanges::default()
     };
     let store = records::update::<Car>;
-    let draft = || -> records::EventDraft<Car> {
-        Box::new(|_| Err(diesel::result::Error::RollbackTransaction))
-    };
-    let public = store(pool, Actor::User(bob), ids[0], changes(), draft()).await;
+    let lease = chrono::Duration::seconds(10);
+    let public = store(pool, Actor::User(bob), ids[0], changes(), lease).await;
     assert!(
         matches!(public, Err(WriteError::Forbidden("car"))),
         "{public:?}"
     );
-    let private = store(pool, Actor::User(bob), ids[1], changes(), draft()).await;
+    let private = store(pool, Actor::User(bob), ids[1], changes(), lease).await;
     assert!(
         matches!(private, Err(WriteError::NotFound("car"))),
         "{private:?}"
     );
-    let deleted = records::delete::<Car>(pool, Actor::User(bob), ids[1], draft()).await;
+    let deleted = records::delete::<Car>(pool, Actor::User(bob), ids[1], lease).await;
     assert!(
         matches!(deleted, Err(WriteError::NotFound("car"))),
         "{deleted:?}"

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use domain::{Actor, Car, CarChanges, Record as _};
+use domain::{Actor, Car, CarChanges};
 use serde_json::json;
 use store::outbox;
 use test_support::PrivateRedis;
@@ -140,16 +140,7 @@ async fn an_event_whose_writer_died_before_publishing_is_published_when_its_leas
 
     // What a writer leaves behind when it is killed between commit and publish: the change and
     // its outbox row, committed together, leased to the dead writer for a second.
-    let draft: store::records::EventDraft<Car> = Box::new(|car| {
-        let envelope = events::Envelope::new(Car::EVENTS.updated, car.clone());
-        Ok(outbox::NewEvent {
-            event_id: envelope.id.clone(),
-            event_type: "car.updated".into(),
-            payload: serde_json::to_string(&envelope).unwrap(),
-            locked_until: Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
-        })
-    });
-    let (car, pending) = store::records::update(
+    let (car, pending) = store::records::update::<Car>(
         &app.pool,
         Actor::System,
         2,
@@ -157,11 +148,14 @@ async fn an_event_whose_writer_died_before_publishing_is_published_when_its_leas
             year: Some("2008".into()),
             ..CarChanges::default()
         },
-        draft,
+        chrono::Duration::seconds(1),
     )
     .await
     .unwrap();
     assert_eq!(car.year, "2008");
+    let [pending] = pending.as_slice() else {
+        panic!("one event: {pending:?}");
+    };
 
     let (channel, envelope) = subscriber.next().await;
     assert_eq!(channel, app.channel("car.updated"));

@@ -1,6 +1,7 @@
 //! api-service integration tests: the real application on real PostgreSQL and Redis.
 
 mod auth;
+mod children;
 mod config;
 mod events;
 mod helpers;

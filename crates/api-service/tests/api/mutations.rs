@@ -113,7 +113,7 @@ async fn only_the_owner_or_staff_may_change_a_car() {
         assert_eq!(code, "FORBIDDEN", "{}", response.body);
         assert_eq!(
             message,
-            "only the car's owner or a staff user may change it"
+            "only the owner or a staff user may change this car"
         );
     }
     let response = app.graphql(Some(&owner), &update, json!({})).await;

@@ -102,3 +102,77 @@ async fn logging_out_closes_the_users_sockets() {
         other => panic!("expected the socket to close, got {other:?}"),
     }
 }
+
+/// A type that belongs to a car, in subscriptions: results resolve the relation (`car`, its
+/// owner) with no database behind the gateway, are routed by the car, and deleting the car
+/// tells a `serviceVisitDeleted` subscriber of each of its visits.
+#[actix_web::test]
+async fn a_cars_visits_reach_their_subscribers_with_their_car() {
+    let app = TestApp::spawn().await;
+    let (access, _) = app.login().await;
+    let mut client = WsClient::connect(&app.ws_url(), "graphql-transport-ws").await;
+    let ack = client.init(&access).await;
+    assert_eq!(ack["type"], "connection_ack", "{ack}");
+    let selection = "{ id garage car { id make owner { username } } }";
+    for (id, field) in [
+        ("created", "serviceVisitCreated"),
+        ("deleted", "serviceVisitDeleted"),
+    ] {
+        let query = format!("subscription {{ {field}(carPk: 2) {selection} }}");
+        client
+            .send(json!({"id": id, "type": "subscribe", "payload": {"query": query}}))
+            .await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // A visit of another car is not this subscription's; car 2's is, with its car.
+    let mut visits = Vec::new();
+    for (car, garage) in [(1, "Elsewhere"), (2, "Skoda Service"), (2, "Tyres")] {
+        let body = app
+            .graphql(
+                Some(&access),
+                &format!(
+                    "mutation {{ createServiceVisit(carPk: {car}, input: {{garage: \"{garage}\", \
+                     mileage: 90000, visitedOn: \"2026-12-04\"}}) {{ id }} }}"
+                ),
+            )
+            .await;
+        let id = body["data"]["createServiceVisit"]["id"].clone();
+        assert!(id.is_string(), "{body}");
+        if car == 2 {
+            visits.push(id);
+        }
+    }
+    for id in &visits {
+        let next = client.expect_json().await;
+        assert_eq!(
+            (&next["type"], &next["id"]),
+            (&json!("next"), &json!("created")),
+            "{next}"
+        );
+        let visit = &next["payload"]["data"]["serviceVisitCreated"];
+        assert_eq!(&visit["id"], id, "{next}");
+        assert_eq!(
+            visit["car"],
+            json!({"id": "2", "make": "Skoda", "owner": {"username": "admin"}}),
+            "{next}"
+        );
+    }
+
+    let body = app
+        .graphql(Some(&access), "mutation { deleteCar(pk: 2) { id } }")
+        .await;
+    assert_eq!(body["data"]["deleteCar"]["id"], "2", "{body}");
+    for id in &visits {
+        let next = client.expect_json().await;
+        assert_eq!(
+            (&next["type"], &next["id"]),
+            (&json!("next"), &json!("deleted")),
+            "{next}"
+        );
+        assert_eq!(
+            &next["payload"]["data"]["serviceVisitDeleted"]["id"], id,
+            "{next}"
+        );
+    }
+}
