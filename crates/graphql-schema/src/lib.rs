@@ -506,3 +506,13 @@ pub(crate) fn date(field: &str, value: String) -> Result<String, GraphQLError> {
     }
     Ok(value)
 }
+
+/// A whole number, 0 or more.
+pub(crate) fn non_negative(field: &str, value: i32) -> Result<i64, GraphQLError> {
+    if value < 0 {
+        return Err(GraphQLError::BadUserInput(format!(
+            "`{field}` may not be negative"
+        )));
+    }
+    Ok(i64::from(value))
+}

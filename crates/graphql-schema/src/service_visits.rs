@@ -3,7 +3,7 @@
 use domain::{NewServiceVisit, ServiceVisit, ServiceVisitChanges};
 use juniper::{graphql_object, GraphQLInputObject, ID};
 
-use crate::{date, required_text, text, CarObject, Context, GraphQLError};
+use crate::{date, non_negative, required_text, text, CarObject, Context, GraphQLError};
 
 pub struct ServiceVisitObject(pub ServiceVisit);
 
@@ -62,7 +62,7 @@ impl ServiceVisitInput {
         Ok(NewServiceVisit {
             car_id,
             garage: required_text("garage", self.garage)?,
-            mileage: mileage(self.mileage)?,
+            mileage: non_negative("mileage", self.mileage)?,
             notes: text("notes", self.notes.unwrap_or_default())?,
             visited_on: date("visitedOn", self.visited_on)?,
         })
@@ -85,7 +85,10 @@ impl ServiceVisitPatch {
                 .garage
                 .map(|v| required_text("garage", v))
                 .transpose()?,
-            mileage: self.mileage.map(mileage).transpose()?,
+            mileage: self
+                .mileage
+                .map(|v| non_negative("mileage", v))
+                .transpose()?,
             notes: self.notes.map(|v| text("notes", v)).transpose()?,
             visited_on: self.visited_on.map(|v| date("visitedOn", v)).transpose()?,
         })
