@@ -94,12 +94,3 @@ impl ServiceVisitPatch {
         })
     }
 }
-
-fn mileage(value: i32) -> Result<i64, GraphQLError> {
-    if value < 0 {
-        return Err(GraphQLError::BadUserInput(
-            "`mileage` may not be negative".into(),
-        ));
-    }
-    Ok(i64::from(value))
-}
