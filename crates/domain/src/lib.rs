@@ -86,8 +86,6 @@ pub trait Child: Record {
     /// same transaction as the write: so a subscription result resolves the relation without
     /// a database, and the gateway knows who may read the event.
     fn parent(&self) -> &Self::Parent;
-    /// The id of the parent that creating one names.
-    fn parent_id(new: &Self::New) -> i64;
 }
 
 /// What deleting a parent does to its children.
@@ -128,6 +126,8 @@ pub trait Registered: Record + sealed::Sealed {
     type Parent: Send + Sync + 'static;
     /// The registered types that belong to it, as a tuple: `()`, `(ServiceVisit,)`.
     type Children: 'static;
+    /// The parent type's [`Record::NAME`] (for messages and routing keys); empty for a root type.
+    const PARENT: &'static str;
 
     /// Who may change it besides staff.
     fn owner_id(&self) -> Option<i64>;
@@ -137,8 +137,6 @@ pub trait Registered: Record + sealed::Sealed {
     /// the gateway nothing for the others; for a child, its parent's too (`car=7`), so that
     /// "every visit of car 7" is routed as well.
     fn keys(&self) -> Vec<Key>;
-    /// The id of the parent that creating one names; `None` for a root type.
-    fn parent_of(new: &Self::New) -> Option<i64>;
 
     /// Whether `viewer` may read it.
     fn readable_by(&self, viewer: Viewer) -> bool {
@@ -217,9 +215,14 @@ pub trait Repository<T: Registered>: Send + Sync {
         after: Option<i64>,
         first: i64,
     ) -> BoxFuture<'_, Result<Page<T>, StoreError>>;
-    /// Creates one owned by the active user `owner_id` (a child: in the parent `new` names,
-    /// which `owner_id` must be allowed to change).
-    fn create(&self, owner_id: i64, new: T::New) -> BoxFuture<'_, Result<T, WriteError>>;
+    /// Creates one owned by the active user `owner_id`; a child in the record `parent`, which
+    /// `owner_id` must be allowed to change (a root type takes `None`).
+    fn create(
+        &self,
+        owner_id: i64,
+        parent: Option<i64>,
+        new: T::New,
+    ) -> BoxFuture<'_, Result<T, WriteError>>;
     fn update(
         &self,
         actor: Actor,
@@ -272,6 +275,7 @@ macro_rules! register {
         impl Registered for $record {
             type Parent = NoParent;
             type Children = ($($child,)*);
+            const PARENT: &'static str = "";
 
             fn owner_id(&self) -> Option<i64> {
                 Root::owner_id(self)
@@ -282,9 +286,6 @@ macro_rules! register {
             fn keys(&self) -> Vec<Key> {
                 vec![Key::id(self.id())]
             }
-            fn parent_of(_: &Self::New) -> Option<i64> {
-                None
-            }
         }
     };
     (@rules $record:ident in $parent:ident => [$($child:ident),*]) => {
@@ -294,6 +295,7 @@ macro_rules! register {
         {
             type Parent = $parent;
             type Children = ($($child,)*);
+            const PARENT: &'static str = <$parent as Record>::NAME;
 
             fn owner_id(&self) -> Option<i64> {
                 Registered::owner_id(self.parent())
@@ -304,9 +306,6 @@ macro_rules! register {
             fn keys(&self) -> Vec<Key> {
                 let parent = self.parent();
                 vec![Key::id(self.id()), parent_key::<$parent>(parent.id())]
-            }
-            fn parent_of(new: &Self::New) -> Option<i64> {
-                Some(<Self as Child>::parent_id(new))
             }
         }
     };

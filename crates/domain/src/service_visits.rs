@@ -22,7 +22,6 @@ pub struct ServiceVisit {
 
 #[derive(Debug, Clone)]
 pub struct NewServiceVisit {
-    pub car_id: i64,
     pub garage: String,
     pub mileage: i64,
     pub notes: String,
@@ -60,9 +59,5 @@ impl Child for ServiceVisit {
 
     fn parent(&self) -> &Car {
         &self.car
-    }
-
-    fn parent_id(new: &NewServiceVisit) -> i64 {
-        new.car_id
     }
 }

@@ -42,9 +42,7 @@ pub mod service_visits;
 
 use std::sync::Arc;
 
-use domain::{
-    parent_key, Actor, Car, DataSource, Page, Record, Registered, Repository, ServiceVisit,
-};
+use domain::{Actor, Car, DataSource, Page, Record, Registered, Repository, ServiceVisit};
 use events::{EventSource, EventType, Key, SharedEventSource};
 use futures_util::StreamExt as _;
 use juniper::{graphql_object, graphql_subscription, FieldError, IntoFieldError, RootNode, ID};
@@ -203,7 +201,7 @@ impl Query {
         #[graphql(default = 20)] first: i32,
         after: Option<ID>,
     ) -> FieldResult<CarPage> {
-        Ok(CarPage(page::<Car>(context, None, first, after).await?))
+        page::<Car>(context, None, first, after).await.map(CarPage)
     }
 
     /// One service visit, or null when there is none with this id that the signed-in user may
@@ -222,8 +220,7 @@ impl Query {
         #[graphql(default = 20)] first: i32,
         after: Option<ID>,
     ) -> FieldResult<ServiceVisitPage> {
-        let car = Some((Car::NAME, &car_pk));
-        let page = page::<ServiceVisit>(context, car, first, after).await?;
+        let page = page::<ServiceVisit>(context, Some(&car_pk), first, after).await?;
         Ok(ServiceVisitPage(page))
     }
 }
@@ -234,19 +231,23 @@ pub struct Mutation;
 impl Mutation {
     /// Creates a car owned by the signed-in user.
     async fn create_car(context: &Context, input: CarInput) -> FieldResult<CarObject> {
-        Ok(CarObject(create(context, || input.validate()).await?))
+        create(context, None, || input.validate())
+            .await
+            .map(CarObject)
     }
 
     /// Changes a car; only its owner or staff may (`NOT_FOUND` for a private car of someone else).
     /// Setting nothing changes nothing: the answer is the car as it is.
     async fn update_car(context: &Context, pk: ID, input: CarPatch) -> FieldResult<CarObject> {
-        Ok(CarObject(update(context, &pk, || input.validate()).await?))
+        update(context, &pk, || input.validate())
+            .await
+            .map(CarObject)
     }
 
     /// Deletes a car (only its owner or staff may) with its service visits, and returns it as
     /// it was.
     async fn delete_car(context: &Context, pk: ID) -> FieldResult<CarObject> {
-        Ok(CarObject(delete(context, &pk).await?))
+        delete(context, &pk).await.map(CarObject)
     }
 
     /// Records a service visit of the car `carPk`; only the car's owner or staff may.
@@ -255,8 +256,8 @@ impl Mutation {
         car_pk: ID,
         input: ServiceVisitInput,
     ) -> FieldResult<ServiceVisitObject> {
-        let visit = create(context, || input.validate(parse_pk::<Car>(&car_pk)?)).await?;
-        Ok(ServiceVisitObject(visit))
+        let visit = create(context, Some(&car_pk), || input.validate()).await;
+        visit.map(ServiceVisitObject)
     }
 
     /// Changes a service visit; only its car's owner or staff may.
@@ -272,7 +273,7 @@ impl Mutation {
 
     /// Deletes a service visit (only its car's owner or staff may) and returns it as it was.
     async fn delete_service_visit(context: &Context, pk: ID) -> FieldResult<ServiceVisitObject> {
-        Ok(ServiceVisitObject(delete(context, &pk).await?))
+        delete(context, &pk).await.map(ServiceVisitObject)
     }
 }
 
@@ -311,8 +312,7 @@ impl Subscription {
         context: &Context,
         car_pk: ID,
     ) -> Result<Stream<ServiceVisitObject>, FieldError> {
-        let key = parent_key::<Car>(parse_pk::<Car>(&car_pk)?);
-        let visits = events::<ServiceVisit>(context, |e| e.created, Some(key))?;
+        let visits = events_of_parent::<ServiceVisit>(context, |e| e.created, &car_pk)?;
         Ok(Box::pin(visits.map(ServiceVisitObject)))
     }
 
@@ -332,8 +332,7 @@ impl Subscription {
         context: &Context,
         car_pk: ID,
     ) -> Result<Stream<ServiceVisitObject>, FieldError> {
-        let key = parent_key::<Car>(parse_pk::<Car>(&car_pk)?);
-        let visits = events::<ServiceVisit>(context, |e| e.deleted, Some(key))?;
+        let visits = events_of_parent::<ServiceVisit>(context, |e| e.deleted, &car_pk)?;
         Ok(Box::pin(visits.map(ServiceVisitObject)))
     }
 }
@@ -351,10 +350,10 @@ where
 }
 
 /// A page of `T`, `first` after the cursor `after`: of a child type, those of the record
-/// `parent` (its type's name, for errors, and its id).
+/// `parent`.
 async fn page<T: Registered>(
     context: &Context,
-    parent: Option<(&'static str, &ID)>,
+    parent: Option<&ID>,
     first: i32,
     after: Option<ID>,
 ) -> FieldResult<Page<T>>
@@ -367,23 +366,25 @@ where
             "`first` must be between 1 and {MAX_PAGE_SIZE}"
         )));
     }
-    let parent = parent.map(|(name, pk)| parse_id(name, pk)).transpose()?;
+    let parent = parent.map(|pk| parse_id(T::PARENT, pk)).transpose()?;
     let after = after.as_ref().map(parse_pk::<T>).transpose()?;
     Ok(Repository::<T>::page(data, user_id, parent, after, i64::from(first)).await?)
 }
 
 /// Creates a `T` from the input `validate` checks, for the signed-in user (sign-in first: a
-/// stranger learns nothing of the input).
+/// stranger learns nothing of the input); a child type's in the record `parent`.
 async fn create<T: Registered>(
     context: &Context,
+    parent: Option<&ID>,
     validate: impl FnOnce() -> FieldResult<T::New>,
 ) -> FieldResult<T>
 where
     dyn DataSource: Repository<T>,
 {
     let (user_id, data) = context.signed_in()?;
+    let parent = parent.map(|pk| parse_id(T::PARENT, pk)).transpose()?;
     let new = validate()?;
-    Ok(Repository::<T>::create(data, user_id, new).await?)
+    Ok(Repository::<T>::create(data, user_id, parent, new).await?)
 }
 
 /// Changes the `T` `pk` as the signed-in user.
@@ -424,6 +425,17 @@ fn events<T: Registered>(
         GraphQLError::BadRequest(SUBSCRIPTION_OVER_HTTP.into()).into_field_error()
     })?;
     Ok(typed(source.as_ref(), event_type(&T::EVENTS), key))
+}
+
+/// [`events`] of a child type routed by its parent `parent_pk`: those of one parent's records.
+fn events_of_parent<T: Registered>(
+    context: &Context,
+    event_type: fn(&domain::Events) -> EventType,
+    parent_pk: &ID,
+) -> Result<Stream<T>, FieldError> {
+    context.claims().map_err(IntoFieldError::into_field_error)?;
+    let parent = parse_id(T::PARENT, parent_pk).map_err(IntoFieldError::into_field_error)?;
+    events::<T>(context, event_type, Some(Key::new(T::PARENT, parent)))
 }
 
 /// The envelopes of `event_type` as `T`s: the data was decoded once, by the type the registry

@@ -58,9 +58,8 @@ pub struct ServiceVisitInput {
 }
 
 impl ServiceVisitInput {
-    pub(crate) fn validate(self, car_id: i64) -> Result<NewServiceVisit, GraphQLError> {
+    pub(crate) fn validate(self) -> Result<NewServiceVisit, GraphQLError> {
         Ok(NewServiceVisit {
-            car_id,
             garage: required_text("garage", self.garage)?,
             mileage: non_negative("mileage", self.mileage)?,
             notes: text("notes", self.notes.unwrap_or_default())?,

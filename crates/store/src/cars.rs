@@ -110,7 +110,12 @@ impl Table for Car {
         }
     }
 
-    fn insert(conn: &mut AnyConnection, owner_id: i64, new: NewCar) -> QueryResult<i64> {
+    fn insert(
+        conn: &mut AnyConnection,
+        owner_id: i64,
+        _: &NoParent,
+        new: NewCar,
+    ) -> QueryResult<i64> {
         diesel::insert_into(cars::table)
             .values((
                 cars::make.eq(new.make),

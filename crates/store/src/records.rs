@@ -29,8 +29,13 @@ pub trait Table: Registered<Parent: Parent, Children: Cascade<Self>> {
     ) -> QueryResult<Vec<Self>>;
     /// How many of those `load_page` reads there are.
     fn count(conn: &mut AnyConnection, viewer: Viewer, parent: &Self::Parent) -> QueryResult<i64>;
-    /// Inserts one owned by `owner_id` (a child: in the parent `new` names); returns its id.
-    fn insert(conn: &mut AnyConnection, owner_id: i64, new: Self::New) -> QueryResult<i64>;
+    /// Inserts one owned by `owner_id` (a child: in `parent`); returns its id.
+    fn insert(
+        conn: &mut AnyConnection,
+        owner_id: i64,
+        parent: &Self::Parent,
+        new: Self::New,
+    ) -> QueryResult<i64>;
     fn update(conn: &mut AnyConnection, id: i64, changes: Self::Changes) -> QueryResult<()>;
     fn delete(conn: &mut AnyConnection, id: i64) -> QueryResult<()>;
 }
@@ -44,12 +49,13 @@ pub trait Parent: Sized + Send + Sync + 'static {
         viewer: Viewer,
         id: Option<i64>,
     ) -> QueryResult<Option<Self>>;
-    /// `Ok` when `actor` may add a child to the parent `id`: when it may change the parent.
+    /// The parent `id` when `actor` may add a child to it: when it may change the parent.
+    /// (`NoParent` takes no id.)
     fn may_add(
         conn: &mut AnyConnection,
         actor: Actor,
         id: Option<i64>,
-    ) -> QueryResult<Result<(), WriteError>>;
+    ) -> QueryResult<Result<Self, WriteError>>;
 }
 
 impl Parent for NoParent {
@@ -61,8 +67,8 @@ impl Parent for NoParent {
         _: &mut AnyConnection,
         _: Actor,
         _: Option<i64>,
-    ) -> QueryResult<Result<(), WriteError>> {
-        Ok(Ok(()))
+    ) -> QueryResult<Result<Self, WriteError>> {
+        Ok(Ok(NoParent))
     }
 }
 
@@ -80,11 +86,11 @@ impl<P: Table> Parent for P {
         conn: &mut AnyConnection,
         actor: Actor,
         id: Option<i64>,
-    ) -> QueryResult<Result<(), WriteError>> {
+    ) -> QueryResult<Result<Self, WriteError>> {
         let Some(id) = id else {
             return Ok(Err(WriteError::NotFound(P::NAME)));
         };
-        Ok(authorize::<P>(conn, actor, id)?.map(|_| ()))
+        authorize::<P>(conn, actor, id)
     }
 }
 
@@ -253,11 +259,12 @@ fn viewer(conn: &mut AnyConnection, user_id: i64) -> QueryResult<Viewer> {
 /// A write's value and the events it committed, to publish after the commit.
 pub type Written<T> = (T, Vec<PendingEvent>);
 
-/// Inserts one owned by the active user `owner_id` (a child: in a parent it may change)
-/// together with its event.
+/// Inserts one owned by the active user `owner_id` (a child: in the record `parent`, which the
+/// user may change) together with its event.
 pub async fn create<T: Table>(
     pool: &DbPool,
     owner_id: i64,
+    parent: Option<i64>,
     new: T::New,
     lease: chrono::Duration,
 ) -> Result<Written<T>, WriteError> {
@@ -265,11 +272,11 @@ pub async fn create<T: Table>(
         if active_user(conn, owner_id)?.is_none() {
             return Ok(Err(WriteError::UnknownUser));
         }
-        let parent = T::parent_of(&new);
-        if let Err(refused) = T::Parent::may_add(conn, Actor::User(owner_id), parent)? {
-            return Ok(Err(refused));
-        }
-        let id = T::insert(conn, owner_id, new)?;
+        let parent = match T::Parent::may_add(conn, Actor::User(owner_id), parent)? {
+            Ok(parent) => parent,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let id = T::insert(conn, owner_id, &parent, new)?;
         let value = T::load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
         let pending = outbox::insert(conn, draft(T::EVENTS.created, &value, lease)?)?;
         Ok(Ok((value, vec![pending])))

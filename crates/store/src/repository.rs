@@ -99,8 +99,13 @@ impl Store {
         self.config
     }
 
-    pub async fn create<T: Table>(&self, owner_id: i64, new: T::New) -> Result<T, WriteError> {
-        let written = records::create(&self.pool, owner_id, new, self.lease()).await?;
+    pub async fn create<T: Table>(
+        &self,
+        owner_id: i64,
+        parent: Option<i64>,
+        new: T::New,
+    ) -> Result<T, WriteError> {
+        let written = records::create(&self.pool, owner_id, parent, new, self.lease()).await?;
         Ok(self.publish_written(written).await)
     }
 
@@ -262,8 +267,13 @@ impl<T: Table> Repository<T> for Store {
         Box::pin(async move { Ok(records::page(&self.pool, reader, parent, after, first).await?) })
     }
 
-    fn create(&self, owner_id: i64, new: T::New) -> BoxFuture<'_, Result<T, WriteError>> {
-        Box::pin(Store::create::<T>(self, owner_id, new))
+    fn create(
+        &self,
+        owner_id: i64,
+        parent: Option<i64>,
+        new: T::New,
+    ) -> BoxFuture<'_, Result<T, WriteError>> {
+        Box::pin(Store::create::<T>(self, owner_id, parent, new))
     }
 
     fn update(

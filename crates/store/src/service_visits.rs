@@ -19,22 +19,10 @@ diesel::table! {
     }
 }
 
-type Row = (i64, i64, String, i64, String, String);
+/// Every column, in order (`created_at` is the table's own).
+type Row = (i64, i64, String, i64, String, String, chrono::NaiveDateTime);
 
-macro_rules! columns {
-    () => {
-        (
-            service_visits::id,
-            service_visits::car_id,
-            service_visits::garage,
-            service_visits::mileage,
-            service_visits::notes,
-            service_visits::visited_on,
-        )
-    };
-}
-
-fn visit((id, _, garage, mileage, notes, visited_on): Row, car: Car) -> ServiceVisit {
+fn visit((id, _, garage, mileage, notes, visited_on, _): Row, car: Car) -> ServiceVisit {
     ServiceVisit {
         id,
         garage,
@@ -49,7 +37,6 @@ impl Table for ServiceVisit {
     fn load(conn: &mut AnyConnection, id: i64) -> QueryResult<Option<Self>> {
         let Some(row) = service_visits::table
             .find(id)
-            .select(columns!())
             .first::<Row>(conn)
             .optional()?
         else {
@@ -71,7 +58,6 @@ impl Table for ServiceVisit {
             .filter(service_visits::id.gt(after))
             .order(service_visits::id.asc())
             .limit(limit)
-            .select(columns!())
             .load::<Row>(conn)?;
         Ok(rows
             .into_iter()
@@ -86,10 +72,15 @@ impl Table for ServiceVisit {
             .get_result(conn)
     }
 
-    fn insert(conn: &mut AnyConnection, _: i64, new: NewServiceVisit) -> QueryResult<i64> {
+    fn insert(
+        conn: &mut AnyConnection,
+        _: i64,
+        car: &Car,
+        new: NewServiceVisit,
+    ) -> QueryResult<i64> {
         diesel::insert_into(service_visits::table)
             .values((
-                service_visits::car_id.eq(new.car_id),
+                service_visits::car_id.eq(car.id),
                 service_visits::garage.eq(new.garage),
                 service_visits::mileage.eq(new.mileage),
                 service_visits::notes.eq(new.notes),

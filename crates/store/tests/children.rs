@@ -43,15 +43,14 @@ async fn car(pool: &DbPool, owner: i64, private: bool) -> Car {
         year: String::new(),
         private,
     };
-    records::create::<Car>(pool, owner, new, LEASE)
+    records::create::<Car>(pool, owner, None, new, LEASE)
         .await
         .unwrap()
         .0
 }
 
-fn visit(car_id: i64, garage: &str) -> NewServiceVisit {
+fn visit(garage: &str) -> NewServiceVisit {
     NewServiceVisit {
-        car_id,
         garage: garage.to_owned(),
         mileage: 1000,
         notes: String::new(),
@@ -65,7 +64,7 @@ async fn add(
     car_id: i64,
     garage: &str,
 ) -> Result<ServiceVisit, WriteError> {
-    records::create::<ServiceVisit>(pool, user, visit(car_id, garage), LEASE)
+    records::create::<ServiceVisit>(pool, user, Some(car_id), visit(garage), LEASE)
         .await
         .map(|(visit, events)| {
             assert_eq!(events.len(), 1, "one created event");

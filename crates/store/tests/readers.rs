@@ -43,6 +43,7 @@ async fn insert(pool: &DbPool, owner: i64, make: &str, private: bool) -> i64 {
         Car::insert(
             conn,
             owner,
+            &domain::NoParent,
             NewCar {
                 make,
                 model: "Octavia".into(),
