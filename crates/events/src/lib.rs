@@ -405,6 +405,7 @@ impl fmt::Display for Cursor {
 /// One event read back from a log.
 #[derive(Debug, Clone)]
 pub struct LoggedEvent {
+    pub event_type: EventType,
     pub position: Position,
     /// The result cursor naming it, built once.
     pub cursor: Arc<str>,

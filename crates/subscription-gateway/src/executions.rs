@@ -38,7 +38,7 @@ use graphql_schema::{Context, Mutation, Query, Subscription};
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use tokio::sync::{mpsc, watch, Notify};
 
-use events::{Cursor, Position, Readers, Viewer};
+use events::{Cursor, EventType, Position, Readers, Viewer};
 
 use crate::hub::{ConnectionEvents, Hub, ReplayError, ReplayEvents, ReplayOutcome, CURRENT_EVENT};
 use crate::lock;
@@ -94,6 +94,7 @@ enum Batch {
     /// the event behind it (µs since the epoch) and its position.
     Next {
         payload: Arc<str>,
+        event_type: Option<EventType>,
         event_at: Option<i64>,
         position: Option<Position>,
         /// The cursor in the payload, again for the SSE event's `id`.
@@ -695,6 +696,7 @@ async fn serve_group(
         match &*batch {
             Batch::Next {
                 payload,
+                event_type,
                 event_at,
                 position,
                 cursor,
@@ -702,6 +704,7 @@ async fn serve_group(
             } => group.deliver(
                 payload,
                 Delivery {
+                    event_type: *event_type,
                     event_at: *event_at,
                     position: *position,
                     cursor: cursor.as_ref(),
@@ -723,6 +726,7 @@ impl Group {
     /// One result to every member: the frame is built once per (protocol, id).
     fn deliver(&self, payload: &Arc<str>, delivery: Delivery<'_>, metrics: &GatewayMetrics) {
         let Delivery {
+            event_type,
             event_at,
             position,
             cursor,
@@ -732,7 +736,12 @@ impl Group {
         let mut frames: Vec<(Protocol, &str, Bytes)> = Vec::with_capacity(2);
         let mut sent = 0u64;
         let mut withheld = 0u64;
-        let latency = metrics.delivery_latency.local();
+        // Resolved once per result, not per frame.
+        let label = [event_type.map_or("none", |t| t.as_str())];
+        let latency = metrics.delivery_latency.with_label_values(&label).local();
+        let published = metrics.publish_latency.with_label_values(&label).local();
+        // A Redis position is the append's millisecond; the in-memory bus's are counters (0 ms).
+        let published_at = position.filter(|p| p.ms > 0).map(|p| (p.ms * 1000) as i64);
         for member in members.values() {
             // Before the gate: a resuming member holds only what it may read, and the first
             // result it receives is the one that says `recovered`.
@@ -784,13 +793,20 @@ impl Group {
             };
             if member.link.push(&frame) {
                 sent += 1;
-                if let Some(at) = event_at {
+                if event_at.is_some() || published_at.is_some() {
                     let now = chrono::Utc::now().timestamp_micros();
-                    latency.observe((now - at).max(0) as f64 / 1e6);
+                    let seconds = |at: i64| (now - at).max(0) as f64 / 1e6;
+                    if let Some(at) = event_at {
+                        latency.observe(seconds(at));
+                    }
+                    if let Some(at) = published_at {
+                        published.observe(seconds(at));
+                    }
                 }
             }
         }
         latency.flush();
+        published.flush();
         metrics.messages_sent.inc_by(sent);
         if withheld > 0 {
             metrics.results_withheld.inc_by(withheld);
@@ -816,6 +832,7 @@ impl Group {
 
 /// What a group is told of one result besides its payload.
 struct Delivery<'a> {
+    event_type: Option<EventType>,
     /// Commit time of the event behind it (µs since the epoch).
     event_at: Option<i64>,
     position: Option<Position>,
@@ -863,6 +880,7 @@ async fn drive(
         execution
             .broadcast(Batch::Next {
                 payload,
+                event_type: mark.as_ref().map(|m| m.event_type),
                 event_at: mark.as_ref().map(|m| m.at),
                 readers: readers_of(mark.as_ref()),
                 cursor: mark.as_ref().map(|m| m.cursor.clone()),

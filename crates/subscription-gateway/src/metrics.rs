@@ -1,8 +1,13 @@
 //! The gateway's own metrics, registered on the service registry next to the HTTP ones.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
+
+/// Seconds, from a millisecond to ten: where a delivery's latency falls.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Clone)]
 pub struct GatewayMetrics {
@@ -17,7 +22,9 @@ pub struct GatewayMetrics {
     pub messages_sent: IntCounter,
     pub results_withheld: IntCounter,
     pub slow_consumers: IntCounter,
-    pub delivery_latency: Histogram,
+    pub delivery_latency: HistogramVec,
+    pub publish_latency: HistogramVec,
+    pub hub_lag: GaugeVec,
     pub redis_connected: IntGauge,
     pub replays: IntCounterVec,
     pub replay_entries_read: IntCounter,
@@ -98,14 +105,33 @@ impl GatewayMetrics {
                 "Connections closed because the client read too slowly (events dropped for it).",
             )
             .expect("valid metric"),
-            delivery_latency: Histogram::with_opts(
+            delivery_latency: HistogramVec::new(
                 HistogramOpts::new(
                     "gateway_delivery_latency_seconds",
-                    "From the envelope's `at` (commit) to the frame written to the client.",
+                    "From the event's commit (the envelope's `at`) to its frame written to the \
+                     client, by event type.",
                 )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ]),
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["type"],
+            )
+            .expect("valid metric"),
+            publish_latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "gateway_publish_latency_seconds",
+                    "From the event's append to its Redis log to its frame written to the client, \
+                     by event type (not observed on the in-memory bus).",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["type"],
+            )
+            .expect("valid metric"),
+            hub_lag: GaugeVec::new(
+                Opts::new(
+                    "gateway_hub_lag_seconds",
+                    "How long after its append to the Redis log the hub read the last event of \
+                     each log.",
+                ),
+                &["type"],
             )
             .expect("valid metric"),
             redis_connected: IntGauge::new(
@@ -143,6 +169,10 @@ impl GatewayMetrics {
             )
             .expect("valid metric"),
         };
+        // Known label values start at 0, so that a dashboard shows 0 rather than "no data".
+        for transport in ["graphql-sse", "multipart"] {
+            this.streams_open.with_label_values(&[transport]).set(0);
+        }
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(this.connections_open.clone()),
             Box::new(this.streams_open.clone()),
@@ -156,6 +186,8 @@ impl GatewayMetrics {
             Box::new(this.results_withheld.clone()),
             Box::new(this.slow_consumers.clone()),
             Box::new(this.delivery_latency.clone()),
+            Box::new(this.publish_latency.clone()),
+            Box::new(this.hub_lag.clone()),
             Box::new(this.redis_connected.clone()),
             Box::new(this.replays.clone()),
             Box::new(this.replay_entries_read.clone()),

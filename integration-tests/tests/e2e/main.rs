@@ -18,6 +18,8 @@ mod client;
 mod embedded;
 mod hardening;
 mod npm_clients;
+mod observability;
+mod readiness;
 mod reference;
 mod replay_bounds;
 mod replicas;

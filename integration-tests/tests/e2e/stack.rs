@@ -25,6 +25,7 @@ pub struct Stack {
     /// `http://127.0.0.1:<NGINX port>`, the only address the tests walk through.
     pub url: String,
     /// Each replica's own port, for reading its `/metrics` (observation only).
+    pub auth_port: u16,
     pub api_ports: Vec<u16>,
     pub gateway_ports: Vec<u16>,
     pub database_url: String,
@@ -138,6 +139,7 @@ impl Stack {
             .to_owned();
         Ok(Stack {
             url,
+            auth_port,
             api_ports: api_ports.to_vec(),
             gateway_ports: gateway_ports.to_vec(),
             database_url: db.url.clone(),

@@ -281,6 +281,14 @@ impl Hub {
             .events_received
             .with_label_values(&[event_type.as_str()])
             .inc();
+        if position.ms > 0 {
+            let lag_ms = chrono::Utc::now().timestamp_millis() - position.ms as i64;
+            inner
+                .metrics
+                .hub_lag
+                .with_label_values(&[event_type.as_str()])
+                .set(lag_ms.max(0) as f64 / 1e3);
+        }
         if !lock(&inner.recent).insert(&envelope.id) {
             inner.metrics.events_duplicate.inc();
             return;
@@ -292,6 +300,7 @@ impl Hub {
                 position,
             };
             topic.deliver(&Arc::new(LoggedEvent {
+                event_type,
                 position,
                 cursor: Arc::from(cursor.to_string()),
                 envelope,
@@ -395,10 +404,12 @@ impl Drop for TopicGuard {
     }
 }
 
-/// The event a subscription task is turning into a result: its commit time (`at`, µs since the
-/// epoch, for the delivery-latency histogram), its position, its cursor and who may read it.
+/// The event a subscription task is turning into a result: its type and commit time (`at`, µs
+/// since the epoch; for the delivery-latency histograms), its position, its cursor and who may
+/// read it.
 #[derive(Clone)]
 pub struct EventMark {
+    pub event_type: EventType,
     pub at: i64,
     pub position: Position,
     pub cursor: Arc<str>,
@@ -413,6 +424,7 @@ tokio::task_local! {
 fn mark(event: &LoggedEvent) {
     let _ = CURRENT_EVENT.try_with(|current| {
         current.set(Some(EventMark {
+            event_type: event.event_type,
             at: event.envelope.at.timestamp_micros(),
             position: event.position,
             cursor: event.cursor.clone(),

@@ -175,6 +175,7 @@ impl Hub {
             let keys = self.inner.registry.keys(event_type, &envelope.data);
             let readers = self.inner.registry.readers(event_type, &envelope.data);
             events.push(Arc::new(LoggedEvent {
+                event_type,
                 position,
                 cursor: Arc::from(cursor.to_string()),
                 envelope,

@@ -118,6 +118,7 @@ mod tests {
     fn event(position: u64, keys: Vec<Key>) -> Arc<LoggedEvent> {
         let data: AnyData = Arc::new(());
         Arc::new(LoggedEvent {
+            event_type: EventType::new("thing.updated"),
             position: Position {
                 ms: position,
                 seq: 0,
