@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let cli: Cli = parse_or_exit();
-    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log, "api-service") {
         err.exit();
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
@@ -24,6 +24,7 @@ async fn main() -> ExitCode {
             Ok(())
         }
     };
+    service_kit::telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => err.exit(),

@@ -19,6 +19,7 @@ use serde_json::{json, Value as Json};
 use service_kit::error::graphql_error_body;
 use service_kit::http::BodyLimits;
 use tokens::auth::TokenVerifier;
+use tracing::Instrument as _;
 
 /// What the handlers share; built once by [`crate::startup::Application::build`].
 pub struct ApiState {
@@ -445,7 +446,46 @@ async fn execute(
         _ => {}
     }
     let variables = request.variables();
-    match operation.execute(&variables, context).await {
+    let span = service_kit::telemetry::enabled().then(|| {
+        let kind = match operation.operation_type() {
+            OperationType::Mutation => "mutation",
+            _ => "query",
+        };
+        let name = request.operation_name.as_deref().unwrap_or("");
+        tracing::info_span!(
+            "GraphQL operation",
+            otel.name = %format!("{kind} {name}").trim_end(),
+            graphql.operation.type = kind,
+            graphql.operation.name = name,
+            graphql.outcome = tracing::field::Empty,
+        )
+    });
+    let executed = match &span {
+        Some(span) => {
+            operation
+                .execute(&variables, context)
+                .instrument(span.clone())
+                .await
+        }
+        None => operation.execute(&variables, context).await,
+    };
+    if let Some(span) = &span {
+        // The first error's code, or OK: what the operation came to, for a trace search.
+        let code = match &executed {
+            Ok((_, errors)) => errors.first().map(|error| {
+                serde_json::to_value(error)
+                    .ok()
+                    .and_then(|e| e["extensions"]["code"].as_str().map(str::to_owned))
+            }),
+            Err(_) => Some(Some("GRAPHQL_VALIDATION_FAILED".to_owned())),
+        };
+        let code = code.map(|code| code.unwrap_or_else(|| "INTERNAL_SERVER_ERROR".to_owned()));
+        span.record("graphql.outcome", code.as_deref().unwrap_or("OK"));
+        if let Some(code) = &code {
+            service_kit::telemetry::set_error(span, code);
+        }
+    }
+    match executed {
         Ok((data, errors)) => {
             let body = ExecutedBody {
                 data: &data,

@@ -10,7 +10,7 @@ use service_kit::config::parse_or_exit;
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log, "auth-service") {
         err.exit();
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
@@ -32,6 +32,7 @@ async fn main() -> ExitCode {
         }
         Command::GenerateKey { out } => generate_key(&out),
     };
+    service_kit::telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => err.exit(),

@@ -130,7 +130,16 @@ impl LoginGate {
 impl Admitted<'_> {
     /// Checks the password on one of the gate's threads, in turn.
     pub async fn verify(&self, stored_hash: String, password: String) -> bool {
-        self.gate.threads.verify(stored_hash, password).await
+        let check = self.gate.threads.verify(stored_hash, password);
+        if service_kit::telemetry::enabled() {
+            // argon2id's cost (and the wait for a check thread) in the login's trace.
+            use tracing::Instrument as _;
+            check
+                .instrument(tracing::info_span!("password check"))
+                .await
+        } else {
+            check.await
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use service_kit::config::parse_or_exit;
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log, "gqlws") {
         err.exit();
     }
     let result = match cli.command.unwrap_or(Command::Serve) {
@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         } => create_user(&cli.settings, &username, password_stdin, staff, update).await,
         Command::DeactivateUser { username } => deactivate_user(&cli.settings, &username).await,
     };
+    service_kit::telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => err.exit(),

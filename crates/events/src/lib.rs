@@ -171,6 +171,7 @@ fn decode_as<T: DeserializeOwned + Send + Sync + 'static>(
         event_type: envelope.event_type,
         at: envelope.at,
         data: Arc::new(envelope.data),
+        traceparent: envelope.traceparent,
     })
 }
 
@@ -277,6 +278,10 @@ pub struct Envelope<D> {
     pub at: DateTime<Utc>,
     /// The value after the change (for a deletion, as it was before).
     pub data: D,
+    /// The W3C trace context of the write, when it was traced: what a publish and each
+    /// delivery of the event link to. Absent otherwise (and from events written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl<D> Envelope<D> {
@@ -289,6 +294,7 @@ impl<D> Envelope<D> {
             // Microseconds, as serialized, so an envelope read back equals the one written.
             at: Utc::now().trunc_subsecs(6),
             data,
+            traceparent: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use actix_web::{web, HttpResponse};
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
+use tracing::Instrument as _;
 
 /// The registry and the request metrics every service has; services register their own metrics
 /// on [`Metrics::registry`].
@@ -83,7 +84,17 @@ pub async fn record(
     let started = Instant::now();
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let method = method_label(req.method());
-    let response = next.call(req).await?;
+    let span = crate::telemetry::enabled().then(|| request_span(&req, method));
+    let response = match &span {
+        Some(span) => next.call(req).instrument(span.clone()).await?,
+        None => next.call(req).await?,
+    };
+    if let Some(span) = &span {
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            crate::telemetry::set_error(span, response.status().as_str());
+        }
+    }
     if let Some(metrics) = metrics {
         let route = response
             .request()
@@ -100,6 +111,26 @@ pub async fn record(
             .observe(started.elapsed().as_secs_f64());
     }
     Ok(response)
+}
+
+/// A server span for one request, the child of the client's (or NGINX's) `traceparent`.
+fn request_span(req: &ServiceRequest, method: &'static str) -> tracing::Span {
+    // Named by the route pattern, never the raw path (a span's name is how traces are grouped);
+    // the name is fixed when the span starts.
+    let route = req.match_pattern();
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = %format!("{method} {}", route.as_deref().unwrap_or("unmatched")),
+        otel.kind = "server",
+        http.request.method = method,
+        url.path = req.path(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(parent) = header("traceparent") {
+        crate::telemetry::set_parent(&span, parent, header("tracestate"));
+    }
+    span
 }
 
 /// The `method` label: one of HTTP's own methods, else `other`. A method is any token a client

@@ -17,6 +17,8 @@ pub struct NewEvent {
     pub payload: String,
     /// The writer's lease: until then only the writer publishes it (right after commit).
     pub locked_until: Option<DateTime<Utc>>,
+    /// The write's trace context, when traced.
+    pub traceparent: Option<String>,
 }
 
 /// An unpublished event claimed by a relay.
@@ -30,6 +32,8 @@ pub struct PendingEvent {
     /// The lease this process holds on it; releasing is conditional on it, so a process whose
     /// lease ran out (or an operator's hold) is never overwritten.
     pub lease: Option<NaiveDateTime>,
+    /// The write's trace context, when traced: its publish links to it.
+    pub traceparent: Option<String>,
 }
 
 /// Inserts the row in the caller's transaction.
@@ -41,6 +45,7 @@ pub(crate) fn insert(conn: &mut AnyConnection, event: NewEvent) -> QueryResult<P
             event_outbox::event_type.eq(&event.event_type),
             event_outbox::payload.eq(&event.payload),
             event_outbox::locked_until.eq(lease),
+            event_outbox::traceparent.eq(&event.traceparent),
         ))
         .returning(event_outbox::id)
         .get_result(conn)?;
@@ -51,6 +56,7 @@ pub(crate) fn insert(conn: &mut AnyConnection, event: NewEvent) -> QueryResult<P
         payload: event.payload,
         attempts: 0,
         lease,
+        traceparent: event.traceparent,
     })
 }
 
@@ -62,6 +68,7 @@ pub async fn commit(pool: &DbPool, event_type: &str, payload: String) -> Result<
         event_type: event_type.to_owned(),
         payload,
         locked_until: None,
+        traceparent: None,
     };
     run(pool, move |conn| insert(conn, event).map(|_| ())).await
 }
@@ -140,6 +147,7 @@ pub async fn claim_due(
                 event_outbox::payload,
                 event_outbox::attempts,
                 event_outbox::locked_until,
+                event_outbox::traceparent,
             ))
             .get_result::<PendingEvent>(conn)
             .optional()?;

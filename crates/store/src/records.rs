@@ -189,7 +189,9 @@ fn draft<T: Registered>(
     value: &T,
     lease: chrono::Duration,
 ) -> QueryResult<NewEvent> {
-    let envelope = Envelope::new(event_type, value);
+    let mut envelope = Envelope::new(event_type, value);
+    // The transaction's span, entered by `transaction` when tracing is on.
+    envelope.traceparent = service_kit::telemetry::traceparent();
     let payload = serde_json::to_string(&envelope)
         .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
     Ok(NewEvent {
@@ -197,6 +199,7 @@ fn draft<T: Registered>(
         event_type: event_type.as_str().to_owned(),
         payload,
         locked_until: Some(outbox::lease_until(lease)),
+        traceparent: envelope.traceparent,
     })
 }
 
@@ -384,6 +387,9 @@ where
     F: FnOnce(&mut AnyConnection) -> QueryResult<Result<T, WriteError>> + Send + 'static,
 {
     run(pool, move |conn| {
+        let span = service_kit::telemetry::enabled()
+            .then(|| tracing::info_span!("db transaction", otel.kind = "client"));
+        let _entered = span.as_ref().map(tracing::Span::enter);
         let mut refusal = None;
         let outcome = super::write_transaction(conn, |conn| match work(conn)? {
             Ok(value) => Ok(Some(value)),

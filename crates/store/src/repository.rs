@@ -13,6 +13,7 @@ use events::EventBus;
 use futures_util::future::BoxFuture;
 use prometheus::{IntCounterVec, IntGauge};
 use service_kit::metrics::Metrics;
+use tracing::Instrument as _;
 
 use crate::outbox;
 use crate::records::{self, Table, Written};
@@ -150,8 +151,29 @@ impl Store {
             }
             return false;
         };
+        // A span of its own when traced, linked to the write's (the relay's is in no request).
+        let span = service_kit::telemetry::enabled().then(|| {
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = %format!("publish {}", event.event_type),
+                otel.kind = "producer",
+                path,
+            );
+            if let Some(traceparent) = &event.traceparent {
+                service_kit::telemetry::link(&span, traceparent);
+            }
+            span
+        });
         // By the name committed, known to this process or not: the relay drops nothing.
-        match bus.publish(&event.event_type, &event.payload).await {
+        let published = match &span {
+            Some(span) => {
+                bus.publish(&event.event_type, &event.payload)
+                    .instrument(span.clone())
+                    .await
+            }
+            None => bus.publish(&event.event_type, &event.payload).await,
+        };
+        match published {
             Ok(()) => {
                 self.published.with_label_values(&[path, "ok"]).inc();
                 if let Err(err) = outbox::delete(&self.pool, event.id).await {

@@ -32,6 +32,7 @@ diesel::table! {
         created_at -> Timestamp,
         locked_until -> Nullable<Timestamp>,
         attempts -> Int4,
+        traceparent -> Nullable<Varchar>,
     }
 }
 

@@ -877,16 +877,33 @@ async fn drive(
         let Some(execution) = execution.upgrade() else {
             return;
         };
-        execution
-            .broadcast(Batch::Next {
-                payload,
-                event_type: mark.as_ref().map(|m| m.event_type),
-                event_at: mark.as_ref().map(|m| m.at),
-                readers: readers_of(mark.as_ref()),
-                cursor: mark.as_ref().map(|m| m.cursor.clone()),
-                position: mark.map(|m| m.position),
-            })
-            .await;
+        // One span per event and execution (not per subscriber), linked to the write's trace.
+        let span = mark.as_ref().and_then(|m| {
+            let traceparent = m.traceparent.as_deref()?;
+            let span = tracing::info_span!(
+                "deliver",
+                otel.name = %format!("deliver {}", m.event_type.as_str()),
+                otel.kind = "consumer",
+                gqlws.cursor = &*m.cursor,
+            );
+            service_kit::telemetry::link(&span, traceparent);
+            Some(span)
+        });
+        let batch = Batch::Next {
+            payload,
+            event_type: mark.as_ref().map(|m| m.event_type),
+            event_at: mark.as_ref().map(|m| m.at),
+            readers: readers_of(mark.as_ref()),
+            cursor: mark.as_ref().map(|m| m.cursor.clone()),
+            position: mark.map(|m| m.position),
+        };
+        match span {
+            Some(span) => {
+                use tracing::Instrument as _;
+                execution.broadcast(batch).instrument(span).await;
+            }
+            None => execution.broadcast(batch).await,
+        }
     }
     let Some(execution) = execution.upgrade() else {
         return;

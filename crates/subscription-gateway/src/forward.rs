@@ -81,7 +81,16 @@ pub struct Operation {
 /// api-service that cannot answer is an `error` for this operation, and the socket stays open.
 pub async fn run(upstream: Upstream, link: Arc<Link>, operation: Operation) {
     let id_json = serde_json::to_string(&operation.id).unwrap_or_else(|_| "\"\"".into());
-    match execute(&upstream, &operation).await {
+    let answer = if service_kit::telemetry::enabled() {
+        // The forwarded request carries this span's context, so api-service's spans are its
+        // children.
+        use tracing::Instrument as _;
+        let span = tracing::info_span!("socket operation", otel.kind = "client");
+        execute(&upstream, &operation).instrument(span).await
+    } else {
+        execute(&upstream, &operation).await
+    };
+    match answer {
         Ok(Answer::Result(result)) => {
             let next = protocol::next_frame(operation.protocol, &id_json, &result, None);
             if link.push(&next) {
@@ -125,6 +134,9 @@ async fn execute(upstream: &Upstream, operation: &Operation) -> Result<Answer, S
             .insert_header(("X-Forwarded-For", operation.client.to_string()));
         if let Some(key) = &upstream.forwarding_key {
             request = request.insert_header((service_kit::http::FORWARDED_BY_HEADER, &**key));
+        }
+        if let Some(traceparent) = service_kit::telemetry::traceparent() {
+            request = request.insert_header(("traceparent", traceparent));
         }
         request.send_json(&operation.request)
     });

@@ -7,14 +7,16 @@ use subscription_gateway::startup::Application;
 #[actix_web::main]
 async fn main() -> ExitCode {
     let cli: Cli = parse_or_exit();
-    if let Err(err) = service_kit::telemetry::init(&cli.settings.log) {
+    if let Err(err) = service_kit::telemetry::init(&cli.settings.log, "subscription-gateway") {
         err.exit();
     }
     let app = match Application::build(cli.settings).await {
         Ok(app) => app,
         Err(err) => return err.exit(),
     };
-    match app.run_until_stopped(service_kit::shutdown::signal()).await {
+    let result = app.run_until_stopped(service_kit::shutdown::signal()).await;
+    service_kit::telemetry::shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

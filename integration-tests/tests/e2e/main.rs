@@ -28,4 +28,5 @@ mod second_probe;
 mod socket_operations;
 mod stack;
 mod streamed;
+mod traces;
 mod visibility;

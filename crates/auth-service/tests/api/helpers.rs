@@ -55,7 +55,7 @@ impl TestApp {
         args.extend(extra.iter().map(|s| s.to_string()));
         let settings = settings_from(&args);
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = service_kit::telemetry::init(&settings.log);
+            let _ = service_kit::telemetry::init(&settings.log, "test");
         }
         let pool = store::pool(&settings.database);
         let app = Application::build(settings).await.unwrap();

@@ -38,7 +38,7 @@ impl TestApp {
         ])
         .unwrap();
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = service_kit::telemetry::init(&cli.settings.log);
+            let _ = service_kit::telemetry::init(&cli.settings.log, "test");
         }
         let app = Application::build(&cli.settings).await.unwrap();
         let port = app.port();

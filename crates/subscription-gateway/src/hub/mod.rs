@@ -410,6 +410,8 @@ impl Drop for TopicGuard {
 #[derive(Clone)]
 pub struct EventMark {
     pub event_type: EventType,
+    /// The write's trace context, when it was traced and this process traces.
+    pub traceparent: Option<String>,
     pub at: i64,
     pub position: Position,
     pub cursor: Arc<str>,
@@ -425,6 +427,9 @@ fn mark(event: &LoggedEvent) {
     let _ = CURRENT_EVENT.try_with(|current| {
         current.set(Some(EventMark {
             event_type: event.event_type,
+            traceparent: service_kit::telemetry::enabled()
+                .then(|| event.envelope.traceparent.clone())
+                .flatten(),
             at: event.envelope.at.timestamp_micros(),
             position: event.position,
             cursor: event.cursor.clone(),

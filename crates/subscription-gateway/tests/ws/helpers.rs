@@ -49,7 +49,7 @@ impl TestGateway {
         args.extend(extra.iter().map(|s| s.to_string()));
         let settings = Cli::try_parse_from(&args).unwrap().settings;
         if std::env::var("TEST_LOG").is_ok() {
-            let _ = service_kit::telemetry::init(&settings.log);
+            let _ = service_kit::telemetry::init(&settings.log, "test");
         }
         let redis = service_kit::redis::pool(&settings.redis).unwrap();
         let app = Application::build(settings).await.unwrap();
