@@ -53,6 +53,10 @@ pub(crate) struct SubscribeArgs {
     /// who may read them are expected to receive them.
     #[arg(long, default_value_t = false)]
     pub(super) private: bool,
+    /// Each event's envelope carries a W3C `traceparent`, as a traced write's does, so that a
+    /// gateway with tracing on makes its delivery spans (the cost of tracing).
+    #[arg(long, default_value_t = false)]
+    pub(super) traced: bool,
     /// Each subscriber is the owner of the car it watches: its token is minted for that car's
     /// owner (one user per key), whom the published cars name.
     #[arg(long, default_value_t = false)]

@@ -67,6 +67,8 @@ struct Shared {
     /// `--private` and `--owners`: how the published cars say who may read them.
     private: bool,
     owners: bool,
+    /// `--traced`.
+    traced: bool,
     /// Publish time per event (warm-up events first); 0 until published.
     published_ns: Vec<AtomicU64>,
     /// Deliveries per event so far.
@@ -124,6 +126,7 @@ pub(crate) fn run(args: &SubscribeArgs) -> Result<(), String> {
         run: format!("lg{:x}", started_nanos() & 0xff_ffff),
         private: args.private,
         owners: args.owners,
+        traced: args.traced,
         published_ns: (0..total_events).map(|_| AtomicU64::new(0)).collect(),
         delivered: (0..total_events).map(|_| AtomicU32::new(0)).collect(),
         live_by_pk: args.pks.iter().map(|_| AtomicU64::new(0)).collect(),

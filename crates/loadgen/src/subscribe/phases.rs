@@ -209,7 +209,7 @@ async fn publish_pipelined(
     let retention = events::Retention::default();
     let mut pipe = deadpool_redis::redis::pipe();
     for (index, pk) in batch {
-        let envelope = Envelope::new(Car::EVENTS.updated, car(shared, *index, *pk));
+        let envelope = envelope(shared, *index, *pk);
         let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
         pipe.cmd("XADD")
             .arg(&key)
@@ -228,6 +228,19 @@ async fn publish_pipelined(
     service_kit::redis::query::<()>(pool, &pipe)
         .await
         .map_err(|err| crate::truncate(&err.to_string()))
+}
+
+/// Event `index`'s envelope, with a trace context of its own under `--traced`.
+fn envelope(shared: &Shared, index: usize, pk: i64) -> Envelope<Car> {
+    let mut envelope = Envelope::new(Car::EVENTS.updated, car(shared, index, pk));
+    if shared.traced {
+        // The run's tag and the event's number: a distinct, valid (non-zero) id per event.
+        let run =
+            u64::from_str_radix(shared.run.trim_start_matches("lg"), 16).unwrap_or(0) | 1 << 40;
+        let id = index as u64 + 1;
+        envelope.traceparent = Some(format!("00-{run:016x}{id:016x}-{id:016x}-01"));
+    }
+    envelope
 }
 
 /// The car of event `index`: its make names the run and the event, so that each delivery is
@@ -251,7 +264,7 @@ fn car(shared: &Shared, index: usize, pk: i64) -> Car {
 /// Publishes event `index` for car `pk`, as api-service's write path does; the publish time is
 /// taken just before the `XADD`, so it is set before any delivery can arrive.
 async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
-    let envelope = Envelope::new(Car::EVENTS.updated, car(shared, index, pk));
+    let envelope = envelope(shared, index, pk);
     let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
     shared.published_ns[index].store(shared.now_ns().max(1), Ordering::Relaxed);
     bus.publish(Car::EVENTS.updated.as_str(), &payload)
