@@ -5,6 +5,7 @@ the tracing-cost benchmark (scripts/bench/tracing-cost). Answers 200 to POST /v1
     scripts/bench/otlp-sink.py PORT
 """
 import http.server
+import signal
 import sys
 
 
@@ -26,6 +27,7 @@ class Sink(http.server.BaseHTTPRequestHandler):
         pass
 
 
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink)
 try:
     server.serve_forever()

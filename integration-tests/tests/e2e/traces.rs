@@ -183,6 +183,13 @@ async fn a_mutations_trace_holds_its_write_and_links_its_deliveries() {
         let span = in_trace.iter().find(|s| s.name == child).unwrap();
         assert_eq!(span.parent_span_id, operation.span_id, "{child}");
     }
+    for process in [
+        "auth-service:auth-service-0",
+        "api-service:api-service-0",
+        "subscription-gateway:subscription-gateway-0",
+    ] {
+        assert_eq!(exporter_threads(stack.pid_of(process)), 1, "{process}");
+    }
     // The gateway's delivery: in a trace of its own, linked to the mutation's.
     assert_eq!(
         deliveries.len(),
@@ -192,6 +199,33 @@ async fn a_mutations_trace_holds_its_write_and_links_its_deliveries() {
     assert_eq!(deliveries[0].service, "subscription-gateway");
     assert_eq!(deliveries[0].name, "deliver car.updated");
     assert_ne!(deliveries[0].trace_id, trace_id);
+}
+
+/// Threads of the process named like the SDK's batch exporter ("OpenTelemetry.Traces.BatchProcessor",
+/// which the kernel shortens to 15 characters).
+fn exporter_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|name| name.starts_with("OpenTelemetry"))
+        })
+        .count()
+}
+
+/// With no receiver named (the shared stack), no exporter runs in any service; with one, each
+/// service has its exporter thread.
+#[actix_web::test]
+async fn without_a_receiver_no_exporter_runs() {
+    let shared = Stack::shared();
+    for process in [
+        "auth-service:auth-service-0",
+        "api-service:api-service-0",
+        "subscription-gateway:subscription-gateway-0",
+    ] {
+        assert_eq!(exporter_threads(shared.pid_of(process)), 0, "{process}");
+    }
 }
 
 fn rand_u128() -> u128 {
