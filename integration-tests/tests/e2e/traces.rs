@@ -2,7 +2,9 @@
 //! with the official protobuf definitions): a mutation sent through NGINX with a `traceparent`
 //! yields, in the client's trace, api-service's request and GraphQL operation, the database
 //! transaction and the publish of the event; the gateway's delivery of that event to its
-//! subscriber is a span linked to that trace (one per event and execution, not per socket).
+//! subscriber is a span linked to that trace (one per event and execution, not per socket). A
+//! query sent on the socket is forwarded with the gateway's context: api-service's request is a
+//! child of the gateway's span.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -199,6 +201,34 @@ async fn a_mutations_trace_holds_its_write_and_links_its_deliveries() {
     assert_eq!(deliveries[0].service, "subscription-gateway");
     assert_eq!(deliveries[0].name, "deliver car.updated");
     assert_ne!(deliveries[0].trace_id, trace_id);
+
+    // A query sent on the socket: the gateway's span, and api-service's request as its child.
+    subscriber.subscribe("2", "query OnTheSocket { hi }").await;
+    let answer = subscriber.expect_json().await;
+    assert_eq!(answer["payload"]["data"]["hi"], "Hi!", "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (forwarded, served) = loop {
+        let received = spans.lock().unwrap().clone();
+        let forwarded = received
+            .iter()
+            .find(|s| s.service == "subscription-gateway" && s.name == "socket operation")
+            .cloned();
+        let served = forwarded.as_ref().and_then(|f| {
+            received
+                .iter()
+                .find(|s| s.service == "api-service" && s.parent_span_id == f.span_id)
+                .cloned()
+        });
+        if served.is_some() || Instant::now() > deadline {
+            break (forwarded, served);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let forwarded = forwarded.expect("the gateway's span of the socket operation");
+    let served = served.expect("api-service's request, a child of the gateway's span");
+    assert_eq!(served.trace_id, forwarded.trace_id);
+    // The gateway forwards to /graphql, a route of its own beside /graphql/.
+    assert!(served.name.starts_with("POST /graphql"), "{served:?}");
 }
 
 /// Threads of the process named like the SDK's batch exporter ("OpenTelemetry.Traces.BatchProcessor",
