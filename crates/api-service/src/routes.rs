@@ -446,7 +446,7 @@ async fn execute(
         _ => {}
     }
     let variables = request.variables();
-    let span = service_kit::telemetry::enabled().then(|| {
+    let span = service_kit::telemetry::span(|| {
         let kind = match operation.operation_type() {
             OperationType::Mutation => "mutation",
             _ => "query",
@@ -460,29 +460,24 @@ async fn execute(
             graphql.outcome = tracing::field::Empty,
         )
     });
-    let executed = match &span {
-        Some(span) => {
-            operation
-                .execute(&variables, context)
-                .instrument(span.clone())
-                .await
-        }
-        None => operation.execute(&variables, context).await,
-    };
-    if let Some(span) = &span {
+    let executed = operation
+        .execute(&variables, context)
+        .instrument(span.clone())
+        .await;
+    if !span.is_none() {
         // The first error's code, or OK: what the operation came to, for a trace search.
         let code = match &executed {
             Ok((_, errors)) => errors.first().map(|error| {
                 serde_json::to_value(error)
                     .ok()
                     .and_then(|e| e["extensions"]["code"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "INTERNAL_SERVER_ERROR".to_owned())
             }),
-            Err(_) => Some(Some("GRAPHQL_VALIDATION_FAILED".to_owned())),
+            Err(_) => Some("GRAPHQL_VALIDATION_FAILED".to_owned()),
         };
-        let code = code.map(|code| code.unwrap_or_else(|| "INTERNAL_SERVER_ERROR".to_owned()));
         span.record("graphql.outcome", code.as_deref().unwrap_or("OK"));
         if let Some(code) = &code {
-            service_kit::telemetry::set_error(span, code);
+            service_kit::telemetry::set_error(&span, code);
         }
     }
     match executed {

@@ -130,16 +130,14 @@ impl LoginGate {
 impl Admitted<'_> {
     /// Checks the password on one of the gate's threads, in turn.
     pub async fn verify(&self, stored_hash: String, password: String) -> bool {
-        let check = self.gate.threads.verify(stored_hash, password);
-        if service_kit::telemetry::enabled() {
-            // argon2id's cost (and the wait for a check thread) in the login's trace.
-            use tracing::Instrument as _;
-            check
-                .instrument(tracing::info_span!("password check"))
-                .await
-        } else {
-            check.await
-        }
+        use tracing::Instrument as _;
+        // argon2id's cost (and the wait for a check thread) in the login's trace.
+        let span = service_kit::telemetry::span(|| tracing::info_span!("password check"));
+        self.gate
+            .threads
+            .verify(stored_hash, password)
+            .instrument(span)
+            .await
     }
 }
 

@@ -220,8 +220,9 @@ impl Query {
         #[graphql(default = 20)] first: i32,
         after: Option<ID>,
     ) -> FieldResult<ServiceVisitPage> {
-        let page = page::<ServiceVisit>(context, Some(&car_pk), first, after).await?;
-        Ok(ServiceVisitPage(page))
+        page(context, Some(&car_pk), first, after)
+            .await
+            .map(ServiceVisitPage)
     }
 }
 
@@ -256,8 +257,9 @@ impl Mutation {
         car_pk: ID,
         input: ServiceVisitInput,
     ) -> FieldResult<ServiceVisitObject> {
-        let visit = create(context, Some(&car_pk), || input.validate()).await;
-        visit.map(ServiceVisitObject)
+        create(context, Some(&car_pk), || input.validate())
+            .await
+            .map(ServiceVisitObject)
     }
 
     /// Changes a service visit; only its car's owner or staff may.
@@ -266,9 +268,9 @@ impl Mutation {
         pk: ID,
         input: ServiceVisitPatch,
     ) -> FieldResult<ServiceVisitObject> {
-        Ok(ServiceVisitObject(
-            update(context, &pk, || input.validate()).await?,
-        ))
+        update(context, &pk, || input.validate())
+            .await
+            .map(ServiceVisitObject)
     }
 
     /// Deletes a service visit (only its car's owner or staff may) and returns it as it was.

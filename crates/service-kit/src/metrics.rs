@@ -84,16 +84,11 @@ pub async fn record(
     let started = Instant::now();
     let metrics = req.app_data::<web::Data<Metrics>>().cloned();
     let method = method_label(req.method());
-    let span = crate::telemetry::enabled().then(|| request_span(&req, method));
-    let response = match &span {
-        Some(span) => next.call(req).instrument(span.clone()).await?,
-        None => next.call(req).await?,
-    };
-    if let Some(span) = &span {
-        span.record("http.response.status_code", response.status().as_u16());
-        if response.status().is_server_error() {
-            crate::telemetry::set_error(span, response.status().as_str());
-        }
+    let span = crate::telemetry::span(|| request_span(&req, method));
+    let response = next.call(req).instrument(span.clone()).await?;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        crate::telemetry::set_error(&span, response.status().as_str());
     }
     if let Some(metrics) = metrics {
         let route = response

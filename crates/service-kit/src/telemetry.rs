@@ -97,6 +97,16 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+/// The span `make` builds when traces are exported, else a disabled one (which instruments a
+/// future and records fields for nothing): hot paths build their spans only when it counts.
+pub fn span(make: impl FnOnce() -> tracing::Span) -> tracing::Span {
+    if enabled() {
+        make()
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// Sends what is buffered; at the end of `main`.
 pub fn shutdown() {
     if let Some(provider) = PROVIDER.get() {
@@ -121,14 +131,19 @@ pub fn traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// The context a `traceparent` names (and its `tracestate`), as a parent for `span`.
-pub fn set_parent(span: &tracing::Span, traceparent: &str, tracestate: Option<&str>) {
+/// The context a `traceparent` (and its `tracestate`) names, if it names a valid one.
+fn extract(traceparent: &str, tracestate: Option<&str>) -> Option<opentelemetry::Context> {
     let mut carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
     if let Some(state) = tracestate {
         carrier.insert("tracestate".to_owned(), state.to_owned());
     }
     let context = TraceContextPropagator::new().extract(&carrier);
-    if context.span().span_context().is_valid() {
+    context.span().span_context().is_valid().then_some(context)
+}
+
+/// The context a `traceparent` names (and its `tracestate`), as a parent for `span`.
+pub fn set_parent(span: &tracing::Span, traceparent: &str, tracestate: Option<&str>) {
+    if let Some(context) = extract(traceparent, tracestate) {
         let _ = span.set_parent(context);
     }
 }
@@ -136,11 +151,8 @@ pub fn set_parent(span: &tracing::Span, traceparent: &str, tracestate: Option<&s
 /// Links `span` to the context a `traceparent` names: a publish or a delivery to the write
 /// that caused it, without making the write's trace hold every delivery.
 pub fn link(span: &tracing::Span, traceparent: &str) {
-    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
-    let context = TraceContextPropagator::new().extract(&carrier);
-    let linked = context.span().span_context().clone();
-    if linked.is_valid() {
-        span.add_link(linked);
+    if let Some(context) = extract(traceparent, None) {
+        span.add_link(context.span().span_context().clone());
     }
 }
 

@@ -269,11 +269,11 @@ where
 {
     let pool = pool.clone();
     // The caller's span, for what the work traces (a transaction's span is its child).
-    let span = service_kit::telemetry::enabled().then(tracing::Span::current);
+    let span = service_kit::telemetry::span(tracing::Span::current);
     // The blocking pool is bounded (`service_kit::http::ServerOptions::blocking_threads`): past its
     // size, calls wait in its queue, not in threads of their own.
     tokio::task::spawn_blocking(move || {
-        let _entered = span.as_ref().map(tracing::Span::enter);
+        let _entered = span.enter();
         let mut conn = checkout(&pool)?;
         match work(&mut conn) {
             Ok(value) => Ok(value),

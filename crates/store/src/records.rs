@@ -387,9 +387,10 @@ where
     F: FnOnce(&mut AnyConnection) -> QueryResult<Result<T, WriteError>> + Send + 'static,
 {
     run(pool, move |conn| {
-        let span = service_kit::telemetry::enabled()
-            .then(|| tracing::info_span!("db transaction", otel.kind = "client"));
-        let _entered = span.as_ref().map(tracing::Span::enter);
+        let span = service_kit::telemetry::span(|| {
+            tracing::info_span!("db transaction", otel.kind = "client")
+        });
+        let _entered = span.enter();
         let mut refusal = None;
         let outcome = super::write_transaction(conn, |conn| match work(conn)? {
             Ok(value) => Ok(Some(value)),

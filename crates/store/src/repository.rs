@@ -152,7 +152,7 @@ impl Store {
             return false;
         };
         // A span of its own when traced, linked to the write's (the relay's is in no request).
-        let span = service_kit::telemetry::enabled().then(|| {
+        let span = service_kit::telemetry::span(|| {
             let span = tracing::info_span!(
                 "publish",
                 otel.name = %format!("publish {}", event.event_type),
@@ -165,14 +165,10 @@ impl Store {
             span
         });
         // By the name committed, known to this process or not: the relay drops nothing.
-        let published = match &span {
-            Some(span) => {
-                bus.publish(&event.event_type, &event.payload)
-                    .instrument(span.clone())
-                    .await
-            }
-            None => bus.publish(&event.event_type, &event.payload).await,
-        };
+        let published = bus
+            .publish(&event.event_type, &event.payload)
+            .instrument(span)
+            .await;
         match published {
             Ok(()) => {
                 self.published.with_label_values(&[path, "ok"]).inc();

@@ -5,35 +5,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+mod common;
 
 use domain::{
     Actor, Car, CarChanges, NewCar, NewServiceVisit, ServiceVisit, ServiceVisitChanges, WriteError,
 };
 use store::records;
-use store::users::{self, NewUser};
 use store::DbPool;
 
 const LEASE: chrono::Duration = chrono::Duration::seconds(10);
-
-fn pool(url: &str) -> DbPool {
-    store::migrate(url, Duration::from_secs(10)).unwrap();
-    store::pool(&service_kit::config::DatabaseArgs {
-        database_url: url.to_owned(),
-        database_pool_size: 2,
-        database_timeout_secs: 5,
-    })
-}
-
-async fn user(pool: &DbPool, name: &str, is_staff: bool) -> i64 {
-    let new = NewUser {
-        username: name.to_owned(),
-        password_hash: "unused".into(),
-        is_active: true,
-        is_staff,
-    };
-    users::create(pool, new).await.unwrap().unwrap().id
-}
 
 async fn car(pool: &DbPool, owner: i64, private: bool) -> Car {
     let new = NewCar {
@@ -92,9 +72,9 @@ async fn outbox(pool: &DbPool) -> Vec<(String, serde_json::Value)> {
 }
 
 async fn check(pool: &DbPool) {
-    let alice = user(pool, "alice", false).await;
-    let bob = user(pool, "bob", false).await;
-    let staff = user(pool, "root", true).await;
+    let alice = common::user(pool, "alice", false, true).await;
+    let bob = common::user(pool, "bob", false, true).await;
+    let staff = common::user(pool, "root", true, true).await;
     let public = car(pool, alice, false).await;
     let private = car(pool, alice, true).await;
     let other = car(pool, bob, false).await;
@@ -281,18 +261,11 @@ async fn check(pool: &DbPool) {
 #[tokio::test]
 async fn a_child_follows_its_parent_on_postgres() {
     let db = test_support::TestDb::new();
-    check(&pool(&db.url)).await;
+    check(&common::pool(&db.url)).await;
 }
 
 #[tokio::test]
 async fn a_child_follows_its_parent_on_sqlite() {
-    let dir =
-        std::env::temp_dir().join(format!("gqlws-children-{}", test_support::random_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    check(&pool(&format!(
-        "sqlite://{}",
-        dir.join("db.sqlite").display()
-    )))
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let file = common::SqliteFile::new("children");
+    check(&common::pool(&file.url)).await;
 }

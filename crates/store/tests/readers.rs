@@ -5,37 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+mod common;
 
 use domain::{Actor, Car, CarChanges, NewCar, Registered as _, Viewer, WriteError};
 use store::records::{self, Table};
-use store::users::{self, NewUser};
 use store::DbPool;
-
-fn pool(url: &str) -> DbPool {
-    store::migrate(url, Duration::from_secs(10)).unwrap();
-    store::pool(&service_kit::config::DatabaseArgs {
-        database_url: url.to_owned(),
-        database_pool_size: 2,
-        database_timeout_secs: 5,
-    })
-}
-
-async fn user(pool: &DbPool, name: &str, is_staff: bool, is_active: bool) -> i64 {
-    users::create(
-        pool,
-        NewUser {
-            username: name.to_owned(),
-            password_hash: "unused".into(),
-            is_active,
-            is_staff,
-        },
-    )
-    .await
-    .unwrap()
-    .unwrap()
-    .id
-}
 
 async fn insert(pool: &DbPool, owner: i64, make: &str, private: bool) -> i64 {
     let make = make.to_owned();
@@ -58,10 +32,10 @@ async fn insert(pool: &DbPool, owner: i64, make: &str, private: bool) -> i64 {
 }
 
 async fn check(pool: &DbPool) {
-    let alice = user(pool, "alice", false, true).await;
-    let bob = user(pool, "bob", false, true).await;
-    let staff = user(pool, "root", true, true).await;
-    let gone = user(pool, "gone", false, false).await;
+    let alice = common::user(pool, "alice", false, true).await;
+    let bob = common::user(pool, "bob", false, true).await;
+    let staff = common::user(pool, "root", true, true).await;
+    let gone = common::user(pool, "gone", false, false).await;
     let mut ids = Vec::new();
     for (owner, private) in [
         (alice, false),
@@ -195,17 +169,11 @@ async fn check(pool: &DbPool) {
 #[tokio::test]
 async fn lists_and_finds_follow_the_read_rule_on_postgres() {
     let db = test_support::TestDb::new();
-    check(&pool(&db.url)).await;
+    check(&common::pool(&db.url)).await;
 }
 
 #[tokio::test]
 async fn lists_and_finds_follow_the_read_rule_on_sqlite() {
-    let dir = std::env::temp_dir().join(format!("gqlws-readers-{}", test_support::random_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    check(&pool(&format!(
-        "sqlite://{}",
-        dir.join("db.sqlite").display()
-    )))
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
+    let file = common::SqliteFile::new("readers");
+    check(&common::pool(&file.url)).await;
 }

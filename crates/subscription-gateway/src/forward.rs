@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::protocol::{self, Protocol};
 use crate::socket::Link;
@@ -81,16 +82,12 @@ pub struct Operation {
 /// api-service that cannot answer is an `error` for this operation, and the socket stays open.
 pub async fn run(upstream: Upstream, link: Arc<Link>, operation: Operation) {
     let id_json = serde_json::to_string(&operation.id).unwrap_or_else(|_| "\"\"".into());
-    let answer = if service_kit::telemetry::enabled() {
-        // The forwarded request carries this span's context, so api-service's spans are its
-        // children.
-        use tracing::Instrument as _;
-        let span = tracing::info_span!("socket operation", otel.kind = "client");
-        execute(&upstream, &operation).instrument(span).await
-    } else {
-        execute(&upstream, &operation).await
-    };
-    match answer {
+    // The forwarded request carries this span's context, so api-service's spans are its
+    // children.
+    let span = service_kit::telemetry::span(|| {
+        tracing::info_span!("socket operation", otel.kind = "client")
+    });
+    match execute(&upstream, &operation).instrument(span).await {
         Ok(Answer::Result(result)) => {
             let next = protocol::next_frame(operation.protocol, &id_json, &result, None);
             if link.push(&next) {

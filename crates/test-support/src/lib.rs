@@ -65,6 +65,19 @@ pub fn random_suffix() -> String {
     format!("{n:016x}")
 }
 
+/// `text` percent-encoded for a URL's query string (everything but RFC 3986's unreserved
+/// characters).
+pub fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A port that was free a moment ago (for processes that must be told a port up front).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

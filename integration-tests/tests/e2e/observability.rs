@@ -46,11 +46,7 @@ impl Prometheus {
             .replace("evaluation_interval: 15s", "evaluation_interval: 1s");
         std::fs::write(dir.join("native.yml"), config).unwrap();
         std::fs::copy(shipped.join("alerts.yml"), dir.join("alerts.yml")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = test_support::free_port();
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
         let child = Command::new("prometheus")
             .arg(format!(
@@ -75,7 +71,11 @@ impl Prometheus {
 
     /// The result of an instant query (`data.result`); `Err` with Prometheus's answer.
     async fn query(&self, expr: &str) -> Result<Vec<Value>, String> {
-        let url = format!("{}/api/v1/query?query={}", self.url, encode(expr));
+        let url = format!(
+            "{}/api/v1/query?query={}",
+            self.url,
+            test_support::urlencode(expr)
+        );
         let mut response = http()
             .get(url)
             .send()
@@ -106,17 +106,6 @@ impl Prometheus {
             }
         }
     }
-}
-
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Every query of the dashboard's panels.

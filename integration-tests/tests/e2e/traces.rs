@@ -106,7 +106,11 @@ async fn a_mutations_trace_holds_its_write_and_links_its_deliveries() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The client's own trace: a random trace id, its span as the parent.
-    let trace_id = format!("{:032x}", rand_u128());
+    let trace_id = format!(
+        "{}{}",
+        test_support::random_suffix(),
+        test_support::random_suffix()
+    );
     let client_span = "00f067aa0ba902b7";
     let mut response = http()
         .post(format!("{}/graphql/", stack.url))
@@ -256,14 +260,4 @@ async fn without_a_receiver_no_exporter_runs() {
     ] {
         assert_eq!(exporter_threads(shared.pid_of(process)), 0, "{process}");
     }
-}
-
-fn rand_u128() -> u128 {
-    use std::hash::{BuildHasher as _, Hasher as _};
-    let state = std::collections::hash_map::RandomState::new();
-    let mut high = state.build_hasher();
-    high.write_u64(1);
-    let mut low = state.build_hasher();
-    low.write_u64(2);
-    (u128::from(high.finish()) << 64) | u128::from(low.finish()) | 1
 }

@@ -4,18 +4,9 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{error_of, TestApp};
+use test_support::urlencode;
 
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
+use crate::helpers::{error_of, TestApp};
 
 #[actix_web::test]
 async fn get_runs_queries_but_not_mutations() {
@@ -29,8 +20,8 @@ async fn get_runs_queries_but_not_mutations() {
 
     let path = format!(
         "/graphql?query={}&variables={}",
-        encode("query($pk: ID!) { car(pk: $pk) { make } }"),
-        encode(r#"{"pk": 1}"#)
+        urlencode("query($pk: ID!) { car(pk: $pk) { make } }"),
+        urlencode(r#"{"pk": 1}"#)
     );
     let (status, _, body) = app.get(&path, &auth).await;
     assert_eq!(status, 200);
@@ -42,7 +33,7 @@ async fn get_runs_queries_but_not_mutations() {
     // Fields come in the order the query asked for them, not sorted.
     let path = format!(
         "/graphql?query={}",
-        encode("{ hi car(pk: 1) { year make } }")
+        urlencode("{ hi car(pk: 1) { year make } }")
     );
     let (_, _, body) = app.get(&path, &auth).await;
     assert_eq!(
@@ -52,7 +43,7 @@ async fn get_runs_queries_but_not_mutations() {
 
     let path = format!(
         "/graphql/?query={}",
-        encode("mutation { deleteCar(pk: 1) { id } }")
+        urlencode("mutation { deleteCar(pk: 1) { id } }")
     );
     let (status, _, body) = app.get(&path, &auth).await;
     assert_eq!(status, 405);

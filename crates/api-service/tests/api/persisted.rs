@@ -7,6 +7,8 @@
 use graphql_schema::persisted::sha256_hex;
 use serde_json::{json, Value};
 
+use test_support::urlencode;
+
 use crate::helpers::TestApp;
 
 fn persisted(query: &str) -> Value {
@@ -90,17 +92,6 @@ async fn automatic_persisted_queries_round_trip_through_redis() {
         .await;
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("Hi!"), "{text}");
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[actix_web::test]
