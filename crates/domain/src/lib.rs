@@ -261,6 +261,7 @@ macro_rules! register {
                 kinds.extend(<$record as Record>::EVENTS.all().map(|event_type| {
                     EventKind::of::<$record>(event_type, readers_of::<$record>)
                         .routed_by(keys_of::<$record>)
+                        .with_state(event_type == <$record as Record>::EVENTS.updated)
                 }));
             )+
             Registry::new(kinds)
@@ -361,6 +362,20 @@ mod tests {
         for event_type in Car::EVENTS.all() {
             assert_eq!(registry.keys(event_type, &data), [Key::id(7)]);
         }
+    }
+
+    /// Only a record's own `updated` events, to a subscription keyed by its id, supersede one
+    /// another: a visit's update does not supersede another visit's of the same car.
+    #[test]
+    fn only_updates_of_one_record_supersede_each_other() {
+        let registry = super::registry().expect("valid");
+        for events in [Car::EVENTS, ServiceVisit::EVENTS] {
+            assert!(registry.supersedes(events.updated, Some(Key::id(7))));
+            assert!(!registry.supersedes(events.updated, None));
+            assert!(!registry.supersedes(events.created, Some(Key::id(7))));
+            assert!(!registry.supersedes(events.deleted, Some(Key::id(7))));
+        }
+        assert!(!registry.supersedes(ServiceVisit::EVENTS.updated, Some(Key::new("car", 7))));
     }
 
     /// A child's events are routed by its parent too, and read by whom its parent is read by.

@@ -136,6 +136,9 @@ pub struct EventKind {
     decode: fn(&[u8]) -> Result<Envelope<AnyData>, serde_json::Error>,
     keys: fn(&AnyData) -> Vec<Key>,
     readers: fn(&AnyData) -> Readers,
+    /// Each event carries its record's whole state after the write, so for one record a newer
+    /// event supersedes an older one ([`Registry::supersedes`]).
+    state: bool,
 }
 
 impl EventKind {
@@ -151,7 +154,18 @@ impl EventKind {
             decode: decode_as::<T>,
             keys: |_| Vec::new(),
             readers,
+            state: false,
         }
+    }
+
+    /// Declares that each event carries its record's whole state after the write (an
+    /// `updated`): for one record, the newest event tells a subscriber all the older ones did.
+    /// A gateway past capacity may then deliver only the newest of a record's events to a
+    /// subscription keyed by the record's id, saying how many it skipped; `created` and
+    /// `deleted` events are never skipped.
+    pub fn with_state(mut self, state: bool) -> Self {
+        self.state = state;
+        self
     }
 
     /// The keys of a decoded event's data (the domain's `Record::keys`, through a downcast).
@@ -241,6 +255,15 @@ impl Registry {
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+
+    /// Whether, to a subscription keyed by `key`, a newer event of `event_type` supersedes an
+    /// older one: a state event ([`EventKind::with_state`]) of one record, keyed by its `id`.
+    pub fn supersedes(&self, event_type: EventType, key: Option<Key>) -> bool {
+        key.is_some_and(|key| key.field == "id")
+            && self
+                .kind(event_type.as_str())
+                .is_some_and(|kind| kind.state)
     }
 
     /// Who may read an event of `event_type` with `data`; staff only for a type not registered.

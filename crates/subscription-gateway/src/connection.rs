@@ -39,6 +39,8 @@ use crate::state::Shared;
 struct Closing {
     code: u16,
     reason: String,
+    /// How the metric names it when no close frame is sent: the client is gone.
+    gone: Option<&'static str>,
 }
 
 impl Closing {
@@ -46,12 +48,33 @@ impl Closing {
         Self {
             code,
             reason: reason.into(),
+            gone: None,
         }
     }
 
-    /// The client is gone already; there is nobody to send a close frame to.
-    fn gone() -> Self {
-        Self::new(close::NORMAL, "")
+    /// The client closed the TCP connection without a close frame (FIN); there is nobody to
+    /// send one to.
+    fn finished() -> Self {
+        Self {
+            gone: Some("fin"),
+            ..Self::new(close::NORMAL, "")
+        }
+    }
+
+    /// The connection failed (reset, timed out): nobody to send a close frame to either.
+    fn failed() -> Self {
+        Self {
+            gone: Some("reset"),
+            ..Self::new(close::NORMAL, "")
+        }
+    }
+
+    /// The metric's label: the close code sent, or how the client went.
+    fn label(&self) -> std::borrow::Cow<'static, str> {
+        match self.gone {
+            Some(gone) => gone.into(),
+            None => self.code.to_string().into(),
+        }
     }
 
     fn slow(metrics: &GatewayMetrics) -> Self {
@@ -70,7 +93,9 @@ impl Closing {
     fn refused(link: &Link, metrics: &GatewayMetrics) -> Self {
         match link.state() {
             LinkState::Slow => Self::slow(metrics),
-            LinkState::Gone | LinkState::Closing | LinkState::Open => Self::gone(),
+            LinkState::Gone => Self::failed(),
+            // Woken to close by whoever queued the close frame, or for nothing: no frame now.
+            LinkState::Closing | LinkState::Open => Self::finished(),
         }
     }
 }
@@ -296,14 +321,14 @@ pub async fn run(
             }
             writable = socket.writable(), if flushing => {
                 if writable.is_err() {
-                    break Closing::gone();
+                    break Closing::failed();
                 }
                 match link.flush() {
                     Ok(true) => flushing = false,
                     Ok(false) => stalled
                         .as_mut()
                         .reset(tokio::time::Instant::now() + shared.limits.write_timeout),
-                    Err(_) => break Closing::gone(),
+                    Err(_) => break Closing::failed(),
                 }
             }
             () = &mut stalled, if flushing => break Closing::slow(&shared.metrics),
@@ -320,6 +345,11 @@ pub async fn run(
                 (PhaseEvent::RevocationsChanged, _) => {}
                 (PhaseEvent::Keepalive, _) => {
                     if last_heard.elapsed() >= 2 * shared.limits.keepalive {
+                        // Silent with bytes waiting: a client that stopped reading, not one
+                        // whose connection vanished.
+                        if link.has_pending() {
+                            break Closing::slow(&shared.metrics);
+                        }
                         break Closing::new(close::GOING_AWAY, "no answer to keep-alive pings");
                     }
                     if !link.push_text(&protocol::keepalive(protocol)) {
@@ -335,14 +365,15 @@ pub async fn run(
             },
             readable = socket.readable() => {
                 if readable.is_err() {
-                    break Closing::gone();
+                    break Closing::failed();
                 }
                 match inbound.fill(socket) {
                     Filled::Data => {
                         ready_input = true;
                         last_heard = tokio::time::Instant::now();
                     }
-                    Filled::Closed => break Closing::gone(),
+                    Filled::Closed => break Closing::finished(),
+                    Filled::Failed => break Closing::failed(),
                 }
             }
         }
@@ -352,7 +383,7 @@ pub async fn run(
     shared
         .metrics
         .connections_closed
-        .with_label_values(&[&closing.code.to_string()])
+        .with_label_values(&[&closing.label()])
         .inc();
     // The user's place is given back when the close is decided, not once it has drained: a
     // client cut (1013, 1001) that reconnects at once must not find its own closing socket
@@ -398,7 +429,7 @@ async fn close_socket(link: &Link, closing: &Closing) {
             if socket.readable().await.is_err() {
                 return;
             }
-            if let Filled::Closed = Inbound::discard(socket) {
+            if let Filled::Closed | Filled::Failed = Inbound::discard(socket) {
                 return;
             }
         }

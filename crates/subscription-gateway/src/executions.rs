@@ -61,6 +61,8 @@ pub struct Executions {
     /// Results that may wait for one worker's group task (FANOUT_BUFFER); a group that far
     /// behind holds up its execution, which then lags behind the hub and cuts everyone off.
     group_buffer: usize,
+    /// Told how late results are written.
+    pressure: Arc<crate::pressure::Pressure>,
 }
 
 /// One shared execution. Dropping the last [`Membership`] stops it.
@@ -100,6 +102,10 @@ enum Batch {
         /// The cursor in the payload, again for the SSE event's `id`.
         cursor: Option<Arc<str>>,
         readers: Readers,
+        /// A state subscription's: a newer result supersedes it ([`serve_group`]).
+        supersedable: bool,
+        /// Results skipped right before it, which it supersedes (said in the payload).
+        skipped: u64,
     },
     /// The last message: an error list, or `complete` when `None`.
     Finish(Option<String>),
@@ -235,9 +241,15 @@ fn replayed(after: Option<Position>, position: Option<Position>) -> bool {
 /// A result payload built by [`result_payload`] (it ends with its `extensions` object) with
 /// `recovered` added to its extensions.
 fn with_recovered(payload: &str, recovered: bool) -> String {
+    with_extension(payload, "recovered", recovered)
+}
+
+/// A result payload built by [`result_payload`] (it ends with its `extensions` object) with
+/// `name: value` added last to its extensions.
+fn with_extension(payload: &str, name: &str, value: impl std::fmt::Display) -> String {
     match payload.strip_suffix("}}") {
         Some(head) if payload.contains(r#""extensions":{"#) => {
-            format!(r#"{head},"recovered":{recovered}}}}}"#)
+            format!(r#"{head},"{name}":{value}}}}}"#)
         }
         _ => payload.to_owned(),
     }
@@ -346,12 +358,17 @@ pub struct Start<'a> {
 }
 
 impl Executions {
-    pub fn new(metrics: GatewayMetrics, group_buffer: usize) -> Self {
+    pub fn new(
+        metrics: GatewayMetrics,
+        group_buffer: usize,
+        pressure: Arc<crate::pressure::Pressure>,
+    ) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
             pending_replays: Mutex::new(HashMap::new()),
             metrics,
             group_buffer: group_buffer.max(1),
+            pressure,
         }
     }
 
@@ -648,7 +665,12 @@ impl Execution {
                     next_slot: AtomicU64::new(0),
                 });
                 let (tx, rx) = mpsc::channel(registry.group_buffer);
-                actix_web::rt::spawn(serve_group(group.clone(), rx, registry.metrics.clone()));
+                actix_web::rt::spawn(serve_group(
+                    group.clone(),
+                    rx,
+                    registry.metrics.clone(),
+                    registry.pressure.clone(),
+                ));
                 groups.push((group.clone(), tx));
                 group
             }
@@ -686,43 +708,144 @@ impl Execution {
     }
 }
 
-/// Serves one worker's members of an execution: writes each batch to all of them.
+/// Serves one worker's members of an execution: writes each batch to all of them. A state
+/// subscription's results supersede one another: when the group is behind (its result older
+/// than OVERLOAD_LAG_MS, or its queue half full), only the newest of those waiting is written,
+/// saying how many it skipped, so that the group catches up in one round instead of holding
+/// its execution (and at last its route) up. Within capacity every result is written.
 async fn serve_group(
     group: Arc<Group>,
     mut batches: mpsc::Receiver<Arc<Batch>>,
     metrics: GatewayMetrics,
+    pressure: Arc<crate::pressure::Pressure>,
 ) {
-    while let Some(batch) = batches.recv().await {
+    let mut waiting: Option<Arc<Batch>> = None;
+    loop {
+        let batch = match waiting.take() {
+            Some(batch) => batch,
+            None => match batches.recv().await {
+                Some(batch) => batch,
+                None => return,
+            },
+        };
         match &*batch {
-            Batch::Next {
-                payload,
-                event_type,
-                event_at,
-                position,
-                cursor,
-                readers,
-            } => group.deliver(
-                payload,
-                Delivery {
-                    event_type: *event_type,
-                    event_at: *event_at,
-                    position: *position,
-                    cursor: cursor.as_ref(),
-                    readers: *readers,
-                },
-                &metrics,
-            ),
-            Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
-            Batch::CutOff => {
-                for member in lock(&group.members).values() {
-                    member.link.mark_slow();
+            Batch::Next { supersedable, .. } => {
+                let mut newest = batch.clone();
+                let mut superseded = 0u64;
+                if *supersedable
+                    && pressure.behind(appended_ms(&batch), batches.len(), batches.max_capacity())
+                {
+                    while let Ok(later) = batches.try_recv() {
+                        if let Batch::Next {
+                            supersedable: true, ..
+                        } = &*later
+                        {
+                            superseded += 1 + skipped_in(&newest);
+                            newest = later;
+                        } else {
+                            waiting = Some(later);
+                            break;
+                        }
+                    }
+                }
+                if superseded > 0 {
+                    metrics.results_superseded.inc_by(superseded);
+                }
+                group.deliver_batch(&newest, superseded, &metrics);
+                if let Some(appended) = appended_ms(&newest) {
+                    let now = chrono::Utc::now().timestamp_millis() as u64;
+                    pressure.report(now.saturating_sub(appended));
                 }
             }
+            Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
+            Batch::CutOff => group.cut_off_gradually().await,
         }
     }
 }
 
+/// When the event behind a result was appended to its Redis log (ms since the epoch).
+fn appended_ms(batch: &Batch) -> Option<u64> {
+    match batch {
+        // The in-memory bus's positions are counters, not times.
+        Batch::Next {
+            position: Some(position),
+            ..
+        } if position.ms > 0 => Some(position.ms),
+        _ => None,
+    }
+}
+
+/// Results a batch says were skipped before it.
+fn skipped_in(batch: &Batch) -> u64 {
+    match batch {
+        Batch::Next { skipped, .. } => *skipped,
+        _ => 0,
+    }
+}
+
+/// How long an execution that missed events takes to close all its members (1013), in equal
+/// steps: never all in the same instant, so that their reconnects and resumes come spread over
+/// it rather than as one storm.
+const CUT_OFF_SPREAD: std::time::Duration = std::time::Duration::from_secs(5);
+const CUT_OFF_STEPS: u32 = 20;
+
 impl Group {
+    /// A `Next` batch to every member; `superseded`: results skipped for it besides those its
+    /// payload says already.
+    fn deliver_batch(&self, batch: &Batch, superseded: u64, metrics: &GatewayMetrics) {
+        let Batch::Next {
+            payload,
+            event_type,
+            event_at,
+            position,
+            cursor,
+            readers,
+            skipped,
+            ..
+        } = batch
+        else {
+            return;
+        };
+        let rewritten;
+        let payload = if superseded > 0 {
+            rewritten = Arc::from(with_extension(payload, "skipped", skipped + superseded));
+            &rewritten
+        } else {
+            payload
+        };
+        self.deliver(
+            payload,
+            Delivery {
+                event_type: *event_type,
+                event_at: *event_at,
+                position: *position,
+                cursor: cursor.as_ref(),
+                readers: *readers,
+            },
+            metrics,
+        );
+    }
+
+    /// Closes every member as slow (1013), the slowest first (most bytes waiting), a share at
+    /// a time over [`CUT_OFF_SPREAD`].
+    async fn cut_off_gradually(&self) {
+        let mut links: Vec<(usize, Arc<Link>)> = lock(&self.members)
+            .values()
+            .map(|member| (member.link.pending_bytes(), member.link.clone()))
+            .collect();
+        links.sort_by_key(|(pending, _)| std::cmp::Reverse(*pending));
+        let step = links.len().div_ceil(CUT_OFF_STEPS as usize).max(1);
+        let mut chunks = links.chunks(step).peekable();
+        while let Some(chunk) = chunks.next() {
+            for (_, link) in chunk {
+                link.mark_slow();
+            }
+            if chunks.peek().is_some() {
+                tokio::time::sleep(CUT_OFF_SPREAD / CUT_OFF_STEPS).await;
+            }
+        }
+    }
+
     /// One result to every member: the frame is built once per (protocol, id).
     fn deliver(&self, payload: &Arc<str>, delivery: Delivery<'_>, metrics: &GatewayMetrics) {
         let Delivery {
@@ -873,10 +996,19 @@ async fn drive(
     tokio::pin!(stream);
     while let Some(output) = stream.next().await {
         let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
-        let payload = Arc::from(result_payload(output, mark.as_ref().map(|m| &*m.cursor)));
         let Some(execution) = execution.upgrade() else {
             return;
         };
+        let skipped = mark.as_ref().map_or(0, |m| m.skipped);
+        let mut payload = result_payload(output, mark.as_ref().map(|m| &*m.cursor));
+        if skipped > 0 {
+            // Superseded while waiting for this execution (its route held the newest).
+            if let Some(registry) = execution.registry.upgrade() {
+                registry.metrics.results_superseded.inc_by(skipped);
+            }
+            payload = with_extension(&payload, "skipped", skipped);
+        }
+        let payload: Arc<str> = Arc::from(payload);
         // One span per event and execution (not per subscriber), linked to the write's trace.
         let span = mark.as_ref().and_then(|m| {
             let traceparent = m.traceparent.as_deref()?;
@@ -895,6 +1027,8 @@ async fn drive(
             event_at: mark.as_ref().map(|m| m.at),
             readers: readers_of(mark.as_ref()),
             cursor: mark.as_ref().map(|m| m.cursor.clone()),
+            supersedable: mark.as_ref().is_some_and(|m| m.supersedable),
+            skipped,
             position: mark.map(|m| m.position),
         };
         match span {
@@ -1015,7 +1149,11 @@ mod tests {
 
     async fn join_over_a_finished_execution() -> Result<(), String> {
         let metrics = GatewayMetrics::register(&Metrics::new("executions-test"));
-        let executions = Arc::new(Executions::new(metrics.clone(), 16));
+        let executions = Arc::new(Executions::new(
+            metrics.clone(),
+            16,
+            Arc::new(crate::pressure::Pressure::new(Duration::from_secs(1), 100)),
+        ));
         let request = juniper::http::GraphQLRequest::new(
             "subscription { carModelUpdated(pk: 1) { pk } }".to_owned(),
             None,

@@ -22,7 +22,9 @@
 //! - [`executions`]: subscriptions with the same operation executed once per event and shared.
 //! - [`replays`]: how many resumes a connection, a user and the process may replay at once, and
 //!   how fast a user's replays may go.
+//! - [`health`]: `/healthz` and `/readyz` on a listener and a thread apart from fan-out.
 //! - [`metrics`]: the gateway's Prometheus metrics.
+//! - [`pressure`]: whether deliveries lag, and the upgrades admitted meanwhile.
 //! - [`user_sockets`]: sockets per user, counted across every gateway process through Redis.
 //! - [`state`]: what the parts share (`Shared`, `GatewayState`, the limits, the coordinator),
 //!   so that imports run one way: startup → server → connection → executions → replays/hub/
@@ -31,9 +33,11 @@
 pub mod connection;
 pub mod executions;
 pub mod forward;
+pub mod health;
 pub mod hub;
 pub mod metrics;
 pub mod operations;
+pub mod pressure;
 pub mod protocol;
 pub mod replays;
 pub mod server;

@@ -21,6 +21,8 @@ pub struct GatewayMetrics {
     pub events_malformed: IntCounter,
     pub messages_sent: IntCounter,
     pub results_withheld: IntCounter,
+    pub results_superseded: IntCounter,
+    pub upgrades_shed: IntCounter,
     pub slow_consumers: IntCounter,
     pub delivery_latency: HistogramVec,
     pub publish_latency: HistogramVec,
@@ -53,7 +55,9 @@ impl GatewayMetrics {
             connections_closed: IntCounterVec::new(
                 Opts::new(
                     "gateway_connections_closed_total",
-                    "Closed connections, by close code.",
+                    "Closed connections, by close code; `fin`: the client closed the TCP \
+                     connection without a close frame, `reset`: the connection failed (reset, \
+                     timed out).",
                 ),
                 &["code"],
             )
@@ -98,6 +102,21 @@ impl GatewayMetrics {
                 "gateway_results_withheld_total",
                 "Subscription results not sent to a subscriber because the record's read rule \
                  does not admit it (a private record of someone else).",
+            )
+            .expect("valid metric"),
+            results_superseded: IntCounter::new(
+                "gateway_results_superseded_total",
+                "Results of state subscriptions (a record's updates, keyed by its id) not \
+                 delivered because a newer one of the same record replaced them while the \
+                 gateway was behind; the newer one says how many (`extensions.skipped`). Counted \
+                 per execution, not per subscriber.",
+            )
+            .expect("valid metric"),
+            upgrades_shed: IntCounter::new(
+                "gateway_upgrades_shed_total",
+                "Websocket upgrades answered 503 with Retry-After because the gateway was \
+                 behind on its deliveries (OVERLOAD_LAG_MS) and past the upgrades it admits \
+                 meanwhile (UPGRADES_PER_SEC_WHILE_LAGGING).",
             )
             .expect("valid metric"),
             slow_consumers: IntCounter::new(
@@ -184,6 +203,8 @@ impl GatewayMetrics {
             Box::new(this.events_malformed.clone()),
             Box::new(this.messages_sent.clone()),
             Box::new(this.results_withheld.clone()),
+            Box::new(this.results_superseded.clone()),
+            Box::new(this.upgrades_shed.clone()),
             Box::new(this.slow_consumers.clone()),
             Box::new(this.delivery_latency.clone()),
             Box::new(this.publish_latency.clone()),

@@ -101,6 +101,10 @@ async fn accept(
     let parts = framed.into_parts();
     let mut stream = parts.io;
     let checked = check(&gateway, &request).and_then(|accepted| {
+        if let Err(retry_after) = gateway.shared.pressure.admit() {
+            gateway.shared.metrics.upgrades_shed.inc();
+            return Err(overloaded(retry_after));
+        }
         let address = service_kit::http::client_address_of(
             request.head().headers(),
             stream.peer_addr().ok().map(|addr| addr.ip()),
@@ -142,6 +146,10 @@ async fn accept(
     }
     // Small frames go out at once; fan-out never writes twice to one socket per event.
     let _ = stream.set_nodelay(true);
+    if gateway.send_buffer_bytes > 0 {
+        // What a client that stops reading holds in the kernel, besides OUTBOUND_QUEUE.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(gateway.send_buffer_bytes);
+    }
     let header_authorization = request
         .head()
         .headers()
@@ -231,11 +239,33 @@ fn offered_protocol(headers: &HeaderMap) -> Option<Protocol> {
 
 /// A complete HTTP/1.1 answer with a JSON body, after which the connection closes.
 fn refusal(status: u16, reason: &str, body: Value) -> Vec<u8> {
+    refusal_with(status, reason, "", body)
+}
+
+/// [`refusal`] with more header lines (each ending in CRLF).
+fn refusal_with(status: u16, reason: &str, headers: &str, body: Value) -> Vec<u8> {
     let body = body.to_string();
     format!(
         "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         connection: close\r\n\r\n{body}",
+         {headers}connection: close\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
+}
+
+/// The answer to an upgrade shed while deliveries lag ([`crate::pressure`]).
+fn overloaded(retry_after: u64) -> Vec<u8> {
+    refusal_with(
+        503,
+        "Service Unavailable",
+        &format!("retry-after: {retry_after}\r\n"),
+        json!({
+            "detail": format!(
+                "this gateway is behind on its deliveries and admits few new connections; \
+                 retry in {retry_after} s"
+            ),
+            "code": "overloaded",
+            "retryAfter": retry_after,
+        }),
+    )
 }

@@ -20,6 +20,12 @@ pub struct Cli {
 pub struct Settings {
     #[command(flatten)]
     pub http: HttpArgs,
+    /// A second listener for `/healthz` and `/readyz` only, served by a thread of its own, so
+    /// that probes are answered at once while the workers are busy with fan-out (past capacity,
+    /// the main listener's answer waits behind a delivery round). Point the probes here. Unset:
+    /// only the main listener answers them.
+    #[arg(long, env = "HEALTH_LISTEN_ADDR")]
+    pub health_listen_addr: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
@@ -75,6 +81,12 @@ pub struct Settings {
     /// (1013).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub outbound_queue: u64,
+    /// Kernel send buffer of each websocket, in bytes (SO_SNDBUF; Linux doubles it for its own
+    /// bookkeeping). Without a cap the kernel grows it to `net.ipv4.tcp_wmem`'s maximum (4 MiB
+    /// here) for a client that stops reading: about 3 MB per such client held outside
+    /// OUTBOUND_QUEUE. 0: leave it to the kernel.
+    #[arg(long, env = "SOCKET_SEND_BUFFER_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(0..=64 * 1024 * 1024))]
+    pub socket_send_buffer_bytes: u32,
     /// Longest a client may leave waiting messages unread (no byte taken) before it is
     /// disconnected as too slow (1013), in seconds.
     #[arg(long, env = "WRITE_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -84,6 +96,14 @@ pub struct Settings {
     /// connections as slow (1013) so they resubscribe.
     #[arg(long, env = "FANOUT_BUFFER", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub fanout_buffer: u64,
+    /// Delivery lag (from an event's append to its result written), in milliseconds, over which
+    /// the gateway takes itself for overloaded and admits websocket upgrades only at
+    /// UPGRADES_PER_SEC_WHILE_LAGGING; the others get 503 with a `Retry-After` of 1-5 s.
+    #[arg(long, env = "OVERLOAD_LAG_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub overload_lag_ms: u64,
+    /// Websocket upgrades admitted per second while the gateway lags (OVERLOAD_LAG_MS).
+    #[arg(long, env = "UPGRADES_PER_SEC_WHILE_LAGGING", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub upgrades_per_sec_while_lagging: u32,
     /// api-service's GraphQL endpoint as this process reaches it (directly, not through NGINX):
     /// queries and mutations sent on the websocket are POSTed there with the connection's token.
     #[arg(

@@ -194,6 +194,11 @@ impl Link {
         !lock(&self.out).pending.is_empty()
     }
 
+    /// Bytes waiting for the client to read (beyond what the kernel took).
+    pub fn pending_bytes(&self) -> usize {
+        lock(&self.out).pending.len()
+    }
+
     /// Writes as much of the queue as the kernel takes. `Ok(true)` when it is empty; an error
     /// means the client is gone.
     pub fn flush(&self) -> io::Result<bool> {
@@ -274,8 +279,10 @@ pub enum ReadError {
 pub enum Filled {
     /// Bytes were read (or the budget was reached); decode them with [`Inbound::next_message`].
     Data,
-    /// The client closed its side or the socket failed.
+    /// The client closed its side of the TCP connection (FIN).
     Closed,
+    /// The connection failed: reset by the client, or timed out.
+    Failed,
 }
 
 /// The read side: frame decoding with the size limit and reassembly of fragmented messages.
@@ -311,7 +318,7 @@ impl Inbound {
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Filled::Closed,
+                Err(_) => return Filled::Failed,
             }
         }
         Filled::Data
@@ -326,7 +333,7 @@ impl Inbound {
                 Ok(_) => continue,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Filled::Data,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return Filled::Closed,
+                Err(_) => return Filled::Failed,
             }
         }
     }

@@ -32,6 +32,7 @@ pub struct Application {
     state: web::Data<GatewayState>,
     /// Stops the hub's Redis task, after the sockets are closed.
     hub_shutdown: CancellationToken,
+    health: Option<crate::health::HealthServer>,
 }
 
 /// Where the hub gets its events: Redis (the distributed stack) or the in-memory bus (the
@@ -99,6 +100,10 @@ pub async fn state(
             .map_err(|err| ConfigError::new("REDIS_URL", err))?,
         HubSource::Memory(bus) => Hub::start_memory(&bus, parts, hub_shutdown),
     };
+    let pressure = Arc::new(crate::pressure::Pressure::new(
+        Duration::from_millis(settings.overload_lag_ms),
+        settings.upgrades_per_sec_while_lagging,
+    ));
     let shared = Arc::new(Shared {
         coordinator: Arc::new(Coordinator::new(graphql_schema::schema(limits))),
         schema: Arc::new(graphql_schema::schema(limits)),
@@ -108,7 +113,9 @@ pub async fn state(
         executions: Arc::new(crate::executions::Executions::new(
             gateway_metrics.clone(),
             settings.fanout_buffer as usize,
+            pressure.clone(),
         )),
+        pressure,
         limits: ConnectionLimits {
             keepalive: Duration::from_secs(settings.keepalive_secs),
             init_timeout: Duration::from_secs(settings.init_timeout_secs),
@@ -139,6 +146,7 @@ pub async fn state(
         addresses: Tally::new(usize::try_from(settings.max_connections_per_address).unwrap_or(0)),
         trust_forwarded_for: settings.http.trust_forwarded_for,
         drain_timeout: Duration::from_secs(settings.drain_timeout_secs),
+        send_buffer_bytes: settings.socket_send_buffer_bytes as usize,
     }))
 }
 
@@ -229,17 +237,35 @@ impl Application {
             },
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
+        let health = match settings.health_listen_addr {
+            Some(addr) => {
+                let (listener, health_port) = service_kit::http::bind(addr, "HEALTH_LISTEN_ADDR")?;
+                let health =
+                    crate::health::HealthServer::spawn(listener, state.clone()).map_err(|err| {
+                        StartupError::Other(format!("cannot start the health listener: {err}"))
+                    })?;
+                tracing::info!(port = health_port, "health probes served apart");
+                Some(health)
+            }
+            None => None,
+        };
         tracing::info!(port, "subscription-gateway listening");
         Ok(Self {
             port,
             server,
             state,
             hub_shutdown,
+            health,
         })
     }
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the health listener (HEALTH_LISTEN_ADDR), when there is one.
+    pub fn health_port(&self) -> Option<u16> {
+        self.health.as_ref().map(crate::health::HealthServer::port)
     }
 
     /// Serves until `shutdown` resolves, then drains: new upgrades get 503, every socket is closed
@@ -256,6 +282,9 @@ impl Application {
             })
             .await;
         self.hub_shutdown.cancel();
+        if let Some(health) = &self.health {
+            health.stop();
+        }
         stopped
     }
 }
@@ -288,29 +317,10 @@ pub async fn not_upgraded(req: HttpRequest) -> HttpResponse {
 }
 
 /// `GET /readyz`: ready while the Redis event connection is up, once the logout cutoffs
-/// written before the start have been read.
+/// written before the start have been read, and not while draining.
 async fn readyz(state: web::Data<GatewayState>) -> HttpResponse {
-    let (connected, redis) = if state.shared.hub.is_connected() {
-        (true, "ok")
-    } else {
-        (false, "event connection to Redis is down; reconnecting")
-    };
-    let (loaded, revocations) = match state.shared.verifier.revocations() {
-        Some(list) if !list.is_loaded() => (
-            false,
-            "the logout cutoffs have not been read from Redis yet",
-        ),
-        _ => (true, "ok"),
-    };
-    let ready = connected && loaded;
-    let draining = state.shared.shutdown.is_cancelled();
-    let body = json!({
-        "status": if ready && !draining { "ready" } else { "not ready" },
-        "checks": {"redis": redis, "revocations": revocations, "draining": draining},
-    });
-    if ready && !draining {
-        HttpResponse::Ok().json(body)
-    } else {
-        HttpResponse::ServiceUnavailable().json(body)
+    match crate::health::readiness(&state) {
+        (true, body) => HttpResponse::Ok().json(body),
+        (false, body) => HttpResponse::ServiceUnavailable().json(body),
     }
 }

@@ -46,6 +46,8 @@ pub struct Shared {
     pub upstream: crate::forward::Upstream,
     /// Replays waiting or running, by user ([`crate::replays`]).
     pub replays: Arc<crate::replays::Replays>,
+    /// Whether deliveries lag, and the upgrades admitted meanwhile.
+    pub pressure: Arc<crate::pressure::Pressure>,
     /// Persisted queries, shared with api-service (Redis; in memory embedded).
     pub persisted: graphql_schema::persisted::PersistedQueries,
 }
@@ -59,4 +61,6 @@ pub struct GatewayState {
     /// Whether the upgrade's `X-Forwarded-For` names the client (behind the repo's NGINX).
     pub(crate) trust_forwarded_for: bool,
     pub(crate) drain_timeout: Duration,
+    /// SO_SNDBUF of each websocket (SOCKET_SEND_BUFFER_BYTES); 0: the kernel's.
+    pub(crate) send_buffer_bytes: usize,
 }

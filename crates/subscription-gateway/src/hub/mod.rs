@@ -50,7 +50,8 @@ use crate::metrics::GatewayMetrics;
 
 use replay::{Flight, REPLAY_READS};
 pub use replay::{Replay, ReplayEnd, ReplayError, ReplayEvents, ReplayOutcome};
-use routes::{Route, Topic};
+pub use routes::RouteReader;
+use routes::{Latest, Route, Topic};
 
 /// How many event ids are remembered for dropping duplicates.
 const RECENT_IDS: usize = 16_384;
@@ -187,16 +188,22 @@ impl Hub {
     }
 
     /// Registers a local subscriber of `event_type`: of every event of it, or with `key` of
-    /// those routed by that key. Returns the receiver, which gets at most the hub's buffer of
-    /// events ahead of its reader (further, `slow` is told and the receiver ends), and a guard
-    /// that unregisters it when dropped.
+    /// those routed by that key. Returns the reader, which gets at most the hub's buffer of
+    /// events ahead of it (further, a state subscription gets the newest of those that did not
+    /// fit, and any other is told through `slow` and ends), and a guard that unregisters it
+    /// when dropped.
     pub fn subscribe(
         &self,
         event_type: EventType,
         key: Option<Key>,
         slow: Arc<Notify>,
-    ) -> (mpsc::Receiver<Arc<LoggedEvent>>, TopicGuard) {
+    ) -> (RouteReader, TopicGuard) {
         let (sender, receiver) = mpsc::channel(self.inner.buffer);
+        let latest = self
+            .inner
+            .registry
+            .supersedes(event_type, key)
+            .then(|| Arc::new(Latest::default()));
         let id = self.inner.next_route.fetch_add(1, Ordering::Relaxed);
         let mut topics = lock(&self.inner.topics);
         let topic = topics.entry(event_type).or_insert_with(|| {
@@ -207,12 +214,12 @@ impl Hub {
                 Backend::Redis(_) => None,
             })
         });
-        topic.add(key, Route::new(id, sender, slow));
+        topic.add(key, Route::new(id, sender, slow, latest.clone()));
         if topic.position.is_none() {
             self.inner.wake.notify_one();
         }
         (
-            receiver,
+            RouteReader { receiver, latest },
             TopicGuard {
                 hub: self.clone(),
                 event_type,
@@ -416,6 +423,11 @@ pub struct EventMark {
     pub position: Position,
     pub cursor: Arc<str>,
     pub readers: Readers,
+    /// Events of the subscription skipped right before this one (a state subscription past its
+    /// queue: this one supersedes them).
+    pub skipped: u64,
+    /// Whether a newer event of the subscription supersedes this one (a state subscription).
+    pub supersedable: bool,
 }
 
 tokio::task_local! {
@@ -423,7 +435,7 @@ tokio::task_local! {
     pub static CURRENT_EVENT: Cell<Option<EventMark>>;
 }
 
-fn mark(event: &LoggedEvent) {
+fn mark(event: &LoggedEvent, skipped: u64, supersedable: bool) {
     let _ = CURRENT_EVENT.try_with(|current| {
         current.set(Some(EventMark {
             event_type: event.event_type,
@@ -434,6 +446,8 @@ fn mark(event: &LoggedEvent) {
             position: event.position,
             cursor: event.cursor.clone(),
             readers: event.readers,
+            skipped,
+            supersedable,
         }))
     });
 }
@@ -447,15 +461,16 @@ pub struct ConnectionEvents {
 
 impl EventSource for ConnectionEvents {
     fn subscribe(&self, event_type: EventType, key: Option<Key>) -> EnvelopeStream {
-        let (receiver, guard) = self.hub.subscribe(event_type, key, self.slow.clone());
-        // When the hub drops a route that fell behind, `slow` has been told and the receiver
+        let (reader, guard) = self.hub.subscribe(event_type, key, self.slow.clone());
+        let supersedable = reader.latest.is_some();
+        // When the hub drops a route that fell behind, `slow` has been told and the reader
         // ends after what it holds: the execution then cuts its members off.
         Box::pin(futures_util::stream::unfold(
-            (receiver, guard),
-            |(mut receiver, guard)| async move {
-                let event = receiver.recv().await?;
-                mark(&event);
-                Some((event.envelope.clone(), (receiver, guard)))
+            (reader, guard),
+            move |(mut reader, guard)| async move {
+                let (event, skipped) = reader.next().await?;
+                mark(&event, skipped, supersedable);
+                Some((event.envelope.clone(), (reader, guard)))
             },
         ))
     }

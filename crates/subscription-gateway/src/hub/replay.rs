@@ -245,7 +245,7 @@ impl EventSource for ReplayEvents {
             })
             .flat_map(|events: Vec<Arc<LoggedEvent>>| {
                 futures_util::stream::iter(events.into_iter().map(|event| {
-                    mark(&event);
+                    mark(&event, 0, false);
                     event.envelope.clone()
                 }))
             }),

@@ -7,12 +7,19 @@
 //! event is proportional to the executions it is for, whatever the number of others.
 //!
 //! Each execution reads its own bounded queue (`FANOUT_BUFFER` events). An execution that lets
-//! its queue fill up has fallen that far behind on events it would deliver: its route is
-//! dropped and it is told (`slow`), and it closes its members as slow consumers (1013), who
-//! resume. A burst of events for other keys never touches its queue.
+//! its queue fill up has fallen that far behind on events it would deliver. What happens then
+//! depends on what it subscribes to:
+//! - a state subscription (a record's `updated` events, keyed by its id: `carModelUpdated(pk)`)
+//!   is conflated: the newest event that did not fit is held beside the queue ([`Latest`]),
+//!   replacing the one held before, and is read after the queue; the result it becomes says how
+//!   many it replaced. The subscriber gets the record's latest state, late but never cut off.
+//! - any other (created, deleted, unkeyed) cannot skip an event: its route is dropped and it is
+//!   told (`slow`), and it closes its members as slow consumers (1013), who resume.
+//!
+//! A burst of events for other keys never touches its queue.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use events::{Key, LoggedEvent, Position};
 use tokio::sync::mpsc::error::TrySendError;
@@ -37,11 +44,89 @@ pub(super) struct Route {
     sender: mpsc::Sender<Arc<LoggedEvent>>,
     /// Told when the queue is full, before the route is dropped.
     slow: Arc<Notify>,
+    /// A state subscription's overflow; `None`: a full queue drops the route.
+    latest: Option<Arc<Latest>>,
 }
 
 impl Route {
-    pub(super) fn new(id: u64, sender: mpsc::Sender<Arc<LoggedEvent>>, slow: Arc<Notify>) -> Self {
-        Self { id, sender, slow }
+    pub(super) fn new(
+        id: u64,
+        sender: mpsc::Sender<Arc<LoggedEvent>>,
+        slow: Arc<Notify>,
+        latest: Option<Arc<Latest>>,
+    ) -> Self {
+        Self {
+            id,
+            sender,
+            slow,
+            latest,
+        }
+    }
+
+    /// Hands `event` on; false when the route has to go (its execution is gone, or behind on
+    /// events it cannot skip).
+    fn push(&self, event: &Arc<LoggedEvent>) -> bool {
+        let Some(latest) = &self.latest else {
+            return match self.sender.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    self.slow.notify_one();
+                    false
+                }
+                Err(TrySendError::Closed(_)) => false,
+            };
+        };
+        // Under the lock the reader takes the held event with: once one is held, every newer
+        // one replaces it until the reader has taken it, so that nothing newer passes it in
+        // the queue.
+        let mut held = crate::lock(&latest.held);
+        if let Some((older, skipped)) = held.as_mut() {
+            *older = event.clone();
+            *skipped += 1;
+            return true;
+        }
+        match self.sender.try_send(event.clone()) {
+            Ok(()) => true,
+            Err(TrySendError::Full(event)) => {
+                *held = Some((event, 0));
+                true
+            }
+            Err(TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// The overflow of a state subscription's queue: the newest event that did not fit, and how
+/// many older ones it replaced.
+#[derive(Default)]
+pub struct Latest {
+    held: Mutex<Option<(Arc<LoggedEvent>, u64)>>,
+}
+
+/// The reading end of a route: its queue, then what its [`Latest`] holds.
+pub struct RouteReader {
+    pub(super) receiver: mpsc::Receiver<Arc<LoggedEvent>>,
+    pub(super) latest: Option<Arc<Latest>>,
+}
+
+impl RouteReader {
+    /// The next event, and how many events of the route were skipped right before it (only
+    /// ever for a state subscription past its queue). `None` once the route is gone.
+    pub async fn next(&mut self) -> Option<(Arc<LoggedEvent>, u64)> {
+        if let Some(latest) = &self.latest {
+            let mut held = crate::lock(&latest.held);
+            match self.receiver.try_recv() {
+                Ok(event) => return Some((event, 0)),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if let Some(newest) = held.take() {
+                        return Some(newest);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return held.take(),
+            }
+        }
+        // Nothing held: the queue's oldest, whenever it comes.
+        self.receiver.recv().await.map(|event| (event, 0))
     }
 }
 
@@ -97,17 +182,9 @@ impl Topic {
     }
 }
 
-/// Pushes `event` onto each route's queue; a full queue drops its route (its execution is told),
-/// a closed one (the execution is gone) is dropped quietly.
+/// Pushes `event` onto each route ([`Route::push`]); a route that cannot take it is dropped.
 fn push_all(routes: &mut Vec<Route>, event: &Arc<LoggedEvent>) {
-    routes.retain(|route| match route.sender.try_send(event.clone()) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_)) => {
-            route.slow.notify_one();
-            false
-        }
-        Err(TrySendError::Closed(_)) => false,
-    });
+    routes.retain(|route| route.push(event));
 }
 
 #[cfg(test)]
@@ -133,8 +210,58 @@ mod tests {
     fn route(topic: &mut Topic, id: u64, key: Option<Key>, capacity: usize) -> Receiver {
         let (sender, receiver) = mpsc::channel(capacity);
         let slow = Arc::new(Notify::new());
-        topic.add(key, Route::new(id, sender, slow.clone()));
+        topic.add(key, Route::new(id, sender, slow.clone(), None));
         Receiver { receiver, slow }
+    }
+
+    fn state_route(topic: &mut Topic, id: u64, key: Key, capacity: usize) -> RouteReader {
+        let (sender, receiver) = mpsc::channel(capacity);
+        let latest = Some(Arc::new(Latest::default()));
+        let slow = Arc::new(Notify::new());
+        topic.add(Some(key), Route::new(id, sender, slow, latest.clone()));
+        RouteReader { receiver, latest }
+    }
+
+    fn read_now(reader: &mut RouteReader) -> Vec<(u64, u64)> {
+        use futures_util::FutureExt as _;
+        let mut read = Vec::new();
+        while let Some(Some((event, skipped))) = reader.next().now_or_never() {
+            read.push((event.position.ms, skipped));
+        }
+        read
+    }
+
+    #[test]
+    fn a_full_state_queue_holds_the_newest_event_and_counts_what_it_replaced() {
+        let mut topic = Topic::new(None);
+        let mut state = state_route(&mut topic, 1, Key::id(1), 2);
+        for n in 0..6 {
+            topic.deliver(&event(n, vec![Key::id(1)]));
+        }
+        assert_eq!(topic.routes(), 1, "a state route is never dropped");
+        // The queue's two, then the newest, standing for the three it replaced.
+        assert_eq!(read_now(&mut state), [(0, 0), (1, 0), (5, 3)]);
+        // Nothing held any more: the queue again, in order.
+        for n in 6..8 {
+            topic.deliver(&event(n, vec![Key::id(1)]));
+        }
+        assert_eq!(read_now(&mut state), [(6, 0), (7, 0)]);
+    }
+
+    #[test]
+    fn while_an_event_is_held_nothing_newer_passes_it_in_the_queue() {
+        use futures_util::FutureExt as _;
+        let mut topic = Topic::new(None);
+        let mut state = state_route(&mut topic, 1, Key::id(1), 2);
+        for n in 0..3 {
+            topic.deliver(&event(n, vec![Key::id(1)]));
+        }
+        // The reader takes one, which frees a place in the queue; the next event still goes
+        // to the held place, after the one held already.
+        let (first, _) = state.next().now_or_never().flatten().unwrap();
+        assert_eq!(first.position.ms, 0);
+        topic.deliver(&event(3, vec![Key::id(1)]));
+        assert_eq!(read_now(&mut state), [(1, 0), (3, 1)]);
     }
 
     struct Receiver {

@@ -22,6 +22,8 @@ pub const SECRET: &str = "gateway-test-secret-0123456789-0123456789";
 
 pub struct TestGateway {
     pub port: u16,
+    /// HEALTH_LISTEN_ADDR's port, when the gateway was given one.
+    pub health_port: Option<u16>,
     pub prefix: String,
     pub redis_url: String,
     bus: RedisBus,
@@ -54,6 +56,7 @@ impl TestGateway {
         let redis = service_kit::redis::pool(&settings.redis).unwrap();
         let app = Application::build(settings).await.unwrap();
         let port = app.port();
+        let health_port = app.health_port();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         actix_web::rt::spawn(async move {
@@ -66,6 +69,7 @@ impl TestGateway {
         });
         let gateway = TestGateway {
             port,
+            health_port,
             bus: RedisBus::new(redis, prefix.clone()),
             prefix,
             redis_url: redis_url.to_owned(),

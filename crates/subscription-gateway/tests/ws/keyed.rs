@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{access, car, close_code_after_results, TestGateway, WsClient, CAR_UPDATED};
+use crate::helpers::{
+    access, car, close_code_after_results, TestGateway, WsClient, CAR_CREATED, CAR_UPDATED,
+};
 
 fn model_updated(pk: i64) -> String {
     format!("subscription {{ carModelUpdated(pk: {pk}) {{ id make }} }}")
@@ -117,20 +119,103 @@ async fn a_burst_over_other_keys_far_longer_than_the_buffer_closes_no_subscriber
     );
 }
 
-/// An execution that really falls behind is still cut off: a burst on its own car, which the hub
-/// reads in batches far longer than FANOUT_BUFFER (4 here); another car's subscriber is not.
+/// A state subscription that really falls behind (a burst on its own car, which the hub reads
+/// in batches far longer than FANOUT_BUFFER, 4 here) is not cut off: it gets results in order
+/// and at last the car's newest state, each result saying how many older ones it stands for
+/// (`extensions.skipped`), so that what was delivered and what was skipped add up to the burst.
 #[actix_web::test]
-async fn a_burst_on_a_subscribers_own_key_longer_than_the_buffer_still_cuts_it_off() {
-    let gateway = TestGateway::spawn(&["--fanout-buffer=4", "--outbound-queue=4"]).await;
-    let mut stuck = subscribed(&gateway, 1, None).await;
+async fn a_burst_on_a_state_subscriptions_own_key_is_conflated_to_the_newest() {
+    let gateway = TestGateway::spawn(&["--fanout-buffer=4", "--outbound-queue=64"]).await;
+    let mut state = subscribed(&gateway, 1, None).await;
     let mut other = subscribed(&gateway, 2, None).await;
     gateway.settle().await;
     gateway.burst_on(1, 5_000).await;
     gateway.publish(CAR_UPDATED, car(2, "fine")).await;
     let (_, make, _, _) = next_result(&mut other).await;
     assert_eq!(make, "fine");
-    let closed = close_code_after_results(&mut stuck).await;
-    assert_eq!(closed, Some(1013));
+    let mut accounted = 0u64;
+    let mut last = -1i64;
+    let mut any_skipped = false;
+    while accounted < 5_000 {
+        let message = state.expect_json().await;
+        assert_eq!(message["type"], "next", "{message}");
+        let payload = &message["payload"];
+        let make = payload["data"]["carModelUpdated"]["make"].as_str().unwrap();
+        let n: i64 = make.trim_start_matches('m').parse().unwrap();
+        assert!(n > last, "results in order: m{n} after m{last}");
+        let skipped = payload["extensions"]["skipped"].as_u64().unwrap_or(0);
+        any_skipped |= skipped > 0;
+        assert_eq!(
+            n - last - 1,
+            skipped as i64,
+            "`skipped` counts exactly the results between m{last} and m{n}"
+        );
+        last = n;
+        accounted += 1 + skipped;
+    }
+    assert_eq!(last, 4_999, "the newest state arrives");
+    assert!(
+        any_skipped,
+        "a burst of 5,000 over a queue of 4 is conflated"
+    );
+    assert_nothing(&mut state, "the conflated subscriber").await;
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(
+        !metrics.contains("gateway_connections_closed_total{code=\"1013\"}"),
+        "a state subscriber was closed as slow"
+    );
+    assert!(
+        !metrics.contains("gateway_results_superseded_total 0"),
+        "superseded results are counted"
+    );
+}
+
+/// A subscription that cannot skip an event (every car created) and falls behind is cut off,
+/// and its members are closed a share at a time, not all at once; another car's subscriber
+/// is not. (The members read all the while, and their own queues are large: only the
+/// execution's cut-off closes them.)
+#[actix_web::test]
+async fn a_burst_an_event_stream_cannot_keep_up_with_cuts_its_members_off_gradually() {
+    let gateway = TestGateway::spawn(&["--fanout-buffer=4", "--outbound-queue=100000"]).await;
+    let mut created = Vec::new();
+    for user in 1..=40 {
+        let mut client = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+        client.init(&access(user)).await;
+        client
+            .send(json!({"id": "c", "type": "subscribe", "payload": {"query": "subscription { carCreated { id make } }"}}))
+            .await;
+        created.push(client);
+    }
+    let mut other = subscribed(&gateway, 2, None).await;
+    gateway.settle().await;
+    gateway
+        .publish_burst(
+            CAR_CREATED,
+            (0..5_000)
+                .map(|n| car(1_000 + n, &format!("new {n}")))
+                .collect(),
+        )
+        .await;
+    gateway.publish(CAR_UPDATED, car(2, "fine")).await;
+    let (_, make, _, _) = next_result(&mut other).await;
+    assert_eq!(make, "fine");
+    let closes = futures_util::future::join_all(created.iter_mut().map(|client| async move {
+        let code = close_code_after_results(client).await;
+        (code, std::time::Instant::now())
+    }))
+    .await;
+    assert!(
+        closes.iter().all(|(code, _)| *code == Some(1013)),
+        "{:?}",
+        closes.iter().map(|(code, _)| code).collect::<Vec<_>>()
+    );
+    let first = closes.iter().map(|(_, at)| *at).min().unwrap();
+    let last = closes.iter().map(|(_, at)| *at).max().unwrap();
+    assert!(
+        last - first >= Duration::from_secs(2),
+        "40 members closed within {:?}: all at once",
+        last - first
+    );
 }
 
 #[actix_web::test]

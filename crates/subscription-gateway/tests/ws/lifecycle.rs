@@ -7,7 +7,8 @@ use awc::ws;
 use serde_json::json;
 
 use crate::helpers::{
-    access, car, close_code_after_results, Incoming, TestGateway, WsClient, MODEL_UPDATED,
+    access, car, close_code_after_results, Incoming, TestGateway, WsClient, CAR_CREATED,
+    MODEL_UPDATED,
 };
 
 #[actix_web::test]
@@ -416,10 +417,17 @@ async fn a_client_cut_as_slow_reconnects_at_once_without_1008() {
     .await;
     let mut cut = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
     cut.init(&access(1)).await;
-    cut.send(json!({"id": "s", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+    // Every car created: a stream that cannot skip an event, so falling behind cuts it off (a
+    // car's updates would be conflated instead).
+    cut.send(json!({"id": "s", "type": "subscribe", "payload": {"query": "subscription { carCreated { id } }"}}))
         .await;
     gateway.settle().await;
-    gateway.burst_on(1, 5_000).await;
+    gateway
+        .publish_burst(
+            CAR_CREATED,
+            (0..5_000).map(|n| car(n + 1, "burst")).collect(),
+        )
+        .await;
     let code = close_code_after_results(&mut cut).await;
     assert_eq!(code, Some(1013));
     // `cut` is still open on this side: the reconnect comes before its closing handshake ends.
@@ -433,4 +441,51 @@ async fn a_client_cut_as_slow_reconnects_at_once_without_1008() {
         "{answer:?}"
     );
     drop(cut);
+}
+
+/// `/healthz` and `/readyz` on HEALTH_LISTEN_ADDR, served by a thread of its own: the same
+/// answers as the main listener's, nothing else, and the listener closes with the gateway.
+#[actix_web::test]
+async fn probes_are_answered_on_a_listener_of_their_own() {
+    let mut gateway = TestGateway::spawn(&["--health-listen-addr=127.0.0.1:0"]).await;
+    let port = gateway.health_port.expect("a health listener");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n");
+    let answer = |bytes: Vec<u8>| String::from_utf8(bytes).unwrap();
+    let healthz = answer(raw_exchange(port, get("/healthz").as_bytes()).await);
+    assert!(healthz.starts_with("HTTP/1.1 200 OK\r\n"), "{healthz}");
+    assert!(healthz.ends_with(r#"{"status":"ok"}"#), "{healthz}");
+    let readyz = answer(raw_exchange(port, get("/readyz?verbose=1").as_bytes()).await);
+    assert!(readyz.starts_with("HTTP/1.1 200 OK\r\n"), "{readyz}");
+    assert!(readyz.contains(r#""status":"ready""#), "{readyz}");
+    let (_, main) = gateway.get("/readyz").await;
+    assert!(
+        readyz.ends_with(&main),
+        "the main listener's answer: {main}"
+    );
+    let other = answer(raw_exchange(port, get("/metrics").as_bytes()).await);
+    assert!(other.starts_with("HTTP/1.1 404 "), "{other}");
+    let post =
+        answer(raw_exchange(port, b"POST /healthz HTTP/1.1\r\ncontent-length: 0\r\n\r\n").await);
+    assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
+    let junk = answer(raw_exchange(port, b"\x16\x03\x01 not http\r\n\r\n").await);
+    assert!(junk.starts_with("HTTP/1.1 400 "), "{junk}");
+
+    gateway.begin_shutdown();
+    let stopped = gateway.stopped.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), stopped)
+        .await
+        .expect("the gateway did not stop")
+        .unwrap();
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the health listener outlived the gateway");
 }
