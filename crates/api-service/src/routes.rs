@@ -24,8 +24,10 @@ use tracing::Instrument as _;
 /// What the handlers share; built once by [`crate::startup::Application::build`].
 pub struct ApiState {
     pub schema: Arc<Schema>,
-    /// The store, as the schema's resolvers see it.
-    pub data: Arc<dyn domain::DataSource>,
+    /// The store; the schema's resolvers see it as their `DataSource`.
+    pub store: store::repository::Store,
+    /// How long a write under an `Idempotency-Key` is remembered (IDEMPOTENCY_WINDOW_HOURS).
+    pub idempotency_window: chrono::Duration,
     pub verifier: TokenVerifier,
     pub body_limits: BodyLimits,
     pub max_batch_size: usize,
@@ -121,7 +123,14 @@ async fn graphql_post(
             )
         }
     };
-    let context = context(&req, &state).await;
+    let key = match idempotency_key(&req, &document) {
+        Ok(key) => key,
+        Err(message) => {
+            return http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST");
+        }
+    };
+    let fingerprint = key.as_ref().map(|_| fingerprint(&document));
+    let context = context_with(&req, &state, key.as_deref().zip(fingerprint.as_deref())).await;
     match document {
         Json::Array(items) => {
             if state.max_batch_size == 0 {
@@ -317,13 +326,92 @@ async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
 
 /// Verifies the `Authorization` header once per HTTP request; resolvers see the outcome.
 async fn context(req: &HttpRequest, state: &ApiState) -> Context {
+    context_with(req, state, None).await
+}
+
+/// The request's context; with `once` (a key and a digest of the request), every write the
+/// signed-in user makes through it is made at most once under that key.
+async fn context_with(req: &HttpRequest, state: &ApiState, once: Option<(&str, &str)>) -> Context {
     // A header that is not visible ASCII is malformed, not missing.
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("?"));
     let auth = state.verifier.authenticate(header).await;
-    Context::new(auth).with_data(state.data.clone())
+    let store = match (once, &auth) {
+        (Some((key, fingerprint)), Ok(claims)) => {
+            state
+                .store
+                .idempotent(store::idempotency::IdempotentRequest::new(
+                    claims.user_id,
+                    key,
+                    fingerprint,
+                    state.idempotency_window,
+                ))
+        }
+        _ => state.store.clone(),
+    };
+    Context::new(auth).with_data(Arc::new(store))
+}
+
+/// Longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The client's idempotency key: the `Idempotency-Key` header, or `extensions.idempotencyKey`
+/// of a single operation (what a websocket client can send, forwarded here by the gateway).
+/// `Err`: a malformed key or two that differ, with what to do.
+fn idempotency_key(req: &HttpRequest, document: &Json) -> Result<Option<String>, String> {
+    let header = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| "the Idempotency-Key header must be visible ASCII".to_owned())?
+                .to_owned(),
+        ),
+    };
+    let in_body = match document
+        .get("extensions")
+        .and_then(|e| e.get("idempotencyKey"))
+    {
+        None | Some(Json::Null) => None,
+        Some(Json::String(key)) => Some(key.clone()),
+        Some(_) => return Err("`extensions.idempotencyKey` must be a string".to_owned()),
+    };
+    let key = match (header, in_body) {
+        (Some(header), Some(body)) if header != body => {
+            return Err(
+                "the Idempotency-Key header and `extensions.idempotencyKey` differ; send one"
+                    .to_owned(),
+            )
+        }
+        (header, body) => header.or(body),
+    };
+    match key {
+        Some(key)
+            if key.is_empty()
+                || key.len() > MAX_IDEMPOTENCY_KEY
+                || !key.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Err(format!(
+                "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters (a \
+                 UUID, say), new for each request and the same for its retries"
+            ))
+        }
+        key => Ok(key),
+    }
+}
+
+/// A digest of what a request asks (its operations, canonically serialized), so that a key
+/// reused for another request is told apart from a retry.
+fn fingerprint(document: &Json) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut document = document.clone();
+    if let Some(extensions) = document.get_mut("extensions").and_then(Json::as_object_mut) {
+        extensions.remove("idempotencyKey");
+    }
+    let digest = Sha256::digest(document.to_string().as_bytes());
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// A request refused before it was parsed, as a GraphQL error's message and code.

@@ -63,6 +63,11 @@ pub struct Settings {
     #[arg(long, env = "MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
     /// Serve GraphQL Playground (and GraphiQL) to browsers.
+    /// How long a write made under a client's `Idempotency-Key` is remembered, in hours: a
+    /// retry with the same key within it is answered with what the write committed, without
+    /// writing again.
+    #[arg(long, env = "IDEMPOTENCY_WINDOW_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=720))]
+    pub idempotency_window_hours: u64,
     #[arg(long, env = "PLAYGROUND", default_value_t = true, action = clap::ArgAction::Set)]
     pub playground: bool,
     /// Largest accepted request body, in bytes.

@@ -34,6 +34,8 @@ pub struct Application {
     redis: service_kit::redis::RedisPool,
     key_prefix: String,
     revoked: Arc<RevokedBefore>,
+    /// IDEMPOTENCY_WINDOW_HOURS: records older than it are purged.
+    idempotency_window: chrono::Duration,
 }
 
 impl Application {
@@ -82,6 +84,7 @@ impl Application {
             redis,
             key_prefix: settings.redis.redis_key_prefix.clone(),
             revoked,
+            idempotency_window: chrono::Duration::hours(settings.idempotency_window_hours as i64),
         })
     }
 
@@ -98,7 +101,10 @@ impl Application {
     ) -> std::io::Result<()> {
         let mut background = Background::default();
         let store = self.store;
+        let pool = store.pool.clone();
         background.spawn_with_stop(|stop| store::repository::run_relay(store, stop));
+        let window = self.idempotency_window;
+        background.spawn_with_stop(|stop| store::idempotency::run_purge(pool, window, stop));
         let (redis, key_prefix, revoked) = (self.redis, self.key_prefix, self.revoked);
         background
             .spawn_with_stop(|stop| tokens::revocations::poll(redis, key_prefix, revoked, stop));
@@ -142,7 +148,8 @@ pub async fn state(
     };
     Ok(web::Data::new(ApiState {
         schema: Arc::new(graphql_schema::schema(limits)),
-        data: Arc::new(store),
+        store,
+        idempotency_window: chrono::Duration::hours(settings.idempotency_window_hours as i64),
         verifier,
         body_limits: settings.http.body_limits(max_body_bytes),
         max_batch_size: settings.max_batch_size,

@@ -185,6 +185,9 @@ pub enum WriteError {
         child: &'static str,
         count: i64,
     },
+    /// The request's `Idempotency-Key` was used before for another request.
+    #[error("this Idempotency-Key was used for another request; use a new key for a new request")]
+    IdempotencyKeyReused,
     #[error(transparent)]
     Store(#[from] StoreError),
 }

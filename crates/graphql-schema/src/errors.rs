@@ -17,6 +17,9 @@ pub enum GraphQLError {
     /// The write conflicts with what the data holds (a parent whose children refuse its deletion).
     #[error("{0}")]
     Conflict(String),
+    /// An `Idempotency-Key` used before for another request.
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("service temporarily unavailable, try again later")]
@@ -35,6 +38,7 @@ impl GraphQLError {
             GraphQLError::NotFound(_) => "NOT_FOUND",
             GraphQLError::BadUserInput(_) => "BAD_USER_INPUT",
             GraphQLError::Conflict(_) => "CONFLICT",
+            GraphQLError::IdempotencyKeyReused(_) => "IDEMPOTENCY_KEY_REUSED",
             GraphQLError::BadRequest(_) => "BAD_REQUEST",
             GraphQLError::Unavailable | GraphQLError::KeysUnavailable(_) => "SERVICE_UNAVAILABLE",
             GraphQLError::Internal => "INTERNAL_SERVER_ERROR",
@@ -106,6 +110,7 @@ impl From<WriteError> for GraphQLError {
             WriteError::Forbidden(_) => GraphQLError::Forbidden(err.to_string()),
             WriteError::UnknownUser => GraphQLError::Unauthenticated(err.to_string()),
             WriteError::HasChildren { .. } => GraphQLError::Conflict(err.to_string()),
+            WriteError::IdempotencyKeyReused => GraphQLError::IdempotencyKeyReused(err.to_string()),
             WriteError::Store(cause) => cause.into(),
         }
     }

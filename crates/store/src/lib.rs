@@ -9,6 +9,7 @@
 
 pub mod blacklist;
 pub mod cars;
+pub mod idempotency;
 pub mod outbox;
 pub mod records;
 pub mod repository;

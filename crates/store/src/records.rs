@@ -7,6 +7,7 @@ use diesel::prelude::*;
 use domain::{Actor, Child, NoParent, OnParentDelete, Page, Registered, Viewer, WriteError};
 use events::{Envelope, EventType};
 
+use super::idempotency::{self, Once, Recorded};
 use super::outbox::{self, NewEvent, PendingEvent};
 use super::schema::users;
 use super::{run, AnyConnection, DbError, DbPool};
@@ -270,8 +271,12 @@ pub async fn create<T: Table>(
     parent: Option<i64>,
     new: T::New,
     lease: chrono::Duration,
+    once: Option<Once>,
 ) -> Result<Written<T>, WriteError> {
     transaction(pool, move |conn| {
+        if let Some(made) = made_before::<T>(conn, once.as_ref())? {
+            return Ok(made);
+        }
         if active_user(conn, owner_id)?.is_none() {
             return Ok(Err(WriteError::UnknownUser));
         }
@@ -282,6 +287,7 @@ pub async fn create<T: Table>(
         let id = T::insert(conn, owner_id, &parent, new)?;
         let value = T::load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
         let pending = outbox::insert(conn, draft(T::EVENTS.created, &value, lease)?)?;
+        made_now(conn, once.as_ref(), &value)?;
         Ok(Ok((value, vec![pending])))
     })
     .await
@@ -295,8 +301,12 @@ pub async fn update<T: Table>(
     id: i64,
     changes: T::Changes,
     lease: chrono::Duration,
+    once: Option<Once>,
 ) -> Result<Written<T>, WriteError> {
     transaction(pool, move |conn| {
+        if let Some(made) = made_before::<T>(conn, once.as_ref())? {
+            return Ok(made);
+        }
         let value = match authorize::<T>(conn, actor, id)? {
             Ok(value) => value,
             Err(refused) => return Ok(Err(refused)),
@@ -307,6 +317,7 @@ pub async fn update<T: Table>(
         T::update(conn, id, changes)?;
         let value = T::load(conn, id)?.ok_or(diesel::result::Error::NotFound)?;
         let pending = outbox::insert(conn, draft(T::EVENTS.updated, &value, lease)?)?;
+        made_now(conn, once.as_ref(), &value)?;
         Ok(Ok((value, vec![pending])))
     })
     .await
@@ -320,8 +331,12 @@ pub async fn delete<T: Table>(
     actor: Actor,
     id: i64,
     lease: chrono::Duration,
+    once: Option<Once>,
 ) -> Result<Written<T>, WriteError> {
     transaction(pool, move |conn| {
+        if let Some(made) = made_before::<T>(conn, once.as_ref())? {
+            return Ok(made);
+        }
         let value = match authorize::<T>(conn, actor, id)? {
             Ok(value) => value,
             Err(refused) => return Ok(Err(refused)),
@@ -335,9 +350,34 @@ pub async fn delete<T: Table>(
             conn,
             draft(T::EVENTS.deleted, &value, lease)?,
         )?);
+        made_now(conn, once.as_ref(), &value)?;
         Ok(Ok((value, events)))
     })
     .await
+}
+
+/// For a write under an idempotency key: the answer when it was made before (the value it
+/// committed, with no event to publish again), or a refusal when the key was used for another
+/// request; `None`: make it. Holds the key until the transaction ends.
+fn made_before<T: Table>(
+    conn: &mut AnyConnection,
+    once: Option<&Once>,
+) -> QueryResult<Option<Result<Written<T>, WriteError>>> {
+    let Some(once) = once else { return Ok(None) };
+    idempotency::lock(conn, once)?;
+    Ok(match idempotency::recorded::<T>(conn, once)? {
+        Recorded::Nothing => None,
+        Recorded::Made(value) => Some(Ok((value, Vec::new()))),
+        Recorded::OtherRequest => Some(Err(WriteError::IdempotencyKeyReused)),
+    })
+}
+
+/// Records a write made under an idempotency key, in its transaction.
+fn made_now<T: Table>(conn: &mut AnyConnection, once: Option<&Once>, value: &T) -> QueryResult<()> {
+    match once {
+        Some(once) => idempotency::record(conn, once, value),
+        None => Ok(()),
+    }
 }
 
 /// `Ok(value)` when `actor` may change `id`: the system, staff, or the owner. Someone who may

@@ -49,6 +49,8 @@ pub struct Store {
     published: IntCounterVec,
     /// Events waiting in the outbox, as of the relay's last pass: alert when it keeps growing.
     pending: IntGauge,
+    /// Set for the writes of a request made under a client's idempotency key.
+    idempotent: Option<Arc<crate::idempotency::IdempotentRequest>>,
 }
 
 impl Store {
@@ -93,7 +95,21 @@ impl Store {
             config,
             published,
             pending,
+            idempotent: None,
         }
+    }
+
+    /// This store for one request made under a client's idempotency key: each write it makes
+    /// is made at most once ([`crate::idempotency`]).
+    pub fn idempotent(&self, request: crate::idempotency::IdempotentRequest) -> Store {
+        Store {
+            idempotent: Some(Arc::new(request)),
+            ..self.clone()
+        }
+    }
+
+    fn once(&self) -> Option<crate::idempotency::Once> {
+        self.idempotent.as_ref().map(|request| request.next())
     }
 
     pub fn config(&self) -> OutboxConfig {
@@ -106,7 +122,8 @@ impl Store {
         parent: Option<i64>,
         new: T::New,
     ) -> Result<T, WriteError> {
-        let written = records::create(&self.pool, owner_id, parent, new, self.lease()).await?;
+        let written =
+            records::create(&self.pool, owner_id, parent, new, self.lease(), self.once()).await?;
         Ok(self.publish_written(written).await)
     }
 
@@ -116,13 +133,14 @@ impl Store {
         id: i64,
         changes: T::Changes,
     ) -> Result<T, WriteError> {
-        let written = records::update(&self.pool, actor, id, changes, self.lease()).await?;
+        let written =
+            records::update(&self.pool, actor, id, changes, self.lease(), self.once()).await?;
         Ok(self.publish_written(written).await)
     }
 
     /// Deletes it and what belongs to it (its type's children, as they declare).
     pub async fn delete<T: Table>(&self, actor: Actor, id: i64) -> Result<T, WriteError> {
-        let written = records::delete(&self.pool, actor, id, self.lease()).await?;
+        let written = records::delete(&self.pool, actor, id, self.lease(), self.once()).await?;
         Ok(self.publish_written(written).await)
     }
 

@@ -36,4 +36,20 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(users, blacklisted_tokens, event_outbox);
+diesel::table! {
+    idempotency_keys (user_id, key, seq) {
+        user_id -> Int8,
+        key -> Varchar,
+        seq -> Int4,
+        fingerprint -> Varchar,
+        record -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    blacklisted_tokens,
+    event_outbox,
+    idempotency_keys
+);

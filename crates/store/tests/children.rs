@@ -23,7 +23,7 @@ async fn car(pool: &DbPool, owner: i64, private: bool) -> Car {
         year: String::new(),
         private,
     };
-    records::create::<Car>(pool, owner, None, new, LEASE)
+    records::create::<Car>(pool, owner, None, new, LEASE, None)
         .await
         .unwrap()
         .0
@@ -44,7 +44,7 @@ async fn add(
     car_id: i64,
     garage: &str,
 ) -> Result<ServiceVisit, WriteError> {
-    records::create::<ServiceVisit>(pool, user, Some(car_id), visit(garage), LEASE)
+    records::create::<ServiceVisit>(pool, user, Some(car_id), visit(garage), LEASE, None)
         .await
         .map(|(visit, events)| {
             assert_eq!(events.len(), 1, "one created event");
@@ -109,12 +109,14 @@ async fn check(pool: &DbPool) {
         ..ServiceVisitChanges::default()
     };
     let refused =
-        records::update::<ServiceVisit>(pool, Actor::User(bob), first.id, garage("X"), LEASE).await;
+        records::update::<ServiceVisit>(pool, Actor::User(bob), first.id, garage("X"), LEASE, None)
+            .await;
     assert!(
         matches!(refused, Err(WriteError::Forbidden("service visit"))),
         "{refused:?}"
     );
-    let refused = records::delete::<ServiceVisit>(pool, Actor::User(bob), first.id, LEASE).await;
+    let refused =
+        records::delete::<ServiceVisit>(pool, Actor::User(bob), first.id, LEASE, None).await;
     assert!(
         matches!(refused, Err(WriteError::Forbidden("service visit"))),
         "{refused:?}"
@@ -125,7 +127,8 @@ async fn check(pool: &DbPool) {
         .items[0]
         .clone();
     let refused =
-        records::delete::<ServiceVisit>(pool, Actor::User(bob), private_visit.id, LEASE).await;
+        records::delete::<ServiceVisit>(pool, Actor::User(bob), private_visit.id, LEASE, None)
+            .await;
     assert!(
         matches!(refused, Err(WriteError::NotFound("service visit"))),
         "{refused:?}"
@@ -136,6 +139,7 @@ async fn check(pool: &DbPool) {
         first.id,
         garage("Renamed"),
         LEASE,
+        None,
     )
     .await
     .unwrap();
@@ -156,6 +160,7 @@ async fn check(pool: &DbPool) {
         first.id,
         ServiceVisitChanges::default(),
         LEASE,
+        None,
     )
     .await
     .unwrap();
@@ -166,6 +171,7 @@ async fn check(pool: &DbPool) {
         public.id,
         CarChanges::default(),
         LEASE,
+        None,
     )
     .await
     .unwrap();
@@ -177,6 +183,7 @@ async fn check(pool: &DbPool) {
         private.id,
         CarChanges::default(),
         LEASE,
+        None,
     )
     .await;
     assert!(
@@ -221,9 +228,10 @@ async fn check(pool: &DbPool) {
     assert!(raw.is_err(), "the foreign key refuses: {raw:?}");
 
     // Deleting the car deletes its visits in the same transaction, each with its event, first.
-    let (deleted, events) = records::delete::<Car>(pool, Actor::User(alice), public.id, LEASE)
-        .await
-        .unwrap();
+    let (deleted, events) =
+        records::delete::<Car>(pool, Actor::User(alice), public.id, LEASE, None)
+            .await
+            .unwrap();
     assert_eq!(deleted.id, public.id);
     assert_eq!(events.len(), 3);
     let committed = outbox(pool).await;

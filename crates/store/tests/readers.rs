@@ -149,17 +149,17 @@ async fn check(pool: &DbPool) {
     };
     let store = records::update::<Car>;
     let lease = chrono::Duration::seconds(10);
-    let public = store(pool, Actor::User(bob), ids[0], changes(), lease).await;
+    let public = store(pool, Actor::User(bob), ids[0], changes(), lease, None).await;
     assert!(
         matches!(public, Err(WriteError::Forbidden("car"))),
         "{public:?}"
     );
-    let private = store(pool, Actor::User(bob), ids[1], changes(), lease).await;
+    let private = store(pool, Actor::User(bob), ids[1], changes(), lease, None).await;
     assert!(
         matches!(private, Err(WriteError::NotFound("car"))),
         "{private:?}"
     );
-    let deleted = records::delete::<Car>(pool, Actor::User(bob), ids[1], lease).await;
+    let deleted = records::delete::<Car>(pool, Actor::User(bob), ids[1], lease, None).await;
     assert!(
         matches!(deleted, Err(WriteError::NotFound("car"))),
         "{deleted:?}"

@@ -149,6 +149,7 @@ async fn an_event_whose_writer_died_before_publishing_is_published_when_its_leas
             ..CarChanges::default()
         },
         chrono::Duration::seconds(1),
+        None,
     )
     .await
     .unwrap();

@@ -6,6 +6,7 @@ mod config;
 mod events;
 mod helpers;
 mod http;
+mod idempotency;
 mod jwks;
 mod limits;
 mod mutations;
