@@ -220,13 +220,19 @@ def check_deployment(rep: Report, what: str, obj: dict, spec: dict, configmaps: 
         listen_port = int(listen.rsplit(":", 1)[1]) if ":" in listen else None
         rep.check(listen.startswith("0.0.0.0:") or listen.startswith("[::]:"),
                   f"{cw} listens on all interfaces (LISTEN_ADDR={listen or 'unset: loopback'})")
+        # The gateway answers its probes on a listener of its own when it has one.
+        health = env_value(c, "HEALTH_LISTEN_ADDR", configmaps)
+        if health is not None:
+            rep.check(health.startswith("0.0.0.0:") or health.startswith("[::]:"),
+                      f"{cw} answers probes on all interfaces (HEALTH_LISTEN_ADDR={health})")
+            listen_port = int(health.rsplit(":", 1)[1])
         for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
             get = c.get(probe, {}).get("httpGet")
             if not rep.check(get is not None, f"{cw} has a {probe}"):
                 continue
             port = port_of(c, get["port"])
             rep.check(get["path"] == path and port is not None and port == listen_port,
-                      f"{cw} {probe} is GET {path} on the port it listens on ({listen_port})",
+                      f"{cw} {probe} is GET {path} on the port that answers it ({listen_port})",
                       f"GET {get['path']} on {get['port']} (→ {port})")
         sleep = prestop_sleep(c)
         rep.check(sleep > 0, f"{cw} has a preStop pause before SIGTERM")

@@ -24,6 +24,7 @@ mod reference;
 mod replay_bounds;
 mod replicas;
 mod resume;
+mod safe_retries;
 mod second_probe;
 mod socket_operations;
 mod stack;
