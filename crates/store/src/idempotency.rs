@@ -26,8 +26,8 @@ use super::{run, AnyConnection, DbError, DbPool};
 #[derive(Debug)]
 pub struct IdempotentRequest {
     user_id: i64,
-    key: Arc<str>,
-    fingerprint: Arc<str>,
+    key: String,
+    fingerprint: String,
     window: chrono::Duration,
     next_seq: AtomicI32,
 }
@@ -37,33 +37,27 @@ impl IdempotentRequest {
     pub fn new(user_id: i64, key: &str, fingerprint: &str, window: chrono::Duration) -> Self {
         Self {
             user_id,
-            key: Arc::from(key),
-            fingerprint: Arc::from(fingerprint),
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
             window,
             next_seq: AtomicI32::new(0),
         }
     }
 
     /// The next write's place.
-    pub(crate) fn next(&self) -> Once {
+    pub(crate) fn next(self: &Arc<Self>) -> Once {
         Once {
-            user_id: self.user_id,
-            key: self.key.clone(),
-            fingerprint: self.fingerprint.clone(),
+            request: self.clone(),
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
-            window: self.window,
         }
     }
 }
 
-/// One write's place under a key.
+/// One write's place under a key: its request, and its number in it.
 #[derive(Debug, Clone)]
 pub struct Once {
-    user_id: i64,
-    key: Arc<str>,
-    fingerprint: Arc<str>,
+    request: Arc<IdempotentRequest>,
     seq: i32,
-    window: chrono::Duration,
 }
 
 /// What the records of a key say of one write.
@@ -79,9 +73,10 @@ pub(crate) enum Recorded<T> {
 /// Serializes the writes under one key until the transaction ends (PostgreSQL; SQLite runs one
 /// write transaction at a time already).
 pub(crate) fn lock(conn: &mut AnyConnection, once: &Once) -> QueryResult<()> {
+    let request = &once.request;
     if let AnyConnection::Postgresql(conn) = conn {
         diesel::sql_query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind::<Text, _>(format!("idempotency:{}:{}", once.user_id, once.key))
+            .bind::<Text, _>(format!("idempotency:{}:{}", request.user_id, request.key))
             .execute(conn)?;
     }
     Ok(())
@@ -92,17 +87,18 @@ pub(crate) fn recorded<T: Record>(
     conn: &mut AnyConnection,
     once: &Once,
 ) -> QueryResult<Recorded<T>> {
-    let cutoff = super::now() - once.window;
+    let request = &once.request;
+    let cutoff = super::now() - request.window;
     diesel::delete(
         idempotency_keys::table
-            .filter(idempotency_keys::user_id.eq(once.user_id))
-            .filter(idempotency_keys::key.eq(&*once.key))
+            .filter(idempotency_keys::user_id.eq(request.user_id))
+            .filter(idempotency_keys::key.eq(&request.key))
             .filter(idempotency_keys::created_at.lt(cutoff)),
     )
     .execute(conn)?;
     let rows: Vec<(i32, String, String)> = idempotency_keys::table
-        .filter(idempotency_keys::user_id.eq(once.user_id))
-        .filter(idempotency_keys::key.eq(&*once.key))
+        .filter(idempotency_keys::user_id.eq(request.user_id))
+        .filter(idempotency_keys::key.eq(&request.key))
         .select((
             idempotency_keys::seq,
             idempotency_keys::fingerprint,
@@ -111,7 +107,7 @@ pub(crate) fn recorded<T: Record>(
         .load(conn)?;
     if rows
         .iter()
-        .any(|(_, fingerprint, _)| **fingerprint != *once.fingerprint)
+        .any(|(_, fingerprint, _)| *fingerprint != request.fingerprint)
     {
         return Ok(Recorded::OtherRequest);
     }
@@ -131,12 +127,13 @@ pub(crate) fn record<T: Record>(
 ) -> QueryResult<()> {
     let record = serde_json::to_string(value)
         .map_err(|err| diesel::result::Error::SerializationError(Box::new(err)))?;
+    let request = &once.request;
     diesel::insert_into(idempotency_keys::table)
         .values((
-            idempotency_keys::user_id.eq(once.user_id),
-            idempotency_keys::key.eq(&*once.key),
+            idempotency_keys::user_id.eq(request.user_id),
+            idempotency_keys::key.eq(&request.key),
             idempotency_keys::seq.eq(once.seq),
-            idempotency_keys::fingerprint.eq(&*once.fingerprint),
+            idempotency_keys::fingerprint.eq(&request.fingerprint),
             idempotency_keys::record.eq(record),
             idempotency_keys::created_at.eq(super::now()),
         ))

@@ -104,7 +104,8 @@ enum Batch {
         readers: Readers,
         /// A state subscription's: a newer result supersedes it ([`serve_group`]).
         supersedable: bool,
-        /// Results skipped right before it, which it supersedes (said in the payload).
+        /// Results skipped right before it, which it supersedes (not in the payload yet: the
+        /// group adds them to those it skips itself, [`Group::deliver_batch`]).
         skipped: u64,
     },
     /// The last message: an error list, or `complete` when `None`.
@@ -790,8 +791,8 @@ const CUT_OFF_SPREAD: std::time::Duration = std::time::Duration::from_secs(5);
 const CUT_OFF_STEPS: u32 = 20;
 
 impl Group {
-    /// A `Next` batch to every member; `superseded`: results skipped for it besides those its
-    /// payload says already.
+    /// A `Next` batch to every member; `superseded`: results the group skipped for it, besides
+    /// those the batch says were skipped before it. The payload says how many in all.
     fn deliver_batch(&self, batch: &Batch, superseded: u64, metrics: &GatewayMetrics) {
         let Batch::Next {
             payload,
@@ -807,7 +808,7 @@ impl Group {
             return;
         };
         let rewritten;
-        let payload = if superseded > 0 {
+        let payload = if skipped + superseded > 0 {
             rewritten = Arc::from(with_extension(payload, "skipped", skipped + superseded));
             &rewritten
         } else {
@@ -1000,15 +1001,15 @@ async fn drive(
             return;
         };
         let skipped = mark.as_ref().map_or(0, |m| m.skipped);
-        let mut payload = result_payload(output, mark.as_ref().map(|m| &*m.cursor));
         if skipped > 0 {
-            // Superseded while waiting for this execution (its route held the newest).
+            // Superseded while waiting for this execution (its route held the newest); the
+            // group says so in the payload, with what it skips itself.
             if let Some(registry) = execution.registry.upgrade() {
                 registry.metrics.results_superseded.inc_by(skipped);
             }
-            payload = with_extension(&payload, "skipped", skipped);
         }
-        let payload: Arc<str> = Arc::from(payload);
+        let payload: Arc<str> =
+            Arc::from(result_payload(output, mark.as_ref().map(|m| &*m.cursor)));
         // One span per event and execution (not per subscriber), linked to the write's trace.
         let span = mark.as_ref().and_then(|m| {
             let traceparent = m.traceparent.as_deref()?;
@@ -1133,6 +1134,51 @@ mod tests {
     /// time: `join` finds a finished execution and ends up holding its last reference. With the
     /// guard dropped before that reference this deadlocks (the std mutex is locked twice on one
     /// thread), which the timeout turns into a failure instead of a hung test run.
+    /// Results skipped before a batch reached its group and those the group skips itself are
+    /// said once, added up.
+    #[test]
+    fn a_result_says_once_all_it_was_skipped_for() {
+        let group = Group {
+            thread: std::thread::current().id(),
+            members: Mutex::new(HashMap::new()),
+            next_slot: AtomicU64::new(0),
+        };
+        let link = Arc::new(Link::buffered(16));
+        lock(&group.members).insert(
+            0,
+            Subscriber {
+                protocol: Protocol::Sse,
+                id: "1".into(),
+                link: link.clone(),
+                gate: None,
+                viewer: Viewer {
+                    user_id: 1,
+                    is_staff: false,
+                },
+            },
+        );
+        let batch = |skipped| Batch::Next {
+            payload: Arc::from(r#"{"data":{"n":1},"extensions":{"cursor":"c"}}"#),
+            event_type: None,
+            event_at: None,
+            position: None,
+            cursor: None,
+            readers: Readers::Everyone,
+            supersedable: true,
+            skipped,
+        };
+        let metrics = GatewayMetrics::register(&Metrics::new("test"));
+        group.deliver_batch(&batch(2), 3, &metrics);
+        group.deliver_batch(&batch(0), 0, &metrics);
+        let written = link.take_pending().unwrap();
+        let text = std::str::from_utf8(&written).unwrap();
+        assert_eq!(text.matches(r#""skipped""#).count(), 1, "{text}");
+        assert!(
+            text.contains(r#""extensions":{"cursor":"c","skipped":5}"#),
+            "{text}"
+        );
+    }
+
     #[test]
     fn a_finished_execution_whose_last_reference_join_holds_is_dropped_after_the_unlock() {
         let (done, outcome) = std_mpsc::channel();
