@@ -802,12 +802,13 @@ impl Group {
             cursor,
             readers,
             skipped,
-            ..
+            supersedable,
         } = batch
         else {
             return;
         };
         let rewritten;
+        let raw = payload;
         let payload = if skipped + superseded > 0 {
             rewritten = Arc::from(with_extension(payload, "skipped", skipped + superseded));
             &rewritten
@@ -822,6 +823,7 @@ impl Group {
                 position: *position,
                 cursor: cursor.as_ref(),
                 readers: *readers,
+                state: supersedable.then_some((raw, skipped + superseded)),
             },
             metrics,
         );
@@ -855,8 +857,10 @@ impl Group {
             position,
             cursor,
             readers,
+            state,
         } = delivery;
         let members = lock(&self.members);
+        let mut superseded = 0u64;
         let mut frames: Vec<(Protocol, &str, Bytes)> = Vec::with_capacity(2);
         let mut sent = 0u64;
         let mut withheld = 0u64;
@@ -915,7 +919,18 @@ impl Group {
                     frame
                 }
             };
-            if member.link.push(&frame) {
+            let pushed = match state {
+                // The member's own socket behind: it keeps the newest, saying what it replaced.
+                Some((raw, skipped)) => member
+                    .link
+                    .push_state(&member.id, &frame, skipped, || {
+                        later_frame(member.protocol, &member.id, raw, cursor)
+                    })
+                    .map(|replaced| superseded += replaced)
+                    .is_some(),
+                None => member.link.push(&frame),
+            };
+            if pushed {
                 sent += 1;
                 if event_at.is_some() || published_at.is_some() {
                     let now = chrono::Utc::now().timestamp_micros();
@@ -932,6 +947,9 @@ impl Group {
         latency.flush();
         published.flush();
         metrics.messages_sent.inc_by(sent);
+        if superseded > 0 {
+            metrics.results_superseded.inc_by(superseded);
+        }
         if withheld > 0 {
             metrics.results_withheld.inc_by(withheld);
         }
@@ -946,12 +964,31 @@ impl Group {
                 }
                 None => protocol::complete_frame(member.protocol, &member.id),
             };
-            if member.link.push(&frame) {
+            if member.link.push_last(&member.id, &frame) {
                 metrics.messages_sent.inc();
             }
             member.link.finished(&member.id);
         }
     }
+}
+
+/// How a state subscription's result kept by a socket that is behind is written later, saying
+/// how many results it stands for.
+fn later_frame(
+    protocol: Protocol,
+    id: &str,
+    raw: &Arc<str>,
+    cursor: Option<&Arc<str>>,
+) -> crate::socket::LaterFrame {
+    let (id_json, raw, cursor) = (id_json(id), raw.clone(), cursor.cloned());
+    Box::new(move |skipped| {
+        let payload = if skipped > 0 {
+            std::borrow::Cow::Owned(with_extension(&raw, "skipped", skipped))
+        } else {
+            std::borrow::Cow::Borrowed(&*raw)
+        };
+        protocol::next_frame(protocol, &id_json, &payload, cursor.as_deref())
+    })
 }
 
 /// What a group is told of one result besides its payload.
@@ -962,6 +999,10 @@ struct Delivery<'a> {
     position: Option<Position>,
     cursor: Option<&'a Arc<str>>,
     readers: Readers,
+    /// A state subscription's result: its payload without `skipped`, and how many results it
+    /// stands for, so that a member whose socket is behind keeps only the newest
+    /// ([`Link::push_state`]).
+    state: Option<(&'a Arc<str>, u64)>,
 }
 
 /// Runs the juniper stream once for every subscriber of the operation.
@@ -1237,6 +1278,7 @@ mod tests {
                 buffer: 16,
                 metrics,
                 revoked: tokens::revocations::RevokedBefore::new_loaded(300, 0),
+                overload_lag: Duration::from_secs(1),
             },
             shutdown.clone(),
         );

@@ -61,6 +61,23 @@ struct Outgoing {
     state: LinkState,
     /// Subscriptions whose execution ended; their last message is already written or queued.
     finished: Vec<String>,
+    /// State subscriptions' newest results kept while the client is behind
+    /// ([`Link::push_state`]), written once `pending` has gone out.
+    newest: Vec<Newest>,
+}
+
+/// How to write a state subscription's result later, saying how many results it stands for:
+/// given that count, the frame.
+pub type LaterFrame = Box<dyn Fn(u64) -> Bytes + Send + Sync>;
+
+/// A state subscription's newest result, kept instead of queued while the client is behind.
+struct Newest {
+    id: String,
+    /// Results it replaced here, with all they stood for.
+    replaced: u64,
+    /// Results it stood for already (skipped before it reached this link).
+    skipped: u64,
+    frame: LaterFrame,
 }
 
 impl Link {
@@ -81,6 +98,7 @@ impl Link {
                 queued: 0,
                 state: LinkState::Open,
                 finished: Vec::new(),
+                newest: Vec::new(),
             }),
             wake: Notify::new(),
             max_queued: max_queued.max(1),
@@ -148,6 +166,66 @@ impl Link {
         true
     }
 
+    /// [`Link::push`] for a result of a state subscription `id`, whose newer results supersede
+    /// older ones: while the client is behind by more than half of OUTBOUND_QUEUE, the result
+    /// is kept as the subscription's newest instead of queued (replacing one kept before), and
+    /// written, saying how many results it stands for (`skipped`), once the queue has gone out.
+    /// A client that reads slowly thus gets its records' latest states rather than being cut
+    /// off. `None` when refused (see [`Link::push`]); else how many results were replaced.
+    pub fn push_state(
+        &self,
+        id: &str,
+        frame: &[u8],
+        skipped: u64,
+        later: impl FnOnce() -> LaterFrame,
+    ) -> Option<u64> {
+        let mut out = lock(&self.out);
+        let behind = self.stream.is_some()
+            && out.state == LinkState::Open
+            && (out.queued >= self.max_queued.div_ceil(2)
+                || out.newest.iter().any(|kept| kept.id == id));
+        if !behind {
+            drop(out);
+            return self.push(frame).then_some(0);
+        }
+        let frame = later();
+        let kept = match out.newest.iter_mut().find(|kept| kept.id == id) {
+            Some(kept) => {
+                let replaced = kept.replaced + kept.skipped + 1;
+                *kept = Newest {
+                    id: kept.id.clone(),
+                    replaced,
+                    skipped,
+                    frame,
+                };
+                1
+            }
+            None => {
+                out.newest.push(Newest {
+                    id: id.to_owned(),
+                    replaced: 0,
+                    skipped,
+                    frame,
+                });
+                0
+            }
+        };
+        Some(kept)
+    }
+
+    /// [`Link::push`] of a subscription's last message, after the newest result kept for it.
+    pub fn push_last(&self, id: &str, frame: &[u8]) -> bool {
+        let kept = {
+            let mut out = lock(&self.out);
+            let index = out.newest.iter().position(|kept| kept.id == id);
+            index.map(|index| out.newest.remove(index))
+        };
+        if let Some(kept) = kept {
+            self.push(&(kept.frame)(kept.replaced + kept.skipped));
+        }
+        self.push(frame)
+    }
+
     /// [`Link::push`] of a text message.
     pub fn push_text(&self, text: &str) -> bool {
         self.push(&text_frame(text))
@@ -206,14 +284,26 @@ impl Link {
         let Some(stream) = &self.stream else {
             return Ok(out.pending.is_empty());
         };
-        while !out.pending.is_empty() {
-            match stream.try_write(&out.pending) {
-                Ok(n) => out.pending.advance(n),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(err) => {
-                    out.state = LinkState::Gone;
-                    return Err(err);
+        loop {
+            while !out.pending.is_empty() {
+                match stream.try_write(&out.pending) {
+                    Ok(n) => out.pending.advance(n),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(err) => {
+                        out.state = LinkState::Gone;
+                        return Err(err);
+                    }
                 }
+            }
+            // Caught up: the newest results kept meanwhile go out now, after what was queued.
+            if out.newest.is_empty() || out.state != LinkState::Open {
+                break;
+            }
+            out.queued = 0;
+            for kept in std::mem::take(&mut out.newest) {
+                let frame = (kept.frame)(kept.replaced + kept.skipped);
+                out.pending.extend_from_slice(&frame);
+                out.queued += 1;
             }
         }
         // Give the buffer back: an idle connection holds none.

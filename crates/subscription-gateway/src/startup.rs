@@ -90,6 +90,7 @@ pub async fn state(
         buffer,
         metrics: gateway_metrics.clone(),
         revoked,
+        overload_lag: Duration::from_millis(settings.overload_lag_ms),
     };
     let hub = match source {
         HubSource::Redis {

@@ -65,7 +65,7 @@ pub(crate) struct SubscribeArgs {
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=200_000))]
     pub(super) staff: u32,
     /// Measured events (after one warm-up event per pk).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=5_000_000))]
     pub(super) events: u32,
     /// Publishing rate of the measured events.
     #[arg(long, default_value_t = 1.0)]
@@ -85,6 +85,11 @@ pub(crate) struct SubscribeArgs {
     pub(super) username: String,
     #[arg(long, default_value = "letmein")]
     pub(super) password: String,
+    /// Events the log keeps (`XADD … MAXLEN ~`), as the services' EVENT_RETENTION_COUNT. Past
+    /// capacity a gateway that falls further behind than this loses what was trimmed before
+    /// it read it: size it to the rate times the lag a run may reach.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(super) retention_count: u64,
     /// The Redis the gateway listens to, and its key prefix: both must be the gateway's.
     #[command(flatten)]
     pub(super) redis: service_kit::config::RedisArgs,
@@ -184,8 +189,8 @@ impl SubscribeArgs {
         if self.pks.is_empty() {
             return Err("--pks needs at least one pk".into());
         }
-        if !(0.1..=10_000.0).contains(&self.events_per_sec) {
-            return Err("--events-per-sec must be within 0.1..=10000".into());
+        if !(0.1..=100_000.0).contains(&self.events_per_sec) {
+            return Err("--events-per-sec must be within 0.1..=100000".into());
         }
         if self.protocol == WsProtocol::Sse && (self.resume || self.renew_every_secs.is_some()) {
             return Err(

@@ -16,7 +16,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::args::WsProtocol;
 use super::messages::{
-    classify, contains, event_index, init_message, result_cursor, subscribe_message, Incoming,
+    classify, contains, event_index, init_message, result_cursor, result_skipped,
+    subscribe_message, Incoming,
 };
 use super::tally::{merge, Resumed, Tally};
 use super::tokens::{Minter, CONNECTIONS_PER_USER};
@@ -398,6 +399,7 @@ async fn serve(
             Frame::Text(bytes) => match classify(&bytes) {
                 Incoming::Data => match event_index(&bytes, &shared.run) {
                     Some(index) if index < shared.delivered.len() => {
+                        tally.skipped_told += result_skipped(&bytes);
                         if sub.args.resume {
                             if let Some(cursor) = result_cursor(&bytes) {
                                 progress.cursor = Some(cursor.to_owned());

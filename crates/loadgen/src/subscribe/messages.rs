@@ -104,9 +104,37 @@ pub(super) fn result_cursor(text: &[u8]) -> Option<&str> {
     std::str::from_utf8(&rest[..end]).ok()
 }
 
+/// `extensions.skipped` of a result: the earlier results of its subscription it stands for
+/// (the gateway conflated them past capacity); 0 when absent.
+pub(super) fn result_skipped(text: &[u8]) -> u64 {
+    let key = br#""skipped":"#;
+    let Some(start) = text.windows(key.len()).position(|w| w == key) else {
+        return 0;
+    };
+    let digits = &text[start + key.len()..];
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end])
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conflated_results_skipped_count_is_read() {
+        let text = br#"{"type":"next","id":"1","payload":{"data":{},"extensions":{"cursor":"e:t:1-0","skipped":12}}}"#;
+        assert_eq!(result_skipped(text), 12);
+        assert_eq!(
+            result_skipped(br#"{"payload":{"extensions":{"cursor":"c"}}}"#),
+            0
+        );
+    }
 
     #[test]
     fn messages_are_classified_by_their_leading_type() {

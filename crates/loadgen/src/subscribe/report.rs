@@ -27,6 +27,14 @@ fn resume_figures(tally: &Tally, phases: &Phases) -> Value {
         .collect();
     drop_to_caught_up_us.sort_unstable();
     let ms = |p: f64| crate::percentile(&drop_to_caught_up_us, p);
+    // How many sockets were cut within one second at most (a mass close shows as one second
+    // holding them all).
+    let mut drops_per_second = std::collections::BTreeMap::<u64, u64>::new();
+    for resumed in &tally.resumes {
+        *drops_per_second
+            .entry(resumed.dropped_ns / 1_000_000_000)
+            .or_insert(0) += 1;
+    }
     json!({
         "reconnects": tally.resumes.len(),
         "gave_up": tally.gave_up,
@@ -34,6 +42,7 @@ fn resume_figures(tally: &Tally, phases: &Phases) -> Value {
         "last_resubscribed_s": since(tally.resumes.iter().map(|r| r.resubscribed_ns).max()),
         "last_caught_up_s": since(tally.resumes.iter().map(|r| r.caught_up_ns).max()),
         "drop_to_caught_up_ms": {"p50": ms(50.0), "p99": ms(99.0), "max": ms(100.0)},
+        "most_drops_in_one_second": drops_per_second.values().max().copied().unwrap_or(0),
     })
 }
 
@@ -191,16 +200,21 @@ pub(super) fn report(
         // Event by event, in publishing order: when its first and its last subscriber had it
         // (null: nobody did). A slow event with a late first delivery was held up before the
         // fan-out (Redis, the hub, the execution); one with an early first, during it.
-        "by_event_ms": {
+        // (Left out past 100,000 events: the file would hold millions of numbers.)
+        "by_event_ms": (measured <= 100_000).then(|| json!({
             "first": first_us.iter().map(|us| us.map(|us| f64::from(us) / 1000.0)).collect::<Vec<_>>(),
             "last": last_us.iter().map(|us| us.map(|us| f64::from(us) / 1000.0)).collect::<Vec<_>>(),
-        },
+        })),
         "errors": {
             "connect": tally.connect_errors,
             "closes": tally.closes,
             "protocol": tally.protocol_errors,
             "publish": phases.publish_errors,
             "missing_deliveries": missing,
+            // Of the missing, those the subscribers were told of (`extensions.skipped`); the
+            // rest were lost without a word.
+            "skipped_told": tally.skipped_told,
+            "missing_untold": missing.saturating_sub(tally.skipped_told),
             "duplicate_deliveries": duplicates,
             "foreign_deliveries": tally.foreign,
         },
@@ -280,6 +294,13 @@ pub(super) fn report(
         ms(&last_sorted, 99.0),
         ms(&last_sorted, 100.0),
     );
+    if tally.skipped_told > 0 {
+        println!(
+            "conflated: {} deliveries skipped and said so (extensions.skipped); missing and not told: {}",
+            tally.skipped_told,
+            missing.saturating_sub(tally.skipped_told)
+        );
+    }
     let secs = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     println!(
         "fan-out while delivering: {burst_per_sec:.0} msg/s; first publish to last delivery {delivery_secs:.3} s; CPU s during events: gateway {} ({} µs/delivery, {} µs/event), loadgen {} ({} µs/delivery); during ramp: gateway {}, loadgen {}",

@@ -24,6 +24,9 @@ pub(super) struct Tally {
     pub(super) resumes: Vec<Resumed>,
     /// Resumed subscriptions whose first result said `recovered: false`.
     pub(super) unrecovered: u64,
+    /// Results the gateway said it skipped for a subscriber (`extensions.skipped`, conflation
+    /// past capacity): missing deliveries the subscriber was told of.
+    pub(super) skipped_told: u64,
     /// Subscribers that gave up reconnecting.
     pub(super) gave_up: u64,
     /// Renewal `ping`s sent, and the time to their `pong {"exp"}` in µs.
@@ -59,6 +62,7 @@ pub(super) fn merge(total: &mut Tally, tally: Tally) {
     total.duplicates += tally.duplicates;
     total.resumes.extend(tally.resumes);
     total.unrecovered += tally.unrecovered;
+    total.skipped_told += tally.skipped_told;
     total.gave_up += tally.gave_up;
     total.renewals_sent += tally.renewals_sent;
     total.renewal_us.extend(tally.renewal_us);

@@ -67,6 +67,9 @@ pub struct HubParts {
     pub metrics: GatewayMetrics,
     /// The logout cutoffs; announcements read with the logs are recorded here.
     pub revoked: Arc<RevokedBefore>,
+    /// A state subscription whose next event is older than this (OVERLOAD_LAG_MS) skips to the
+    /// newest it has waiting.
+    pub overload_lag: Duration,
 }
 
 /// Cheap to clone; one per process.
@@ -80,6 +83,7 @@ struct Inner {
     /// The event types there are, and how each one's envelopes decode.
     registry: Registry,
     buffer: usize,
+    overload_lag: Duration,
     topics: Mutex<HashMap<EventType, Topic>>,
     /// Tells the Redis task that a topic needs a start position and a place in the read.
     wake: Notify,
@@ -153,6 +157,7 @@ impl Hub {
                 key_prefix: key_prefix.to_owned(),
                 registry: parts.registry,
                 buffer: parts.buffer.max(1),
+                overload_lag: parts.overload_lag,
                 topics: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 ready: Notify::new(),
@@ -219,7 +224,11 @@ impl Hub {
             self.inner.wake.notify_one();
         }
         (
-            RouteReader { receiver, latest },
+            RouteReader {
+                receiver,
+                latest,
+                late_after_ms: self.inner.overload_lag.as_millis() as u64,
+            },
             TopicGuard {
                 hub: self.clone(),
                 event_type,

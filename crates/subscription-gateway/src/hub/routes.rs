@@ -13,6 +13,8 @@
 //!   is conflated: the newest event that did not fit is held beside the queue ([`Latest`]),
 //!   replacing the one held before, and is read after the queue; the result it becomes says how
 //!   many it replaced. The subscriber gets the record's latest state, late but never cut off.
+//!   Its reader does not wait for a full queue either: an event it takes that is older than
+//!   OVERLOAD_LAG_MS makes it skip to the newest waiting ([`RouteReader::next`]).
 //! - any other (created, deleted, unkeyed) cannot skip an event: its route is dropped and it is
 //!   told (`slow`), and it closes its members as slow consumers (1013), who resume.
 //!
@@ -107,6 +109,9 @@ pub struct Latest {
 pub struct RouteReader {
     pub(super) receiver: mpsc::Receiver<Arc<LoggedEvent>>,
     pub(super) latest: Option<Arc<Latest>>,
+    /// A state subscription's event appended longer ago than this (ms) is late: the reader
+    /// skips to the newest it has waiting rather than work through the queue.
+    pub(super) late_after_ms: u64,
 }
 
 impl RouteReader {
@@ -116,7 +121,20 @@ impl RouteReader {
         if let Some(latest) = &self.latest {
             let mut held = crate::lock(&latest.held);
             match self.receiver.try_recv() {
-                Ok(event) => return Some((event, 0)),
+                Ok(event) if !late(&event, self.late_after_ms) => return Some((event, 0)),
+                Ok(mut newest) => {
+                    // Past capacity: the newest waiting supersedes the rest, held one last.
+                    let mut skipped = 0;
+                    while let Ok(later) = self.receiver.try_recv() {
+                        newest = later;
+                        skipped += 1;
+                    }
+                    if let Some((held_event, held_skipped)) = held.take() {
+                        newest = held_event;
+                        skipped += 1 + held_skipped;
+                    }
+                    return Some((newest, skipped));
+                }
                 Err(mpsc::error::TryRecvError::Empty) => {
                     if let Some(newest) = held.take() {
                         return Some(newest);
@@ -182,6 +200,14 @@ impl Topic {
     }
 }
 
+/// Whether `event` was appended to its log more than `after_ms` ago (a Redis position is the
+/// append's millisecond; the in-memory bus's are counters and never late).
+fn late(event: &LoggedEvent, after_ms: u64) -> bool {
+    event.position.ms > 0
+        && (chrono::Utc::now().timestamp_millis() as u64).saturating_sub(event.position.ms)
+            > after_ms
+}
+
 /// Pushes `event` onto each route ([`Route::push`]); a route that cannot take it is dropped.
 fn push_all(routes: &mut Vec<Route>, event: &Arc<LoggedEvent>) {
     routes.retain(|route| route.push(event));
@@ -214,12 +240,46 @@ mod tests {
         Receiver { receiver, slow }
     }
 
+    /// A state subscription's route whose events are never late (the test events' positions
+    /// are small numbers, milliseconds of 1970).
     fn state_route(topic: &mut Topic, id: u64, key: Key, capacity: usize) -> RouteReader {
+        state_route_late_after(topic, id, key, capacity, u64::MAX)
+    }
+
+    fn state_route_late_after(
+        topic: &mut Topic,
+        id: u64,
+        key: Key,
+        capacity: usize,
+        late_after_ms: u64,
+    ) -> RouteReader {
         let (sender, receiver) = mpsc::channel(capacity);
         let latest = Some(Arc::new(Latest::default()));
         let slow = Arc::new(Notify::new());
         topic.add(Some(key), Route::new(id, sender, slow, latest.clone()));
-        RouteReader { receiver, latest }
+        RouteReader {
+            receiver,
+            latest,
+            late_after_ms,
+        }
+    }
+
+    #[test]
+    fn a_late_state_event_skips_to_the_newest_waiting() {
+        let now = chrono::Utc::now().timestamp_millis() as u64;
+        let mut topic = Topic::new(None);
+        let mut state = state_route_late_after(&mut topic, 1, Key::id(1), 8, 1_000);
+        // Three fresh events: read one by one.
+        for n in 0..3 {
+            topic.deliver(&event(now + n, vec![Key::id(1)]));
+        }
+        assert_eq!(read_now(&mut state).len(), 3);
+        // Five appended two seconds ago, then one fresh: the first late one stands for all.
+        for n in 0..5 {
+            topic.deliver(&event(now - 2_000 + n, vec![Key::id(1)]));
+        }
+        topic.deliver(&event(now + 10, vec![Key::id(1)]));
+        assert_eq!(read_now(&mut state), [(now + 10, 5)]);
     }
 
     fn read_now(reader: &mut RouteReader) -> Vec<(u64, u64)> {

@@ -152,11 +152,13 @@ async fn a_slow_reader_is_cut_off_while_others_keep_receiving() {
     let gateway = TestGateway::spawn(&["--outbound-queue=64", "--fanout-buffer=1000000"]).await;
     let mut fast = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
     fast.init(&access(1)).await;
-    fast.send(json!({"id": "a", "type": "subscribe", "payload": {"query": MODEL_UPDATED}}))
+    // Every car created: a stream that cannot skip an event, so a reader too slow for it is
+    // cut off (a state subscription's reader would keep its newest results instead).
+    fast.send(json!({"id": "a", "type": "subscribe", "payload": {"query": "subscription { carCreated { id make } }"}}))
         .await;
     let mut slow = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
     slow.init(&access(2)).await;
-    slow.send(json!({"id": "a", "type": "subscribe", "payload": {"query": "subscription { carModelUpdated(pk: 1) { id make model variant year } }"}}))
+    slow.send(json!({"id": "a", "type": "subscribe", "payload": {"query": "subscription { carCreated { id make model variant year } }"}}))
         .await;
     gateway.settle().await;
 
@@ -171,7 +173,7 @@ async fn a_slow_reader_is_cut_off_while_others_keep_receiving() {
         // Batches smaller than the queue, read in between: the fast reader never falls behind.
         for _ in 0..50 {
             for _ in 0..32 {
-                gateway.publish(CAR_UPDATED, car(1, &big_make)).await;
+                gateway.publish(CAR_CREATED, car(1, &big_make)).await;
                 published += 1;
             }
             while received < published {
@@ -488,4 +490,54 @@ async fn probes_are_answered_on_a_listener_of_their_own() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "the health listener outlived the gateway");
+}
+
+/// A reader too slow for a state subscription (a car's updates) is not cut off: while its socket
+/// is behind by more than half of OUTBOUND_QUEUE it keeps only the newest result, and when it
+/// reads again it gets what was queued, then that newest one saying how many it stands for.
+#[actix_web::test]
+async fn a_slow_reader_of_a_state_subscription_keeps_the_newest_instead_of_being_cut() {
+    let gateway = TestGateway::spawn(&["--outbound-queue=16", "--fanout-buffer=1000000"]).await;
+    let mut slow = WsClient::connect(&gateway.url(), "graphql-transport-ws").await;
+    slow.init(&access(2)).await;
+    slow.send(json!({"id": "a", "type": "subscribe", "payload": {"query": "subscription { carModelUpdated(pk: 1) { id make model variant year } }"}}))
+        .await;
+    gateway.settle().await;
+    // Far more than the kernel's buffers and the queue hold, read by nobody meanwhile.
+    let big_make = "m".repeat(2_000);
+    let total = 3_000usize;
+    for n in 0..total {
+        gateway
+            .publish(CAR_UPDATED, car(1, &format!("{n}-{big_make}")))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut accounted = 0u64;
+    let mut last = -1i64;
+    let mut any_skipped = false;
+    while accounted < total as u64 {
+        let message = slow.expect_json().await;
+        assert_eq!(message["type"], "next", "{message}");
+        let make = message["payload"]["data"]["carModelUpdated"]["make"]
+            .as_str()
+            .unwrap();
+        let n: i64 = make.split('-').next().unwrap().parse().unwrap();
+        let skipped = message["payload"]["extensions"]["skipped"]
+            .as_u64()
+            .unwrap_or(0);
+        assert_eq!(n - last - 1, skipped as i64, "m{n} after m{last}");
+        any_skipped |= skipped > 0;
+        last = n;
+        accounted += 1 + skipped;
+    }
+    assert_eq!(last, total as i64 - 1, "the newest state arrives");
+    assert!(
+        any_skipped,
+        "the slow reader kept the newest instead of every result"
+    );
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(
+        metrics.contains("gateway_slow_consumers_total 0"),
+        "a state subscription's reader was cut off"
+    );
 }
