@@ -759,7 +759,9 @@ async fn serve_group(
                 }
             }
             Batch::Finish(errors) => group.finish(errors.as_deref(), &metrics),
-            Batch::CutOff => group.cut_off_gradually().await,
+            // Boxed: its timer would otherwise make every group task's future larger, idle
+            // or not, for a path taken once in an execution's life at most.
+            Batch::CutOff => Box::pin(group.cut_off_gradually()).await,
         }
     }
 }
