@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::web;
-use events::{EventBus, RedisBus};
+use events::{EventLog, RedisLog};
 use graphql_schema::DocumentLimits;
 use service_kit::config::ConfigError;
 use service_kit::http::Readiness;
@@ -44,7 +44,7 @@ impl Application {
         let redis = service_kit::redis::pool(&settings.redis)?;
         let metrics = Metrics::new("api-service");
         let bus = Arc::new(
-            RedisBus::new(redis.clone(), settings.redis.redis_key_prefix.clone())
+            RedisLog::new(redis.clone(), settings.redis.redis_key_prefix.clone())
                 .with_retention(events::Retention::from(&settings.events)),
         );
         let store = store(&settings, pool.clone(), bus, &metrics);
@@ -116,7 +116,7 @@ impl Application {
 pub fn store(
     settings: &Settings,
     pool: store::DbPool,
-    bus: Arc<dyn EventBus>,
+    bus: Arc<dyn EventLog>,
     metrics: &Metrics,
 ) -> Store {
     Store::new(pool, bus, outbox_config(settings), metrics)

@@ -75,8 +75,12 @@ async fn revoke(
     why: &str,
 ) -> Result<(), String> {
     let redis = service_kit::redis::pool(&settings.redis).map_err(|err| err.to_string())?;
-    let revocations = auth_service::routes::Revocations::Redis {
-        pool: redis,
+    let revocations = auth_service::routes::Revocations {
+        log: std::sync::Arc::new(events::RedisLog::new(
+            redis.clone(),
+            settings.redis.redis_key_prefix.clone(),
+        )),
+        cutoffs: Some(redis),
         revoked: tokens::revocations::RevokedBefore::new(
             settings.jwt.access_token_lifetime_secs,
             settings.jwt.jwt_leeway_secs,

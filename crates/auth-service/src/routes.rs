@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{TimeZone, Utc};
-use events::{revocation_channel, Revocation};
+use events::{EventLog, Revocation, REVOCATION_EVENT};
 use prometheus::IntCounterVec;
 use serde_json::json;
 use service_kit::error::ApiError;
@@ -19,22 +19,20 @@ use crate::passwords;
 use crate::ratelimit::LoginLimiter;
 
 /// Where logouts are recorded: this process's copy of the cutoffs, which it refuses tokens by
-/// at once, and Redis, where every replica reads them ([`tokens::revocations`]).
-pub enum Revocations {
-    Redis {
-        pool: service_kit::redis::RedisPool,
-        revoked: Arc<RevokedBefore>,
-    },
-    /// The embedded mode: one process, so its list is the record.
-    Memory { revoked: Arc<RevokedBefore> },
+/// at once; Redis, where every replica reads them ([`tokens::revocations`]), except in the
+/// embedded mode, where this process's list is the record; and the event log, whose
+/// announcement makes the gateways close the sockets at once.
+pub struct Revocations {
+    pub revoked: Arc<RevokedBefore>,
+    /// Shared by the replicas; `None` in one process.
+    pub cutoffs: Option<service_kit::redis::RedisPool>,
+    pub log: Arc<dyn EventLog>,
 }
 
 impl Revocations {
     /// The cutoffs this process refuses tokens by.
     pub fn list(&self) -> &Arc<RevokedBefore> {
-        match self {
-            Revocations::Redis { revoked, .. } | Revocations::Memory { revoked } => revoked,
-        }
+        &self.revoked
     }
 }
 
@@ -322,15 +320,11 @@ pub async fn revoke_access_tokens(
 ) -> Result<(), service_kit::redis::RedisError> {
     // Now, not later: a cutoff in the future would refuse the tokens the user gets next.
     let cutoff_ms = tokens::revocations::now_ms();
-    let (pool, revoked) = match revocations {
-        Revocations::Memory { revoked } => {
-            revoked.record(user_id, cutoff_ms);
-            return Ok(());
-        }
-        Revocations::Redis { pool, revoked } => (pool, revoked),
-    };
-    tokens::revocations::write(pool, key_prefix, user_id, cutoff_ms, revoked.retention_ms())
-        .await?;
+    let revoked = &revocations.revoked;
+    if let Some(pool) = &revocations.cutoffs {
+        tokens::revocations::write(pool, key_prefix, user_id, cutoff_ms, revoked.retention_ms())
+            .await?;
+    }
     revoked.record(user_id, cutoff_ms);
     let message = Revocation {
         user_id,
@@ -338,12 +332,7 @@ pub async fn revoke_access_tokens(
         cutoff_ms,
     };
     let payload = serde_json::to_string(&message).unwrap_or_default();
-    let append = events::append_command(
-        &revocation_channel(key_prefix),
-        &payload,
-        events::REVOCATION_RETENTION,
-    );
-    if let Err(err) = service_kit::redis::query::<(String,)>(pool, &append).await {
+    if let Err(err) = revocations.log.append(REVOCATION_EVENT, &payload).await {
         tracing::warn!(%err, "cannot announce the revocation; the gateways' poll will find it");
     }
     Ok(())

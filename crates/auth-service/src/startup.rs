@@ -44,9 +44,13 @@ impl Application {
         let backends = Backends {
             pool: pool.clone(),
             counters: Counters::Redis(redis.clone()),
-            revocations: Revocations::Redis {
-                pool: redis.clone(),
+            revocations: Revocations {
                 revoked: revoked.clone(),
+                cutoffs: Some(redis.clone()),
+                log: Arc::new(events::RedisLog::new(
+                    redis.clone(),
+                    settings.redis.redis_key_prefix.clone(),
+                )),
             },
         };
         tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use actix_web::dev::Server;
 use actix_web::http::header;
 use actix_web::{guard, middleware, web, App};
-use events::MemoryBus;
+use events::MemoryLog;
 use service_kit::config::{ConfigError, DatabaseArgs};
 use service_kit::http::{health_routes, not_found, Readiness};
 use service_kit::metrics::{self, Metrics};
 use store::repository::Store;
 use store::DbPool;
-use subscription_gateway::startup::HubSource;
+use subscription_gateway::startup::Sources;
 use subscription_gateway::state::GatewayState;
 use tokio_util::sync::CancellationToken;
 
@@ -23,10 +23,8 @@ use crate::settings::Settings;
 pub use service_kit::startup::StartupError;
 use service_kit::startup::{serve_until_stopped, Background};
 
-/// The key prefix of the in-memory bus's channel names (as `REDIS_KEY_PREFIX` would be).
-const BUS_PREFIX: &str = "gqlws:";
-/// Messages the in-memory bus holds for its one reader, the hub.
-const BUS_CAPACITY: usize = 4096;
+/// Entries the in-memory log holds for its one follower, the hub, before it lags.
+const LOG_CAPACITY: usize = 4096;
 /// How long start-up waits for the database.
 const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -58,11 +56,8 @@ impl Application {
         api_service::startup::seed_demo(&pool).await?;
 
         let metrics = Metrics::new("gqlws");
-        let bus = MemoryBus::with_retention(
-            BUS_PREFIX,
-            BUS_CAPACITY,
-            events::Retention::from(&services.api.events),
-        );
+        let log =
+            MemoryLog::with_retention(LOG_CAPACITY, events::Retention::from(&services.api.events));
         // One process: logouts are recorded where the verifiers read them.
         let revoked = api_service::startup::revoked_before(&services.api);
         let auth = auth_service::startup::state(
@@ -70,8 +65,10 @@ impl Application {
             auth_service::startup::Backends {
                 pool: pool.clone(),
                 counters: auth_service::ratelimit::Counters::memory(),
-                revocations: auth_service::routes::Revocations::Memory {
+                revocations: auth_service::routes::Revocations {
                     revoked: revoked.clone(),
+                    cutoffs: None,
+                    log: Arc::new(log.clone()),
                 },
             },
             &metrics,
@@ -79,7 +76,7 @@ impl Application {
         .await?;
         let store = Store::new(
             pool.clone(),
-            Arc::new(bus.clone()),
+            Arc::new(log.clone()),
             api_service::startup::outbox_config(&services.api),
             &metrics,
         );
@@ -110,7 +107,10 @@ impl Application {
         let hub_shutdown = CancellationToken::new();
         let gateway = subscription_gateway::startup::state(
             &services.gateway,
-            HubSource::Memory(bus),
+            Sources {
+                log: Arc::new(log),
+                user_counts: None,
+            },
             &metrics,
             hub_shutdown.clone(),
             revoked,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::{Accounts, Actor, Owner, Page, Repository, StoreError, WriteError};
-use events::EventBus;
+use events::EventLog;
 use futures_util::future::BoxFuture;
 use prometheus::{IntCounterVec, IntGauge};
 use service_kit::metrics::Metrics;
@@ -43,7 +43,7 @@ pub struct Store {
     pub pool: DbPool,
     /// `None`: commit only, and leave publishing to the relay of another process (a
     /// `trigger-event` run beside the embedded server, which cannot reach its memory).
-    bus: Option<Arc<dyn EventBus>>,
+    bus: Option<Arc<dyn EventLog>>,
     config: OutboxConfig,
     /// Published events by path (`inline` right after commit, `relay` later) and failures.
     published: IntCounterVec,
@@ -56,7 +56,7 @@ pub struct Store {
 impl Store {
     pub fn new(
         pool: DbPool,
-        bus: Arc<dyn EventBus>,
+        bus: Arc<dyn EventLog>,
         config: OutboxConfig,
         metrics: &Metrics,
     ) -> Self {
@@ -72,7 +72,7 @@ impl Store {
 
     fn with_bus(
         pool: DbPool,
-        bus: Option<Arc<dyn EventBus>>,
+        bus: Option<Arc<dyn EventLog>>,
         config: OutboxConfig,
         metrics: &Metrics,
     ) -> Self {
@@ -184,7 +184,7 @@ impl Store {
         });
         // By the name committed, known to this process or not: the relay drops nothing.
         let published = bus
-            .publish(&event.event_type, &event.payload)
+            .append(&event.event_type, &event.payload)
             .instrument(span)
             .await;
         match published {

@@ -1154,7 +1154,7 @@ mod tests {
     use std::sync::mpsc as std_mpsc;
     use std::time::Duration;
 
-    use events::MemoryBus;
+    use events::MemoryLog;
     use graphql_schema::DocumentLimits;
     use service_kit::metrics::Metrics;
     use tokens::jwt::{Claims, TokenType};
@@ -1273,8 +1273,8 @@ mod tests {
             DocumentLimits::default(),
         )));
         let shutdown = CancellationToken::new();
-        let hub = Hub::start_memory(
-            &MemoryBus::new("executions-test:", 16),
+        let hub = Hub::start(
+            Arc::new(MemoryLog::new(16)),
             crate::hub::HubParts {
                 registry: domain::registry().expect("the domain's registry is valid"),
                 buffer: 16,

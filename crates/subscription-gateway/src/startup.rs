@@ -35,16 +35,12 @@ pub struct Application {
     health: Option<crate::health::HealthServer>,
 }
 
-/// Where the hub gets its events: Redis (the distributed stack) or the in-memory bus (the
-/// embedded mode). Everything downstream of the hub is the same.
-pub enum HubSource {
-    Redis {
-        url: String,
-        key_prefix: String,
-        /// For replays and for interrupting the hub's blocked read.
-        pool: service_kit::redis::RedisPool,
-    },
-    Memory(events::MemoryBus),
+/// What the gateway shares with other processes: the event log the hub follows (Redis, or the
+/// in-memory log of the embedded mode; everything downstream of the hub is the same), and where
+/// each user's sockets are counted across replicas (none in one process).
+pub struct Sources {
+    pub log: Arc<dyn events::EventLog>,
+    pub user_counts: Option<(service_kit::redis::RedisPool, String)>,
 }
 
 /// The gateway's shared state: token verifier, the hub on `source` (its task stops when
@@ -52,7 +48,7 @@ pub enum HubSource {
 /// [`Application::build`] and by the embedded single-process server.
 pub async fn state(
     settings: &Settings,
-    source: HubSource,
+    sources: Sources,
     metrics: &Metrics,
     hub_shutdown: CancellationToken,
     revoked: Arc<RevokedBefore>,
@@ -77,12 +73,7 @@ pub async fn state(
     let registry = domain::registry().map_err(StartupError::Other)?;
     let users = crate::user_sockets::UserSockets::new(
         usize::try_from(settings.max_connections_per_user).unwrap_or(0),
-        match &source {
-            HubSource::Redis {
-                pool, key_prefix, ..
-            } => Some((pool.clone(), key_prefix.clone())),
-            HubSource::Memory(_) => None,
-        },
+        sources.user_counts,
     );
     users.spawn_renewal(hub_shutdown.clone());
     let parts = HubParts {
@@ -92,15 +83,7 @@ pub async fn state(
         revoked,
         overload_lag: Duration::from_millis(settings.overload_lag_ms),
     };
-    let hub = match source {
-        HubSource::Redis {
-            url,
-            key_prefix,
-            pool,
-        } => Hub::start(&url, &key_prefix, pool, parts, hub_shutdown)
-            .map_err(|err| ConfigError::new("REDIS_URL", err))?,
-        HubSource::Memory(bus) => Hub::start_memory(&bus, parts, hub_shutdown),
-    };
+    let hub = Hub::start(sources.log, parts, hub_shutdown);
     let pressure = Arc::new(crate::pressure::Pressure::new(
         Duration::from_millis(settings.overload_lag_ms),
         settings.upgrades_per_sec_while_lagging,
@@ -178,10 +161,12 @@ impl Application {
         let metrics = Metrics::new("subscription-gateway");
         let hub_shutdown = CancellationToken::new();
         let redis = service_kit::redis::pool(&settings.redis)?;
-        let source = HubSource::Redis {
-            url: settings.redis.redis_url.clone(),
-            key_prefix: settings.redis.redis_key_prefix.clone(),
-            pool: redis.clone(),
+        let log = events::RedisLog::new(redis.clone(), settings.redis.redis_key_prefix.clone())
+            .followed_at(&settings.redis.redis_url)
+            .map_err(|err| ConfigError::new("REDIS_URL", err))?;
+        let sources = Sources {
+            log: Arc::new(log),
+            user_counts: Some((redis.clone(), settings.redis.redis_key_prefix.clone())),
         };
         let revoked = RevokedBefore::new(
             settings.jwt.access_token_lifetime_secs,
@@ -195,7 +180,7 @@ impl Application {
         )?;
         let state = state(
             &settings,
-            source,
+            sources,
             &metrics,
             hub_shutdown.clone(),
             revoked.clone(),

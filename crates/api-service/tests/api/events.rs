@@ -107,7 +107,7 @@ async fn the_relay_publishes_what_another_process_committed_but_could_not_publis
     let other_writer = api_service::startup::store(
         &settings,
         store::pool(&settings.database),
-        std::sync::Arc::new(events::RedisBus::new(
+        std::sync::Arc::new(events::RedisLog::new(
             service_kit::redis::pool(&settings.redis).unwrap(),
             settings.redis.redis_key_prefix.clone(),
         )),

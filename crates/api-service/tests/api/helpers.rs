@@ -8,7 +8,6 @@ use std::time::Duration;
 use api_service::settings::{Cli, Settings};
 use api_service::startup::Application;
 use clap::Parser as _;
-use deadpool_redis::redis;
 use serde_json::{json, Value};
 use store::users::{self, NewUser};
 use store::DbPool;
@@ -215,71 +214,89 @@ pub fn error_of(body: &Value) -> (String, String) {
     )
 }
 
-/// A reader of every event log of this app (`<prefix>events:<type>`), from its start.
+/// A reader of every event log of this app (`<prefix>events:<type>`), from its start: a
+/// follower of the app's [`events::RedisLog`], as a gateway's hub is.
 pub struct Subscriber {
-    connection: redis::aio::MultiplexedConnection,
-    logs: Vec<(String, String)>,
-    read: std::collections::VecDeque<(String, Value)>,
+    prefix: String,
+    events: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+    following: tokio::task::JoinHandle<()>,
+}
+
+struct Collector {
+    /// Every log, and where this reader stands in each.
+    positions: std::sync::Mutex<Vec<(events::EventType, events::Position)>>,
+    sender: tokio::sync::mpsc::UnboundedSender<(String, Value)>,
+}
+
+impl events::Follower for Collector {
+    fn logs(&self) -> Vec<(events::EventType, Option<events::Position>)> {
+        let positions = self.positions.lock().unwrap();
+        positions.iter().map(|(t, at)| (*t, Some(*at))).collect()
+    }
+    fn start(&self, _: events::EventType, _: events::Position) {}
+    fn changed(&self) -> futures_util::future::BoxFuture<'_, ()> {
+        Box::pin(std::future::pending())
+    }
+    fn entry(&self, event_type: &str, position: events::Position, payload: &[u8]) {
+        for (t, at) in self.positions.lock().unwrap().iter_mut() {
+            if t.as_str() == event_type {
+                *at = position;
+            }
+        }
+        let envelope = serde_json::from_slice(payload).unwrap();
+        let _ = self.sender.send((event_type.to_owned(), envelope));
+    }
+    fn revoked(&self, _: Result<events::Revocation, String>) {}
+    fn epoch(&self, _: &str) -> bool {
+        false
+    }
+    fn connected(&self, _: bool) {}
 }
 
 impl Subscriber {
     pub async fn connect(url: &str, prefix: &str) -> Subscriber {
-        let client = redis::Client::open(url).unwrap();
-        // XREAD blocks for a second; the connection's default response timeout is shorter.
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+        let pool = service_kit::redis::pool(&service_kit::config::RedisArgs {
+            redis_url: url.to_owned(),
+            redis_key_prefix: prefix.to_owned(),
+            redis_pool_size: 2,
+        })
+        .unwrap();
+        let log = events::RedisLog::new(pool, prefix)
+            .followed_at(url)
             .unwrap();
-        let registry = domain::registry().unwrap();
-        let logs = registry
+        let (sender, events) = tokio::sync::mpsc::unbounded_channel();
+        let positions = domain::registry()
+            .unwrap()
             .event_types()
-            .map(|t| (events::channel(prefix, t.as_str()), "0-0".to_owned()))
+            .map(|t| (t, events::Position::ZERO))
             .collect();
+        let following = tokio::spawn(events::EventLog::follow(
+            &log,
+            std::sync::Arc::new(Collector {
+                positions: std::sync::Mutex::new(positions),
+                sender,
+            }),
+        ));
         Subscriber {
-            connection,
-            logs,
-            read: Default::default(),
+            prefix: prefix.to_owned(),
+            events,
+            following,
         }
     }
 
     /// The next event as (log, envelope); fails the test after 30 s without one.
     pub async fn next(&mut self) -> (String, Value) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while self.read.is_empty() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no event within 30 s"
-            );
-            let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(100)
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("STREAMS");
-            for (key, _) in &self.logs {
-                cmd.arg(key);
-            }
-            for (_, id) in &self.logs {
-                cmd.arg(id);
-            }
-            type Reply = Option<Vec<(String, Vec<(String, Vec<(String, String)>)>)>>;
-            let reply: Reply = cmd.query_async(&mut self.connection).await.unwrap();
-            for (key, entries) in reply.unwrap_or_default() {
-                for (id, fields) in entries {
-                    if let Some(log) = self.logs.iter_mut().find(|(k, _)| *k == key) {
-                        log.1 = id.clone();
-                    }
-                    let payload = fields
-                        .into_iter()
-                        .find(|(field, _)| field == events::ENTRY_FIELD)
-                        .map(|(_, value)| value)
-                        .unwrap_or_default();
-                    self.read
-                        .push_back((key.clone(), serde_json::from_str(&payload).unwrap()));
-                }
-            }
-        }
-        self.read.pop_front().unwrap()
+        let (event_type, envelope) =
+            tokio::time::timeout(Duration::from_secs(30), self.events.recv())
+                .await
+                .expect("no event within 30 s")
+                .expect("the follower ended");
+        (events::channel(&self.prefix, &event_type), envelope)
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.following.abort();
     }
 }

@@ -203,7 +203,7 @@ async fn trigger_event_sets_a_random_make_through_the_same_path() {
     let store = api_service::startup::store(
         &settings,
         store::pool(&settings.database),
-        std::sync::Arc::new(events::RedisBus::new(
+        std::sync::Arc::new(events::RedisLog::new(
             service_kit::redis::pool(&settings.redis).unwrap(),
             settings.redis.redis_key_prefix.clone(),
         )),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use domain::Car;
 use domain::Record as _;
-use events::{Envelope, EventBus as _, RedisBus};
+use events::{Envelope, EventLog as _, RedisLog};
 
 use super::proc::{rss_kib, CpuPair};
 use super::{Shared, SubscribeArgs};
@@ -74,7 +74,7 @@ pub(super) async fn orchestrate(
         ..events::Retention::default()
     };
     let bus =
-        RedisBus::new(pool.clone(), args.redis.redis_key_prefix.clone()).with_retention(retention);
+        RedisLog::new(pool.clone(), args.redis.redis_key_prefix.clone()).with_retention(retention);
     let mut publish_errors = BTreeMap::new();
 
     // 3. Warm-up: one event per pk, until each reached every live subscriber of its pk.
@@ -289,11 +289,11 @@ fn car(shared: &Shared, index: usize, pk: i64) -> Car {
 
 /// Publishes event `index` for car `pk`, as api-service's write path does; the publish time is
 /// taken just before the `XADD`, so it is set before any delivery can arrive.
-async fn publish(bus: &RedisBus, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
+async fn publish(bus: &RedisLog, shared: &Shared, index: usize, pk: i64) -> Result<(), String> {
     let envelope = envelope(shared, index, pk);
     let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
     shared.published_ns[index].store(shared.now_ns().max(1), Ordering::Relaxed);
-    bus.publish(Car::EVENTS.updated.as_str(), &payload)
+    bus.append(Car::EVENTS.updated.as_str(), &payload)
         .await
         .map_err(|err| crate::truncate(&err.to_string()))
 }

@@ -9,12 +9,11 @@
 //!   keyed by Car 7 and the unkeyed ones of its type, so the work per event follows the
 //!   executions it is for, not how many exist; each execution has a queue of its own
 //!   (`FANOUT_BUFFER` events), so a burst on other keys never makes it fall behind;
-//! - [`redis`]: reading the logs. `XREAD BLOCK` over the logs local subscribers need, each from
-//!   the last position seen, plus the revocation stream; a log is added when the first local
-//!   subscriber of its type appears (at the log's tip; the blocked read is interrupted with
-//!   `CLIENT UNBLOCK`) and left out when the last one leaves. When Redis goes away the task
-//!   reconnects with capped backoff and reads on from the positions it had; sockets stay open
-//!   and `/readyz` says not ready. A changed epoch (Redis lost its data) restarts every log at 0;
+//! - the hub is the [`Follower`] of the process's [`EventLog`] (`events::redis`, or
+//!   `events::memory` in the embedded mode), which reads the logs local subscribers need: a log
+//!   is asked for when the first local subscriber of its type appears and left out when the
+//!   last one leaves. While the log is unreachable sockets stay open and `/readyz` says not
+//!   ready;
 //! - [`replay`]: reading a log after a client's cursor for subscriptions that resume, each
 //!   handed only the events of its key; reads for one cursor that wait at the same time are
 //!   made once, at most a few at a time.
@@ -26,7 +25,6 @@
 //! (1013) rather than buffered without bound; a client slow on its own socket is cut off by its
 //! outbound queue instead (`OUTBOUND_QUEUE`).
 
-mod redis;
 mod replay;
 mod routes;
 
@@ -37,10 +35,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use events::{
-    channel, revocation_channel, Cursor, DecodeError, EnvelopeStream, EventSource, EventType, Key,
-    LoggedEvent, MemoryBus, Position, Readers, Registry, Revocation,
+    Cursor, DecodeError, EnvelopeStream, EventLog, EventSource, EventType, Follower, Key,
+    LoggedEvent, Position, Readers, Registry, Revocation,
 };
-use service_kit::redis::RedisPool;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt as _;
 use tokens::revocations::RevokedBefore;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -79,7 +78,6 @@ pub struct Hub {
 }
 
 struct Inner {
-    key_prefix: String,
     /// The event types there are, and how each one's envelopes decode.
     registry: Registry,
     buffer: usize,
@@ -97,7 +95,7 @@ struct Inner {
     revoked: Arc<RevokedBefore>,
     recent: Mutex<RecentIds>,
     metrics: GatewayMetrics,
-    backend: Backend,
+    log: Arc<dyn EventLog>,
     /// Replay reads by cursor that have not begun reading yet, or are reading.
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     replay_reads: Arc<Semaphore>,
@@ -105,56 +103,12 @@ struct Inner {
     next_route: AtomicU64,
 }
 
-enum Backend {
-    Redis(RedisPool),
-    Memory {
-        bus: MemoryBus,
-        /// The last position dispatched per type, subscribed or not: a new topic starts there.
-        seen: Mutex<HashMap<EventType, Position>>,
-    },
-}
-
 impl Hub {
-    /// Creates the hub over Redis and spawns its Redis task, which runs until `shutdown` is
-    /// cancelled. `pool` serves replays and the rare `CLIENT UNBLOCK`; events arrive on the
-    /// task's own connection.
-    pub fn start(
-        redis_url: &str,
-        key_prefix: &str,
-        pool: RedisPool,
-        parts: HubParts,
-        shutdown: CancellationToken,
-    ) -> Result<Hub, String> {
-        let client =
-            deadpool_redis::redis::Client::open(redis_url).map_err(|err| err.to_string())?;
-        let hub = Hub::new(key_prefix, parts, Backend::Redis(pool), "");
-        tokio::spawn(redis::run(hub.clone(), client, shutdown));
-        Ok(hub)
-    }
-
-    /// Creates the hub over the in-memory bus of the embedded mode and spawns the task that feeds
-    /// it, which runs until `shutdown` is cancelled. Messages go through the same decoding,
-    /// dedupe and fan-out as Redis entries; the bus carries every log, so there is nothing to
-    /// subscribe to and the hub is connected from the start.
-    pub fn start_memory(bus: &MemoryBus, parts: HubParts, shutdown: CancellationToken) -> Hub {
-        let hub = Hub::new(
-            bus.key_prefix(),
-            parts,
-            Backend::Memory {
-                bus: bus.clone(),
-                seen: Mutex::new(HashMap::new()),
-            },
-            bus.epoch(),
-        );
-        set_connected(&hub, true);
-        tokio::spawn(redis::run_memory(hub.clone(), bus.subscribe(), shutdown));
-        hub
-    }
-
-    fn new(key_prefix: &str, parts: HubParts, backend: Backend, epoch: &str) -> Hub {
-        Hub {
+    /// Creates the hub over `log` and spawns the task that follows it, which runs until
+    /// `shutdown` is cancelled.
+    pub fn start(log: Arc<dyn EventLog>, parts: HubParts, shutdown: CancellationToken) -> Hub {
+        let hub = Hub {
             inner: Arc::new(Inner {
-                key_prefix: key_prefix.to_owned(),
                 registry: parts.registry,
                 buffer: parts.buffer.max(1),
                 overload_lag: parts.overload_lag,
@@ -162,16 +116,26 @@ impl Hub {
                 wake: Notify::new(),
                 ready: Notify::new(),
                 connected: AtomicBool::new(false),
-                epoch: RwLock::new(Arc::from(epoch)),
+                epoch: RwLock::new(Arc::from("")),
                 revoked: parts.revoked,
                 recent: Mutex::new(RecentIds::default()),
                 metrics: parts.metrics,
-                backend,
+                log: log.clone(),
                 flights: Mutex::new(HashMap::new()),
                 replay_reads: Arc::new(Semaphore::new(REPLAY_READS)),
                 next_route: AtomicU64::new(0),
             }),
-        }
+        };
+        let following = log.follow(Arc::new(hub.clone()));
+        let follower = hub.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                () = following => {}
+            }
+            follower.connected(false);
+        });
+        hub
     }
 
     /// True while the connection to Redis is up.
@@ -211,14 +175,9 @@ impl Hub {
             .then(|| Arc::new(Latest::default()));
         let id = self.inner.next_route.fetch_add(1, Ordering::Relaxed);
         let mut topics = lock(&self.inner.topics);
-        let topic = topics.entry(event_type).or_insert_with(|| {
-            Topic::new(match &self.inner.backend {
-                Backend::Memory { seen, .. } => {
-                    Some(lock(seen).get(&event_type).copied().unwrap_or_default())
-                }
-                Backend::Redis(_) => None,
-            })
-        });
+        let topic = topics
+            .entry(event_type)
+            .or_insert_with(|| Topic::new(self.inner.log.tip_now(event_type)));
         topic.add(key, Route::new(id, sender, slow, latest.clone()));
         if topic.position.is_none() {
             self.inner.wake.notify_one();
@@ -241,26 +200,11 @@ impl Hub {
     /// Decodes one log entry and hands it to the local subscribers it is for.
     fn dispatch(&self, key: &str, position: Position, payload: &[u8]) {
         let inner = &self.inner;
-        if key == revocation_channel(&inner.key_prefix) {
-            match serde_json::from_slice::<Revocation>(payload) {
-                Ok(revocation) => inner
-                    .revoked
-                    .record(revocation.user_id, revocation.cutoff_ms),
-                Err(err) => {
-                    inner.metrics.events_malformed.inc();
-                    tracing::warn!(%err, "malformed revocation message");
-                }
-            }
-            return;
-        }
-        let Some(event_type) = inner.registry.channel_type(&inner.key_prefix, key) else {
+        let Some(event_type) = inner.registry.get(key) else {
             inner.metrics.events_malformed.inc();
             tracing::warn!(key, "entry of an unknown log");
             return;
         };
-        if let Backend::Memory { seen, .. } = &inner.backend {
-            lock(seen).insert(event_type, position);
-        }
         // Decoded and keyed before the routes are locked: the lock is held only to hand on.
         let decoded = inner.registry.decode(event_type, payload).map(|envelope| {
             let keys = inner.registry.keys(event_type, &envelope.data);
@@ -324,58 +268,6 @@ impl Hub {
                 readers,
             }));
         }
-    }
-
-    /// The topics the Redis task must find a start for.
-    fn unstarted(&self) -> Vec<EventType> {
-        lock(&self.inner.topics)
-            .iter()
-            .filter(|(_, topic)| topic.position.is_none())
-            .map(|(event_type, _)| *event_type)
-            .collect()
-    }
-
-    fn start_topic(&self, event_type: EventType, tip: Position) {
-        if let Some(topic) = lock(&self.inner.topics).get_mut(&event_type) {
-            topic.position.get_or_insert(tip);
-        }
-        self.inner.ready.notify_waiters();
-    }
-
-    /// The logs to read and where each stands.
-    fn read_set(&self) -> Vec<(String, Position)> {
-        lock(&self.inner.topics)
-            .iter()
-            .filter_map(|(event_type, topic)| {
-                Some((
-                    channel(&self.inner.key_prefix, event_type.as_str()),
-                    topic.position?,
-                ))
-            })
-            .collect()
-    }
-
-    /// A new epoch: the log was reset, and every position in it starts again at 0.
-    fn set_epoch(&self, epoch: &str) -> bool {
-        let mut current = self
-            .inner
-            .epoch
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if &**current == epoch {
-            return false;
-        }
-        let had_one = !current.is_empty();
-        *current = Arc::from(epoch);
-        drop(current);
-        if had_one {
-            for topic in lock(&self.inner.topics).values_mut() {
-                if topic.position.is_some() {
-                    topic.position = Some(Position::ZERO);
-                }
-            }
-        }
-        had_one
     }
 
     /// Waits until the hub reads `event_type`'s log (a subscription to it exists) and knows
@@ -485,9 +377,73 @@ impl EventSource for ConnectionEvents {
     }
 }
 
-fn set_connected(hub: &Hub, connected: bool) {
-    hub.inner.connected.store(connected, Ordering::Relaxed);
-    hub.inner.metrics.redis_connected.set(i64::from(connected));
+impl Follower for Hub {
+    fn logs(&self) -> Vec<(EventType, Option<Position>)> {
+        lock(&self.inner.topics)
+            .iter()
+            .map(|(event_type, topic)| (*event_type, topic.position))
+            .collect()
+    }
+
+    fn start(&self, event_type: EventType, tip: Position) {
+        if let Some(topic) = lock(&self.inner.topics).get_mut(&event_type) {
+            topic.position.get_or_insert(tip);
+        }
+        self.inner.ready.notify_waiters();
+    }
+
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        self.inner.wake.notified().boxed()
+    }
+
+    fn entry(&self, event_type: &str, position: Position, payload: &[u8]) {
+        self.dispatch(event_type, position, payload);
+    }
+
+    fn revoked(&self, revocation: Result<Revocation, String>) {
+        match revocation {
+            Ok(revocation) => self
+                .inner
+                .revoked
+                .record(revocation.user_id, revocation.cutoff_ms),
+            Err(err) => {
+                self.inner.metrics.events_malformed.inc();
+                tracing::warn!(%err, "malformed revocation message");
+            }
+        }
+    }
+
+    /// A new epoch: the log was reset, and every position in it starts again at 0.
+    fn epoch(&self, epoch: &str) -> bool {
+        let mut current = self
+            .inner
+            .epoch
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if &**current == epoch {
+            return false;
+        }
+        let had_one = !current.is_empty();
+        *current = Arc::from(epoch);
+        drop(current);
+        if had_one {
+            for topic in lock(&self.inner.topics).values_mut() {
+                if topic.position.is_some() {
+                    topic.position = Some(Position::ZERO);
+                }
+            }
+        }
+        self.inner.ready.notify_waiters();
+        had_one
+    }
+
+    fn connected(&self, connected: bool) {
+        self.inner.connected.store(connected, Ordering::Relaxed);
+        self.inner.metrics.redis_connected.set(i64::from(connected));
+        if connected {
+            self.inner.ready.notify_waiters();
+        }
+    }
 }
 
 /// A bounded set of the most recent event ids.

@@ -9,12 +9,11 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use events::{channel, Cursor, EnvelopeStream, EventSource, EventType, Key, LoggedEvent, Position};
+use events::{Cursor, EnvelopeStream, EventSource, EventType, Key, LoggedEvent, Position};
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::{FutureExt as _, StreamExt as _};
 
-use super::redis::redis_history;
-use super::{mark, Backend, Hub};
+use super::{mark, Hub};
 use crate::lock;
 
 /// Replay reads under way at once. More would only queue for the pool's connections (and time
@@ -137,16 +136,12 @@ impl Hub {
         if *epoch != *cursor.epoch {
             return Ok(not_recovered);
         }
-        let key = channel(&self.inner.key_prefix, event_type.as_str());
-        let (covered, entries) = match &self.inner.backend {
-            Backend::Memory { bus, .. } => {
-                let history = bus.history(&key, cursor.position);
-                (history.covered, history.entries)
-            }
-            Backend::Redis(pool) => redis_history(pool, &key, cursor.position)
-                .await
-                .map_err(ReplayError::Unavailable)?,
-        };
+        let events::History { covered, entries } = self
+            .inner
+            .log
+            .history(event_type, cursor.position)
+            .await
+            .map_err(|err| ReplayError::Unavailable(err.to_string()))?;
         let metrics = &self.inner.metrics;
         metrics.replay_entries_read.inc_by(entries.len() as u64);
         metrics

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use domain::Car;
 use domain::Record as _;
-use events::{Envelope, EventBus as _, EventType, RedisBus};
+use events::{Envelope, EventLog as _, EventType, RedisLog};
 use subscription_gateway::settings::Cli;
 use subscription_gateway::startup::Application;
 pub use test_support::ws::{Incoming, WsClient};
@@ -26,7 +26,7 @@ pub struct TestGateway {
     pub health_port: Option<u16>,
     pub prefix: String,
     pub redis_url: String,
-    bus: RedisBus,
+    bus: RedisLog,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub stopped: Option<tokio::sync::oneshot::Receiver<()>>,
 }
@@ -70,7 +70,7 @@ impl TestGateway {
         let gateway = TestGateway {
             port,
             health_port,
-            bus: RedisBus::new(redis, prefix.clone()),
+            bus: RedisLog::new(redis, prefix.clone()),
             prefix,
             redis_url: redis_url.to_owned(),
             stop: Some(stop),
@@ -125,7 +125,7 @@ impl TestGateway {
     pub async fn publish_envelope(&self, envelope: &Envelope<Car>) {
         let payload = serde_json::to_string(envelope).unwrap();
         self.bus
-            .publish(&envelope.event_type, &payload)
+            .append(&envelope.event_type, &payload)
             .await
             .unwrap();
     }
