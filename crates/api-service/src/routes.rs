@@ -7,6 +7,7 @@
 //! `errors`), unless the client accepts `application/graphql-response+json`, which gets 400 for a
 //! document that fails to parse or validate. Malformed HTTP requests get 400, 405, 413 or 415.
 
+use service_kit::error::ErrorCode;
 use std::sync::Arc;
 
 use actix_web::http::{header, Method, StatusCode};
@@ -106,7 +107,7 @@ async fn graphql_post(
         return http_error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             &format!("unsupported Content-Type \"{shown}\": send application/json"),
-            "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::UnsupportedMediaType,
         );
     }
     let body = match service_kit::http::read_body(&req, payload, state.body_limits).await {
@@ -119,14 +120,14 @@ async fn graphql_post(
             return http_error(
                 StatusCode::BAD_REQUEST,
                 &format!("the body is not valid JSON: {err}"),
-                "BAD_REQUEST",
+                ErrorCode::BadRequest,
             )
         }
     };
     let key = match idempotency_key(&req, &document) {
         Ok(key) => key,
         Err(message) => {
-            return http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST");
+            return http_error(StatusCode::BAD_REQUEST, &message, ErrorCode::BadRequest);
         }
     };
     let fingerprint = key.as_ref().map(|_| fingerprint(&document));
@@ -137,7 +138,7 @@ async fn graphql_post(
                 return http_error(
                     StatusCode::BAD_REQUEST,
                     "batched requests are not accepted: send one operation per request",
-                    "BATCH_NOT_ACCEPTED",
+                    ErrorCode::BatchNotAccepted,
                 );
             }
             if items.is_empty() || items.len() > state.max_batch_size {
@@ -148,7 +149,7 @@ async fn graphql_post(
                         state.max_batch_size,
                         items.len()
                     ),
-                    "BATCH_TOO_LARGE",
+                    ErrorCode::BatchTooLarge,
                 );
             }
             let mut requests: Vec<Result<GraphQLRequest, Refused>> =
@@ -178,7 +179,7 @@ async fn graphql_post(
                          (the limit of one document), so split it into several requests",
                         state.max_batch_fields
                     ),
-                    "BATCH_TOO_EXPENSIVE",
+                    ErrorCode::BatchTooExpensive,
                 );
             }
             let mut results = Vec::with_capacity(requests.len());
@@ -204,7 +205,9 @@ async fn graphql_post(
                     let outcome = execute(&state, &request, &context, &Method::POST).await;
                     respond_outcome(framing, outcome)
                 }
-                Err(message) => http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST"),
+                Err(message) => {
+                    http_error(StatusCode::BAD_REQUEST, &message, ErrorCode::BadRequest)
+                }
             }
         }
     }
@@ -227,7 +230,7 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
             return http_error(
                 StatusCode::BAD_REQUEST,
                 &format!("malformed query string: {err}"),
-                "BAD_REQUEST",
+                ErrorCode::BadRequest,
             )
         }
     };
@@ -242,7 +245,7 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
             return http_error(
                 StatusCode::BAD_REQUEST,
                 "`extensions` must be a JSON object",
-                "BAD_REQUEST",
+                ErrorCode::BadRequest,
             )
         }
     };
@@ -264,7 +267,7 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
         return http_error(
             StatusCode::BAD_REQUEST,
             "missing `query` parameter (open this URL in a browser for GraphQL Playground)",
-            "BAD_REQUEST",
+            ErrorCode::BadRequest,
         );
     };
     let variables = match params
@@ -279,7 +282,7 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
             return http_error(
                 StatusCode::BAD_REQUEST,
                 "`variables` must be a JSON object",
-                "BAD_REQUEST",
+                ErrorCode::BadRequest,
             )
         }
     };
@@ -289,7 +292,9 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
         "variables": variables,
     })) {
         Ok(request) => request,
-        Err(message) => return http_error(StatusCode::BAD_REQUEST, &message, "BAD_REQUEST"),
+        Err(message) => {
+            return http_error(StatusCode::BAD_REQUEST, &message, ErrorCode::BadRequest)
+        }
     };
     let context = context(&req, &state).await;
     let outcome = execute(&state, &request, &context, &Method::GET).await;
@@ -311,7 +316,7 @@ async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
                 "method {} is not allowed: use POST (or GET for queries)",
                 req.method()
             ),
-            "METHOD_NOT_ALLOWED",
+            ErrorCode::MethodNotAllowed,
         ))
 }
 
@@ -319,7 +324,7 @@ async fn graphiql(state: web::Data<ApiState>) -> HttpResponse {
     if !state.playground {
         return HttpResponse::NotFound()
             .content_type("application/json")
-            .body(graphql_error_body("not found", "NOT_FOUND"));
+            .body(graphql_error_body("not found", ErrorCode::NotFound));
     }
     crate::ide::page(crate::ide::graphiql_page())
 }
@@ -417,14 +422,14 @@ fn fingerprint(document: &Json) -> String {
 /// A request refused before it was parsed, as a GraphQL error's message and code.
 struct Refused {
     message: String,
-    code: &'static str,
+    code: ErrorCode,
 }
 
 impl Refused {
     fn bad_request(message: String) -> Self {
         Self {
             message,
-            code: "BAD_REQUEST",
+            code: ErrorCode::BadRequest,
         }
     }
 
@@ -435,10 +440,12 @@ impl Refused {
     fn response(self, framing: Framing) -> HttpResponse {
         let body = graphql_error_body(&self.message, self.code);
         match self.code {
-            "PERSISTED_QUERY_NOT_FOUND" | "PERSISTED_QUERY_NOT_SUPPORTED" => {
+            ErrorCode::PersistedQueryNotFound | ErrorCode::PersistedQueryNotSupported => {
                 respond(framing, StatusCode::OK, body)
             }
-            "SERVICE_UNAVAILABLE" => respond(framing, StatusCode::SERVICE_UNAVAILABLE, body),
+            ErrorCode::ServiceUnavailable => {
+                respond(framing, StatusCode::SERVICE_UNAVAILABLE, body)
+            }
             _ => respond_outcome(
                 framing,
                 Outcome {
@@ -501,7 +508,7 @@ async fn execute(
 ) -> Outcome {
     if let Some(message) = graphql_schema::unknown_variable_type(&state.schema, &request.query) {
         return Outcome {
-            body: graphql_error_body(&message, "GRAPHQL_VALIDATION_FAILED"),
+            body: graphql_error_body(&message, ErrorCode::GraphqlValidationFailed),
             kind: OutcomeKind::RequestError,
         };
     }
@@ -521,13 +528,16 @@ async fn execute(
     match operation.operation_type() {
         OperationType::Subscription => {
             return Outcome {
-                body: graphql_error_body(SUBSCRIPTION_OVER_HTTP, "SUBSCRIPTION_OVER_HTTP"),
+                body: graphql_error_body(SUBSCRIPTION_OVER_HTTP, ErrorCode::SubscriptionOverHttp),
                 kind: OutcomeKind::RequestError,
             }
         }
         OperationType::Mutation if method == Method::GET => {
             return Outcome {
-                body: graphql_error_body("mutations must be sent with POST", "METHOD_NOT_ALLOWED"),
+                body: graphql_error_body(
+                    "mutations must be sent with POST",
+                    ErrorCode::MethodNotAllowed,
+                ),
                 kind: OutcomeKind::MutationOverGet,
             }
         }
@@ -559,9 +569,9 @@ async fn execute(
                 serde_json::to_value(error)
                     .ok()
                     .and_then(|e| e["extensions"]["code"].as_str().map(str::to_owned))
-                    .unwrap_or_else(|| "INTERNAL_SERVER_ERROR".to_owned())
+                    .unwrap_or_else(|| ErrorCode::InternalServerError.as_str().to_owned())
             }),
-            Err(_) => Some("GRAPHQL_VALIDATION_FAILED".to_owned()),
+            Err(_) => Some(ErrorCode::GraphqlValidationFailed.as_str().to_owned()),
         };
         span.record("graphql.outcome", code.as_deref().unwrap_or("OK"));
         if let Some(code) = &code {
@@ -577,7 +587,7 @@ async fn execute(
             Outcome {
                 body: serde_json::to_string(&body).unwrap_or_else(|err| {
                     tracing::error!(%err, "cannot serialize a GraphQL response");
-                    graphql_error_body("internal server error", "INTERNAL_SERVER_ERROR")
+                    graphql_error_body("internal server error", ErrorCode::InternalServerError)
                 }),
                 kind: OutcomeKind::Executed,
             }
@@ -617,7 +627,7 @@ fn respond(framing: Framing, status: StatusCode, body: String) -> HttpResponse {
         .body(body)
 }
 
-fn http_error(status: StatusCode, message: &str, code: &str) -> HttpResponse {
+fn http_error(status: StatusCode, message: &str, code: ErrorCode) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/json")
         .body(graphql_error_body(message, code))

@@ -2,6 +2,7 @@
 
 use domain::{StoreError, WriteError};
 use juniper::{FieldError, IntoFieldError, Object, ScalarValue, Value};
+use service_kit::error::ErrorCode;
 
 /// Errors of resolvers, each with a stable `extensions.code`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,17 +32,19 @@ pub enum GraphQLError {
 }
 
 impl GraphQLError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            GraphQLError::Unauthenticated(_) => "UNAUTHENTICATED",
-            GraphQLError::Forbidden(_) => "FORBIDDEN",
-            GraphQLError::NotFound(_) => "NOT_FOUND",
-            GraphQLError::BadUserInput(_) => "BAD_USER_INPUT",
-            GraphQLError::Conflict(_) => "CONFLICT",
-            GraphQLError::IdempotencyKeyReused(_) => "IDEMPOTENCY_KEY_REUSED",
-            GraphQLError::BadRequest(_) => "BAD_REQUEST",
-            GraphQLError::Unavailable | GraphQLError::KeysUnavailable(_) => "SERVICE_UNAVAILABLE",
-            GraphQLError::Internal => "INTERNAL_SERVER_ERROR",
+            GraphQLError::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            GraphQLError::Forbidden(_) => ErrorCode::Forbidden,
+            GraphQLError::NotFound(_) => ErrorCode::NotFound,
+            GraphQLError::BadUserInput(_) => ErrorCode::BadUserInput,
+            GraphQLError::Conflict(_) => ErrorCode::Conflict,
+            GraphQLError::IdempotencyKeyReused(_) => ErrorCode::IdempotencyKeyReused,
+            GraphQLError::BadRequest(_) => ErrorCode::BadRequest,
+            GraphQLError::Unavailable | GraphQLError::KeysUnavailable(_) => {
+                ErrorCode::ServiceUnavailable
+            }
+            GraphQLError::Internal => ErrorCode::InternalServerError,
         }
     }
 }
@@ -53,13 +56,13 @@ pub fn request_errors(err: &juniper::GraphQLError) -> serde_json::Value {
     use juniper::{GraphQLError as Refused, ParseError};
     let code = match err {
         Refused::ParseError(parse) => match parse.item {
-            ParseError::DepthLimitExceeded(_) => "QUERY_TOO_DEEP",
-            ParseError::FieldLimitExceeded(_) => "QUERY_TOO_COMPLEX",
-            ParseError::TokenLimitExceeded(_) => "QUERY_TOO_LARGE",
-            _ => "GRAPHQL_PARSE_FAILED",
+            ParseError::DepthLimitExceeded(_) => ErrorCode::QueryTooDeep,
+            ParseError::FieldLimitExceeded(_) => ErrorCode::QueryTooComplex,
+            ParseError::TokenLimitExceeded(_) => ErrorCode::QueryTooLarge,
+            _ => ErrorCode::GraphqlParseFailed,
         },
-        Refused::ValidationError(_) => "GRAPHQL_VALIDATION_FAILED",
-        _ => "BAD_REQUEST",
+        Refused::ValidationError(_) => ErrorCode::GraphqlValidationFailed,
+        _ => ErrorCode::BadRequest,
     };
     let mut errors = serde_json::to_value(err)
         .ok()
@@ -68,7 +71,10 @@ pub fn request_errors(err: &juniper::GraphQLError) -> serde_json::Value {
     if let serde_json::Value::Array(items) = &mut errors {
         for item in items {
             if let serde_json::Value::Object(map) = item {
-                map.insert("extensions".into(), serde_json::json!({ "code": code }));
+                map.insert(
+                    "extensions".into(),
+                    serde_json::json!({ "code": code.as_str() }),
+                );
             }
         }
     }
@@ -76,9 +82,9 @@ pub fn request_errors(err: &juniper::GraphQLError) -> serde_json::Value {
 }
 
 /// `{"code": "<CODE>"}`, the `extensions` of an error.
-pub fn extensions<S: ScalarValue>(code: &str) -> Value<S> {
+pub fn extensions<S: ScalarValue>(code: ErrorCode) -> Value<S> {
     let mut object = Object::with_capacity(1);
-    object.add_field("code", Value::scalar(code.to_owned()));
+    object.add_field("code", Value::scalar(code.as_str().to_owned()));
     Value::Object(object)
 }
 

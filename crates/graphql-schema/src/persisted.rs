@@ -14,6 +14,7 @@
 //! are run, by hash or by their full text; anything else is refused `PERSISTED_QUERY_NOT_IN_LIST`,
 //! and nothing is registered. What GraphQL security guides recommend for first-party clients.
 
+use service_kit::error::ErrorCode;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -28,11 +29,11 @@ const MEMORY_ENTRIES: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub message: String,
-    pub code: &'static str,
+    pub code: ErrorCode,
 }
 
 impl Refusal {
-    fn new(message: impl Into<String>, code: &'static str) -> Self {
+    fn new(message: impl Into<String>, code: ErrorCode) -> Self {
         Self {
             message: message.into(),
             code,
@@ -159,7 +160,12 @@ impl PersistedQueries {
         let sent = match request.get("query") {
             Some(Value::String(query)) => Some(query.clone()),
             None | Some(Value::Null) => None,
-            Some(_) => return Err(Refusal::new("`query` must be a string", "BAD_REQUEST")),
+            Some(_) => {
+                return Err(Refusal::new(
+                    "`query` must be a string",
+                    ErrorCode::BadRequest,
+                ))
+            }
         };
         if let Some(trusted) = &self.trusted {
             let Some(document) = trusted.get(&hash) else {
@@ -186,7 +192,7 @@ impl PersistedQueries {
                 }
                 None => Err(Refusal::new(
                     "PersistedQueryNotFound",
-                    "PERSISTED_QUERY_NOT_FOUND",
+                    ErrorCode::PersistedQueryNotFound,
                 )),
             },
         }
@@ -267,7 +273,7 @@ fn persisted_hash(request: &Map<String, Value>) -> Result<Option<String>, Refusa
     if persisted.get("version").and_then(Value::as_i64) != Some(1) {
         return Err(Refusal::new(
             "PersistedQueryNotSupported: only `persistedQuery.version` 1 is supported",
-            "PERSISTED_QUERY_NOT_SUPPORTED",
+            ErrorCode::PersistedQueryNotSupported,
         ));
     }
     let hash = persisted
@@ -278,7 +284,7 @@ fn persisted_hash(request: &Map<String, Value>) -> Result<Option<String>, Refusa
         .ok_or_else(|| {
             Refusal::new(
                 "`persistedQuery.sha256Hash` must be the SHA-256 of the document, in hex",
-                "BAD_REQUEST",
+                ErrorCode::BadRequest,
             )
         })?;
     Ok(Some(hash))
@@ -287,14 +293,14 @@ fn persisted_hash(request: &Map<String, Value>) -> Result<Option<String>, Refusa
 fn mismatch() -> Refusal {
     Refusal::new(
         "provided sha256Hash does not match the query",
-        "PERSISTED_QUERY_HASH_MISMATCH",
+        ErrorCode::PersistedQueryHashMismatch,
     )
 }
 
 fn not_in_list() -> Refusal {
     Refusal::new(
         "this server runs trusted documents only, and this operation is not one of them",
-        "PERSISTED_QUERY_NOT_IN_LIST",
+        ErrorCode::PersistedQueryNotInList,
     )
 }
 
@@ -302,7 +308,7 @@ fn unavailable(err: service_kit::redis::RedisError) -> Refusal {
     tracing::warn!(%err, "persisted queries unavailable");
     Refusal::new(
         "persisted queries are unavailable right now; send the full query",
-        "SERVICE_UNAVAILABLE",
+        ErrorCode::ServiceUnavailable,
     )
 }
 
@@ -343,13 +349,13 @@ mod tests {
         let refused = queries.resolve(&mut first).await;
         assert_eq!(
             refused.map_err(|r| r.code),
-            Err("PERSISTED_QUERY_NOT_FOUND")
+            Err(ErrorCode::PersistedQueryNotFound)
         );
         let mut wrong =
             request(json!({"query": "{ me { id } }", "extensions": by_hash["extensions"]}));
         assert_eq!(
             queries.resolve(&mut wrong).await.map_err(|r| r.code),
-            Err("PERSISTED_QUERY_HASH_MISMATCH")
+            Err(ErrorCode::PersistedQueryHashMismatch)
         );
         let mut register = request(json!({"query": query, "extensions": by_hash["extensions"]}));
         assert_eq!(queries.resolve(&mut register).await, Ok(()));
@@ -389,7 +395,7 @@ mod tests {
         ] {
             assert_eq!(
                 queries.resolve(&mut refused).await.map_err(|r| r.code),
-                Err("PERSISTED_QUERY_NOT_IN_LIST")
+                Err(ErrorCode::PersistedQueryNotInList)
             );
         }
         std::fs::write(

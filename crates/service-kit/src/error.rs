@@ -8,6 +8,167 @@ use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
+/// Every `extensions.code` a GraphQL error of this stack carries, on HTTP, the websocket and the
+/// streamed transports alike: clients match on these names, so they are one list, here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No token, or one that is invalid, expired or revoked.
+    Unauthenticated,
+    /// Signed in, but not allowed this.
+    Forbidden,
+    /// No such record (or none the caller may see), or no such path.
+    NotFound,
+    /// An argument, a variable or a cursor is not acceptable.
+    BadUserInput,
+    /// The request itself is malformed (not JSON, no `query`, a wrong field type).
+    BadRequest,
+    /// The write conflicts with what the data holds (a parent whose children refuse its deletion).
+    Conflict,
+    /// An `Idempotency-Key` used before for another request.
+    IdempotencyKeyReused,
+    /// A dependency (the database, Redis, the key set) is unreachable; retry.
+    ServiceUnavailable,
+    /// A fault of the server; the detail is in its log only.
+    InternalServerError,
+    /// The document does not parse.
+    GraphqlParseFailed,
+    /// The document does not validate against the schema.
+    GraphqlValidationFailed,
+    /// The document nests deeper than MAX_QUERY_DEPTH.
+    QueryTooDeep,
+    /// The document selects more than MAX_QUERY_FIELDS fields.
+    QueryTooComplex,
+    /// The document has more than MAX_QUERY_TOKENS tokens.
+    QueryTooLarge,
+    /// An automatic persisted query's hash the server does not hold yet: send the document with it.
+    PersistedQueryNotFound,
+    /// Persisted queries are off here.
+    PersistedQueryNotSupported,
+    /// The document sent does not hash to the hash sent with it.
+    PersistedQueryHashMismatch,
+    /// Only trusted documents are served, and this is none.
+    PersistedQueryNotInList,
+    /// The body is over its limit.
+    PayloadTooLarge,
+    /// The body did not arrive in time.
+    RequestTimeout,
+    /// Too many attempts; retry after the time given.
+    RateLimited,
+    /// Too much of one kind of work in flight in this process; retry.
+    Busy,
+    /// A body type other than JSON (or GraphQL's own).
+    UnsupportedMediaType,
+    /// A method the path does not serve (a mutation over GET).
+    MethodNotAllowed,
+    /// None of the response types the client accepts is served.
+    NotAcceptable,
+    /// A batch sent where batches are off.
+    BatchNotAccepted,
+    /// More operations in a batch than allowed.
+    BatchTooLarge,
+    /// A batch whose operations add up to more fields than one document may select.
+    BatchTooExpensive,
+    /// A subscription sent to the plain HTTP endpoint.
+    SubscriptionOverHttp,
+    /// More subscriptions on one connection than MAX_SUBSCRIPTIONS_PER_CONNECTION.
+    TooManySubscriptions,
+    /// More streams for a user or an address than allowed.
+    TooManyConnections,
+    /// The client read its stream too slowly and was cut off; reconnect.
+    SlowConsumer,
+    /// The process is stopping; reconnect.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::BadUserInput => "BAD_USER_INPUT",
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            ErrorCode::InternalServerError => "INTERNAL_SERVER_ERROR",
+            ErrorCode::GraphqlParseFailed => "GRAPHQL_PARSE_FAILED",
+            ErrorCode::GraphqlValidationFailed => "GRAPHQL_VALIDATION_FAILED",
+            ErrorCode::QueryTooDeep => "QUERY_TOO_DEEP",
+            ErrorCode::QueryTooComplex => "QUERY_TOO_COMPLEX",
+            ErrorCode::QueryTooLarge => "QUERY_TOO_LARGE",
+            ErrorCode::PersistedQueryNotFound => "PERSISTED_QUERY_NOT_FOUND",
+            ErrorCode::PersistedQueryNotSupported => "PERSISTED_QUERY_NOT_SUPPORTED",
+            ErrorCode::PersistedQueryHashMismatch => "PERSISTED_QUERY_HASH_MISMATCH",
+            ErrorCode::PersistedQueryNotInList => "PERSISTED_QUERY_NOT_IN_LIST",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::Busy => "BUSY",
+            ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ErrorCode::NotAcceptable => "NOT_ACCEPTABLE",
+            ErrorCode::BatchNotAccepted => "BATCH_NOT_ACCEPTED",
+            ErrorCode::BatchTooLarge => "BATCH_TOO_LARGE",
+            ErrorCode::BatchTooExpensive => "BATCH_TOO_EXPENSIVE",
+            ErrorCode::SubscriptionOverHttp => "SUBSCRIPTION_OVER_HTTP",
+            ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::SlowConsumer => "SLOW_CONSUMER",
+            ErrorCode::ShuttingDown => "SHUTTING_DOWN",
+        }
+    }
+
+    /// Every code, for documentation and tests.
+    pub const ALL: [ErrorCode; 33] = [
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::BadUserInput,
+        ErrorCode::BadRequest,
+        ErrorCode::Conflict,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::ServiceUnavailable,
+        ErrorCode::InternalServerError,
+        ErrorCode::GraphqlParseFailed,
+        ErrorCode::GraphqlValidationFailed,
+        ErrorCode::QueryTooDeep,
+        ErrorCode::QueryTooComplex,
+        ErrorCode::QueryTooLarge,
+        ErrorCode::PersistedQueryNotFound,
+        ErrorCode::PersistedQueryNotSupported,
+        ErrorCode::PersistedQueryHashMismatch,
+        ErrorCode::PersistedQueryNotInList,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::RequestTimeout,
+        ErrorCode::RateLimited,
+        ErrorCode::Busy,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::NotAcceptable,
+        ErrorCode::BatchNotAccepted,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::BatchTooExpensive,
+        ErrorCode::SubscriptionOverHttp,
+        ErrorCode::TooManySubscriptions,
+        ErrorCode::TooManyConnections,
+        ErrorCode::SlowConsumer,
+        ErrorCode::ShuttingDown,
+    ];
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("no active account found with the given credentials")]
@@ -50,17 +211,19 @@ impl ApiError {
     }
 
     /// The `extensions.code` of the GraphQL error this becomes.
-    pub fn graphql_code(&self) -> &'static str {
+    pub fn graphql_code(&self) -> ErrorCode {
         match self {
-            ApiError::NoActiveAccount | ApiError::TokenNotValid(_) => "UNAUTHENTICATED",
-            ApiError::FieldErrors(_) | ApiError::BadRequest { .. } => "BAD_USER_INPUT",
-            ApiError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
-            ApiError::RateLimited { .. } => "RATE_LIMITED",
-            ApiError::NotFound => "NOT_FOUND",
-            ApiError::Busy { .. } => "BUSY",
-            ApiError::BodyTimeout { .. } => "REQUEST_TIMEOUT",
-            ApiError::Unavailable(_) | ApiError::LogoutUnavailable(_) => "SERVICE_UNAVAILABLE",
-            ApiError::Internal(_) => "INTERNAL_SERVER_ERROR",
+            ApiError::NoActiveAccount | ApiError::TokenNotValid(_) => ErrorCode::Unauthenticated,
+            ApiError::FieldErrors(_) | ApiError::BadRequest { .. } => ErrorCode::BadUserInput,
+            ApiError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
+            ApiError::NotFound => ErrorCode::NotFound,
+            ApiError::Busy { .. } => ErrorCode::Busy,
+            ApiError::BodyTimeout { .. } => ErrorCode::RequestTimeout,
+            ApiError::Unavailable(_) | ApiError::LogoutUnavailable(_) => {
+                ErrorCode::ServiceUnavailable
+            }
+            ApiError::Internal(_) => ErrorCode::InternalServerError,
         }
     }
 }
@@ -171,7 +334,7 @@ impl ApiError {
 
 /// A GraphQL response carrying one error and no data: `{"errors":[{"message","extensions":
 /// {"code"}}]}`, the body of every request-level refusal of a GraphQL endpoint.
-pub fn graphql_error_body(message: &str, code: &str) -> String {
+pub fn graphql_error_body(message: &str, code: ErrorCode) -> String {
     #[derive(serde::Serialize)]
     struct Body<'a> {
         errors: [Error<'a>; 1],
@@ -179,11 +342,11 @@ pub fn graphql_error_body(message: &str, code: &str) -> String {
     #[derive(serde::Serialize)]
     struct Error<'a> {
         message: &'a str,
-        extensions: Extensions<'a>,
+        extensions: Extensions,
     }
     #[derive(serde::Serialize)]
-    struct Extensions<'a> {
-        code: &'a str,
+    struct Extensions {
+        code: ErrorCode,
     }
     let body = Body {
         errors: [Error {
@@ -192,4 +355,22 @@ pub fn graphql_error_body(message: &str, code: &str) -> String {
         }],
     };
     serde_json::to_string(&body).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn every_error_code_is_in_the_readme_and_named_once() {
+        let readme = include_str!("../../../README.md");
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{code} named twice");
+            assert!(
+                readme.contains(&format!("| `{code}` |")),
+                "README's table of error codes lacks {code}"
+            );
+        }
+    }
 }

@@ -26,6 +26,7 @@
 //! result a member may not read is not sent to it, and nothing says that one was withheld. A
 //! per-user field in a result would have to be part of the key.
 
+use service_kit::error::ErrorCode;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -604,8 +605,8 @@ impl Replay {
             Some(Ok(_)) => (None, Some(false)),
             Some(Err(err)) => {
                 let code = match err {
-                    ReplayError::OtherType { .. } => "BAD_USER_INPUT",
-                    ReplayError::Unavailable(_) => "SERVICE_UNAVAILABLE",
+                    ReplayError::OtherType { .. } => ErrorCode::BadUserInput,
+                    ReplayError::Unavailable(_) => ErrorCode::ServiceUnavailable,
                 };
                 let errors = protocol::errors(&err.to_string(), code).to_string();
                 for member in lock(&shared.members).values() {
@@ -1023,9 +1024,10 @@ async fn drive(
         Ok(stream) => stream,
         Err(err) => {
             let errors = match err {
-                juniper::GraphQLError::NotSubscription => {
-                    protocol::errors("this operation is not a subscription", "BAD_REQUEST")
-                }
+                juniper::GraphQLError::NotSubscription => protocol::errors(
+                    "this operation is not a subscription",
+                    ErrorCode::BadRequest,
+                ),
                 other => graphql_schema::request_errors(&other),
             };
             if let Some(execution) = execution.upgrade() {

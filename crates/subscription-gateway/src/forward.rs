@@ -5,6 +5,7 @@
 //! sends back api-service's answer as it is, errors and `extensions.code` included. A mutation's
 //! event is therefore published exactly as over HTTP, through Redis to every gateway.
 
+use service_kit::error::ErrorCode;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,7 +103,7 @@ pub async fn run(upstream: Upstream, link: Arc<Link>, operation: Operation) {
             ));
         }
         Err(message) => {
-            let errors = protocol::errors(&message, "SERVICE_UNAVAILABLE");
+            let errors = protocol::errors(&message, ErrorCode::ServiceUnavailable);
             link.push(&protocol::error_frame(
                 operation.protocol,
                 &id_json,

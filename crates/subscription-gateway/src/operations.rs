@@ -3,6 +3,7 @@
 //! subscription joins (or starts) its shared execution and a query or mutation is forwarded to
 //! api-service. What is running is an [`Active`]; dropping it stops it.
 
+use service_kit::error::ErrorCode;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -76,11 +77,14 @@ pub async fn start(
             .map_err(|refusal| protocol::errors(&refusal.message, refusal.code))?;
     }
     let resume = resume_from(&payload, shared.hub.registry())
-        .map_err(|message| protocol::errors(&message, "BAD_USER_INPUT"))?;
-    let request =
-        graphql_request(payload).map_err(|message| protocol::errors(&message, "BAD_REQUEST"))?;
+        .map_err(|message| protocol::errors(&message, ErrorCode::BadUserInput))?;
+    let request = graphql_request(payload)
+        .map_err(|message| protocol::errors(&message, ErrorCode::BadRequest))?;
     if let Some(message) = graphql_schema::unknown_variable_type(&shared.schema, &request.query) {
-        return Err(protocol::errors(&message, "GRAPHQL_VALIDATION_FAILED"));
+        return Err(protocol::errors(
+            &message,
+            ErrorCode::GraphqlValidationFailed,
+        ));
     }
     let kind = graphql_schema::operation_type(
         &shared.schema,
@@ -123,7 +127,7 @@ pub async fn start(
                 "a subscription must select exactly one root field; this one selects {}",
                 fields.count
             ),
-            "GRAPHQL_VALIDATION_FAILED",
+            ErrorCode::GraphqlValidationFailed,
         ));
     }
     // Labels come from the schema, so clients cannot create label values.

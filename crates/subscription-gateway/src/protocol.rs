@@ -14,6 +14,7 @@
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::{json, Value};
+use service_kit::error::ErrorCode;
 
 use crate::socket::text_frame;
 
@@ -228,7 +229,7 @@ pub fn complete_frame(protocol: Protocol, id: &str) -> Bytes {
 /// slow, the gateway draining), with no `complete`: graphql-sse and Apollo's clients then
 /// reconnect, and resume from the last cursor they saw. Over SSE a result with the error;
 /// over multipart Apollo's transport error (`payload: null` with `errors`), then the end.
-pub fn transport_error_frame(protocol: Protocol, message: &str, code: &str) -> Bytes {
+pub fn transport_error_frame(protocol: Protocol, message: &str, code: ErrorCode) -> Bytes {
     let errors = errors(message, code).to_string();
     match protocol {
         Protocol::Multipart => {
@@ -298,8 +299,8 @@ pub fn connection_error(message: &str) -> String {
 }
 
 /// A GraphQL error list with one message and a code.
-pub fn errors(message: &str, code: &str) -> Value {
-    json!([{ "message": message, "extensions": { "code": code } }])
+pub fn errors(message: &str, code: ErrorCode) -> Value {
+    json!([{ "message": message, "extensions": { "code": code.as_str() } }])
 }
 
 /// Close reasons are limited to 123 bytes by RFC 6455; cut on a character boundary.
@@ -392,7 +393,7 @@ mod tests {
                 serde_json::from_str(&next(protocol, id, &payload)).unwrap_or_default();
             assert_eq!(raw, typed);
         }
-        let errors = errors("bad", "BAD_REQUEST");
+        let errors = errors("bad", ErrorCode::BadRequest);
         let raw: Value = serde_json::from_str(&operation_error_raw(&id_json, &errors.to_string()))
             .unwrap_or_default();
         let typed: Value = serde_json::from_str(&operation_error(id, errors)).unwrap_or_default();

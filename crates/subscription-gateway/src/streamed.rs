@@ -20,6 +20,7 @@
 //! themselves, or `extensions.resumeFrom`), and the stream resumes as a websocket does: what was
 //! missed, without gap or duplicate, the first result saying `recovered`.
 
+use service_kit::error::ErrorCode;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -88,14 +89,18 @@ async fn serve(
     let Some(protocol) = transport_of(request.headers()) else {
         return refusal(
             406,
-            "NOT_ACCEPTABLE",
+            ErrorCode::NotAcceptable,
             "ask for text/event-stream or multipart/mixed",
         );
     };
     let shared = gateway.shared.clone();
     if shared.shutdown.is_cancelled() {
-        return refusal(503, "SHUTTING_DOWN", "this gateway is shutting down; retry")
-            .with_retry_after();
+        return refusal(
+            503,
+            ErrorCode::ShuttingDown,
+            "this gateway is shutting down; retry",
+        )
+        .with_retry_after();
     }
     let address = service_kit::http::client_address_of(
         request.headers(),
@@ -107,11 +112,11 @@ async fn serve(
             "too many open connections from this address (at most {})",
             gateway.addresses.max()
         );
-        return refusal(429, "TOO_MANY_CONNECTIONS", &message).with_retry_after();
+        return refusal(429, ErrorCode::TooManyConnections, &message).with_retry_after();
     };
     let (payload, query_token) = match operation_of(&request, body, gateway.max_frame_bytes).await {
         Ok(parsed) => parsed,
-        Err(message) => return refusal(400, "BAD_REQUEST", &message),
+        Err(message) => return refusal(400, ErrorCode::BadRequest, &message),
     };
     let authorization = request
         .headers()
@@ -121,23 +126,23 @@ async fn serve(
         .or(query_token.map(|token| format!("Bearer {token}")));
     let claims = match Box::pin(shared.verifier.authenticate(authorization.as_deref())).await {
         Ok(claims) if !shared.verifier.is_revoked(&claims) => claims,
-        Ok(_) => return refusal(401, "UNAUTHENTICATED", "token has been revoked"),
+        Ok(_) => return refusal(401, ErrorCode::Unauthenticated, "token has been revoked"),
         Err(tokens::auth::AuthError::KeysUnavailable) => {
             return refusal(
                 503,
-                "SERVICE_UNAVAILABLE",
+                ErrorCode::ServiceUnavailable,
                 "the token cannot be checked right now",
             )
             .with_retry_after()
         }
-        Err(err) => return refusal(401, "UNAUTHENTICATED", &err.to_string()),
+        Err(err) => return refusal(401, ErrorCode::Unauthenticated, &err.to_string()),
     };
     let Some(user_slot) = Box::pin(shared.users.enter(claims.user_id)).await else {
         let message = format!(
             "too many connections for this user (at most {})",
             shared.users.max()
         );
-        return refusal(429, "TOO_MANY_CONNECTIONS", &message).with_retry_after();
+        return refusal(429, ErrorCode::TooManyConnections, &message).with_retry_after();
     };
 
     let link = Arc::new(Link::buffered(shared.limits.outbound_queue));
@@ -248,7 +253,7 @@ impl Streaming {
     fn transport_error(
         self,
         message: &str,
-        code: &str,
+        code: ErrorCode,
     ) -> Option<(Result<Bytes, Infallible>, Self)> {
         let frame = protocol::transport_error_frame(self.protocol, message, code);
         self.end_with(frame)
@@ -276,7 +281,7 @@ async fn next_chunk(mut stream: Streaming) -> Option<(Result<Bytes, Infallible>,
                 stream.shared.metrics.slow_consumers.inc();
                 return stream.transport_error(
                     "the client reads too slowly; reconnect and resume from the last event id",
-                    "SLOW_CONSUMER",
+                    ErrorCode::SlowConsumer,
                 );
             }
             LinkState::Closing | LinkState::Gone => return None,
@@ -286,19 +291,19 @@ async fn next_chunk(mut stream: Streaming) -> Option<(Result<Bytes, Infallible>,
             () = stream.shared.shutdown.cancelled() => {
                 return stream.transport_error(
                     "this gateway is shutting down; reconnect and resume from the last event id",
-                    "SHUTTING_DOWN",
+                    ErrorCode::ShuttingDown,
                 );
             }
             () = stream.link.woken() => {}
             () = stream.expiry.as_mut() => {
                 return stream.transport_error(
                     "token has expired; reconnect with a new token and resume from the last event id",
-                    "UNAUTHENTICATED",
+                    ErrorCode::Unauthenticated,
                 );
             }
             () = revocations_changed(&mut stream.revocations) => {
                 if stream.shared.verifier.is_revoked(&stream.claims) {
-                    return stream.transport_error("token has been revoked", "UNAUTHENTICATED");
+                    return stream.transport_error("token has been revoked", ErrorCode::Unauthenticated);
                 }
             }
             _ = stream.keepalive.tick() => {
@@ -375,12 +380,12 @@ async fn operation_of(
 }
 
 /// A request refused before its stream starts, as a GraphQL error list with a code.
-fn refusal(status: u16, code: &str, message: &str) -> HttpResponse {
+fn refusal(status: u16, code: ErrorCode, message: &str) -> HttpResponse {
     let status = actix_web::http::StatusCode::from_u16(status)
         .unwrap_or(actix_web::http::StatusCode::BAD_REQUEST);
     HttpResponse::build(status)
         .content_type("application/json")
-        .json(json!({"errors": [{"message": message, "extensions": {"code": code}}]}))
+        .json(json!({"errors": [{"message": message, "extensions": {"code": code.as_str()}}]}))
 }
 
 trait RetryAfter {

@@ -2,6 +2,7 @@
 //! `ping` (which renews the token when it carries one).
 
 use serde_json::Value;
+use service_kit::error::ErrorCode;
 use tokens::auth::AuthError;
 use tokens::jwt::TokenError;
 
@@ -94,7 +95,7 @@ impl Connection<'_> {
                     "too many subscriptions on this connection (at most {})",
                     shared.limits.max_subscriptions
                 ),
-                "TOO_MANY_SUBSCRIPTIONS",
+                ErrorCode::TooManySubscriptions,
             );
             return self.send(protocol::operation_error(&id, errors));
         }
