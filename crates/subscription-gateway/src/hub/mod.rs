@@ -14,7 +14,7 @@
 //!   is asked for when the first local subscriber of its type appears and left out when the
 //!   last one leaves. While the log is unreachable sockets stay open and `/readyz` says not
 //!   ready;
-//! - [`replay`]: reading a log after a client's cursor for subscriptions that resume, each
+//! - [`backlog`]: reading a log after a client's cursor for subscriptions that resume, each
 //!   handed only the events of its key; reads for one cursor that wait at the same time are
 //!   made once, at most a few at a time.
 //!
@@ -25,7 +25,7 @@
 //! (1013) rather than buffered without bound; a client slow on its own socket is cut off by its
 //! outbound queue instead (`OUTBOUND_QUEUE`).
 
-mod replay;
+mod backlog;
 mod routes;
 
 use std::cell::Cell;
@@ -47,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 use crate::lock;
 use crate::metrics::GatewayMetrics;
 
-use replay::{Flight, REPLAY_READS};
-pub use replay::{Replay, ReplayEnd, ReplayError, ReplayEvents, ReplayOutcome};
+pub use backlog::{Backlog, BacklogEnd, BacklogEvents, BacklogOutcome, ReplayError};
+use backlog::{Flight, REPLAY_READS};
 pub use routes::RouteReader;
 use routes::{Latest, Route, Topic};
 

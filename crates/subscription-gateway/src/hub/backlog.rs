@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use events::{Cursor, EnvelopeStream, EventSource, EventType, Key, LoggedEvent, Position};
 use futures_util::future::{BoxFuture, Shared};
@@ -16,7 +16,7 @@ use futures_util::{FutureExt as _, StreamExt as _};
 use super::{mark, Hub};
 use crate::lock;
 
-/// Replay reads under way at once. More would only queue for the pool's connections (and time
+/// Backlog reads under way at once. More would only queue for the pool's connections (and time
 /// out there under a reconnect storm); while a read waits for its turn, others for the same
 /// cursor join it.
 pub(super) const REPLAY_READS: usize = 4;
@@ -29,12 +29,12 @@ pub(super) const REPLAY_READS: usize = 4;
 /// a newcomer starts a flight of its own.
 pub(super) struct Flight {
     reading: AtomicBool,
-    result: Shared<BoxFuture<'static, Result<Arc<Replay>, ReplayError>>>,
+    result: Shared<BoxFuture<'static, Result<Arc<Backlog>, ReplayError>>>,
 }
 
-/// What [`Hub::replay`] found after a cursor.
+/// What [`Hub::backlog`] found after a cursor.
 #[derive(Debug)]
-pub struct Replay {
+pub struct Backlog {
     /// Whether the history still covers the cursor; when not, `events` is empty and the
     /// subscriber continues live.
     pub recovered: bool,
@@ -60,13 +60,13 @@ pub enum ReplayError {
 
 impl Hub {
     /// The events of `event_type` after `cursor`, for a subscription that resumes. Called once
-    /// the subscription's live part reads the log, so that [`Replay::until`] joins the two
+    /// the subscription's live part reads the log, so that [`Backlog::until`] joins the two
     /// without a gap.
-    pub async fn replay(
+    pub async fn backlog(
         &self,
         event_type: EventType,
         cursor: &Cursor,
-    ) -> Result<Arc<Replay>, ReplayError> {
+    ) -> Result<Arc<Backlog>, ReplayError> {
         if cursor.event_type != event_type {
             return Err(ReplayError::OtherType {
                 cursor: cursor.event_type,
@@ -109,7 +109,7 @@ impl Hub {
                         flights.remove(&key);
                     }
                 }
-                let result = hub.read_replay(event_type, &cursor).await.map(Arc::new);
+                let result = hub.read_backlog(event_type, &cursor).await.map(Arc::new);
                 drop(permit);
                 result
             }
@@ -122,13 +122,13 @@ impl Hub {
         })
     }
 
-    async fn read_replay(
+    async fn read_backlog(
         &self,
         event_type: EventType,
         cursor: &Cursor,
-    ) -> Result<Replay, ReplayError> {
+    ) -> Result<Backlog, ReplayError> {
         let epoch = self.epoch();
-        let not_recovered = Replay {
+        let not_recovered = Backlog {
             recovered: false,
             events: Vec::new(),
             until: Position::ZERO,
@@ -178,7 +178,7 @@ impl Hub {
                 readers,
             }));
         }
-        Ok(Replay {
+        Ok(Backlog {
             recovered: true,
             events,
             until,
@@ -187,39 +187,35 @@ impl Hub {
 }
 
 /// What a replay ended with, for the task that runs it.
-#[derive(Debug, Default)]
-pub struct ReplayOutcome {
-    /// `None` until the log was read.
-    pub result: Option<Result<ReplayEnd, ReplayError>>,
-}
+/// How the read behind a [`BacklogEvents`] ended, set once when the log was read: what the
+/// runner of the catch-up learns once the stream the resolver made of it has ended.
+pub type BacklogOutcome = Arc<OnceLock<Result<BacklogEnd, ReplayError>>>;
 
-/// Where a replay ended (see [`Replay`]).
+/// Where a replay ended (see [`Backlog`]).
 #[derive(Debug, Clone, Copy)]
-pub struct ReplayEnd {
+pub struct BacklogEnd {
     pub recovered: bool,
     pub until: Position,
 }
 
 /// The log after a cursor as one resuming subscription sees it: a finite stream of the events
 /// it missed, through the same resolver as live ones.
-pub struct ReplayEvents {
+pub struct BacklogEvents {
     pub hub: Hub,
     pub cursor: Cursor,
-    pub outcome: Arc<Mutex<ReplayOutcome>>,
+    pub outcome: BacklogOutcome,
 }
 
-impl EventSource for ReplayEvents {
+impl EventSource for BacklogEvents {
     fn subscribe(&self, event_type: EventType, key: Option<Key>) -> EnvelopeStream {
         let hub = self.hub.clone();
         let cursor = self.cursor.clone();
         let outcome = self.outcome.clone();
         Box::pin(
             futures_util::stream::once(async move {
-                let replay = hub.replay(event_type, &cursor).await;
-                let mut outcome = lock(&outcome);
-                match replay {
+                match hub.backlog(event_type, &cursor).await {
                     Ok(replay) => {
-                        outcome.result = Some(Ok(ReplayEnd {
+                        let _ = outcome.set(Ok(BacklogEnd {
                             recovered: replay.recovered,
                             until: replay.until,
                         }));
@@ -233,7 +229,7 @@ impl EventSource for ReplayEvents {
                             .collect()
                     }
                     Err(err) => {
-                        outcome.result = Some(Err(err));
+                        let _ = outcome.set(Err(err));
                         Vec::new()
                     }
                 }
