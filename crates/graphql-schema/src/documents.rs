@@ -31,6 +31,48 @@ impl Default for DocumentLimits {
     }
 }
 
+/// What the gateway's admission needs of a document, from one parse: the operation's type,
+/// a subscription's root fields and a variable of a type the schema does not know. All `None`
+/// when the document does not parse within the limits or names no such operation (its
+/// execution then reports why).
+#[derive(Debug, Default)]
+pub struct Inspected {
+    pub operation_type: Option<juniper::OperationType>,
+    /// A subscription's root fields (`None` for another operation, or a fragment cycle).
+    pub root_fields: Option<RootFields>,
+    /// The error for a variable of an unknown type ([`unknown_variable_type`]).
+    pub unknown_variable_type: Option<String>,
+}
+
+/// [`Inspected`] for `query` and the operation `operation_name` names.
+pub fn inspect(schema: &Schema, query: &str, operation_name: Option<&str>) -> Inspected {
+    let Ok(document) = juniper::parser::parse_document_source(query, &schema.schema) else {
+        return Inspected::default();
+    };
+    let unknown_variable_type = unknown_variable_in(schema, &document);
+    let Some(walk) = DocumentWalk::new(&document) else {
+        return Inspected {
+            unknown_variable_type,
+            ..Inspected::default()
+        };
+    };
+    let operation = walk.operation(operation_name);
+    let root_fields = operation
+        .filter(|operation| operation.operation_type == juniper::OperationType::Subscription)
+        .map(|operation| {
+            let (count, first) = walk.root_fields(&operation.selection_set, &mut HashMap::new());
+            RootFields {
+                count,
+                first: first.map(str::to_owned),
+            }
+        });
+    Inspected {
+        operation_type: operation.map(|operation| operation.operation_type),
+        root_fields,
+        unknown_variable_type,
+    }
+}
+
 /// What a subscription's root selects, fragments expanded, as the GraphQL spec's "single root
 /// field" rule counts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,41 +80,6 @@ pub struct RootFields {
     pub count: usize,
     /// The first root field's name (the metric label), if any.
     pub first: Option<String>,
-}
-
-/// The root fields of a subscription document: `None` when the document does not parse, names
-/// no such operation, is not a subscription or has a fragment cycle (juniper's own validation
-/// reports those).
-pub fn subscription_root_fields(
-    schema: &Schema,
-    query: &str,
-    operation_name: Option<&str>,
-) -> Option<RootFields> {
-    let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
-    let walk = DocumentWalk::new(&document)?;
-    let operation = walk.operation(operation_name)?;
-    if operation.operation_type != juniper::OperationType::Subscription {
-        return None;
-    }
-    let mut memo = HashMap::new();
-    let (count, first) = walk.root_fields(&operation.selection_set, &mut memo);
-    Some(RootFields {
-        count,
-        first: first.map(str::to_owned),
-    })
-}
-
-/// Whether the operation a request names is a query, a mutation or a subscription; `None` when
-/// the document does not parse within the schema's limits or names no such operation (its
-/// execution then reports why).
-pub fn operation_type(
-    schema: &Schema,
-    query: &str,
-    operation_name: Option<&str>,
-) -> Option<juniper::OperationType> {
-    let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
-    let walk = DocumentWalk::new(&document)?;
-    Some(walk.operation(operation_name)?.operation_type)
 }
 
 /// How many fields an operation selects, fragments expanded and aliases counted, as the
@@ -99,6 +106,13 @@ pub fn unknown_variable_type(schema: &Schema, query: &str) -> Option<String> {
         return None;
     }
     let document = juniper::parser::parse_document_source(query, &schema.schema).ok()?;
+    unknown_variable_in(schema, &document)
+}
+
+fn unknown_variable_in(
+    schema: &Schema,
+    document: &[juniper::Definition<'_, DefaultScalarValue>],
+) -> Option<String> {
     document.iter().find_map(|definition| {
         let juniper::Definition::Operation(operation) = definition else {
             return None;
@@ -311,7 +325,7 @@ mod tests {
     #[test]
     fn root_fields_of_a_subscription_are_counted_through_fragments() {
         let schema = schema(DocumentLimits::default());
-        let fields = |query: &str| subscription_root_fields(&schema, query, None);
+        let fields = |query: &str| inspect(&schema, query, None).root_fields;
         let count = |query: &str| fields(query).map(|f| f.count);
         assert_eq!(
             fields("subscription { carCreated { id } }"),
@@ -339,11 +353,12 @@ mod tests {
         assert_eq!(fields("{ hi }"), None, "not a subscription");
         assert_eq!(fields("subscription {"), None, "does not parse");
         assert_eq!(
-            subscription_root_fields(
+            inspect(
                 &schema,
                 "query Q { hi } subscription S { carCreated { id } }",
                 Some("S")
             )
+            .root_fields
             .and_then(|f| f.first),
             Some("carCreated".to_owned())
         );

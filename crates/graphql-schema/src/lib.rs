@@ -51,8 +51,8 @@ use tokens::jwt::Claims;
 
 pub use cars::{CarInput, CarObject, CarPage, CarPatch};
 pub use documents::{
-    is_subscription_field, operation_field_count, operation_type, subscription_root_fields,
-    unknown_variable_type, DocumentLimits, RootFields,
+    inspect, is_subscription_field, operation_field_count, unknown_variable_type, DocumentLimits,
+    Inspected, RootFields,
 };
 pub use errors::{extensions, request_errors, GraphQLError};
 pub use sdl::sdl;

@@ -59,82 +59,157 @@ pub struct Caller<'a> {
     pub replay_slots: &'a Arc<tokio::sync::Semaphore>,
 }
 
-/// Starts operation `id` of `payload` (`{query, operationName?, variables?, extensions?}`) for
-/// `caller`, its messages going to `link` framed by `protocol`. `Err` holds the GraphQL errors
-/// of an operation refused before it started, for the caller to send as it frames them.
-pub async fn start(
-    shared: &Shared,
-    protocol: Protocol,
-    link: &Arc<Link>,
-    id: &str,
-    mut payload: Value,
-    caller: Caller<'_>,
-) -> Result<Active, Value> {
+/// Why an operation was refused before it started: the GraphQL error its client is sent.
+#[derive(Debug)]
+pub struct Refusal {
+    pub message: String,
+    pub code: ErrorCode,
+}
+
+impl Refusal {
+    fn new(message: impl Into<String>, code: ErrorCode) -> Self {
+        Self {
+            message: message.into(),
+            code,
+        }
+    }
+
+    /// The `errors` list of the refusal, for the transport to frame.
+    pub fn errors(&self) -> Value {
+        protocol::errors(&self.message, self.code)
+    }
+}
+
+/// An operation let in: a query or mutation to forward, or a subscription to run.
+enum Admitted {
+    Forward(GraphQLRequest),
+    Subscribe {
+        request: GraphQLRequest,
+        /// Its root field: the metric's label (from the schema, so clients cannot create
+        /// label values).
+        field: String,
+        /// `extensions.resumeFrom`.
+        resume: Option<events::Cursor>,
+    },
+}
+
+type GraphQLRequest = juniper::http::GraphQLRequest<DefaultScalarValue>;
+
+/// The checks before an operation starts, on one parse of its document: a persisted query
+/// resolved, the cursor and the request read, a variable of an unknown type refused (juniper's
+/// validation would panic on it), and a subscription held to the spec's "single root field"
+/// rule, which juniper does not check (with two, one event would be answered for one field and
+/// the other silently dropped).
+async fn admit(shared: &Shared, mut payload: Value) -> Result<Admitted, Refusal> {
     // A persisted query (APQ, or a trusted document) becomes its document first.
     if let Value::Object(map) = &mut payload {
         Box::pin(shared.persisted.resolve(map))
             .await
-            .map_err(|refusal| protocol::errors(&refusal.message, refusal.code))?;
+            .map_err(|refusal| Refusal::new(refusal.message, refusal.code))?;
     }
     let resume = resume_from(&payload, shared.hub.registry())
-        .map_err(|message| protocol::errors(&message, ErrorCode::BadUserInput))?;
-    let request = graphql_request(payload)
-        .map_err(|message| protocol::errors(&message, ErrorCode::BadRequest))?;
-    if let Some(message) = graphql_schema::unknown_variable_type(&shared.schema, &request.query) {
-        return Err(protocol::errors(
-            &message,
-            ErrorCode::GraphqlValidationFailed,
-        ));
-    }
-    let kind = graphql_schema::operation_type(
+        .map_err(|message| Refusal::new(message, ErrorCode::BadUserInput))?;
+    let request =
+        graphql_request(payload).map_err(|message| Refusal::new(message, ErrorCode::BadRequest))?;
+    let inspected = graphql_schema::inspect(
         &shared.schema,
         &request.query,
         request.operation_name.as_deref(),
     );
-    if matches!(
-        kind,
-        Some(juniper::OperationType::Query | juniper::OperationType::Mutation)
-    ) {
-        let operation = crate::forward::Operation {
-            protocol,
-            id: id.to_owned(),
-            request: serde_json::to_value(&request).unwrap_or_default(),
-            authorization: caller.authorization.to_owned(),
-            client: caller.address,
-        };
-        let task = actix_web::rt::spawn(crate::forward::run(
-            shared.upstream.clone(),
-            link.clone(),
-            operation,
-        ));
-        return Ok(Active {
-            gauge: None,
-            _work: Work::Forwarded {
-                _task: AbortOnDrop(task),
-            },
-        });
+    if let Some(message) = inspected.unknown_variable_type {
+        return Err(Refusal::new(message, ErrorCode::GraphqlValidationFailed));
     }
-    let root_fields = graphql_schema::subscription_root_fields(
-        &shared.schema,
-        &request.query,
-        request.operation_name.as_deref(),
-    );
-    // The spec's "single root field" rule, which juniper does not check: with two, one event
-    // would be answered for one field and the other silently dropped.
-    if let Some(fields) = root_fields.as_ref().filter(|fields| fields.count != 1) {
-        return Err(protocol::errors(
-            &format!(
+    if let Some(juniper::OperationType::Query | juniper::OperationType::Mutation) =
+        inspected.operation_type
+    {
+        return Ok(Admitted::Forward(request));
+    }
+    if let Some(fields) = inspected.root_fields.as_ref().filter(|f| f.count != 1) {
+        return Err(Refusal::new(
+            format!(
                 "a subscription must select exactly one root field; this one selects {}",
                 fields.count
             ),
             ErrorCode::GraphqlValidationFailed,
         ));
     }
-    // Labels come from the schema, so clients cannot create label values.
-    let field = root_fields
+    let field = inspected
+        .root_fields
         .and_then(|fields| fields.first)
         .filter(|field| graphql_schema::is_subscription_field(&shared.schema, field))
         .unwrap_or_else(|| "unknown".to_owned());
+    Ok(Admitted::Subscribe {
+        request,
+        field,
+        resume,
+    })
+}
+
+/// Starts operation `id` of `payload` (`{query, operationName?, variables?, extensions?}`) for
+/// `caller`, its messages going to `link` framed by `protocol`, or says why it was refused.
+pub async fn start(
+    shared: &Shared,
+    protocol: Protocol,
+    link: &Arc<Link>,
+    id: &str,
+    payload: Value,
+    caller: Caller<'_>,
+) -> Result<Active, Refusal> {
+    Ok(match admit(shared, payload).await? {
+        Admitted::Forward(request) => forward(shared, protocol, link, id, request, &caller),
+        Admitted::Subscribe {
+            request,
+            field,
+            resume,
+        } => subscribe(
+            shared,
+            protocol,
+            link,
+            id,
+            (request, field, resume),
+            &caller,
+        ),
+    })
+}
+
+/// A query or mutation sent on the socket: forwarded to api-service.
+fn forward(
+    shared: &Shared,
+    protocol: Protocol,
+    link: &Arc<Link>,
+    id: &str,
+    request: GraphQLRequest,
+    caller: &Caller<'_>,
+) -> Active {
+    let operation = crate::forward::Operation {
+        protocol,
+        id: id.to_owned(),
+        request: serde_json::to_value(&request).unwrap_or_default(),
+        authorization: caller.authorization.to_owned(),
+        client: caller.address,
+    };
+    let task = actix_web::rt::spawn(crate::forward::run(
+        shared.upstream.clone(),
+        link.clone(),
+        operation,
+    ));
+    Active {
+        gauge: None,
+        _work: Work::Forwarded {
+            _task: AbortOnDrop(task),
+        },
+    }
+}
+
+/// A subscription: joins (or starts) its shared execution, after a catch-up when it resumes.
+fn subscribe(
+    shared: &Shared,
+    protocol: Protocol,
+    link: &Arc<Link>,
+    id: &str,
+    (request, field, resume): (GraphQLRequest, String, Option<events::Cursor>),
+    caller: &Caller<'_>,
+) -> Active {
     let claims = caller.claims;
     let membership = shared.executions.join(Start {
         coordinator: &shared.coordinator,
@@ -169,12 +244,12 @@ pub async fn start(
         .subscriptions_active
         .with_label_values(&[&field]);
     gauge.inc();
-    Ok(Active {
+    Active {
         gauge: Some(gauge),
         _work: Work::Subscription {
             _membership: membership,
         },
-    })
+    }
 }
 
 /// `extensions.resumeFrom` of a `subscribe`/`start` payload, if any.
@@ -194,9 +269,7 @@ fn resume_from(
     }
 }
 
-fn graphql_request(
-    payload: Value,
-) -> Result<juniper::http::GraphQLRequest<DefaultScalarValue>, String> {
+fn graphql_request(payload: Value) -> Result<GraphQLRequest, String> {
     // Only the three standard fields; clients also send `extensions`, which we do not use.
     let Value::Object(mut map) = payload else {
         return Err("payload must be an object".into());

@@ -159,13 +159,13 @@ async fn serve(
     let started = operations::start(&shared, protocol, &link, OPERATION_ID, payload, caller);
     let active = match started.await {
         Ok(active) => Some(active),
-        Err(errors) => {
+        Err(refusal) => {
             // Refused before it started: the protocol's way is a result with the errors, then
             // the end, on the accepted stream (a 400 would tell an EventSource nothing).
             link.push(&protocol::error_frame(
                 protocol,
                 "\"1\"",
-                &errors.to_string(),
+                &refusal.errors().to_string(),
             ));
             link.finished(OPERATION_ID);
             None

@@ -110,7 +110,7 @@ impl Connection<'_> {
                 self.active.insert(id, started);
                 Ok(())
             }
-            Err(errors) => self.send(protocol::operation_error(&id, errors)),
+            Err(refusal) => self.send(protocol::operation_error(&id, refusal.errors())),
         }
     }
 
