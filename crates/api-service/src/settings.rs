@@ -1,9 +1,12 @@
 //! Every setting of api-service, from flags or the environment (`api-service --help` lists them).
 
 use clap::{Args, Parser, Subcommand};
-use service_kit::config::{
-    DatabaseArgs, EventLogArgs, HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs,
-};
+use events::settings::EventLogArgs;
+use service_kit::http::HttpArgs;
+use service_kit::redis::RedisArgs;
+use service_kit::telemetry::LogArgs;
+use store::settings::DatabaseArgs;
+use tokens::settings::{JwksArgs, JwtArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -83,7 +86,7 @@ pub struct Settings {
     #[arg(long, env = "MAX_QUERY_FIELDS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_query_fields: u64,
     #[command(flatten)]
-    pub persisted: service_kit::config::PersistedQueryArgs,
+    pub persisted: graphql_schema::persisted::PersistedQueryArgs,
     /// Most tokens a document may have.
     #[arg(long, env = "MAX_QUERY_TOKENS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
     pub max_query_tokens: u64,

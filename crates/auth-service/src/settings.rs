@@ -1,7 +1,11 @@
 //! Every setting of auth-service, from flags or the environment (`auth-service --help` lists them).
 
 use clap::{Args, Parser, Subcommand};
-use service_kit::config::{DatabaseArgs, HttpArgs, JwtArgs, LogArgs, RedisArgs};
+use service_kit::http::HttpArgs;
+use service_kit::redis::RedisArgs;
+use service_kit::telemetry::LogArgs;
+use store::settings::DatabaseArgs;
+use tokens::settings::JwtArgs;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand};
-use service_kit::config::{ConfigError, LogArgs};
+use service_kit::config::ConfigError;
+use service_kit::telemetry::LogArgs;
 
 /// The default database: a file under `./data/`, created on first start.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://./data/gqlws.db";

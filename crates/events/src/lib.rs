@@ -24,18 +24,24 @@
 
 pub mod envelope;
 pub mod log;
+#[cfg(feature = "runtime")]
 pub mod memory;
 pub mod position;
+#[cfg(feature = "runtime")]
 pub mod redis;
 pub mod registry;
+#[cfg(feature = "runtime")]
+pub mod settings;
 
 pub use envelope::{new_event_id, AnyData, DecodeError, Envelope, EventType, ENVELOPE_VERSION};
 pub use log::{
     new_epoch, EnvelopeStream, EventLog, EventSource, Follower, History, LogError, Revocation,
     SharedEventSource, REVOCATION_EVENT, REVOCATION_RETENTION,
 };
+#[cfg(feature = "runtime")]
 pub use memory::MemoryLog;
 pub use position::{Cursor, LoggedEvent, Position, Retention};
+#[cfg(feature = "runtime")]
 pub use redis::{
     append_command, channel, epoch_key, events_connection_name, revocation_channel, RedisLog,
     ENTRY_FIELD,

@@ -118,6 +118,7 @@ pub struct Revocation {
 }
 
 impl Revocation {
+    #[cfg(feature = "runtime")]
     pub(crate) fn decode(payload: &[u8]) -> Result<Revocation, String> {
         serde_json::from_slice(payload).map_err(|err| err.to_string())
     }

@@ -4,8 +4,6 @@
 use std::fmt;
 use std::sync::Arc;
 
-use service_kit::config::EventLogArgs;
-
 use crate::envelope::{AnyData, Envelope, EventType};
 use crate::registry::{Key, Readers, Registry};
 
@@ -118,17 +116,12 @@ pub struct Retention {
     pub max_age_secs: u64,
 }
 
-impl From<&EventLogArgs> for Retention {
-    fn from(args: &EventLogArgs) -> Self {
-        Self {
-            count: args.event_retention_count.max(1),
-            max_age_secs: args.event_retention_secs,
-        }
-    }
-}
-
 impl Default for Retention {
+    /// What EVENT_RETENTION_COUNT and EVENT_RETENTION_SECS default to.
     fn default() -> Self {
-        Self::from(&EventLogArgs::default())
+        Self {
+            count: 10_000,
+            max_age_secs: 3_600,
+        }
     }
 }

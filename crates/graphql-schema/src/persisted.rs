@@ -14,9 +14,12 @@
 //! are run, by hash or by their full text; anything else is refused `PERSISTED_QUERY_NOT_IN_LIST`,
 //! and nothing is registered. What GraphQL security guides recommend for first-party clients.
 
-use service_kit::error::ErrorCode;
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use service_kit::error::ErrorCode;
 
 use serde_json::{Map, Value};
 use service_kit::redis::RedisPool;
@@ -24,6 +27,19 @@ use sha2::Digest as _;
 
 /// Documents kept by the in-memory registry of the embedded mode; the oldest go first.
 const MEMORY_ENTRIES: usize = 10_000;
+
+/// Persisted queries (`graphql_schema::persisted`), read by api-service and the gateway.
+#[derive(Debug, Clone, Args)]
+pub struct PersistedQueryArgs {
+    /// How long an automatic persisted query stays registered after its last registration.
+    #[arg(long, env = "APQ_TTL_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..=2_592_000))]
+    pub apq_ttl_secs: u64,
+    /// Run trusted documents only: the operations of this persisted query manifest (Apollo's
+    /// format, `{"operations": [{"id": "<sha256>", "body": "<document>"}]}`); anything else is
+    /// refused with PERSISTED_QUERY_NOT_IN_LIST.
+    #[arg(long, env = "TRUSTED_DOCUMENTS")]
+    pub trusted_documents: Option<PathBuf>,
+}
 
 /// Why a persisted-query request was refused, as a GraphQL error's message and code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +97,7 @@ impl PersistedQueries {
     /// As the settings say: registered in Redis when given one (else in this process's memory),
     /// trusted documents only when a manifest is named.
     pub fn from_args(
-        args: &service_kit::config::PersistedQueryArgs,
+        args: &PersistedQueryArgs,
         redis: Option<(RedisPool, &str)>,
     ) -> Result<Self, service_kit::config::ConfigError> {
         let queries = match redis {

@@ -19,6 +19,51 @@ use serde_json::{json, Map, Value};
 use crate::config::ConfigError;
 use crate::error::ApiError;
 use crate::redis::{self, RedisPool};
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+pub struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8001")]
+    pub listen_addr: SocketAddr,
+    /// Number of HTTP worker threads (0 = one per core).
+    #[arg(long, env = "HTTP_WORKERS", default_value_t = 0)]
+    pub http_workers: usize,
+    /// How long in-flight requests may take to finish after SIGTERM, in seconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+    /// Trust the `X-Forwarded-For` header for the client address (set this only behind a proxy
+    /// such as the repo's NGINX, which overwrites it; otherwise clients could spoof it).
+    #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trust_forwarded_for: bool,
+    /// Longest a client may take to send a request body, in seconds (then 408 and the connection
+    /// closes).
+    #[arg(long, env = "BODY_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_secs: u64,
+    /// Blocking threads (database calls, password checks) of the process, shared by its HTTP
+    /// workers; more work waits for one.
+    #[arg(long, env = "BLOCKING_THREADS", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub blocking_threads: u64,
+    /// Requests one client address may have in flight at once; more get 429.
+    #[arg(long, env = "MAX_REQUESTS_PER_ADDRESS", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_requests_per_address: u64,
+}
+
+impl HttpArgs {
+    pub fn body_limits(&self, max_bytes: usize) -> BodyLimits {
+        BodyLimits {
+            max_bytes,
+            timeout: std::time::Duration::from_secs(self.body_timeout_secs),
+        }
+    }
+
+    pub fn address_limit(&self) -> AddressLimit {
+        AddressLimit::new(
+            usize::try_from(self.max_requests_per_address).unwrap_or(usize::MAX),
+            self.trust_forwarded_for,
+        )
+    }
+}
 
 /// How much of a request body a service reads, and for how long.
 #[derive(Debug, Clone, Copy)]
@@ -444,8 +489,8 @@ impl ServerOptions {
     }
 }
 
-impl From<&crate::config::HttpArgs> for ServerOptions {
-    fn from(http: &crate::config::HttpArgs) -> Self {
+impl From<&HttpArgs> for ServerOptions {
+    fn from(http: &HttpArgs) -> Self {
         Self {
             workers: http.http_workers,
             shutdown_timeout_secs: http.shutdown_timeout_secs,

@@ -6,9 +6,24 @@ use std::time::Duration;
 use deadpool_redis::redis;
 use deadpool_redis::{Config, Pool, PoolConfig, Runtime, Timeouts};
 
-use crate::config::{ConfigError, RedisArgs};
+use crate::config::ConfigError;
 
+use clap::Args;
 pub use deadpool_redis::Pool as RedisPool;
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisArgs {
+    /// Redis URL, e.g. `redis://127.0.0.1:6379/0`.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    pub redis_url: String,
+    /// Prefix of every Redis key and channel this process uses, so several deployments (or test
+    /// runs) can share one Redis.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "gqlws:")]
+    pub redis_key_prefix: String,
+    /// Maximum number of pooled Redis connections per process.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub redis_pool_size: u32,
+}
 
 /// How long any single Redis operation may take, including getting a connection.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);

@@ -9,7 +9,8 @@ use actix_web::{middleware, web, App, HttpServer};
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConfigError, HttpArgs};
+use crate::config::ConfigError;
+use crate::http::HttpArgs;
 use crate::http::{health_routes, not_found, Readiness};
 use crate::metrics::Metrics;
 

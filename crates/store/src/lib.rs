@@ -15,6 +15,7 @@ pub mod records;
 pub mod repository;
 pub mod schema;
 pub mod service_visits;
+pub mod settings;
 pub mod users;
 
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use diesel::r2d2::{ManageConnection, Pool, PooledConnection};
 use diesel::{Connection, PgConnection, QueryResult, RunQueryDsl, SqliteConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use service_kit::config::DatabaseArgs;
+use crate::settings::DatabaseArgs;
 use service_kit::error::ApiError;
 
 const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");

@@ -15,7 +15,7 @@ fn select_one(conn: &mut store::AnyConnection) -> diesel::QueryResult<()> {
 #[tokio::test]
 async fn connections_terminated_by_the_server_are_replaced_not_reused() {
     let db = test_support::TestDb::new();
-    let pool = store::pool(&service_kit::config::DatabaseArgs {
+    let pool = store::pool(&store::settings::DatabaseArgs {
         database_url: db.url.clone(),
         database_pool_size: 4,
         database_timeout_secs: 5,

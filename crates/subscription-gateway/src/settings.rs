@@ -1,7 +1,10 @@
 //! Every setting of the gateway, from flags or the environment (`subscription-gateway --help`).
 
 use clap::{Args, Parser};
-use service_kit::config::{HttpArgs, JwksArgs, JwtArgs, LogArgs, RedisArgs};
+use service_kit::http::HttpArgs;
+use service_kit::redis::RedisArgs;
+use service_kit::telemetry::LogArgs;
+use tokens::settings::{JwksArgs, JwtArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -126,7 +129,7 @@ pub struct Settings {
     #[arg(long, env = "MAX_QUERY_FIELDS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_query_fields: u64,
     #[command(flatten)]
-    pub persisted: service_kit::config::PersistedQueryArgs,
+    pub persisted: graphql_schema::persisted::PersistedQueryArgs,
     /// Most lexical tokens accepted in a subscription document.
     #[arg(long, env = "MAX_QUERY_TOKENS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
     pub max_query_tokens: u64,

@@ -2,8 +2,8 @@
 //! claims, `iat` now, a fresh `jti`), with the keys a service configured the same way holds; and
 //! [`forge_hs256`], for the tests that sign what auth-service never would.
 
-use service_kit::config::JwtArgs;
 use tokens::jwt::{new_jti, Claims, JwtKeys, SecretPolicy, TokenType};
+use tokens::settings::JwtArgs;
 
 /// The keys of a service started with `JWT_SECRET=secret` (HS256) and nothing else set.
 pub fn hs256_keys(secret: &str) -> JwtKeys {

@@ -251,8 +251,8 @@ async fn fetch_jwks(settings: &JwksSettings) -> Result<VerificationKeys, String>
 /// secret or private key needed then), else the `JWT_*` settings, verification side only. Warns
 /// when the demo secret is in use.
 pub async fn verifier_from_args(
-    jwt: &service_kit::config::JwtArgs,
-    jwks: &service_kit::config::JwksArgs,
+    jwt: &crate::settings::JwtArgs,
+    jwks: &crate::settings::JwksArgs,
     policy: crate::jwt::SecretPolicy,
 ) -> Result<TokenVerifier, service_kit::config::ConfigError> {
     use service_kit::config::ConfigError;

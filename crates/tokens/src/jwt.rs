@@ -18,7 +18,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use service_kit::config::{ConfigError, JwtArgs};
+use crate::settings::JwtArgs;
+use service_kit::config::ConfigError;
 
 /// A secret that anyone reading the source knows; only the demo/embedded mode may use it.
 pub const DEMO_SECRET: &str = "demo-secret-do-not-use-in-production-0123456789";

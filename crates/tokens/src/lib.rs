@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod jwt;
 pub mod revocations;
+pub mod settings;
 
 impl From<jwt::TokenError> for service_kit::error::ApiError {
     fn from(err: jwt::TokenError) -> Self {

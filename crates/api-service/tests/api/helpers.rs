@@ -255,7 +255,7 @@ impl events::Follower for Collector {
 
 impl Subscriber {
     pub async fn connect(url: &str, prefix: &str) -> Subscriber {
-        let pool = service_kit::redis::pool(&service_kit::config::RedisArgs {
+        let pool = service_kit::redis::pool(&service_kit::redis::RedisArgs {
             redis_url: url.to_owned(),
             redis_key_prefix: prefix.to_owned(),
             redis_pool_size: 2,

@@ -64,7 +64,7 @@ fn ed25519_keys(dir: &std::path::Path, name: &str) -> JwtKeys {
     #[derive(clap::Parser)]
     struct JwtOnly {
         #[command(flatten)]
-        jwt: service_kit::config::JwtArgs,
+        jwt: tokens::settings::JwtArgs,
     }
     let args = <JwtOnly as clap::Parser>::try_parse_from([
         "jwt".to_owned(),

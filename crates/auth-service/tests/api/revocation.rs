@@ -116,7 +116,7 @@ async fn a_burst_of_one_users_logouts_leaves_every_other_logout_working() {
 async fn a_replica_started_after_a_flood_of_logouts_refuses_every_live_one() {
     let db = TestDb::new();
     let prefix = unique_prefix("revocation");
-    let redis_pool = service_kit::redis::pool(&service_kit::config::RedisArgs {
+    let redis_pool = service_kit::redis::pool(&service_kit::redis::RedisArgs {
         redis_url: test_support::redis_url(),
         redis_key_prefix: prefix.clone(),
         redis_pool_size: 2,

@@ -92,7 +92,7 @@ pub(crate) struct SubscribeArgs {
     pub(super) retention_count: u64,
     /// The Redis the gateway listens to, and its key prefix: both must be the gateway's.
     #[command(flatten)]
-    pub(super) redis: service_kit::config::RedisArgs,
+    pub(super) redis: service_kit::redis::RedisArgs,
     /// The gateway's process id, to read its resident memory (`VmRSS`) from /proc.
     #[arg(long)]
     pub(super) gateway_pid: Option<u32>,

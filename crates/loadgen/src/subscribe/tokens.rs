@@ -81,7 +81,7 @@ pub(super) fn minter(args: &SubscribeArgs) -> Result<Option<Minter>, String> {
 #[derive(Parser)]
 struct JwtOnly {
     #[command(flatten)]
-    jwt: service_kit::config::JwtArgs,
+    jwt: tokens::settings::JwtArgs,
 }
 
 /// The user that owns car `pk` in `--owners` runs: ids of their own, apart from the users

@@ -12,7 +12,7 @@ use store::DbPool;
 /// A pool of two on the database `url`, migrated.
 pub fn pool(url: &str) -> DbPool {
     store::migrate(url, Duration::from_secs(10)).unwrap();
-    store::pool(&service_kit::config::DatabaseArgs {
+    store::pool(&store::settings::DatabaseArgs {
         database_url: url.to_owned(),
         database_pool_size: 2,
         database_timeout_secs: 5,

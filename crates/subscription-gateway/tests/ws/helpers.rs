@@ -178,7 +178,7 @@ impl Drop for TestGateway {
     }
 }
 
-fn redis_args(url: &str) -> service_kit::config::RedisArgs {
+fn redis_args(url: &str) -> service_kit::redis::RedisArgs {
     Cli::try_parse_from(["x", &format!("--redis-url={url}")])
         .unwrap()
         .settings

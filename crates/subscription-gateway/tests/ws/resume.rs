@@ -130,7 +130,7 @@ async fn a_cursor_the_history_no_longer_covers_says_recovered_false_then_goes_li
     let cursor = cursor_of_a_departed_subscriber(&gateway, "old").await;
     gateway.publish(CAR_UPDATED, car(1, "trimmed")).await;
     // Retention ends: the log is trimmed past the cursor.
-    let pool = service_kit::redis::pool(&service_kit::config::RedisArgs {
+    let pool = service_kit::redis::pool(&service_kit::redis::RedisArgs {
         redis_url: gateway.redis_url.clone(),
         redis_key_prefix: gateway.prefix.clone(),
         redis_pool_size: 1,

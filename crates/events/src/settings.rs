@@ -1,0 +1,40 @@
+//! The event log's settings.
+
+use clap::Args;
+
+use crate::position::Retention;
+
+/// The event log: how much history each event type keeps for subscribers that resume
+/// . Set on the processes that publish (api-service, `trigger-event`, the
+/// embedded server); a subscriber whose cursor is older gets `recovered: false`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct EventLogArgs {
+    /// Events kept per event type (Redis `XADD … MAXLEN ~`, so a little more may stay).
+    #[arg(long, env = "EVENT_RETENTION_COUNT", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub event_retention_count: u64,
+    /// Longest an event is kept, in seconds (0 = no age limit; the count still applies).
+    #[arg(long, env = "EVENT_RETENTION_SECS", default_value_t = 3_600)]
+    pub event_retention_secs: u64,
+}
+
+impl Default for EventLogArgs {
+    fn default() -> Self {
+        let Retention {
+            count,
+            max_age_secs,
+        } = Retention::default();
+        Self {
+            event_retention_count: count,
+            event_retention_secs: max_age_secs,
+        }
+    }
+}
+
+impl From<&EventLogArgs> for Retention {
+    fn from(args: &EventLogArgs) -> Self {
+        Self {
+            count: args.event_retention_count.max(1),
+            max_age_secs: args.event_retention_secs,
+        }
+    }
+}
