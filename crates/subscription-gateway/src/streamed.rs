@@ -86,21 +86,45 @@ async fn serve(
     body: web::Payload,
     gateway: web::Data<GatewayState>,
 ) -> HttpResponse {
+    match admit(&request, body, &gateway).await {
+        Ok(admitted) => respond(gateway.shared.clone(), admitted).await,
+        Err(refused) => refused,
+    }
+}
+
+/// A stream let in: its transport, operation and caller, and its places in the counts.
+struct Admitted {
+    protocol: Protocol,
+    payload: Value,
+    authorization: Option<String>,
+    claims: Claims,
+    address: IpAddr,
+    address_slot: Counted<IpAddr>,
+    user_slot: UserSlot,
+}
+
+/// The checks before a stream opens, in the order of their cost; a refusal is its status and
+/// a GraphQL error.
+async fn admit(
+    request: &HttpRequest,
+    body: web::Payload,
+    gateway: &GatewayState,
+) -> Result<Admitted, HttpResponse> {
     let Some(protocol) = transport_of(request.headers()) else {
-        return refusal(
+        return Err(refusal(
             406,
             ErrorCode::NotAcceptable,
             "ask for text/event-stream or multipart/mixed",
-        );
+        ));
     };
-    let shared = gateway.shared.clone();
+    let shared = &gateway.shared;
     if shared.shutdown.is_cancelled() {
-        return refusal(
+        return Err(refusal(
             503,
             ErrorCode::ShuttingDown,
             "this gateway is shutting down; retry",
         )
-        .with_retry_after();
+        .with_retry_after());
     }
     let address = service_kit::http::client_address_of(
         request.headers(),
@@ -112,11 +136,11 @@ async fn serve(
             "too many open connections from this address (at most {})",
             gateway.addresses.max()
         );
-        return refusal(429, ErrorCode::TooManyConnections, &message).with_retry_after();
+        return Err(refusal(429, ErrorCode::TooManyConnections, &message).with_retry_after());
     };
-    let (payload, query_token) = match operation_of(&request, body, gateway.max_frame_bytes).await {
+    let (payload, query_token) = match operation_of(request, body, gateway.max_frame_bytes).await {
         Ok(parsed) => parsed,
-        Err(message) => return refusal(400, ErrorCode::BadRequest, &message),
+        Err(message) => return Err(refusal(400, ErrorCode::BadRequest, &message)),
     };
     let authorization = request
         .headers()
@@ -126,25 +150,52 @@ async fn serve(
         .or(query_token.map(|token| format!("Bearer {token}")));
     let claims = match Box::pin(shared.verifier.authenticate(authorization.as_deref())).await {
         Ok(claims) if !shared.verifier.is_revoked(&claims) => claims,
-        Ok(_) => return refusal(401, ErrorCode::Unauthenticated, "token has been revoked"),
+        Ok(_) => {
+            return Err(refusal(
+                401,
+                ErrorCode::Unauthenticated,
+                "token has been revoked",
+            ))
+        }
         Err(tokens::auth::AuthError::KeysUnavailable) => {
-            return refusal(
+            return Err(refusal(
                 503,
                 ErrorCode::ServiceUnavailable,
                 "the token cannot be checked right now",
             )
-            .with_retry_after()
+            .with_retry_after())
         }
-        Err(err) => return refusal(401, ErrorCode::Unauthenticated, &err.to_string()),
+        Err(err) => return Err(refusal(401, ErrorCode::Unauthenticated, &err.to_string())),
     };
     let Some(user_slot) = Box::pin(shared.users.enter(claims.user_id)).await else {
         let message = format!(
             "too many connections for this user (at most {})",
             shared.users.max()
         );
-        return refusal(429, ErrorCode::TooManyConnections, &message).with_retry_after();
+        return Err(refusal(429, ErrorCode::TooManyConnections, &message).with_retry_after());
     };
+    Ok(Admitted {
+        protocol,
+        payload,
+        authorization,
+        claims,
+        address,
+        address_slot,
+        user_slot,
+    })
+}
 
+/// Starts the operation and streams its results.
+async fn respond(shared: Arc<Shared>, admitted: Admitted) -> HttpResponse {
+    let Admitted {
+        protocol,
+        payload,
+        authorization,
+        claims,
+        address,
+        address_slot,
+        user_slot,
+    } = admitted;
     let link = Arc::new(Link::buffered(shared.limits.outbound_queue));
     if protocol == Protocol::Multipart {
         link.push(protocol::MULTIPART_PREAMBLE.as_bytes());

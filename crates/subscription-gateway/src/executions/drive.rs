@@ -15,7 +15,7 @@ use events::Readers;
 use super::group::Batch;
 use super::result::ResultText;
 use super::{Coordinator, Execution};
-use crate::hub::CURRENT_EVENT;
+use crate::hub::{EventMark, CURRENT_EVENT};
 use crate::protocol;
 
 /// Runs the juniper stream once for every subscriber of the operation.
@@ -33,13 +33,7 @@ pub(super) async fn drive(
     let stream = match subscribed {
         Ok(stream) => stream,
         Err(err) => {
-            let errors = match err {
-                juniper::GraphQLError::NotSubscription => protocol::errors(
-                    "this operation is not a subscription",
-                    ErrorCode::BadRequest,
-                ),
-                other => graphql_schema::request_errors(&other),
-            };
+            let errors = not_started(&err);
             if let Some(execution) = execution.upgrade() {
                 execution.mark_finished();
                 execution
@@ -67,18 +61,7 @@ pub(super) async fn drive(
             &output,
             mark.as_ref().map(|m| m.cursor.clone()),
         ));
-        // One span per event and execution (not per subscriber), linked to the write's trace.
-        let span = mark.as_ref().and_then(|m| {
-            let traceparent = m.traceparent.as_deref()?;
-            let span = tracing::info_span!(
-                "deliver",
-                otel.name = %format!("deliver {}", m.event_type.as_str()),
-                otel.kind = "consumer",
-                gqlws.cursor = &*m.cursor,
-            );
-            service_kit::telemetry::link(&span, traceparent);
-            Some(span)
-        });
+        let span = mark.as_ref().and_then(delivery_span);
         let batch = Batch::Next {
             result,
             event_type: mark.as_ref().map(|m| m.event_type),
@@ -107,9 +90,34 @@ pub(super) async fn drive(
     }
 }
 
+/// Why an operation did not start, as the errors its members are sent.
+fn not_started(err: &juniper::GraphQLError) -> serde_json::Value {
+    match err {
+        juniper::GraphQLError::NotSubscription => protocol::errors(
+            "this operation is not a subscription",
+            ErrorCode::BadRequest,
+        ),
+        other => graphql_schema::request_errors(other),
+    }
+}
+
+/// One span per event and execution (not per subscriber), linked to the write's trace; none
+/// when the write was not traced or this process does not trace.
+fn delivery_span(mark: &EventMark) -> Option<tracing::Span> {
+    let traceparent = mark.traceparent.as_deref()?;
+    let span = tracing::info_span!(
+        "deliver",
+        otel.name = %format!("deliver {}", mark.event_type.as_str()),
+        otel.kind = "consumer",
+        gqlws.cursor = &*mark.cursor,
+    );
+    service_kit::telemetry::link(&span, traceparent);
+    Some(span)
+}
+
 /// Who may receive a result: the readers of the event behind it. Every record reaches a
 /// subscription through an event, so a result without one carries no record; it goes to staff
 /// only all the same, so that a result whose event was not traced cannot show a private record.
-pub(super) fn readers_of(mark: Option<&crate::hub::EventMark>) -> Readers {
+pub(super) fn readers_of(mark: Option<&EventMark>) -> Readers {
     mark.map_or(Readers::Staff, |mark| mark.readers)
 }

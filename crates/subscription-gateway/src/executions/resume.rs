@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Weak};
 use events::{Cursor, Position, Viewer};
 use futures_util::StreamExt as _;
 use graphql_schema::Context;
-use juniper::{DefaultScalarValue, SubscriptionCoordinator as _};
+use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
 use service_kit::error::ErrorCode;
 use tokio::sync::watch;
 
@@ -323,44 +323,7 @@ impl CatchUp {
                 let Some(output) = stream.next().await else {
                     break;
                 };
-                let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
-                let readers = readers_of(mark.as_ref());
-                let result = ResultText::new(&output, mark.as_ref().map(|m| m.cursor.clone()));
-                // Results only come from a log that covered the cursor: a member's first says so.
-                let mut first_payload = None;
-                // A member whose socket refuses it is cut as slow by its link; it leaves.
-                let mut members = lock(&shared.members);
-                members.retain(|_, member| {
-                    if !readers.admit(member.viewer) {
-                        self.metrics.results_withheld.inc();
-                        return true;
-                    }
-                    let payload: &str = if member.replayed {
-                        result.text()
-                    } else {
-                        member.replayed = true;
-                        first_payload.get_or_insert_with(|| {
-                            result
-                                .telling(Told {
-                                    recovered: Some(true),
-                                    skipped: 0,
-                                })
-                                .into_owned()
-                        })
-                    };
-                    let frame = protocol::next_frame(
-                        member.protocol,
-                        &id_json(&member.id),
-                        payload,
-                        mark.as_ref().map(|m| &*m.cursor),
-                    );
-                    let pushed = member.link.push(&frame);
-                    if pushed {
-                        self.metrics.messages_sent.inc();
-                    }
-                    pushed
-                });
-                if members.is_empty() {
+                if !self.write(&shared, &output) {
                     return;
                 }
             }
@@ -370,26 +333,66 @@ impl CatchUp {
             // A member that got no replayed result learns `recovered` from its first live one.
             Some(Ok(end)) if end.recovered => (Some(end.until), Some(true)),
             Some(Ok(_)) => (None, Some(false)),
-            Some(Err(err)) => {
-                let code = match err {
-                    ReplayError::OtherType { .. } => ErrorCode::BadUserInput,
-                    ReplayError::Unavailable(_) => ErrorCode::ServiceUnavailable,
-                };
-                let errors = protocol::errors(&err.to_string(), code).to_string();
-                for member in lock(&shared.members).values() {
-                    let error =
-                        protocol::error_frame(member.protocol, &id_json(&member.id), &errors);
-                    if member.link.push(&error) {
-                        self.metrics.messages_sent.inc();
-                    }
-                    member.link.finished(&member.id);
-                }
-                return;
-            }
+            Some(Err(err)) => return self.fail(&shared, &err),
             None => (None, None),
         };
         drop(turn);
         self.open_gates(&shared, after, recovered);
+    }
+
+    /// One replayed result to every member that may read it; false once none is left (a member
+    /// whose socket refuses it is cut as slow by its link, and leaves).
+    fn write(&self, shared: &SharedCatchUp, output: &ExecutionOutput<DefaultScalarValue>) -> bool {
+        let mark = CURRENT_EVENT.try_with(Cell::take).ok().flatten();
+        let readers = readers_of(mark.as_ref());
+        let result = ResultText::new(output, mark.as_ref().map(|m| m.cursor.clone()));
+        // Results only come from a log that covered the cursor: a member's first says so.
+        let mut first = None;
+        let mut members = lock(&shared.members);
+        members.retain(|_, member| {
+            if !readers.admit(member.viewer) {
+                self.metrics.results_withheld.inc();
+                return true;
+            }
+            let payload: &str = if member.replayed {
+                result.text()
+            } else {
+                member.replayed = true;
+                first.get_or_insert_with(|| {
+                    let told = Told {
+                        recovered: Some(true),
+                        skipped: 0,
+                    };
+                    result.telling(told).into_owned()
+                })
+            };
+            let id = id_json(&member.id);
+            let frame =
+                protocol::next_frame(member.protocol, &id, payload, result.cursor().map(|c| &**c));
+            let pushed = member.link.push(&frame);
+            if pushed {
+                self.metrics.messages_sent.inc();
+            }
+            pushed
+        });
+        !members.is_empty()
+    }
+
+    /// The history could not be read, or the cursor is of another type: every member is told,
+    /// and its subscription ends.
+    fn fail(&self, shared: &SharedCatchUp, err: &ReplayError) {
+        let code = match err {
+            ReplayError::OtherType { .. } => ErrorCode::BadUserInput,
+            ReplayError::Unavailable(_) => ErrorCode::ServiceUnavailable,
+        };
+        let errors = protocol::errors(&err.to_string(), code).to_string();
+        for member in lock(&shared.members).values() {
+            let error = protocol::error_frame(member.protocol, &id_json(&member.id), &errors);
+            if member.link.push(&error) {
+                self.metrics.messages_sent.inc();
+            }
+            member.link.finished(&member.id);
+        }
     }
 
     /// Ends the replay for every member: what its gate held goes out, then live results as for
