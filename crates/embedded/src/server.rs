@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use actix_web::dev::Server;
 use actix_web::http::header;
-use actix_web::{guard, middleware, web, App};
+use actix_web::{guard, web};
 use events::MemoryLog;
 use service_kit::config::ConfigError;
 use service_kit::http::{health_routes, not_found, Readiness};
-use service_kit::metrics::{self, Metrics};
+use service_kit::metrics::Metrics;
 use store::repository::Store;
 use store::settings::DatabaseArgs;
 use store::DbPool;
@@ -137,25 +137,20 @@ impl Application {
             service_kit::http::ServerOptions::from(&services.api.http),
             gateway.clone(),
             move || {
-                App::new()
-                    .app_data(auth_data.clone())
-                    .app_data(api.clone())
-                    .app_data(gateway_data.clone())
-                    .app_data(readiness.clone())
-                    .app_data(metrics.clone())
-                    .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
-                    .wrap(middleware::from_fn(metrics::record))
-                    // NGINX's rules: `/api/token/…` → auth; `/graphql` → api. An incomplete
-                    // websocket upgrade gets the gateway's answer rather than the API's.
-                    .configure(auth_service::routes::config)
-                    // Subscriptions over SSE and multipart: the gateway's, as NGINX routes them.
-                    .configure(subscription_gateway::streamed::routes)
-                    .configure(websocket_routes)
-                    .configure(metrics_from_loopback_only)
-                    .configure(api_service::routes::config)
-                    .configure(health_routes)
-                    .default_service(web::to(not_found))
+                // NGINX's rules: `/api/token/…` → auth; `/graphql` → api; subscriptions over
+                // SSE and multipart → the gateway. An incomplete websocket upgrade gets the
+                // gateway's answer rather than the API's.
+                service_kit::service_app!(
+                    data: [auth_data, api, gateway_data, readiness, metrics, address_limit],
+                    routes: [
+                        auth_service::routes::config,
+                        subscription_gateway::streamed::routes,
+                        websocket_routes,
+                        metrics_from_loopback_only,
+                        api_service::routes::config,
+                        health_routes,
+                    ],
+                )
             },
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
@@ -265,6 +260,7 @@ pub fn banner(settings: &Settings, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use actix_web::test::{call_service, init_service, TestRequest};
+    use actix_web::App;
 
     use super::*;
 

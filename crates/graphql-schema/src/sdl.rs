@@ -79,61 +79,69 @@ fn print_sdl(schema: &serde_json::Value) -> String {
                 }
                 let _ = writeln!(out, "}}");
             }
-            _ => {
-                let keyword = if kind == "INTERFACE" {
-                    "interface"
-                } else {
-                    "type"
-                };
-                let interfaces: Vec<&str> = ty["interfaces"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|t| t["name"].as_str())
-                    .collect();
-                let implements = if interfaces.is_empty() {
-                    String::new()
-                } else {
-                    format!(" implements {}", interfaces.join(" & "))
-                };
-                let _ = writeln!(out, "{keyword} {name}{implements} {{");
-                for field in ty["fields"].as_array().into_iter().flatten() {
-                    description(&mut out, &field["description"], "  ");
-                    let args: Vec<String> = field["args"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(input_value)
-                        .collect();
-                    let args = if args.is_empty() {
-                        String::new()
-                    } else {
-                        format!("({})", args.join(", "))
-                    };
-                    let deprecated = if field["isDeprecated"].as_bool() == Some(true) {
-                        format!(
-                            " @deprecated(reason: {})",
-                            serde_json::Value::from(
-                                field["deprecationReason"]
-                                    .as_str()
-                                    .unwrap_or("No longer supported")
-                            )
-                        )
-                    } else {
-                        String::new()
-                    };
-                    let _ = writeln!(
-                        out,
-                        "  {}{args}: {}{deprecated}",
-                        field["name"].as_str().unwrap_or_default(),
-                        type_ref(&field["type"])
-                    );
-                }
-                let _ = writeln!(out, "}}");
-            }
+            _ => object_type(&mut out, ty, name, kind),
         }
     }
     out
+}
+
+/// An object or interface type, with its fields.
+fn object_type(out: &mut String, ty: &serde_json::Value, name: &str, kind: &str) {
+    let keyword = if kind == "INTERFACE" {
+        "interface"
+    } else {
+        "type"
+    };
+    let interfaces: Vec<&str> = ty["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    let implements = if interfaces.is_empty() {
+        String::new()
+    } else {
+        format!(" implements {}", interfaces.join(" & "))
+    };
+    let _ = writeln!(out, "{keyword} {name}{implements} {{");
+    for field in ty["fields"].as_array().into_iter().flatten() {
+        field_line(out, field);
+    }
+    let _ = writeln!(out, "}}");
+}
+
+/// One field of an object or interface type: its description, arguments, type and deprecation.
+fn field_line(out: &mut String, field: &serde_json::Value) {
+    description(out, &field["description"], "  ");
+    let args: Vec<String> = field["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(input_value)
+        .collect();
+    let args = if args.is_empty() {
+        String::new()
+    } else {
+        format!("({})", args.join(", "))
+    };
+    let deprecated = if field["isDeprecated"].as_bool() == Some(true) {
+        format!(
+            " @deprecated(reason: {})",
+            serde_json::Value::from(
+                field["deprecationReason"]
+                    .as_str()
+                    .unwrap_or("No longer supported")
+            )
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "  {}{args}: {}{deprecated}",
+        field["name"].as_str().unwrap_or_default(),
+        type_ref(&field["type"])
+    );
 }
 
 fn description(out: &mut String, description: &serde_json::Value, indent: &str) {

@@ -499,6 +499,23 @@ impl From<&HttpArgs> for ServerOptions {
     }
 }
 
+/// The `App` of every server of the stack, built in one place: `service_app!(data: [a, b],
+/// routes: [f, g])` gives an app with each `web::Data`, the per-address request limit and the
+/// request metrics around the routes (each a `fn(&mut web::ServiceConfig)`), and the JSON 404
+/// for anything else. A macro because each `wrap` changes the app's type, which a function
+/// would have to name.
+#[macro_export]
+macro_rules! service_app {
+    (data: [$($data:expr),* $(,)?], routes: [$($routes:expr),* $(,)?] $(,)?) => {
+        ::actix_web::App::new()
+            $(.app_data($data.clone()))*
+            .wrap(::actix_web::middleware::from_fn($crate::http::limit_per_address))
+            .wrap(::actix_web::middleware::from_fn($crate::metrics::record))
+            $(.configure($routes))*
+            .default_service(::actix_web::web::to($crate::http::not_found))
+    };
+}
+
 /// Starts an `HttpServer` on a listener with [`ServerOptions`]: `start_server!(server, listener,
 /// options)` gives `std::io::Result<actix_web::dev::Server>`. actix's own signal handling is off:
 /// each service stops when the shutdown future given to its `run_until_stopped` resolves, so tests

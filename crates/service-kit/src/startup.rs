@@ -5,13 +5,13 @@
 use std::future::Future;
 
 use actix_web::dev::Server;
-use actix_web::{middleware, web, App, HttpServer};
+use actix_web::{web, HttpServer};
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 use crate::http::HttpArgs;
-use crate::http::{health_routes, not_found, Readiness};
+use crate::http::{health_routes, Readiness};
 use crate::metrics::Metrics;
 
 /// Why a service could not start. Configuration errors exit with status 2, the rest with 1.
@@ -55,16 +55,10 @@ pub fn http_server<S: Send + Sync + 'static>(
     let (listener, port) = crate::http::bind(http.listen_addr, "LISTEN_ADDR")?;
     let server = crate::start_server!(
         HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .app_data(readiness.clone())
-                .app_data(metrics.clone())
-                .app_data(address_limit.clone())
-                .wrap(middleware::from_fn(crate::http::limit_per_address))
-                .wrap(middleware::from_fn(crate::metrics::record))
-                .configure(routes)
-                .configure(health_routes)
-                .default_service(web::to(not_found))
+            crate::service_app!(
+                data: [state, readiness, metrics, address_limit],
+                routes: [routes, health_routes],
+            )
         }),
         listener,
         crate::http::ServerOptions::from(http)

@@ -134,3 +134,36 @@ pub struct Settings {
     #[arg(long, env = "MAX_QUERY_TOKENS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
     pub max_query_tokens: u64,
 }
+
+impl Settings {
+    /// The bounds on documents (MAX_QUERY_*).
+    pub fn document_limits(&self) -> graphql_schema::DocumentLimits {
+        graphql_schema::DocumentLimits {
+            max_depth: self.max_query_depth as usize,
+            max_fields: self.max_query_fields as usize,
+            max_tokens: self.max_query_tokens as usize,
+        }
+    }
+
+    /// What one connection may do and hold.
+    pub fn connection_limits(&self) -> crate::state::ConnectionLimits {
+        crate::state::ConnectionLimits {
+            keepalive: std::time::Duration::from_secs(self.keepalive_secs),
+            init_timeout: std::time::Duration::from_secs(self.init_timeout_secs),
+            max_subscriptions: self.max_subscriptions_per_connection as usize,
+            outbound_queue: self.outbound_queue as usize,
+            write_timeout: std::time::Duration::from_secs(self.write_timeout_secs),
+        }
+    }
+
+    /// The bounds on replays (MAX_REPLAYS*, REPLAY_*).
+    pub fn replay_limits(&self) -> crate::replays::ReplayLimits {
+        crate::replays::ReplayLimits {
+            per_connection: self.max_replays_per_connection as usize,
+            per_user: self.max_replays_per_user as usize,
+            per_process: self.max_replays as usize,
+            queue_per_user: self.replay_queue_per_user as usize,
+            events_per_sec_per_user: self.replay_events_per_sec_per_user,
+        }
+    }
+}

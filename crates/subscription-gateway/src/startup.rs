@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use actix_web::dev::Server;
 use actix_web::http::header;
-use actix_web::{middleware, web, App, HttpRequest, HttpResponse};
-use graphql_schema::DocumentLimits;
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 use service_kit::config::ConfigError;
-use service_kit::http::{healthz, not_found, Tally};
+use service_kit::http::{healthz, Tally};
 use service_kit::metrics::{self, Metrics};
 use tokens::jwt::SecretPolicy;
 use tokens::revocations::RevokedBefore;
@@ -21,7 +20,7 @@ use crate::executions::Coordinator;
 use crate::hub::{Hub, HubParts};
 use crate::metrics::GatewayMetrics;
 use crate::settings::Settings;
-use crate::state::{ConnectionLimits, GatewayState, Shared};
+use crate::state::{GatewayState, Shared};
 
 pub use service_kit::startup::StartupError;
 use service_kit::startup::{serve_until_stopped, Background};
@@ -32,6 +31,8 @@ pub struct Application {
     state: web::Data<GatewayState>,
     /// Stops the hub's Redis task, after the sockets are closed.
     hub_shutdown: CancellationToken,
+    /// The revocation poll, stopped after the server.
+    background: Background,
     health: Option<crate::health::HealthServer>,
 }
 
@@ -62,11 +63,7 @@ pub async fn state(
     let verifier = tokens::auth::verifier_from_args(&settings.jwt, &settings.jwks, policy)
         .await?
         .with_revocations(revoked.clone());
-    let limits = DocumentLimits {
-        max_depth: settings.max_query_depth as usize,
-        max_fields: settings.max_query_fields as usize,
-        max_tokens: settings.max_query_tokens as usize,
-    };
+    let limits = settings.document_limits();
     let gateway_metrics = GatewayMetrics::register(metrics);
     let buffer = settings.fanout_buffer as usize;
     // A domain type registered twice would mix two types in one log: refused before serving.
@@ -100,25 +97,10 @@ pub async fn state(
             pressure.clone(),
         )),
         pressure,
-        limits: ConnectionLimits {
-            keepalive: Duration::from_secs(settings.keepalive_secs),
-            init_timeout: Duration::from_secs(settings.init_timeout_secs),
-            max_subscriptions: settings.max_subscriptions_per_connection as usize,
-            outbound_queue: settings.outbound_queue as usize,
-            write_timeout: Duration::from_secs(settings.write_timeout_secs),
-        },
+        limits: settings.connection_limits(),
         metrics: gateway_metrics.clone(),
         shutdown: CancellationToken::new(),
-        replays: crate::replays::Replays::new(
-            crate::replays::ReplayLimits {
-                per_connection: settings.max_replays_per_connection as usize,
-                per_user: settings.max_replays_per_user as usize,
-                per_process: settings.max_replays as usize,
-                queue_per_user: settings.replay_queue_per_user as usize,
-                events_per_sec_per_user: settings.replay_events_per_sec_per_user,
-            },
-            gateway_metrics.clone(),
-        ),
+        replays: crate::replays::Replays::new(settings.replay_limits(), gateway_metrics.clone()),
         upstream: crate::forward::Upstream::new(&settings.api_internal_url)
             .map_err(|err| ConfigError::new("API_INTERNAL_URL", err))?
             .with_forwarding_key(settings.forwarding_key.clone()),
@@ -187,13 +169,10 @@ impl Application {
             persisted,
         )
         .await?;
-        // Logouts' cutoffs, read from Redis until the hub stops.
-        actix_web::rt::spawn(tokens::revocations::poll(
-            redis,
-            settings.redis.redis_key_prefix.clone(),
-            revoked,
-            hub_shutdown.clone().cancelled_owned(),
-        ));
+        // Logouts' cutoffs, read from Redis until the server stops.
+        let mut background = Background::default();
+        let prefix = settings.redis.redis_key_prefix.clone();
+        background.spawn_with_stop(|stop| tokens::revocations::poll(redis, prefix, revoked, stop));
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(settings.http.address_limit());
 
@@ -207,19 +186,10 @@ impl Application {
             },
             state.clone(),
             move || {
-                App::new()
-                    .app_data(server_state.clone())
-                    .app_data(metrics.clone())
-                    .app_data(address_limit.clone())
-                    .wrap(middleware::from_fn(service_kit::http::limit_per_address))
-                    .wrap(middleware::from_fn(metrics::record))
-                    .configure(crate::streamed::routes)
-                    .route("/graphql", web::get().to(not_upgraded))
-                    .route("/graphql/", web::get().to(not_upgraded))
-                    .route("/healthz", web::get().to(healthz))
-                    .route("/readyz", web::get().to(readyz))
-                    .route("/metrics", web::get().to(metrics::handler))
-                    .default_service(web::to(not_found))
+                service_kit::service_app!(
+                    data: [server_state, metrics, address_limit],
+                    routes: [crate::streamed::routes, routes],
+                )
             },
         )
         .map_err(|err| StartupError::Other(format!("cannot start the server: {err}")))?;
@@ -241,6 +211,7 @@ impl Application {
             server,
             state,
             hub_shutdown,
+            background,
             health,
         })
     }
@@ -262,17 +233,26 @@ impl Application {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        let stopped =
-            serve_until_stopped(self.server, Background::default(), shutdown, async move {
-                drain(&state).await
-            })
-            .await;
+        let stopped = serve_until_stopped(self.server, self.background, shutdown, async move {
+            drain(&state).await
+        })
+        .await;
         self.hub_shutdown.cancel();
         if let Some(health) = &self.health {
             health.stop();
         }
         stopped
     }
+}
+
+/// The gateway's own routes besides the streamed subscriptions: what a `GET /graphql` that was
+/// not upgraded gets, and its health and metrics.
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/graphql", web::get().to(not_upgraded))
+        .route("/graphql/", web::get().to(not_upgraded))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics::handler));
 }
 
 /// `GET /graphql` that actix-http did not hand to the upgrade service ([`crate::server`]): either

@@ -341,71 +341,9 @@ impl JwtKeys {
         let signing_algorithm = parse_algorithm(&args.jwt_algorithm)
             .map_err(|msg| ConfigError::new("JWT_ALGORITHM", msg))?;
         let mut keys = HashMap::new();
-        let mut uses_demo_secret = false;
-        let signing = match signing_algorithm {
-            Algorithm::HS256 => {
-                let secret =
-                    match (&args.jwt_secret, policy) {
-                        (Some(secret), _) => secret.clone(),
-                        (None, SecretPolicy::AllowDemoSecret) => {
-                            uses_demo_secret = true;
-                            DEMO_SECRET.to_owned()
-                        }
-                        (None, SecretPolicy::RequireConfigured) => return Err(ConfigError::new(
-                            "JWT_SECRET",
-                            "required for HS256 (or run in demo mode, or use JWT_ALGORITHM=EdDSA)",
-                        )),
-                    };
-                if secret.len() < MIN_SECRET_BYTES {
-                    return Err(ConfigError::new(
-                        "JWT_SECRET",
-                        format!("must be at least {MIN_SECRET_BYTES} bytes long"),
-                    ));
-                }
-                let kid = args
-                    .jwt_key_id
-                    .clone()
-                    .unwrap_or_else(|| hmac_kid(secret.as_bytes()));
-                keys.insert(
-                    kid.clone(),
-                    VerifyKey {
-                        algorithm: Algorithm::HS256,
-                        key: DecodingKey::from_secret(secret.as_bytes()),
-                        jwk: None,
-                    },
-                );
-                SigningKey {
-                    algorithm: Algorithm::HS256,
-                    kid,
-                    key: EncodingKey::from_secret(secret.as_bytes()),
-                }
-            }
-            Algorithm::EdDSA => {
-                let path = args.jwt_private_key_file.as_ref().ok_or_else(|| {
-                    ConfigError::new("JWT_PRIVATE_KEY_FILE", "required for EdDSA")
-                })?;
-                let pem = read_pem(path, "JWT_PRIVATE_KEY_FILE")?;
-                let private = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|_| {
-                    ConfigError::new(
-                        "JWT_PRIVATE_KEY_FILE",
-                        format!("{} is not a PKCS#8 PEM Ed25519 private key", path.display()),
-                    )
-                })?;
-                let public = private.verifying_key();
-                let kid = args
-                    .jwt_key_id
-                    .clone()
-                    .unwrap_or_else(|| ed25519_thumbprint(&public));
-                keys.insert(kid.clone(), ed25519_verify_key(&kid, &public)?);
-                let key = EncodingKey::from_ed_pem(pem.as_bytes()).map_err(|err| {
-                    ConfigError::new("JWT_PRIVATE_KEY_FILE", format!("unusable key: {err}"))
-                })?;
-                SigningKey {
-                    algorithm: Algorithm::EdDSA,
-                    kid,
-                    key,
-                }
-            }
+        let (signing, uses_demo_secret) = match signing_algorithm {
+            Algorithm::HS256 => hs256_keys(args, policy, &mut keys)?,
+            Algorithm::EdDSA => (eddsa_keys(args, &mut keys)?, false),
             other => {
                 return Err(ConfigError::new(
                     "JWT_ALGORITHM",
@@ -414,18 +352,7 @@ impl JwtKeys {
             }
         };
         add_verify_keys(&mut keys, &args.jwt_verify_keys)?;
-        let accepted = if args.jwt_accepted_algorithms.is_empty() {
-            let mut algorithms: Vec<Algorithm> = keys.values().map(|k| k.algorithm).collect();
-            algorithms.sort_by_key(|a| format!("{a:?}"));
-            algorithms.dedup();
-            algorithms
-        } else {
-            args.jwt_accepted_algorithms
-                .iter()
-                .map(|name| parse_algorithm(name.trim()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|msg| ConfigError::new("JWT_ACCEPTED_ALGORITHMS", msg))?
-        };
+        let accepted = accepted_algorithms(args, &keys)?;
         if !accepted.contains(&signing.algorithm) {
             return Err(ConfigError::new(
                 "JWT_ACCEPTED_ALGORITHMS",
@@ -447,6 +374,102 @@ impl JwtKeys {
             uses_demo_secret,
         ))
     }
+}
+
+/// The HS256 signing key (and its verification key, added to `keys`), and whether it is the
+/// demo secret.
+fn hs256_keys(
+    args: &JwtArgs,
+    policy: SecretPolicy,
+    keys: &mut HashMap<String, VerifyKey>,
+) -> Result<(SigningKey, bool), ConfigError> {
+    let mut uses_demo_secret = false;
+    let secret = match (&args.jwt_secret, policy) {
+        (Some(secret), _) => secret.clone(),
+        (None, SecretPolicy::AllowDemoSecret) => {
+            uses_demo_secret = true;
+            DEMO_SECRET.to_owned()
+        }
+        (None, SecretPolicy::RequireConfigured) => {
+            return Err(ConfigError::new(
+                "JWT_SECRET",
+                "required for HS256 (or run in demo mode, or use JWT_ALGORITHM=EdDSA)",
+            ))
+        }
+    };
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(ConfigError::new(
+            "JWT_SECRET",
+            format!("must be at least {MIN_SECRET_BYTES} bytes long"),
+        ));
+    }
+    let kid = args
+        .jwt_key_id
+        .clone()
+        .unwrap_or_else(|| hmac_kid(secret.as_bytes()));
+    keys.insert(
+        kid.clone(),
+        VerifyKey {
+            algorithm: Algorithm::HS256,
+            key: DecodingKey::from_secret(secret.as_bytes()),
+            jwk: None,
+        },
+    );
+    let signing = SigningKey {
+        algorithm: Algorithm::HS256,
+        kid,
+        key: EncodingKey::from_secret(secret.as_bytes()),
+    };
+    Ok((signing, uses_demo_secret))
+}
+
+/// The EdDSA signing key from JWT_PRIVATE_KEY_FILE (and its verification key, added to `keys`).
+fn eddsa_keys(
+    args: &JwtArgs,
+    keys: &mut HashMap<String, VerifyKey>,
+) -> Result<SigningKey, ConfigError> {
+    let path = args
+        .jwt_private_key_file
+        .as_ref()
+        .ok_or_else(|| ConfigError::new("JWT_PRIVATE_KEY_FILE", "required for EdDSA"))?;
+    let pem = read_pem(path, "JWT_PRIVATE_KEY_FILE")?;
+    let private = ed25519_dalek::SigningKey::from_pkcs8_pem(&pem).map_err(|_| {
+        ConfigError::new(
+            "JWT_PRIVATE_KEY_FILE",
+            format!("{} is not a PKCS#8 PEM Ed25519 private key", path.display()),
+        )
+    })?;
+    let public = private.verifying_key();
+    let kid = args
+        .jwt_key_id
+        .clone()
+        .unwrap_or_else(|| ed25519_thumbprint(&public));
+    keys.insert(kid.clone(), ed25519_verify_key(&kid, &public)?);
+    let key = EncodingKey::from_ed_pem(pem.as_bytes())
+        .map_err(|err| ConfigError::new("JWT_PRIVATE_KEY_FILE", format!("unusable key: {err}")))?;
+    Ok(SigningKey {
+        algorithm: Algorithm::EdDSA,
+        kid,
+        key,
+    })
+}
+
+/// JWT_ACCEPTED_ALGORITHMS, or by default the algorithms of the verification keys.
+fn accepted_algorithms(
+    args: &JwtArgs,
+    keys: &HashMap<String, VerifyKey>,
+) -> Result<Vec<Algorithm>, ConfigError> {
+    if args.jwt_accepted_algorithms.is_empty() {
+        let mut algorithms: Vec<Algorithm> = keys.values().map(|k| k.algorithm).collect();
+        algorithms.sort_by_key(|a| format!("{a:?}"));
+        algorithms.dedup();
+        return Ok(algorithms);
+    }
+    args.jwt_accepted_algorithms
+        .iter()
+        .map(|name| parse_algorithm(name.trim()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|msg| ConfigError::new("JWT_ACCEPTED_ALGORITHMS", msg))
 }
 
 /// The algorithms this project supports. Others are refused at configuration time so that an
