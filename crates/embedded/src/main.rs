@@ -37,7 +37,7 @@ async fn serve(settings: &Settings) -> Result<(), StartupError> {
 }
 
 /// Commits the change and its event; the running server's relay publishes it (this process
-/// cannot reach the server's in-memory bus).
+/// cannot reach the server's in-memory log).
 async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError> {
     let services = settings.services()?;
     store::migrate_async(&settings.database_url, std::time::Duration::from_secs(10))

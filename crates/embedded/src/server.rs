@@ -1,5 +1,5 @@
 //! The one server: the three services' routes in one actix app, the outbox relay, the hub over the
-//! in-memory bus, and the blacklist purge, run until a shutdown signal. Tests call
+//! in-memory log, and the blacklist purge, run until a shutdown signal. Tests call
 //! [`Application::build`] on port 0 exactly as `main` does.
 
 use std::future::Future;

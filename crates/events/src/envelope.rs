@@ -52,7 +52,7 @@ pub enum DecodeError {
     WrongType,
 }
 
-/// One event as it travels on the bus; `data` is the domain value after the change.
+/// One event as it travels between services; `data` is the domain value after the change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope<D> {
     pub v: u32,

@@ -43,8 +43,8 @@ pub use memory::MemoryLog;
 pub use position::{Cursor, LoggedEvent, Position, Retention};
 #[cfg(feature = "runtime")]
 pub use redis::{
-    append_command, channel, epoch_key, events_connection_name, revocation_channel, RedisLog,
-    ENTRY_FIELD,
+    append_command, channel, epoch_key, events_connection_name, push_append, revocation_channel,
+    RedisLog, ENTRY_FIELD,
 };
 pub use registry::{EventKind, Key, Readers, Registry, Viewer};
 

@@ -112,6 +112,13 @@ impl RedisLog {
 /// `XADD` of one envelope to `key`, trimmed to `retention` in the same round trip.
 pub fn append_command(key: &str, payload: &str, retention: Retention) -> redis::Pipeline {
     let mut pipe = redis::pipe();
+    push_append(&mut pipe, key, payload, retention);
+    pipe
+}
+
+/// Adds the `XADD` of one envelope to `key` (and its trim) to `pipe`: for a writer that sends
+/// many at once (loadgen), in the format this module alone writes and reads.
+pub fn push_append(pipe: &mut redis::Pipeline, key: &str, payload: &str, retention: Retention) {
     pipe.cmd("XADD")
         .arg(key)
         .arg("MAXLEN")
@@ -130,7 +137,6 @@ pub fn append_command(key: &str, payload: &str, retention: Retention) -> redis::
             .arg(oldest)
             .ignore();
     }
-    pipe
 }
 
 impl EventLog for RedisLog {

@@ -61,7 +61,7 @@ pub(crate) fn insert(conn: &mut AnyConnection, event: NewEvent) -> QueryResult<P
 }
 
 /// Commits an event that is no write's (a revocation by a command run beside the embedded
-/// server), due at once for the relay of the process that owns the bus.
+/// server), due at once for the relay of the process that owns the log.
 pub async fn commit(pool: &DbPool, event_type: &str, payload: String) -> Result<(), DbError> {
     let event = NewEvent {
         event_id: events::new_event_id(),

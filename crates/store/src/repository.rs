@@ -37,13 +37,13 @@ impl Default for OutboxConfig {
     }
 }
 
-/// The database, the bus and the outbox settings; cheap to clone.
+/// The database, the event log and the outbox settings; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     pub pool: DbPool,
     /// `None`: commit only, and leave publishing to the relay of another process (a
     /// `trigger-event` run beside the embedded server, which cannot reach its memory).
-    bus: Option<Arc<dyn EventLog>>,
+    log: Option<Arc<dyn EventLog>>,
     config: OutboxConfig,
     /// Published events by path (`inline` right after commit, `relay` later) and failures.
     published: IntCounterVec,
@@ -56,29 +56,29 @@ pub struct Store {
 impl Store {
     pub fn new(
         pool: DbPool,
-        bus: Arc<dyn EventLog>,
+        log: Arc<dyn EventLog>,
         config: OutboxConfig,
         metrics: &Metrics,
     ) -> Self {
-        Self::with_bus(pool, Some(bus), config, metrics)
+        Self::with_log(pool, Some(log), config, metrics)
     }
 
     /// A store that commits writes and their events but publishes nothing: the events wait in
-    /// the outbox, due at once, for the relay of the process that owns the bus (the embedded
-    /// server, whose in-memory bus no other process can reach).
+    /// the outbox, due at once, for the relay of the process that owns the log (the embedded
+    /// server, whose in-memory log no other process can reach).
     pub fn commit_only(pool: DbPool, config: OutboxConfig, metrics: &Metrics) -> Self {
-        Self::with_bus(pool, None, config, metrics)
+        Self::with_log(pool, None, config, metrics)
     }
 
-    fn with_bus(
+    fn with_log(
         pool: DbPool,
-        bus: Option<Arc<dyn EventLog>>,
+        log: Option<Arc<dyn EventLog>>,
         config: OutboxConfig,
         metrics: &Metrics,
     ) -> Self {
         let published = metrics.counter_vec(
             "events_published_total",
-            "Events published to the bus, by path (inline after commit, or relay) and outcome.",
+            "Events appended to the event log, by path (inline after commit, or relay) and outcome.",
             &["path", "outcome"],
         );
         let pending = IntGauge::new(
@@ -91,7 +91,7 @@ impl Store {
         }
         Self {
             pool,
-            bus,
+            log,
             config,
             published,
             pending,
@@ -159,11 +159,11 @@ impl Store {
 
     /// Publishes an event, then removes it from the outbox. After a write (`inline`), a failure
     /// is logged, not returned: the write has committed, and the relay publishes the event once
-    /// the bus is back.
+    /// the log is back.
     async fn publish(&self, event: outbox::PendingEvent, path: Path) -> bool {
         let path = path.label();
-        let Some(bus) = &self.bus else {
-            // Due at once, for the relay of the process that owns the bus.
+        let Some(log) = &self.log else {
+            // Due at once, for the relay of the process that owns the log.
             if let Err(err) = outbox::release(&self.pool, &event).await {
                 tracing::warn!(%err, event_id = %event.event_id, "cannot release the event; it is relayed when its lease runs out");
             }
@@ -183,7 +183,7 @@ impl Store {
             span
         });
         // By the name committed, known to this process or not: the relay drops nothing.
-        let published = bus
+        let published = log
             .append(&event.event_type, &event.payload)
             .instrument(span)
             .await;
@@ -209,7 +209,7 @@ impl Store {
     }
 
     /// One pass of the relay: publishes due events oldest first, stopping at the first failure
-    /// (the bus is likely down, and the order of what is left is kept). The oldest event goes
+    /// (the log is likely down, and the order of what is left is kept). The oldest event goes
     /// first on its own, as a probe, so that an outage costs one claim per pass rather than a
     /// batch. Returns how many went out.
     pub async fn relay_once(&self) -> usize {

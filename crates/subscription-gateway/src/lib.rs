@@ -8,7 +8,7 @@
 //!   dispatcher with their bare TCP stream; everything else goes to an actix-web app.
 //! - [`socket`]: a websocket's own I/O: frames, small on-demand buffers, the shared write side
 //!   that executions write results into.
-//! - [`hub`]: the one Redis subscriber of the process (or the in-memory bus of the embedded
+//! - [`hub`]: the follower of the process's event log (Redis, or the in-memory log of the embedded
 //!   mode) and the in-memory fan-out to local subscribers, routed by key; also the revocation
 //!   feed.
 //! - [`protocol`]: the two subprotocols' messages (`graphql-transport-ws`, legacy `graphql-ws`),

@@ -108,7 +108,7 @@ gateway_metrics! {
     publish_latency: HistogramVec = latency_vec(
         "gateway_publish_latency_seconds",
         "From the event's append to its Redis log to its frame written to the client, \
-        by event type (not observed on the in-memory bus).",
+        by event type (not observed on the in-memory log).",
         "type"
     ),
     hub_lag: GaugeVec = gauge_vec(

@@ -56,7 +56,7 @@ impl Pressure {
     }
 
     /// Whether a group holding a result of an event appended at `appended_ms` (ms since the
-    /// epoch; `None` on the in-memory bus), with `waiting` of `capacity` results queued behind
+    /// epoch; `None` on the in-memory log), with `waiting` of `capacity` results queued behind
     /// it, is past capacity: the result is older than the threshold, or the queue half full.
     pub fn behind(&self, appended_ms: Option<u64>, waiting: usize, capacity: usize) -> bool {
         if waiting == 0 {

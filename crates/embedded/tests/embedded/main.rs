@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly at the first surprise.
 
 //! The contract tests against the embedded mode: the whole stack in one process on a temporary
-//! SQLite file and the in-memory bus, reached the way clients reach NGINX in the distributed
+//! SQLite file and the in-memory log, reached the way clients reach NGINX in the distributed
 //! stack (one address, `/api/token/…`, `/graphql` with and without a websocket upgrade).
 
 mod graphql;

@@ -28,7 +28,7 @@ async fn the_server_and_trigger_event_processes_write_the_file_at_the_same_time(
         printed.iter().all(|line| line.starts_with("car 1: make")),
         "{printed:?}"
     );
-    // Every event reached the bus: the relay emptied the outbox.
+    // Every event reached the log: the relay emptied the outbox.
     for _ in 0..100 {
         if store::outbox::pending_count(app.pool()).await.unwrap() == 0 {
             return;

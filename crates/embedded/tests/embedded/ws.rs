@@ -1,5 +1,5 @@
 //! GraphQL subscriptions over websockets on the embedded server: `/graphql` with an upgrade is
-//! the gateway, fed by the in-memory bus.
+//! the gateway, fed by the in-memory log.
 
 use serde_json::json;
 

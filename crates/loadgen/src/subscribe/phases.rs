@@ -69,9 +69,10 @@ pub(super) async fn orchestrate(
     let rss_idle = args.gateway_pid.and_then(rss_kib);
 
     let pool = service_kit::redis::pool(&args.redis).map_err(|err| err.to_string())?;
+    // Trimmed by count only, in the same round trip as each append.
     let retention = events::Retention {
         count: args.retention_count,
-        ..events::Retention::default()
+        max_age_secs: 0,
     };
     let bus =
         RedisLog::new(pool.clone(), args.redis.redis_key_prefix.clone()).with_retention(retention);
@@ -229,23 +230,16 @@ async fn publish_pipelined(
     batch: &[(usize, i64)],
 ) -> Result<(), String> {
     let key = events::channel(&args.redis.redis_key_prefix, Car::EVENTS.updated.as_str());
+    // Trimmed by count only, in the same round trip as each append.
     let retention = events::Retention {
         count: args.retention_count,
-        ..events::Retention::default()
+        max_age_secs: 0,
     };
     let mut pipe = deadpool_redis::redis::pipe();
     for (index, pk) in batch {
         let envelope = envelope(shared, *index, *pk);
         let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
-        pipe.cmd("XADD")
-            .arg(&key)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(retention.count)
-            .arg("*")
-            .arg(events::ENTRY_FIELD)
-            .arg(payload)
-            .ignore();
+        events::push_append(&mut pipe, &key, &payload, retention);
     }
     let now = shared.now_ns().max(1);
     for (index, _) in batch {

@@ -112,7 +112,7 @@ pub(super) async fn serve_group(
 /// When the event behind a result was appended to its Redis log (ms since the epoch).
 fn appended_ms(batch: &Batch) -> Option<u64> {
     match batch {
-        // The in-memory bus's positions are counters, not times.
+        // The in-memory log's positions are counters, not times.
         Batch::Next {
             position: Some(position),
             ..

@@ -1,5 +1,5 @@
 //! The fan-out: one Redis connection per process reading the event logs (or, in the embedded
-//! mode, the in-memory bus), each entry decoded once and handed to the local executions it is
+//! mode, the in-memory log), each entry decoded once and handed to the local executions it is
 //! for. By concern:
 //!
 //! - here, the [`Hub`]: what it holds, subscribing ([`Hub::subscribe`], [`TopicGuard`]) and

@@ -207,7 +207,7 @@ impl Topic {
 }
 
 /// Whether `event` was appended to its log more than `after_ms` ago (a Redis position is the
-/// append's millisecond; the in-memory bus's are counters and never late).
+/// append's millisecond; the in-memory log's are counters and never late).
 fn late(event: &LoggedEvent, after_ms: u64) -> bool {
     event.position.ms > 0
         && (chrono::Utc::now().timestamp_millis() as u64).saturating_sub(event.position.ms)
