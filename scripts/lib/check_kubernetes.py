@@ -27,7 +27,7 @@ import yaml
 SCHEMA_VERSIONS = ["1.31", kubernetes_validate.utils.major_minor(kubernetes_validate.latest_version())]
 
 GATEWAY = "subscription-gateway"
-# Defaults of the settings that bound a stop (crates/*/src/settings.rs, crates/service-kit/src/config.rs).
+# Defaults of the settings that bound a stop (the gateway's settings.rs, service_kit::http::HttpArgs).
 DEFAULT_DRAIN_TIMEOUT_SECS = 10
 DEFAULT_SHUTDOWN_TIMEOUT_SECS = 10
 
@@ -71,10 +71,11 @@ def key(obj: dict) -> tuple:
 
 
 def known_env_names(root: Path) -> set[str]:
-    """Every environment variable a service or the entrypoint reads."""
+    """Every environment variable a service or the entrypoint reads: each concept declares its
+    settings beside it (service_kit::http, tokens::settings, store::settings, …), so every
+    source file of the crates is read for clap's `env = "…"`."""
     names: set[str] = set()
-    sources = list(root.glob("crates/*/src/settings.rs")) + [root / "crates/service-kit/src/config.rs"]
-    for src in sources:
+    for src in root.glob("crates/*/src/**/*.rs"):
         names.update(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', src.read_text()))
     return names
 
