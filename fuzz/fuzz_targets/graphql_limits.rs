@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(count) = graphql_schema::operation_field_count(schema, &text, None) {
         assert!(count <= LIMITS.max_fields, "operation_field_count {count}");
     }
-    if let Some(fields) = graphql_schema::subscription_root_fields(schema, &text, None) {
+    if let Some(fields) = graphql_schema::inspect(schema, &text, None).root_fields {
         assert!(
             fields.count <= LIMITS.max_fields,
             "{} root fields",

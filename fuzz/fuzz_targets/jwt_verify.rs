@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use service_kit::config::JwtArgs;
+use tokens::settings::JwtArgs;
 use tokens::jwt::{Claims, JwtKeys, SecretPolicy, TokenError, TokenType, VerificationKeys};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _};
