@@ -3,7 +3,7 @@
 //! while being parsed and validated (libFuzzer's -timeout catches blow-ups), and a document that
 //! got past the parser nests `{`/`[` no deeper than `max_depth` and has no more than
 //! `max_tokens` tokens, counted by a scan of our own. The walks the services run on a document
-//! before validation (`operation_field_count` for the batch budget, `subscription_root_fields`
+//! before validation (`operation_field_count` for the batch budget, `inspect`
 //! for the one-root-field rule) finish quickly and, as they claim, count within the field limit
 //! the parser enforced. `max_depth` is the production default; the token limit is small.
 #![no_main]
