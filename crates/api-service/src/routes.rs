@@ -7,7 +7,7 @@
 //! `errors`), unless the client accepts `application/graphql-response+json`, which gets 400 for a
 //! document that fails to parse or validate. Malformed HTTP requests get 400, 405, 413 or 415.
 
-use service_kit::error::ErrorCode;
+use service_kit::error::{ErrorCode, Refusal};
 use std::sync::Arc;
 
 use actix_web::http::{header, Method, StatusCode};
@@ -152,11 +152,13 @@ async fn graphql_post(
                     ErrorCode::BatchTooLarge,
                 );
             }
-            let mut requests: Vec<Result<GraphQLRequest, Refused>> =
+            let mut requests: Vec<Result<GraphQLRequest, Refusal>> =
                 Vec::with_capacity(items.len());
             for item in items {
                 requests.push(match persisted(&state, item).await {
-                    Ok(item) => parse_request(item).map_err(Refused::bad_request),
+                    Ok(item) => {
+                        parse_request(item).map_err(|m| Refusal::new(m, ErrorCode::BadRequest))
+                    }
                     Err(refused) => Err(refused),
                 });
             }
@@ -187,7 +189,7 @@ async fn graphql_post(
                 let outcome = match request {
                     Ok(request) => execute(&state, &request, &context, &Method::POST).await,
                     Err(refused) => Outcome {
-                        body: graphql_error_body(&refused.message, refused.code),
+                        body: refused.body(),
                         kind: OutcomeKind::RequestError,
                     },
                 };
@@ -198,7 +200,7 @@ async fn graphql_post(
         item => {
             let item = match persisted(&state, item).await {
                 Ok(item) => item,
-                Err(refused) => return refused.response(framing),
+                Err(refused) => return refusal_response(refused, framing),
             };
             match parse_request(item) {
                 Ok(request) => {
@@ -254,10 +256,10 @@ async fn graphql_get(req: HttpRequest, state: web::Data<ApiState>) -> HttpRespon
         let item = json!({"query": params.query, "extensions": extensions});
         match persisted(&state, item).await {
             Ok(item) => params.query = item["query"].as_str().map(str::to_owned),
-            Err(refused) => return refused.response(framing(&req)),
+            Err(refused) => return refusal_response(refused, framing(&req)),
         }
     } else if let Err(refused) = persisted(&state, json!({"query": params.query})).await {
-        return refused.response(framing(&req));
+        return refusal_response(refused, framing(&req));
     }
     let Some(query) = params.query else {
         let accept = header_str(&req, header::ACCEPT).unwrap_or("");
@@ -419,58 +421,33 @@ fn fingerprint(document: &Json) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// A request refused before it was parsed, as a GraphQL error's message and code.
-struct Refused {
-    message: String,
-    code: ErrorCode,
-}
-
-impl Refused {
-    fn bad_request(message: String) -> Self {
-        Self {
-            message,
-            code: ErrorCode::BadRequest,
+/// A refused request, framed as the client asked (400 with `application/graphql-response+json`,
+/// 200 with `application/json`). `PERSISTED_QUERY_NOT_FOUND` is always 200, as Apollo's servers
+/// answer it: it is the protocol's first step, after which the client sends the document.
+fn refusal_response(refusal: Refusal, framing: Framing) -> HttpResponse {
+    let body = refusal.body();
+    match refusal.code {
+        ErrorCode::PersistedQueryNotFound | ErrorCode::PersistedQueryNotSupported => {
+            respond(framing, StatusCode::OK, body)
         }
-    }
-
-    /// A request error, framed as the client asked (400 with `application/graphql-response+json`,
-    /// 200 with `application/json`). `PERSISTED_QUERY_NOT_FOUND` is always 200, as Apollo's
-    /// servers answer it: it is the protocol's first step, after which the client sends the
-    /// document.
-    fn response(self, framing: Framing) -> HttpResponse {
-        let body = graphql_error_body(&self.message, self.code);
-        match self.code {
-            ErrorCode::PersistedQueryNotFound | ErrorCode::PersistedQueryNotSupported => {
-                respond(framing, StatusCode::OK, body)
-            }
-            ErrorCode::ServiceUnavailable => {
-                respond(framing, StatusCode::SERVICE_UNAVAILABLE, body)
-            }
-            _ => respond_outcome(
-                framing,
-                Outcome {
-                    body,
-                    kind: OutcomeKind::RequestError,
-                },
-            ),
-        }
+        ErrorCode::ServiceUnavailable => respond(framing, StatusCode::SERVICE_UNAVAILABLE, body),
+        _ => respond_outcome(
+            framing,
+            Outcome {
+                body,
+                kind: OutcomeKind::RequestError,
+            },
+        ),
     }
 }
 
 /// The request with its persisted document filled in (`extensions.persistedQuery`), or why it
 /// is refused (an unknown hash, a mismatch, a document outside the trusted ones).
-async fn persisted(state: &ApiState, item: Json) -> Result<Json, Refused> {
+async fn persisted(state: &ApiState, item: Json) -> Result<Json, Refusal> {
     let Json::Object(mut map) = item else {
         return Ok(item);
     };
-    state
-        .persisted
-        .resolve(&mut map)
-        .await
-        .map_err(|refusal| Refused {
-            message: refusal.message,
-            code: refusal.code,
-        })?;
+    state.persisted.resolve(&mut map).await?;
     Ok(Json::Object(map))
 }
 

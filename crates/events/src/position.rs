@@ -102,6 +102,31 @@ pub struct LoggedEvent {
 }
 
 impl LoggedEvent {
+    /// An event read at `position` of `event_type`'s log in `epoch`, with what it is routed by
+    /// and who may read it; its cursor is written here, once.
+    pub fn new(
+        event_type: EventType,
+        position: Position,
+        epoch: &str,
+        envelope: Envelope<AnyData>,
+        keys: Vec<Key>,
+        readers: Readers,
+    ) -> Self {
+        let cursor = Cursor {
+            epoch: epoch.to_owned(),
+            event_type,
+            position,
+        };
+        Self {
+            event_type,
+            position,
+            cursor: Arc::from(cursor.to_string()),
+            envelope,
+            keys,
+            readers,
+        }
+    }
+
     /// Whether a subscription keyed by `key` (or unkeyed, `None`) takes this event.
     pub fn is_for(&self, key: Option<Key>) -> bool {
         key.is_none_or(|key| self.keys.contains(&key))

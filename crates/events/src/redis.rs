@@ -10,7 +10,6 @@
 //! backoff and the read goes on from the positions it had; a changed epoch (Redis lost its
 //! data) restarts every log at 0.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +50,11 @@ pub fn channel(key_prefix: &str, event_type: &str) -> String {
 /// `<REDIS_KEY_PREFIX>auth:revoked`, trimmed to [`REVOCATION_RETENTION`] entries.
 pub fn revocation_channel(key_prefix: &str) -> String {
     format!("{key_prefix}auth:revoked")
+}
+
+/// The event type's name in a log's key ([`channel`]'s inverse).
+fn log_name<'k>(key_prefix: &str, key: &'k str) -> Option<&'k str> {
+    key.strip_prefix(key_prefix)?.strip_prefix("events:")
 }
 
 /// The Redis string naming the logs' epoch: a random value set (`SET NX`) by the first gateway
@@ -299,7 +303,6 @@ impl<'a> Reader<'a> {
         revocations: &mut Option<Position>,
     ) -> Result<(), String> {
         let mut logs = Vec::new();
-        let mut names = HashMap::new();
         for (event_type, position) in self.follower.logs() {
             let key = channel(&self.log.key_prefix, event_type.as_str());
             let position = match position {
@@ -310,7 +313,6 @@ impl<'a> Reader<'a> {
                     tip
                 }
             };
-            names.insert(key.clone(), event_type);
             logs.push((key, position));
         }
         logs.push((self.revocation_key.clone(), revocations.unwrap_or_default()));
@@ -360,8 +362,8 @@ impl<'a> Reader<'a> {
             if key == self.revocation_key {
                 *revocations = Some(revocations.unwrap_or_default().max(position));
                 self.follower.revoked(Revocation::decode(&payload));
-            } else if let Some(event_type) = names.get(&key) {
-                self.follower.entry(event_type.as_str(), position, &payload);
+            } else if let Some(event_type) = log_name(&self.log.key_prefix, &key) {
+                self.follower.entry(event_type, position, &payload);
             }
         }
         Ok(())
@@ -554,5 +556,18 @@ async fn with_timeout<T>(
         Ok(Ok(value)) => Ok(value),
         Ok(Err(err)) => Err(err.to_string()),
         Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_key_names_its_event_type_and_nothing_else_does() {
+        let key = channel("p:", "thing.updated");
+        assert_eq!(log_name("p:", &key), Some("thing.updated"));
+        assert_eq!(log_name("p:", &revocation_channel("p:")), None);
+        assert_eq!(log_name("q:", &key), None);
     }
 }

@@ -41,21 +41,8 @@ pub struct PersistedQueryArgs {
     pub trusted_documents: Option<PathBuf>,
 }
 
-/// Why a persisted-query request was refused, as a GraphQL error's message and code.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub message: String,
-    pub code: ErrorCode,
-}
-
-impl Refusal {
-    fn new(message: impl Into<String>, code: ErrorCode) -> Self {
-        Self {
-            message: message.into(),
-            code,
-        }
-    }
-}
+/// Why a persisted-query request was refused: the stack's one request-refusal type.
+pub use service_kit::error::Refusal;
 
 /// Where persisted documents are looked up and registered.
 #[derive(Clone)]

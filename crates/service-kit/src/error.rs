@@ -332,6 +332,28 @@ impl ApiError {
     }
 }
 
+/// A GraphQL request refused before it ran: one error's message and code, whichever transport
+/// frames it (a response body over HTTP, an `error` message on the socket, a stream's end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub message: String,
+    pub code: ErrorCode,
+}
+
+impl Refusal {
+    pub fn new(message: impl Into<String>, code: ErrorCode) -> Self {
+        Self {
+            message: message.into(),
+            code,
+        }
+    }
+
+    /// `{"errors":[…]}` of a response that carries the refusal and no data.
+    pub fn body(&self) -> String {
+        graphql_error_body(&self.message, self.code)
+    }
+}
+
 /// A GraphQL response carrying one error and no data: `{"errors":[{"message","extensions":
 /// {"code"}}]}`, the body of every request-level refusal of a GraphQL endpoint.
 pub fn graphql_error_body(message: &str, code: ErrorCode) -> String {

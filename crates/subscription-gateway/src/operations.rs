@@ -3,7 +3,7 @@
 //! subscription joins (or starts) its shared execution and a query or mutation is forwarded to
 //! api-service. What is running is an [`Active`]; dropping it stops it.
 
-use service_kit::error::ErrorCode;
+use service_kit::error::{ErrorCode, Refusal};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokens::jwt::Claims;
 
 use crate::executions::{Gate, Membership, Start, Subscriber};
-use crate::protocol::{self, Protocol};
+use crate::protocol::Protocol;
 use crate::socket::Link;
 use crate::state::Shared;
 
@@ -59,27 +59,6 @@ pub struct Caller<'a> {
     pub replay_slots: &'a Arc<tokio::sync::Semaphore>,
 }
 
-/// Why an operation was refused before it started: the GraphQL error its client is sent.
-#[derive(Debug)]
-pub struct Refusal {
-    pub message: String,
-    pub code: ErrorCode,
-}
-
-impl Refusal {
-    fn new(message: impl Into<String>, code: ErrorCode) -> Self {
-        Self {
-            message: message.into(),
-            code,
-        }
-    }
-
-    /// The `errors` list of the refusal, for the transport to frame.
-    pub fn errors(&self) -> Value {
-        protocol::errors(&self.message, self.code)
-    }
-}
-
 /// An operation let in: a query or mutation to forward, or a subscription to run.
 enum Admitted {
     Forward(GraphQLRequest),
@@ -103,9 +82,7 @@ type GraphQLRequest = juniper::http::GraphQLRequest<DefaultScalarValue>;
 async fn admit(shared: &Shared, mut payload: Value) -> Result<Admitted, Refusal> {
     // A persisted query (APQ, or a trusted document) becomes its document first.
     if let Value::Object(map) = &mut payload {
-        Box::pin(shared.persisted.resolve(map))
-            .await
-            .map_err(|refusal| Refusal::new(refusal.message, refusal.code))?;
+        Box::pin(shared.persisted.resolve(map)).await?;
     }
     let resume = resume_from(&payload, shared.hub.registry())
         .map_err(|message| Refusal::new(message, ErrorCode::BadUserInput))?;

@@ -216,7 +216,7 @@ async fn respond(shared: Arc<Shared>, admitted: Admitted) -> HttpResponse {
             link.push(&protocol::error_frame(
                 protocol,
                 "\"1\"",
-                &refusal.errors().to_string(),
+                &protocol::errors(&refusal.message, refusal.code).to_string(),
             ));
             link.finished(OPERATION_ID);
             None

@@ -110,7 +110,10 @@ impl Connection<'_> {
                 self.active.insert(id, started);
                 Ok(())
             }
-            Err(refusal) => self.send(protocol::operation_error(&id, refusal.errors())),
+            Err(refusal) => {
+                let errors = protocol::errors(&refusal.message, refusal.code);
+                self.send(protocol::operation_error(&id, errors))
+            }
         }
     }
 

@@ -162,21 +162,11 @@ impl Hub {
             if !ids.insert(envelope.id.clone()) {
                 continue;
             }
-            let cursor = Cursor {
-                epoch: epoch.to_string(),
-                event_type,
-                position,
-            };
             let keys = self.inner.registry.keys(event_type, &envelope.data);
             let readers = self.inner.registry.readers(event_type, &envelope.data);
-            events.push(Arc::new(LoggedEvent {
-                event_type,
-                position,
-                cursor: Arc::from(cursor.to_string()),
-                envelope,
-                keys,
-                readers,
-            }));
+            events.push(Arc::new(LoggedEvent::new(
+                event_type, position, &epoch, envelope, keys, readers,
+            )));
         }
         Ok(Backlog {
             recovered: true,

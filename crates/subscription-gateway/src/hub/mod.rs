@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use events::{
-    Cursor, DecodeError, EnvelopeStream, EventLog, EventSource, EventType, Follower, Key,
-    LoggedEvent, Position, Readers, Registry, Revocation,
+    DecodeError, EnvelopeStream, EventLog, EventSource, EventType, Follower, Key, LoggedEvent,
+    Position, Readers, Registry, Revocation,
 };
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt as _;
@@ -254,19 +254,14 @@ impl Hub {
             return;
         }
         if let Some(topic) = topic {
-            let cursor = Cursor {
-                epoch: self.epoch().to_string(),
+            topic.deliver(&Arc::new(LoggedEvent::new(
                 event_type,
                 position,
-            };
-            topic.deliver(&Arc::new(LoggedEvent {
-                event_type,
-                position,
-                cursor: Arc::from(cursor.to_string()),
+                &self.epoch(),
                 envelope,
                 keys,
                 readers,
-            }));
+            )));
         }
     }
 
