@@ -49,10 +49,7 @@ async fn trigger_event(settings: &Settings, pk: i64) -> Result<(), StartupError>
         }
         _ => {
             let redis = service_kit::redis::pool(&settings.redis)?;
-            let bus = std::sync::Arc::new(
-                events::RedisLog::new(redis, settings.redis.redis_key_prefix.clone())
-                    .with_retention(events::Retention::from(&settings.events)),
-            );
+            let bus = std::sync::Arc::new(startup::event_log(settings, redis)?);
             startup::store(settings, pool, bus, &metrics)
         }
     };

@@ -43,17 +43,14 @@ impl Application {
         let pool = store::pool(&settings.database);
         let redis = service_kit::redis::pool(&settings.redis)?;
         let metrics = Metrics::new("api-service");
-        let bus = Arc::new(
-            RedisLog::new(redis.clone(), settings.redis.redis_key_prefix.clone())
-                .with_retention(events::Retention::from(&settings.events)),
-        );
+        let bus = Arc::new(event_log(&settings, redis.clone())?);
         let store = store(&settings, pool.clone(), bus, &metrics);
         let revoked = revoked_before(&settings);
-        tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
-            .await;
+        let key_prefix = settings.redis.key_prefix();
+        tokens::revocations::load_at_start(&redis, &key_prefix, &revoked).await;
         let persisted = graphql_schema::persisted::PersistedQueries::from_args(
             &settings.persisted,
-            Some((redis.clone(), &settings.redis.redis_key_prefix)),
+            Some((redis.clone(), &key_prefix)),
         )?;
         let state = state(&settings, store.clone(), revoked.clone(), persisted).await?;
         if settings.migrate {
@@ -82,7 +79,7 @@ impl Application {
             server,
             store,
             redis,
-            key_prefix: settings.redis.redis_key_prefix.clone(),
+            key_prefix: settings.redis.key_prefix(),
             revoked,
             idempotency_window: chrono::Duration::hours(settings.idempotency_window_hours as i64),
         })
@@ -192,4 +189,17 @@ pub async fn migrate(database_url: &str) -> Result<(), StartupError> {
         .await
         .map(|_| ())
         .map_err(StartupError::Other)
+}
+
+/// The event logs this service writes, laid out as EVENT_LOG_PARTITIONS says.
+pub fn event_log(
+    settings: &Settings,
+    redis: service_kit::redis::RedisPool,
+) -> Result<RedisLog, StartupError> {
+    let registry = domain::registry().map_err(StartupError::Other)?;
+    Ok(
+        RedisLog::new(redis, settings.redis.redis_key_prefix.clone())
+            .with_retention(events::Retention::from(&settings.events))
+            .partitioned(settings.events.layout.event_log_partitions, registry),
+    )
 }

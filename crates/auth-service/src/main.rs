@@ -88,7 +88,7 @@ async fn revoke(
     };
     auth_service::routes::revoke_access_tokens(
         &revocations,
-        &settings.redis.redis_key_prefix,
+        &settings.redis.key_prefix(),
         user_id,
         why,
     )

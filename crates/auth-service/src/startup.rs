@@ -53,8 +53,7 @@ impl Application {
                 )),
             },
         };
-        tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
-            .await;
+        tokens::revocations::load_at_start(&redis, &settings.redis.key_prefix(), &revoked).await;
         let state = state(&settings, backends, &metrics).await?;
         if settings.migrate {
             migrate(&settings.database.database_url).await?;
@@ -81,7 +80,7 @@ impl Application {
             server,
             state,
             redis,
-            key_prefix: settings.redis.redis_key_prefix.clone(),
+            key_prefix: settings.redis.key_prefix(),
         })
     }
 
@@ -162,7 +161,7 @@ pub async fn state(
         keys: Arc::new(keys),
         limiter: LoginLimiter {
             counters: backends.counters,
-            key_prefix: settings.redis.redis_key_prefix.clone(),
+            key_prefix: settings.redis.key_prefix(),
             max_per_user: settings.login_max_failures_per_user,
             max_per_address: settings.login_max_failures_per_address,
             window_secs: settings.login_failure_window_secs,

@@ -40,7 +40,9 @@ pub use log::{
 };
 #[cfg(feature = "runtime")]
 pub use memory::MemoryLog;
-pub use position::{Cursor, LoggedEvent, Position, Retention};
+pub use position::{
+    partition_of, At, Cursor, LoggedEvent, Position, Positions, Retention, MAX_PARTITIONS,
+};
 #[cfg(feature = "runtime")]
 pub use redis::{
     append_command, channel, epoch_key, events_connection_name, push_append, revocation_channel,
@@ -136,6 +138,43 @@ mod tests {
         let fine = format!("ab12:thing.updated:{}-{}", u64::MAX - 1, u64::MAX);
         assert!(Cursor::parse(&fine, &registry).is_ok());
         assert!(Cursor::parse("ab12:thing.updated:1-2-3", &registry).is_err());
+    }
+
+    #[test]
+    fn a_partitioned_cursor_names_one_event_and_where_every_partition_stood() {
+        let registry = Registry::new(vec![EventKind::of::<Thing>(UPDATED, |_| Readers::Everyone)])
+            .expect("valid");
+        let text = "ab12:thing.updated:1:5-0,7-2,0-0";
+        let cursor = Cursor::parse(text, &registry).expect("parses");
+        assert_eq!(cursor.partition, 1);
+        assert_eq!(cursor.position(), Position { ms: 7, seq: 2 });
+        assert_eq!(cursor.positions.len(), 3);
+        assert_eq!(cursor.to_string(), text);
+        // One partition: the format of a log that was never split, unchanged.
+        let single = Cursor::parse("ab12:thing.updated:5-1", &registry).expect("parses");
+        assert_eq!((single.partition, single.positions.len()), (0, 1));
+        assert_eq!(single.to_string(), "ab12:thing.updated:5-1");
+        for bad in [
+            "ab12:thing.updated:3:5-0,7-2,0-0",
+            "ab12:thing.updated:x:5-0",
+            "ab12:thing.updated:0:",
+            "ab12:thing.updated:0:5-0,,1-1",
+        ] {
+            assert!(Cursor::parse(bad, &registry).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_events_of_one_record_share_a_partition_and_records_spread_over_all() {
+        let keys = |id: i64| vec![Key::new("ownerId", 1), Key::id(id)];
+        assert_eq!(partition_of(&keys(5), 1), 0);
+        assert_eq!(partition_of(&keys(5), 8), partition_of(&[Key::id(5)], 8));
+        assert_eq!(partition_of(&[], 8), 0);
+        let mut seen = std::collections::HashSet::new();
+        for id in 0..200 {
+            seen.insert(partition_of(&keys(id), 8));
+        }
+        assert_eq!(seen.len(), 8, "200 records reach every partition");
     }
 
     #[test]

@@ -33,22 +33,29 @@ pub trait EventLog: Send + Sync + 'static {
         payload: &'a str,
     ) -> BoxFuture<'a, Result<(), LogError>>;
 
-    /// What the log of `event_type` still holds after `after`.
+    /// How many partitions each event type's log is split into (EVENT_LOG_PARTITIONS): an
+    /// event is in the one of its record ([`crate::partition_of`]).
+    fn partitions(&self) -> u16 {
+        1
+    }
+
+    /// What `partition` of the log of `event_type` still holds after `after`.
     fn history<'a>(
         &'a self,
         event_type: EventType,
+        partition: u16,
         after: Position,
     ) -> BoxFuture<'a, Result<History, LogError>>;
 
     /// Where the log of `event_type` stands, when that is known without a round trip (the
-    /// in-memory log): a subscriber that appears then starts there at once.
+    /// in-memory log, of one partition): a subscriber that appears then starts there at once.
     fn tip_now(&self, event_type: EventType) -> Option<Position> {
         let _ = event_type;
         None
     }
 
-    /// Reads the logs `follower` asks for, from where each stands, and hands it every entry
-    /// and announcement, in each log's order, until the returned future is dropped. A lost
+    /// Reads the logs `follower` asks for, from where each partition stands, and hands it every
+    /// entry and announcement, in each partition's order, until the returned future is dropped. A lost
     /// connection is retried with capped backoff from the same positions, so a reconnection
     /// loses nothing. What runs before the future is first polled (the in-memory log's epoch)
     /// is known to the follower when this returns.
@@ -57,16 +64,18 @@ pub trait EventLog: Send + Sync + 'static {
 
 /// What a log feeds while it is followed ([`EventLog::follow`]): the gateway's hub.
 pub trait Follower: Send + Sync + 'static {
-    /// The logs to read, each with where it stands; `None` for one just asked for, which the
-    /// log starts at its tip ([`Follower::start`]).
-    fn logs(&self) -> Vec<(EventType, Option<Position>)>;
-    /// `event_type`'s log stands at `tip`: every later entry reaches the follower.
-    fn start(&self, event_type: EventType, tip: Position);
-    /// Resolves when [`Follower::logs`] asks for a log it did not ask for before.
-    fn changed(&self) -> BoxFuture<'_, ()>;
-    /// One entry of the log named `event_type` (a name: the log may hold types this process
-    /// does not know).
-    fn entry(&self, event_type: &str, position: Position, payload: &[u8]);
+    /// The logs to read in `partition`, each with where it stands there; `None` for one just
+    /// asked for, which the log starts at its tip ([`Follower::start`]).
+    fn logs(&self, partition: u16) -> Vec<(EventType, Option<Position>)>;
+    /// `partition` of `event_type`'s log stands at `tip`: every later entry reaches the
+    /// follower.
+    fn start(&self, event_type: EventType, partition: u16, tip: Position);
+    /// Resolves when [`Follower::logs`] asks for a log in `partition` it did not ask for
+    /// before (each partition's reader waits on its own).
+    fn changed(&self, partition: u16) -> BoxFuture<'_, ()>;
+    /// One entry of `partition` of the log named `event_type` (a name: the log may hold types
+    /// this process does not know).
+    fn entry(&self, event_type: &str, partition: u16, position: Position, payload: &[u8]);
     /// One revocation announcement, or why it did not decode.
     fn revoked(&self, revocation: Result<Revocation, String>);
     /// The logs' epoch, on every (re)connection. True when it replaced another: the logs were

@@ -132,8 +132,10 @@ impl EventLog for MemoryLog {
     fn history<'a>(
         &'a self,
         event_type: EventType,
+        _partition: u16,
         after: Position,
     ) -> BoxFuture<'a, Result<History, LogError>> {
+        // One partition: a process's memory is one shard.
         Box::pin(std::future::ready(
             Ok(self.read(event_type.as_str(), after)),
         ))
@@ -161,7 +163,7 @@ impl EventLog for MemoryLog {
                         follower.revoked(Revocation::decode(entry.payload.as_bytes()));
                     }
                     Ok(entry) => {
-                        follower.entry(&entry.log, entry.position, entry.payload.as_bytes())
+                        follower.entry(&entry.log, 0, entry.position, entry.payload.as_bytes())
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(

@@ -34,14 +34,35 @@ impl fmt::Display for Position {
     }
 }
 
-/// What a result's `extensions.cursor` names and `extensions.resumeFrom` gives back: the
-/// position of an event in the log of its type, in the log's epoch. Written as
-/// `<epoch>:<type>:<ms>-<seq>`; clients treat it as opaque.
+/// How many partitions a log may be split into (EVENT_LOG_PARTITIONS).
+pub const MAX_PARTITIONS: u16 = 256;
+
+/// Where an event is: which partition of its type's log holds it, and where in that partition.
+/// A log of one partition (the default on one Redis) has only partition 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct At {
+    pub partition: u16,
+    pub position: Position,
+}
+
+/// Where each partition of a log stands, in partition order.
+pub type Positions = Arc<[Position]>;
+
+/// What a result's `extensions.cursor` names and `extensions.resumeFrom` gives back: an event
+/// of a log in the log's epoch, with where every partition of that log stood when the event was
+/// handed on, which is where a resumed subscription takes up each of them.
+///
+/// Written as `<epoch>:<type>:<ms>-<seq>` for a log of one partition, and as
+/// `<epoch>:<type>:<partition>:<p0>,<p1>,…` (each `<ms>-<seq>`) for a log of several; clients
+/// treat it as opaque.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub epoch: String,
     pub event_type: EventType,
-    pub position: Position,
+    /// The partition of the event it names.
+    pub partition: u16,
+    /// Where each partition stood; the event it names is at `positions[partition]`.
+    pub positions: Positions,
 }
 
 impl Cursor {
@@ -55,7 +76,7 @@ impl Cursor {
             )
         };
         let mut parts = text.splitn(3, ':');
-        let (Some(epoch), Some(event_type), Some(position)) =
+        let (Some(epoch), Some(event_type), Some(rest)) =
             (parts.next(), parts.next(), parts.next())
         else {
             return Err(malformed());
@@ -64,10 +85,26 @@ impl Cursor {
             return Err(malformed());
         }
         let event_type = registry.get(event_type).ok_or_else(malformed)?;
-        let position = Position::parse(position).ok_or_else(malformed)?;
+        let (partition, positions) = match rest.split_once(':') {
+            None => (0, vec![Position::parse(rest).ok_or_else(malformed)?]),
+            Some((partition, positions)) => {
+                let positions = positions
+                    .split(',')
+                    .map(Position::parse)
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(malformed)?;
+                let partition: u16 = partition.parse().map_err(|_| malformed())?;
+                if positions.len() > usize::from(MAX_PARTITIONS)
+                    || usize::from(partition) >= positions.len()
+                {
+                    return Err(malformed());
+                }
+                (partition, positions)
+            }
+        };
         // No log reaches the last millisecond a position can name, and Redis refuses to read
         // after `u64::MAX-u64::MAX`: such a cursor was not written by a server.
-        if position.ms == u64::MAX {
+        if let Some(position) = positions.iter().find(|p| p.ms == u64::MAX) {
             return Err(format!(
                 "`extensions.resumeFrom` names a position no log reaches ({position}); send \
                  back a result's `extensions.cursor` unchanged"
@@ -76,14 +113,34 @@ impl Cursor {
         Ok(Cursor {
             epoch: epoch.to_owned(),
             event_type,
-            position,
+            partition,
+            positions: positions.into(),
         })
+    }
+
+    /// The position of the event it names.
+    pub fn position(&self) -> Position {
+        self.positions
+            .get(usize::from(self.partition))
+            .copied()
+            .unwrap_or_default()
     }
 }
 
 impl fmt::Display for Cursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.epoch, self.event_type, self.position)
+        write!(f, "{}:{}:", self.epoch, self.event_type)?;
+        if self.positions.len() == 1 {
+            return write!(f, "{}", self.position());
+        }
+        write!(f, "{}:", self.partition)?;
+        for (i, position) in self.positions.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{position}")?;
+        }
+        Ok(())
     }
 }
 
@@ -91,6 +148,7 @@ impl fmt::Display for Cursor {
 #[derive(Debug, Clone)]
 pub struct LoggedEvent {
     pub event_type: EventType,
+    pub partition: u16,
     pub position: Position,
     /// The result cursor naming it, built once.
     pub cursor: Arc<str>,
@@ -102,11 +160,13 @@ pub struct LoggedEvent {
 }
 
 impl LoggedEvent {
-    /// An event read at `position` of `event_type`'s log in `epoch`, with what it is routed by
-    /// and who may read it; its cursor is written here, once.
+    /// An event read at `partition` of `event_type`'s log in `epoch`, when the log's partitions
+    /// stood at `positions` (its own included), with what it is routed by and who may read it;
+    /// its cursor is written here, once.
     pub fn new(
         event_type: EventType,
-        position: Position,
+        partition: u16,
+        positions: Positions,
         epoch: &str,
         envelope: Envelope<AnyData>,
         keys: Vec<Key>,
@@ -115,11 +175,13 @@ impl LoggedEvent {
         let cursor = Cursor {
             epoch: epoch.to_owned(),
             event_type,
-            position,
+            partition,
+            positions,
         };
         Self {
             event_type,
-            position,
+            partition,
+            position: cursor.position(),
             cursor: Arc::from(cursor.to_string()),
             envelope,
             keys,
@@ -131,6 +193,36 @@ impl LoggedEvent {
     pub fn is_for(&self, key: Option<Key>) -> bool {
         key.is_none_or(|key| self.keys.contains(&key))
     }
+
+    pub fn at(&self) -> At {
+        At {
+            partition: self.partition,
+            position: self.position,
+        }
+    }
+}
+
+/// The partition of a log that holds the events routed by `keys` ([`Registry::keys`]): the one
+/// of the record's `id` (else of its first key), so that the events of one record stay in one
+/// partition, in order. FNV-1a, the same in every process and version.
+pub fn partition_of(keys: &[Key], partitions: u16) -> u16 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let Some(key) = keys.iter().find(|key| key.field == "id").or(keys.first()) else {
+        return 0;
+    };
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in key
+        .field
+        .bytes()
+        .chain([b'='])
+        .chain(key.value.to_string().into_bytes())
+    {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % u32::from(partitions)) as u16
 }
 
 /// How much of each log is kept.

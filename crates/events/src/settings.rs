@@ -2,7 +2,28 @@
 
 use clap::Args;
 
-use crate::position::Retention;
+use crate::position::{Retention, MAX_PARTITIONS};
+
+/// How the logs are laid out in Redis: set the same on every process that writes or reads them
+/// (api-service, `trigger-event`, the gateways). A process configured otherwise than the logs
+/// in Redis refuses to write or read them, and says why.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct PartitionArgs {
+    /// Partitions of each event type's log, by record (1..=256). On a Redis Cluster each
+    /// partition is a stream in a slot of its own, so the logs spread over the shards; a few
+    /// per primary is plenty. Changing it starts new logs: cursors of the old ones resume
+    /// with `recovered: false`.
+    #[arg(long, env = "EVENT_LOG_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=(MAX_PARTITIONS as i64)))]
+    pub event_log_partitions: u16,
+}
+
+impl Default for PartitionArgs {
+    fn default() -> Self {
+        Self {
+            event_log_partitions: 1,
+        }
+    }
+}
 
 /// The event log: how much history each event type keeps for subscribers that resume
 /// . Set on the processes that publish (api-service, `trigger-event`, the
@@ -15,6 +36,8 @@ pub struct EventLogArgs {
     /// Longest an event is kept, in seconds (0 = no age limit; the count still applies).
     #[arg(long, env = "EVENT_RETENTION_SECS", default_value_t = 3_600)]
     pub event_retention_secs: u64,
+    #[command(flatten)]
+    pub layout: PartitionArgs,
 }
 
 impl Default for EventLogArgs {
@@ -26,6 +49,7 @@ impl Default for EventLogArgs {
         Self {
             event_retention_count: count,
             event_retention_secs: max_age_secs,
+            layout: PartitionArgs::default(),
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Settings {
     #[command(flatten)]
     pub redis: RedisArgs,
     #[command(flatten)]
+    pub layout: events::settings::PartitionArgs,
+    #[command(flatten)]
     pub jwt: JwtArgs,
     #[command(flatten)]
     pub log: LogArgs,

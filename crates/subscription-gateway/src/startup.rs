@@ -143,22 +143,23 @@ impl Application {
         let metrics = Metrics::new("subscription-gateway");
         let hub_shutdown = CancellationToken::new();
         let redis = service_kit::redis::pool(&settings.redis)?;
-        let log = events::RedisLog::new(redis.clone(), settings.redis.redis_key_prefix.clone())
-            .followed_at(&settings.redis.redis_url)
-            .map_err(|err| ConfigError::new("REDIS_URL", err))?;
+        let registry = domain::registry().map_err(StartupError::Other)?;
+        let log = events::RedisLog::from_args(redis.clone(), &settings.redis)
+            .map_err(|err| ConfigError::new("REDIS_URL", err))?
+            .partitioned(settings.layout.event_log_partitions, registry);
+        let key_prefix = settings.redis.key_prefix();
         let sources = Sources {
             log: Arc::new(log),
-            user_counts: Some((redis.clone(), settings.redis.redis_key_prefix.clone())),
+            user_counts: Some((redis.clone(), key_prefix.clone())),
         };
         let revoked = RevokedBefore::new(
             settings.jwt.access_token_lifetime_secs,
             settings.jwt.jwt_leeway_secs,
         );
-        tokens::revocations::load_at_start(&redis, &settings.redis.redis_key_prefix, &revoked)
-            .await;
+        tokens::revocations::load_at_start(&redis, &key_prefix, &revoked).await;
         let persisted = graphql_schema::persisted::PersistedQueries::from_args(
             &settings.persisted,
-            Some((redis.clone(), &settings.redis.redis_key_prefix)),
+            Some((redis.clone(), &key_prefix)),
         )?;
         let state = state(
             &settings,
@@ -171,8 +172,8 @@ impl Application {
         .await?;
         // Logouts' cutoffs, read from Redis until the server stops.
         let mut background = Background::default();
-        let prefix = settings.redis.redis_key_prefix.clone();
-        background.spawn_with_stop(|stop| tokens::revocations::poll(redis, prefix, revoked, stop));
+        background
+            .spawn_with_stop(|stop| tokens::revocations::poll(redis, key_prefix, revoked, stop));
         let metrics = web::Data::new(metrics);
         let address_limit = web::Data::new(settings.http.address_limit());
 

@@ -229,15 +229,16 @@ struct Collector {
 }
 
 impl events::Follower for Collector {
-    fn logs(&self) -> Vec<(events::EventType, Option<events::Position>)> {
+    // One partition: the app's logs are laid out as by default.
+    fn logs(&self, _: u16) -> Vec<(events::EventType, Option<events::Position>)> {
         let positions = self.positions.lock().unwrap();
         positions.iter().map(|(t, at)| (*t, Some(*at))).collect()
     }
-    fn start(&self, _: events::EventType, _: events::Position) {}
-    fn changed(&self) -> futures_util::future::BoxFuture<'_, ()> {
+    fn start(&self, _: events::EventType, _: u16, _: events::Position) {}
+    fn changed(&self, _: u16) -> futures_util::future::BoxFuture<'_, ()> {
         Box::pin(std::future::pending())
     }
-    fn entry(&self, event_type: &str, position: events::Position, payload: &[u8]) {
+    fn entry(&self, event_type: &str, _: u16, position: events::Position, payload: &[u8]) {
         for (t, at) in self.positions.lock().unwrap().iter_mut() {
             if t.as_str() == event_type {
                 *at = position;
@@ -255,15 +256,14 @@ impl events::Follower for Collector {
 
 impl Subscriber {
     pub async fn connect(url: &str, prefix: &str) -> Subscriber {
-        let pool = service_kit::redis::pool(&service_kit::redis::RedisArgs {
+        let args = service_kit::redis::RedisArgs {
             redis_url: url.to_owned(),
             redis_key_prefix: prefix.to_owned(),
             redis_pool_size: 2,
-        })
-        .unwrap();
-        let log = events::RedisLog::new(pool, prefix)
-            .followed_at(url)
-            .unwrap();
+            redis_cluster: false,
+        };
+        let pool = service_kit::redis::pool(&args).unwrap();
+        let log = events::RedisLog::from_args(pool, &args).unwrap();
         let (sender, events) = tokio::sync::mpsc::unbounded_channel();
         let positions = domain::registry()
             .unwrap()

@@ -120,6 +120,7 @@ async fn a_replica_started_after_a_flood_of_logouts_refuses_every_live_one() {
         redis_url: test_support::redis_url(),
         redis_key_prefix: prefix.clone(),
         redis_pool_size: 2,
+        redis_cluster: false,
     })
     .unwrap();
     let retention_ms = 305_000;

@@ -69,7 +69,7 @@ pub(super) async fn drive(
             readers: readers_of(mark.as_ref()),
             supersedable: mark.as_ref().is_some_and(|m| m.supersedable),
             skipped,
-            position: mark.map(|m| m.position),
+            position: mark.map(|m| m.log_at),
         };
         match span {
             Some(span) => {

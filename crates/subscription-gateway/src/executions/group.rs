@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
 use bytes::Bytes;
-use events::{EventType, Position, Readers};
+use events::{At, EventType, Readers};
 use tokio::sync::mpsc;
 
 use super::result::{ResultText, Told};
@@ -38,7 +38,7 @@ pub(super) enum Batch {
         result: Arc<ResultText>,
         event_type: Option<EventType>,
         event_at: Option<i64>,
-        position: Option<Position>,
+        position: Option<At>,
         readers: Readers,
         /// A state subscription's: a newer result supersedes it ([`serve_group`]).
         supersedable: bool,
@@ -114,7 +114,7 @@ fn appended_ms(batch: &Batch) -> Option<u64> {
     match batch {
         // The in-memory log's positions are counters, not times.
         Batch::Next {
-            position: Some(position),
+            position: Some(At { position, .. }),
             ..
         } if position.ms > 0 => Some(position.ms),
         _ => None,
@@ -204,6 +204,7 @@ impl Group {
         // A Redis position is the append's millisecond; the in-memory log's are counters (0 ms).
         let published_at = delivery
             .position
+            .map(|at| at.position)
             .filter(|p| p.ms > 0)
             .map(|p| (p.ms * 1000) as i64);
         for member in members.values() {
@@ -351,7 +352,7 @@ struct Delivery<'a> {
     event_type: Option<EventType>,
     /// Commit time of the event behind it (µs since the epoch).
     event_at: Option<i64>,
-    position: Option<Position>,
+    position: Option<At>,
     readers: Readers,
     /// Results it stands for besides itself: said in its `extensions.skipped`.
     skipped: u64,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use events::{Cursor, Position, Viewer};
+use events::{At, Cursor, Positions, Viewer};
 use futures_util::StreamExt as _;
 use graphql_schema::Context;
 use juniper::{DefaultScalarValue, ExecutionOutput, SubscriptionCoordinator as _};
@@ -39,7 +39,7 @@ pub struct Gate {
 }
 
 /// A live result held at a gate: its position, the result and how many it supersedes.
-type Held = (Option<Position>, Arc<ResultText>, u64);
+type Held = (Option<At>, Arc<ResultText>, u64);
 
 enum GateState {
     /// Replaying: live results wait here.
@@ -47,7 +47,7 @@ enum GateState {
     /// Live results at or before `after` were replayed already; the first one delivered says
     /// `recovered` when that is still to be said.
     Live {
-        after: Option<Position>,
+        after: Option<Positions>,
         recovered: Option<bool>,
     },
 }
@@ -75,7 +75,7 @@ impl Gate {
 
     pub(super) fn offer(
         &self,
-        position: Option<Position>,
+        position: Option<At>,
         result: &Arc<ResultText>,
         skipped: u64,
     ) -> Offer {
@@ -89,11 +89,13 @@ impl Gate {
                 Offer::Skip
             }
             GateState::Live { after, recovered } => {
-                if replayed(*after, position) {
+                if replayed(after.as_deref(), position) {
                     return Offer::Skip;
                 }
-                // Results come in log order: once one is past `after`, all later ones are.
-                self.plain.store(true, Ordering::Relaxed);
+                // Results come in log order: once one is past `after`, all later ones are; with
+                // several partitions only in each partition's order, so the gate stays.
+                self.plain
+                    .store(one_order(after.as_deref()), Ordering::Relaxed);
                 match recovered.take() {
                     Some(flag) => Offer::Send(
                         result
@@ -114,7 +116,7 @@ impl Gate {
     /// with its cursor.
     fn open(
         &self,
-        after: Option<Position>,
+        after: Option<Positions>,
         mut recovered: Option<bool>,
     ) -> Vec<(String, Option<Arc<str>>)> {
         let mut state = lock(&self.state);
@@ -124,7 +126,7 @@ impl Gate {
         };
         let mut texts = Vec::new();
         for (position, result, skipped) in held {
-            if replayed(after, position) {
+            if replayed(after.as_deref(), position) {
                 continue;
             }
             let told = Told {
@@ -134,16 +136,30 @@ impl Gate {
             texts.push((result.telling(told).into_owned(), result.cursor().cloned()));
         }
         if !texts.is_empty() {
-            self.plain.store(recovered.is_none(), Ordering::Relaxed);
+            self.plain.store(
+                recovered.is_none() && one_order(after.as_deref()),
+                Ordering::Relaxed,
+            );
         }
         *state = GateState::Live { after, recovered };
         texts
     }
 }
 
-/// Whether a live result at `position` was part of a replay that ended at `after`.
-fn replayed(after: Option<Position>, position: Option<Position>) -> bool {
-    matches!((after, position), (Some(after), Some(position)) if position <= after)
+/// Whether a live result at `at` was part of a replay that ended at `after` (a position per
+/// partition).
+fn replayed(after: Option<&[events::Position]>, at: Option<At>) -> bool {
+    let (Some(after), Some(at)) = (after, at) else {
+        return false;
+    };
+    after
+        .get(usize::from(at.partition))
+        .is_some_and(|after| at.position <= *after)
+}
+
+/// Whether live results after `after` come in one order (a log of one partition).
+fn one_order(after: Option<&[events::Position]>) -> bool {
+    after.is_none_or(|after| after.len() <= 1)
 }
 
 /// One replay of an operation after a cursor, written to every subscriber that resumed from
@@ -397,9 +413,14 @@ impl CatchUp {
 
     /// Ends the replay for every member: what its gate held goes out, then live results as for
     /// every member of the execution.
-    fn open_gates(&self, shared: &SharedCatchUp, after: Option<Position>, recovered: Option<bool>) {
+    fn open_gates(
+        &self,
+        shared: &SharedCatchUp,
+        after: Option<Positions>,
+        recovered: Option<bool>,
+    ) {
         for member in lock(&shared.members).values() {
-            open_gate(member, after, recovered, &self.metrics);
+            open_gate(member, after.clone(), recovered, &self.metrics);
         }
     }
 }
@@ -407,7 +428,7 @@ impl CatchUp {
 /// Ends one member's replay: what its gate held goes out, then live results.
 fn open_gate(
     member: &CatchUpMember,
-    after: Option<Position>,
+    after: Option<Positions>,
     recovered: Option<bool>,
     metrics: &GatewayMetrics,
 ) {

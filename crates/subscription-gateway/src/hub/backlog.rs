@@ -3,13 +3,14 @@
 //! After a replica's restart its clients come back at once with the same cursor (the last event
 //! they all had), so reads for one cursor that wait at the same time are made once ([`Flight`]),
 //! and at most [`REPLAY_READS`] reads run at a time. A read covers the whole type's log after
-//! the cursor; each resuming subscription takes the events of its own key from it.
+//! the cursor, every partition from where the cursor says it stood; each resuming subscription
+//! takes the events of its own key from it.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use events::{Cursor, EnvelopeStream, EventSource, EventType, Key, LoggedEvent, Position};
+use events::{Cursor, EnvelopeStream, EventSource, EventType, Key, LoggedEvent, Positions};
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::{FutureExt as _, StreamExt as _};
 
@@ -39,9 +40,9 @@ pub struct Backlog {
     /// subscriber continues live.
     pub recovered: bool,
     pub events: Vec<Arc<LoggedEvent>>,
-    /// Every event after this position reaches the subscription live: the last one read, or
-    /// the cursor's own when there was nothing after it.
-    pub until: Position,
+    /// Every event after these positions (one per partition) reaches the subscription live:
+    /// the last one read in each partition, or the cursor's where there was nothing after it.
+    pub until: Positions,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -131,19 +132,27 @@ impl Hub {
         let not_recovered = Backlog {
             recovered: false,
             events: Vec::new(),
-            until: Position::ZERO,
+            until: Positions::from([]),
         };
-        if *epoch != *cursor.epoch {
+        // Another epoch, or a cursor of a log split otherwise (a single-node cursor after the
+        // move to a cluster): its positions name nothing here.
+        if *epoch != *cursor.epoch || cursor.positions.len() != usize::from(self.inner.partitions) {
             return Ok(not_recovered);
         }
-        let events::History { covered, entries } = self
-            .inner
-            .log
-            .history(event_type, cursor.position)
-            .await
-            .map_err(|err| ReplayError::Unavailable(err.to_string()))?;
+        let log = &self.inner.log;
+        let histories = futures_util::future::try_join_all(
+            cursor
+                .positions
+                .iter()
+                .enumerate()
+                .map(|(partition, after)| log.history(event_type, partition as u16, *after)),
+        )
+        .await
+        .map_err(|err| ReplayError::Unavailable(err.to_string()))?;
+        let covered = histories.iter().all(|history| history.covered);
+        let read: usize = histories.iter().map(|history| history.entries.len()).sum();
         let metrics = &self.inner.metrics;
-        metrics.replay_entries_read.inc_by(entries.len() as u64);
+        metrics.replay_entries_read.inc_by(read as u64);
         metrics
             .replays
             .with_label_values(&[if covered { "true" } else { "false" }])
@@ -151,11 +160,23 @@ impl Hub {
         if !covered {
             return Ok(not_recovered);
         }
-        let mut until = cursor.position;
+        // The partitions merged by position (their append times): each is in its own order.
+        let mut entries: Vec<_> = histories
+            .into_iter()
+            .enumerate()
+            .flat_map(|(partition, history)| {
+                history
+                    .entries
+                    .into_iter()
+                    .map(move |(position, payload)| (position, partition as u16, payload))
+            })
+            .collect();
+        entries.sort_by_key(|(position, partition, _)| (*position, *partition));
+        let mut until = cursor.positions.to_vec();
         let mut ids = HashSet::new();
         let mut events = Vec::with_capacity(entries.len());
-        for (position, payload) in entries {
-            until = until.max(position);
+        for (position, partition, payload) in entries {
+            until[usize::from(partition)] = position;
             let Ok(envelope) = self.inner.registry.decode(event_type, payload.as_bytes()) else {
                 continue;
             };
@@ -165,13 +186,19 @@ impl Hub {
             let keys = self.inner.registry.keys(event_type, &envelope.data);
             let readers = self.inner.registry.readers(event_type, &envelope.data);
             events.push(Arc::new(LoggedEvent::new(
-                event_type, position, &epoch, envelope, keys, readers,
+                event_type,
+                partition,
+                Positions::from(until.as_slice()),
+                &epoch,
+                envelope,
+                keys,
+                readers,
             )));
         }
         Ok(Backlog {
             recovered: true,
             events,
-            until,
+            until: until.into(),
         })
     }
 }
@@ -182,10 +209,10 @@ impl Hub {
 pub type BacklogOutcome = Arc<OnceLock<Result<BacklogEnd, ReplayError>>>;
 
 /// Where a replay ended (see [`Backlog`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BacklogEnd {
     pub recovered: bool,
-    pub until: Position,
+    pub until: Positions,
 }
 
 /// The log after a cursor as one resuming subscription sees it: a finite stream of the events
@@ -207,7 +234,7 @@ impl EventSource for BacklogEvents {
                     Ok(replay) => {
                         let _ = outcome.set(Ok(BacklogEnd {
                             recovered: replay.recovered,
-                            until: replay.until,
+                            until: replay.until.clone(),
                         }));
                         // One read of the type's log serves every key resuming from the cursor;
                         // each subscription takes its own key's events from it.

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use events::{
-    DecodeError, EnvelopeStream, EventLog, EventSource, EventType, Follower, Key, LoggedEvent,
+    At, DecodeError, EnvelopeStream, EventLog, EventSource, EventType, Follower, Key, LoggedEvent,
     Position, Readers, Registry, Revocation,
 };
 use futures_util::future::BoxFuture;
@@ -83,8 +83,11 @@ struct Inner {
     buffer: usize,
     overload_lag: Duration,
     topics: Mutex<HashMap<EventType, Topic>>,
-    /// Tells the Redis task that a topic needs a start position and a place in the read.
-    wake: Notify,
+    /// Tells each partition's reader that a topic needs a start position and a place in the
+    /// read.
+    wake: Vec<Notify>,
+    /// How many partitions each log is split into.
+    partitions: u16,
     /// Woken whenever a topic's start position becomes known.
     ready: Notify,
     connected: AtomicBool,
@@ -113,7 +116,10 @@ impl Hub {
                 buffer: parts.buffer.max(1),
                 overload_lag: parts.overload_lag,
                 topics: Mutex::new(HashMap::new()),
-                wake: Notify::new(),
+                wake: (0..log.partitions().max(1))
+                    .map(|_| Notify::new())
+                    .collect(),
+                partitions: log.partitions().max(1),
                 ready: Notify::new(),
                 connected: AtomicBool::new(false),
                 epoch: RwLock::new(Arc::from("")),
@@ -175,12 +181,14 @@ impl Hub {
             .then(|| Arc::new(Latest::default()));
         let id = self.inner.next_route.fetch_add(1, Ordering::Relaxed);
         let mut topics = lock(&self.inner.topics);
-        let topic = topics
-            .entry(event_type)
-            .or_insert_with(|| Topic::new(self.inner.log.tip_now(event_type)));
+        let topic = topics.entry(event_type).or_insert_with(|| {
+            Topic::new(self.inner.partitions, self.inner.log.tip_now(event_type))
+        });
         topic.add(key, Route::new(id, sender, slow, latest.clone()));
-        if topic.position.is_none() {
-            self.inner.wake.notify_one();
+        for (position, wake) in topic.positions.iter().zip(&self.inner.wake) {
+            if position.is_none() {
+                wake.notify_one();
+            }
         }
         (
             RouteReader {
@@ -198,7 +206,7 @@ impl Hub {
     }
 
     /// Decodes one log entry and hands it to the local subscribers it is for.
-    fn dispatch(&self, key: &str, position: Position, payload: &[u8]) {
+    fn dispatch(&self, key: &str, partition: u16, position: Position, payload: &[u8]) {
         let inner = &self.inner;
         let Some(event_type) = inner.registry.get(key) else {
             inner.metrics.events_malformed.inc();
@@ -214,11 +222,21 @@ impl Hub {
         let mut topics = lock(&inner.topics);
         let mut topic = topics.get_mut(&event_type);
         if let Some(topic) = &mut topic {
-            if topic.position.is_some_and(|last| position <= last) {
+            let started = topic.started();
+            let Some(last) = topic.positions.get_mut(usize::from(partition)) else {
+                tracing::warn!(
+                    key,
+                    partition,
+                    "entry of a partition this gateway does not read"
+                );
+                return;
+            };
+            if last.is_some_and(|last| position <= last) {
                 // Read already (a read that raced with the topic's start).
                 return;
             }
-            if topic.position.replace(position).is_none() {
+            *last = Some(position);
+            if !started && topic.started() {
                 // Started by this entry rather than by its tip: a replay may wait for that.
                 inner.ready.notify_waiters();
             }
@@ -242,6 +260,7 @@ impl Hub {
             .with_label_values(&[event_type.as_str()])
             .inc();
         if position.ms > 0 {
+            // (Across partitions, the lag of the partition read last.)
             let lag_ms = chrono::Utc::now().timestamp_millis() - position.ms as i64;
             inner
                 .metrics
@@ -256,7 +275,8 @@ impl Hub {
         if let Some(topic) = topic {
             topic.deliver(&Arc::new(LoggedEvent::new(
                 event_type,
-                position,
+                partition,
+                topic.stands(),
                 &self.epoch(),
                 envelope,
                 keys,
@@ -275,7 +295,7 @@ impl Hub {
                 notified.as_mut().enable();
                 let started = lock(&self.inner.topics)
                     .get(&event_type)
-                    .is_some_and(|topic| topic.position.is_some());
+                    .is_some_and(Topic::started);
                 if started && !self.epoch().is_empty() {
                     return;
                 }
@@ -316,7 +336,8 @@ pub struct EventMark {
     /// The write's trace context, when it was traced and this process traces.
     pub traceparent: Option<String>,
     pub at: i64,
-    pub position: Position,
+    /// Its partition and position in its log.
+    pub log_at: At,
     pub cursor: Arc<str>,
     pub readers: Readers,
     /// Events of the subscription skipped right before this one (a state subscription past its
@@ -339,7 +360,7 @@ fn mark(event: &LoggedEvent, skipped: u64, supersedable: bool) {
                 .then(|| event.envelope.traceparent.clone())
                 .flatten(),
             at: event.envelope.at.timestamp_micros(),
-            position: event.position,
+            log_at: event.at(),
             cursor: event.cursor.clone(),
             readers: event.readers,
             skipped,
@@ -373,26 +394,34 @@ impl EventSource for ConnectionEvents {
 }
 
 impl Follower for Hub {
-    fn logs(&self) -> Vec<(EventType, Option<Position>)> {
+    fn logs(&self, partition: u16) -> Vec<(EventType, Option<Position>)> {
         lock(&self.inner.topics)
             .iter()
-            .map(|(event_type, topic)| (*event_type, topic.position))
+            .map(|(event_type, topic)| {
+                let position = topic.positions.get(usize::from(partition)).copied();
+                (*event_type, position.flatten())
+            })
             .collect()
     }
 
-    fn start(&self, event_type: EventType, tip: Position) {
+    fn start(&self, event_type: EventType, partition: u16, tip: Position) {
         if let Some(topic) = lock(&self.inner.topics).get_mut(&event_type) {
-            topic.position.get_or_insert(tip);
+            if let Some(position) = topic.positions.get_mut(usize::from(partition)) {
+                position.get_or_insert(tip);
+            }
         }
         self.inner.ready.notify_waiters();
     }
 
-    fn changed(&self) -> BoxFuture<'_, ()> {
-        self.inner.wake.notified().boxed()
+    fn changed(&self, partition: u16) -> BoxFuture<'_, ()> {
+        match self.inner.wake.get(usize::from(partition)) {
+            Some(wake) => wake.notified().boxed(),
+            None => futures_util::future::pending().boxed(),
+        }
     }
 
-    fn entry(&self, event_type: &str, position: Position, payload: &[u8]) {
-        self.dispatch(event_type, position, payload);
+    fn entry(&self, event_type: &str, partition: u16, position: Position, payload: &[u8]) {
+        self.dispatch(event_type, partition, position, payload);
     }
 
     fn revoked(&self, revocation: Result<Revocation, String>) {
@@ -423,8 +452,8 @@ impl Follower for Hub {
         drop(current);
         if had_one {
             for topic in lock(&self.inner.topics).values_mut() {
-                if topic.position.is_some() {
-                    topic.position = Some(Position::ZERO);
+                for position in topic.positions.iter_mut().flatten() {
+                    *position = Position::ZERO;
                 }
             }
         }

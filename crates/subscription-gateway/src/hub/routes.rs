@@ -36,8 +36,9 @@ pub(super) struct Topic {
     /// Live subscriptions (their guards), routed or dropped for falling behind: the log is read
     /// while there are any.
     subscribers: usize,
-    /// The last position read from the log; `None` until the Redis task has read its tip.
-    pub(super) position: Option<Position>,
+    /// The last position read from each partition of the log; `None` until the partition's
+    /// reader has read its tip.
+    pub(super) positions: Vec<Option<Position>>,
 }
 
 /// One execution's queue.
@@ -155,13 +156,27 @@ impl RouteReader {
 }
 
 impl Topic {
-    pub(super) fn new(position: Option<Position>) -> Self {
+    /// A topic of a log in `partitions`, each at `tip` when the log knows it without a read.
+    pub(super) fn new(partitions: u16, tip: Option<Position>) -> Self {
         Self {
             unkeyed: Vec::new(),
             keyed: HashMap::new(),
             subscribers: 0,
-            position,
+            positions: vec![tip; usize::from(partitions.max(1))],
         }
+    }
+
+    /// Whether every partition's position is known: every later event reaches the routes.
+    pub(super) fn started(&self) -> bool {
+        self.positions.iter().all(Option::is_some)
+    }
+
+    /// Where the partitions stand (one not started yet: at 0).
+    pub(super) fn stands(&self) -> events::Positions {
+        self.positions
+            .iter()
+            .map(|position| position.unwrap_or_default())
+            .collect()
     }
 
     pub(super) fn add(&mut self, key: Option<Key>, route: Route) {
@@ -228,6 +243,7 @@ mod tests {
         let data: AnyData = Arc::new(());
         Arc::new(LoggedEvent {
             event_type: EventType::new("thing.updated"),
+            partition: 0,
             position: Position {
                 ms: position,
                 seq: 0,
@@ -273,7 +289,7 @@ mod tests {
     #[test]
     fn a_late_state_event_skips_to_the_newest_waiting() {
         let now = chrono::Utc::now().timestamp_millis() as u64;
-        let mut topic = Topic::new(None);
+        let mut topic = Topic::new(1, None);
         let mut state = state_route_late_after(&mut topic, 1, Key::id(1), 8, 1_000);
         // Three fresh events: read one by one.
         for n in 0..3 {
@@ -299,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_full_state_queue_holds_the_newest_event_and_counts_what_it_replaced() {
-        let mut topic = Topic::new(None);
+        let mut topic = Topic::new(1, None);
         let mut state = state_route(&mut topic, 1, Key::id(1), 2);
         for n in 0..6 {
             topic.deliver(&event(n, vec![Key::id(1)]));
@@ -317,7 +333,7 @@ mod tests {
     #[test]
     fn while_an_event_is_held_nothing_newer_passes_it_in_the_queue() {
         use futures_util::FutureExt as _;
-        let mut topic = Topic::new(None);
+        let mut topic = Topic::new(1, None);
         let mut state = state_route(&mut topic, 1, Key::id(1), 2);
         for n in 0..3 {
             topic.deliver(&event(n, vec![Key::id(1)]));
@@ -352,7 +368,7 @@ mod tests {
 
     #[test]
     fn an_event_reaches_its_keys_and_the_unkeyed_only() {
-        let mut topic = Topic::new(None);
+        let mut topic = Topic::new(1, None);
         let mut seven = route(&mut topic, 1, Some(Key::id(7)), 8);
         let mut eight = route(&mut topic, 2, Some(Key::id(8)), 8);
         let mut parent = route(&mut topic, 3, Some(Key::new("car", 7)), 8);
@@ -369,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_burst_on_other_keys_never_fills_a_queue() {
-        let mut topic = Topic::new(None);
+        let mut topic = Topic::new(1, None);
         let mut quiet = route(&mut topic, 1, Some(Key::id(1)), 4);
         for n in 0..10_000 {
             topic.deliver(&event(n, vec![Key::id(2 + (n as i64 % 5_000))]));
@@ -382,7 +398,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_its_route_and_says_so() {
-        let mut topic = Topic::new(None);
+        let mut topic = Topic::new(1, None);
         let mut stuck = route(&mut topic, 1, Some(Key::id(1)), 2);
         let mut other = route(&mut topic, 2, Some(Key::id(1)), 8);
         for n in 0..3 {

@@ -19,7 +19,7 @@ fn without_cursor(mut message: serde_json::Value) -> serde_json::Value {
     let parsed = events::Cursor::parse(cursor, &domain::registry().unwrap())
         .unwrap_or_else(|err| panic!("cursor {cursor:?}: {err}"));
     assert_eq!(parsed.event_type, CAR_UPDATED);
-    assert!(parsed.position > events::Position::ZERO, "{cursor}");
+    assert!(parsed.position() > events::Position::ZERO, "{cursor}");
     message
 }
 

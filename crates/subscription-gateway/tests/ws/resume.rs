@@ -90,7 +90,7 @@ async fn a_resumed_subscription_gets_what_it_missed_then_live_events_once_each()
         .map(|c| {
             events::Cursor::parse(c, &domain::registry().unwrap())
                 .unwrap()
-                .position
+                .position()
         })
         .collect();
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
@@ -134,6 +134,7 @@ async fn a_cursor_the_history_no_longer_covers_says_recovered_false_then_goes_li
         redis_url: gateway.redis_url.clone(),
         redis_key_prefix: gateway.prefix.clone(),
         redis_pool_size: 1,
+        redis_cluster: false,
     })
     .unwrap();
     let mut trim = deadpool_redis::redis::cmd("XTRIM");
