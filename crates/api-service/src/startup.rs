@@ -200,6 +200,7 @@ pub fn event_log(
     Ok(
         RedisLog::new(redis, settings.redis.redis_key_prefix.clone())
             .with_retention(events::Retention::from(&settings.events))
-            .partitioned(settings.events.layout.event_log_partitions, registry),
+            .partitioned(settings.events.layout.event_log_partitions, registry)
+            .acknowledged_by(settings.events.layout.event_log_replica_acks),
     )
 }

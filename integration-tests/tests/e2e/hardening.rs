@@ -746,7 +746,12 @@ async fn nbf_leeway_and_one_root_field() {
 /// api serves it and at `connection_init` by whichever gateway, while the user's new token works.
 #[actix_web::test]
 async fn logout_reaches_every_replica_through_redis() {
-    let stack = Stack::shared();
+    logout_reaches_every_replica(Stack::shared()).await;
+}
+
+/// The logout's cutoff and announcement reach every api and gateway replica of `stack` (also
+/// run on a Redis Cluster: cluster.rs).
+pub async fn logout_reaches_every_replica(stack: &Stack) {
     // A user of this test's own: revoking the admin's tokens would touch the other tests.
     let username = format!("logout-{}", test_support::random_suffix());
     create_user(stack, &username, "s3cret-pass");

@@ -15,6 +15,7 @@
 
 mod browser;
 mod client;
+mod cluster;
 mod embedded;
 mod hardening;
 mod npm_clients;

@@ -14,8 +14,11 @@ use crate::stack::Stack;
 
 #[actix_web::test]
 async fn token_hi_subscription_and_trigger_event_through_nginx() {
-    let stack = Stack::shared();
+    walk_through(Stack::shared()).await;
+}
 
+/// Steps 2–5 of the walk-through on `stack` (also run on a Redis Cluster: cluster.rs).
+pub async fn walk_through(stack: &Stack) {
     // 2. A token pair over REST.
     let (access, _refresh) = admin_tokens(stack).await;
 

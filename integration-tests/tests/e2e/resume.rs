@@ -27,7 +27,7 @@ const RUN: Duration = Duration::from_secs(32);
 const EVERY: Duration = Duration::from_millis(50);
 
 /// `node/resume.mjs`, its output lines collected as they come.
-struct Resumer {
+pub struct Resumer {
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
 }
@@ -83,7 +83,7 @@ impl Resumer {
         Resumer { child, lines }
     }
 
-    fn lines(&self) -> Vec<Value> {
+    pub fn lines(&self) -> Vec<Value> {
         self.lines.lock().unwrap().clone()
     }
 
@@ -94,7 +94,7 @@ impl Resumer {
             .collect()
     }
 
-    fn count(&self, key: &str) -> usize {
+    pub fn count(&self, key: &str) -> usize {
         self.lines()
             .iter()
             .filter(|line| !line[key].is_null())
@@ -214,7 +214,7 @@ async fn write(
 /// Whether results must come in commit order: not when writes wait in the outbox for Redis
 /// (they are appended after newer ones published inline once Redis is back).
 #[derive(PartialEq)]
-enum Order {
+pub enum Order {
     Commit,
     Any,
 }
@@ -222,7 +222,7 @@ enum Order {
 /// Runs `disrupt` while the writer writes for [`RUN`], then checks that the client received
 /// every committed make exactly once (in commit order where `order` says so). Returns the
 /// client, for further checks.
-async fn run_scenario(
+pub async fn run_scenario(
     name: &str,
     ws_url: &str,
     http_url: &str,
@@ -495,7 +495,7 @@ const GATEWAYS: [&str; 2] = [
 ];
 
 /// SIGTERM to each gateway replica in turn, 8 s apart, three times.
-async fn rolling_restarts(stack: &Stack) {
+pub async fn rolling_restarts(stack: &Stack) {
     for round in 0..3 {
         tokio::time::sleep(Duration::from_secs(8)).await;
         let process = GATEWAYS[round % 2];

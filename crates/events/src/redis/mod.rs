@@ -5,11 +5,12 @@
 //! partitions, a stream each; an event is in the partition of its record
 //! ([`crate::partition_of`]). On one server with one partition (the default) a log is the one
 //! stream `<REDIS_KEY_PREFIX>events:<type>`. Otherwise partition `p` is
-//! `<prefix>events:{<prefix>p<p>}:<type>`: the hash tag puts every type's partition `p` in one
-//! slot of a cluster, so that one `XREAD` reads them all, while the partitions spread over the
-//! shards. The revocation announcements are `<prefix>auth:revoked`, in a cluster
-//! `<prefix>auth:{<prefix>p0}:revoked` (read with partition 0). Entry ids are the events'
-//! positions, the same for every gateway.
+//! `<prefix>events:{<prefix>p<p>.<n>}:<type>`: the hash tag puts every type's partition `p` in
+//! one slot of a cluster, so that one `XREAD` reads them all, and `n` (the first that does) puts
+//! that slot in the `p`-th of `P` equal ranges of the 16,384 slots, so that the partitions spread
+//! over the shards as evenly as a cluster spreads its slots ([`Layout::tag`]). The revocation
+//! announcements are `<prefix>auth:revoked`, in a cluster `<prefix>auth:{<tag of p0>}:revoked`
+//! (read with partition 0). Entry ids are the events' positions, the same for every gateway.
 //!
 //! A follower is fed by one connection per partition ([`follow`]), not per subscriber.
 
@@ -78,20 +79,47 @@ pub fn events_connection_name(key_prefix: &str) -> String {
 /// Where the logs are: the keys of each partition and of the announcements.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    pub key_prefix: String,
-    pub partitions: u16,
+    key_prefix: String,
+    partitions: u16,
     /// A Redis Cluster: every key a command reads with others carries a hash tag.
-    pub cluster: bool,
+    cluster: bool,
+    /// Each partition's hash tag.
+    tags: Arc<[String]>,
 }
 
 impl Layout {
     /// One server, one partition: the stream names of a log that was never split.
     pub fn single(key_prefix: impl Into<String>) -> Self {
+        Self::new(key_prefix, 1, false)
+    }
+
+    pub fn new(key_prefix: impl Into<String>, partitions: u16, cluster: bool) -> Self {
+        let key_prefix = key_prefix.into();
+        let partitions = partitions.clamp(1, MAX_PARTITIONS);
+        let tags = (0..partitions)
+            .map(|partition| Self::tag(&key_prefix, partition, partitions))
+            .collect();
         Self {
-            key_prefix: key_prefix.into(),
-            partitions: 1,
-            cluster: false,
+            key_prefix,
+            partitions,
+            cluster,
+            tags,
         }
+    }
+
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// The hash tag of `partition` of `partitions`: `<prefix>p<partition>.<n>` with the first
+    /// `n` whose slot is in the `partition`-th of `partitions` equal ranges of the slots.
+    fn tag(prefix: &str, partition: u16, partitions: u16) -> String {
+        let wanted = u32::from(partition);
+        (0..1_000_000u32)
+            .map(|n| format!("{prefix}p{partition}.{n}"))
+            .find(|tag| u32::from(slot(tag)) * u32::from(partitions) / SLOTS == wanted)
+            // Not reached (a range holds at least 64 slots, and CRC16 spreads): any tag works.
+            .unwrap_or_else(|| format!("{prefix}p{partition}"))
     }
 
     /// `partition` of `event_type`'s log.
@@ -100,7 +128,11 @@ impl Layout {
         if self.partitions == 1 && !self.cluster {
             return channel(prefix, event_type);
         }
-        format!("{prefix}events:{{{prefix}p{partition}}}:{event_type}")
+        let tag = self
+            .tags
+            .get(usize::from(partition))
+            .map_or("", String::as_str);
+        format!("{prefix}events:{{{tag}}}:{event_type}")
     }
 
     /// The event type's name in a key of `partition` ([`Layout::log_key`]'s inverse).
@@ -112,11 +144,30 @@ impl Layout {
     pub fn revocation_key(&self) -> String {
         let prefix = &self.key_prefix;
         if self.cluster {
-            format!("{prefix}auth:{{{prefix}p0}}:revoked")
+            format!("{prefix}auth:{{{}}}:revoked", self.tags[0])
         } else {
             revocation_channel(prefix)
         }
     }
+}
+
+/// Slots of a Redis Cluster.
+const SLOTS: u32 = 16_384;
+
+/// The cluster slot of a hash tag: CRC16 (XMODEM) modulo 16,384, as Redis computes it.
+fn slot(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in tag.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    (u32::from(crc) % SLOTS) as u16
 }
 
 /// Appends with `XADD <log key> MAXLEN ~ <count> * e <envelope>` (and trims by age) on the
@@ -133,7 +184,12 @@ pub struct RedisLog {
     seeds: Vec<redis::Client>,
     /// Set once the partition count is known to match the one in Redis.
     agreed: Arc<OnceCell<()>>,
+    /// Replicas that must acknowledge an append (EVENT_LOG_REPLICA_ACKS).
+    replica_acks: u16,
 }
+
+/// How long an append waits for its replicas' acknowledgement.
+const REPLICA_WAIT: Duration = Duration::from_secs(1);
 
 impl RedisLog {
     /// The logs of REDIS_KEY_PREFIX in one partition (a log that was never split).
@@ -141,14 +197,12 @@ impl RedisLog {
         let cluster = pool.is_cluster();
         Self {
             pool,
-            layout: Layout {
-                cluster,
-                ..Layout::single(key_prefix)
-            },
+            layout: Layout::new(key_prefix, 1, cluster),
             retention: Retention::default(),
             registry: None,
             seeds: Vec::new(),
             agreed: Arc::new(OnceCell::new()),
+            replica_acks: 0,
         }
     }
 
@@ -170,8 +224,18 @@ impl RedisLog {
 
     /// Split into `partitions` (EVENT_LOG_PARTITIONS); `registry` finds each event's record.
     pub fn partitioned(mut self, partitions: u16, registry: Registry) -> Self {
-        self.layout.partitions = partitions.clamp(1, MAX_PARTITIONS);
+        self.layout = Layout::new(
+            self.layout.key_prefix.clone(),
+            partitions,
+            self.layout.cluster,
+        );
         self.registry = Some(registry);
+        self
+    }
+
+    /// Appends count once `replicas` replicas hold them (EVENT_LOG_REPLICA_ACKS).
+    pub fn acknowledged_by(mut self, replicas: u16) -> Self {
+        self.replica_acks = replicas;
         self
     }
 
@@ -283,11 +347,28 @@ impl EventLog for RedisLog {
                 }
             };
             let key = self.key(event_type, self.partition(event_type, payload));
-            let pipe = append_command(&key, payload, retention);
-            service_kit::redis::query::<(String,)>(&self.pool, &pipe)
+            let mut pipe = append_command(&key, payload, retention);
+            if self.replica_acks == 0 {
+                return service_kit::redis::query::<(String,)>(&self.pool, &pipe)
+                    .await
+                    .map(|_id| ())
+                    .map_err(|err| LogError::Unavailable(err.to_string()));
+            }
+            // In the XADD's pipeline, so on its node (a cluster routes a pipeline by its key).
+            pipe.cmd("WAIT")
+                .arg(self.replica_acks)
+                .arg(REPLICA_WAIT.as_millis() as u64);
+            let (_id, acks): (String, u16) = service_kit::redis::query(&self.pool, &pipe)
                 .await
-                .map(|_id| ())
-                .map_err(|err| LogError::Unavailable(err.to_string()))
+                .map_err(|err| LogError::Unavailable(err.to_string()))?;
+            if acks < self.replica_acks {
+                // Published again by the outbox: a duplicate that consumers drop by id.
+                return Err(LogError::Unavailable(format!(
+                    "{acks} of the {} replicas EVENT_LOG_REPLICA_ACKS asks for acknowledged the event",
+                    self.replica_acks
+                )));
+            }
+            Ok(())
         })
     }
 
@@ -420,16 +501,28 @@ mod tests {
         assert_eq!(single.log_name(&key, 0), Some("thing.updated"));
         assert_eq!(single.log_name(&single.revocation_key(), 0), None);
         assert_eq!(Layout::single("q:").log_name(&key, 0), None);
-        let split = Layout {
-            partitions: 4,
-            cluster: true,
-            ..Layout::single("p:")
-        };
+        let split = Layout::new("p:", 4, true);
         let key = split.log_key("thing.updated", 3);
-        assert_eq!(key, "p:events:{p:p3}:thing.updated");
+        assert!(key.starts_with("p:events:{p:p3."), "{key}");
         assert_eq!(split.log_name(&key, 3), Some("thing.updated"));
         assert_eq!(split.log_name(&key, 2), None);
         // Read in one XREAD with partition 0: the same hash tag.
-        assert_eq!(split.revocation_key(), "p:auth:{p:p0}:revoked");
+        let tag0 = &split.tags[0];
+        assert_eq!(split.revocation_key(), format!("p:auth:{{{tag0}}}:revoked"));
+    }
+
+    #[test]
+    fn slots_are_redis_s_and_partitions_take_equal_shares_of_them() {
+        // As `CLUSTER KEYSLOT` answers.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("gqlws:p0"), 15822);
+        assert_eq!(slot("p3"), 3689);
+        for partitions in [1, 3, 6, 16] {
+            let layout = Layout::new("gqlws:", partitions, true);
+            for (partition, tag) in layout.tags.iter().enumerate() {
+                let share = u32::from(slot(tag)) * u32::from(partitions) / SLOTS;
+                assert_eq!(share, partition as u32, "{tag}");
+            }
+        }
     }
 }
