@@ -15,11 +15,11 @@ pub struct PartitionArgs {
     /// with `recovered: false`.
     #[arg(long, env = "EVENT_LOG_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=(MAX_PARTITIONS as i64)))]
     pub event_log_partitions: u16,
-    /// Replicas that must hold an event before its publication counts (`WAIT` after the
-    /// `XADD`): with 1, a primary's failover loses no published event, as an event no replica
-    /// acknowledged within a second stays in the outbox and is published again. 0: the
-    /// primary's acknowledgement suffices (Redis replication is asynchronous, so a failover may
-    /// lose the last events it acknowledged).
+    /// Replicas an append waits for (`WAIT` after the `XADD`, up to 200 ms): with 1, a
+    /// publication returns once a replica holds the event, so a primary's failover loses none
+    /// of them; one no replica acknowledged in time (a shard left without replica) is logged
+    /// as at risk. 0: the primary's acknowledgement suffices (Redis replication is
+    /// asynchronous, so a failover may lose the last events it acknowledged).
     #[arg(long, env = "EVENT_LOG_REPLICA_ACKS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=16))]
     pub event_log_replica_acks: u16,
 }

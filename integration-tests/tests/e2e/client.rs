@@ -49,7 +49,8 @@ pub fn stack_command(stack: &Stack, binary: &str) -> Command {
         .env("REDIS_KEY_PREFIX", &stack.redis_prefix)
         .env("DEMO", "true")
         .env("MIGRATE", "false")
-        .env("LOG_LEVEL", "warn");
+        .env("LOG_LEVEL", "warn")
+        .envs(stack.settings.iter().map(|(n, v)| (n, v)));
     command
 }
 

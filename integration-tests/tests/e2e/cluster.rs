@@ -147,6 +147,10 @@ async fn the_stack_on_a_redis_cluster_loses_nothing_across_restarts_and_a_failov
         ],
     );
     assert_eq!(recorded.trim(), PARTITIONS, "the partitions recorded");
+    let (access, _) = crate::client::admin_tokens(&stack).await;
+    for n in 0..12 {
+        crate::client::create_car(&stack, &access, &format!("spread-{n}")).await;
+    }
     let spread: std::collections::BTreeSet<u16> = nodes(seed)
         .into_iter()
         .filter(|(_, role, _)| role == "primary")

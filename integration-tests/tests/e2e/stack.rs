@@ -31,6 +31,8 @@ pub struct Stack {
     pub database_url: String,
     pub redis_url: String,
     pub redis_prefix: String,
+    /// The further settings every service of it was started with ([`Stack::start_with`]).
+    pub settings: Vec<(String, String)>,
     /// The run directory (STACK_DIR): supervisord's socket, NGINX's prefix, stack.log.
     pub dir: PathBuf,
     // Field order is drop order: the watchdog stops the stack before the database goes.
@@ -145,6 +147,10 @@ impl Stack {
             database_url: db.url.clone(),
             redis_url,
             redis_prefix,
+            settings: settings
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
             dir,
             watchdog,
             _db: db,

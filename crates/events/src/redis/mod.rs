@@ -188,8 +188,10 @@ pub struct RedisLog {
     replica_acks: u16,
 }
 
-/// How long an append waits for its replicas' acknowledgement.
-const REPLICA_WAIT: Duration = Duration::from_secs(1);
+/// How long an append waits for its replicas' acknowledgement: replication on a healthy network
+/// takes well under a millisecond, and a shard without a replica (its primary just promoted,
+/// the old one gone) must not cost every write much.
+const REPLICA_WAIT: Duration = Duration::from_millis(200);
 
 impl RedisLog {
     /// The logs of REDIS_KEY_PREFIX in one partition (a log that was never split).
@@ -362,11 +364,17 @@ impl EventLog for RedisLog {
                 .await
                 .map_err(|err| LogError::Unavailable(err.to_string()))?;
             if acks < self.replica_acks {
-                // Published again by the outbox: a duplicate that consumers drop by id.
-                return Err(LogError::Unavailable(format!(
-                    "{acks} of the {} replicas EVENT_LOG_REPLICA_ACKS asks for acknowledged the event",
-                    self.replica_acks
-                )));
+                // It is in the log: publishing it again would only append a duplicate. Whether
+                // a failover can lose it is what the operator learns here (a shard without a
+                // replica, or one lagging).
+                tracing::warn!(
+                    acks,
+                    wanted = self.replica_acks,
+                    key,
+                    "an event was published that not enough replicas acknowledged within {} ms; \
+                     a failover of this shard now could lose it",
+                    REPLICA_WAIT.as_millis()
+                );
             }
             Ok(())
         })
@@ -417,7 +425,9 @@ async fn stream_tip(pool: &RedisPool, key: &str) -> Result<Position, String> {
 
 /// A log's entries after `after` and whether none was trimmed away since. Redis trims from the
 /// oldest end, so the history is whole when the cursor's own entry is still there, or when the
-/// cursor is the last id the log ever gave (trimmed by age, with nothing after it).
+/// cursor is the last id the log ever gave (trimmed by age, with nothing after it), or when the
+/// cursor is at the start (0-0: a partition where its subscriber had seen nothing) of a log
+/// nothing was trimmed from.
 ///
 /// Those are looked up first: a position the log does not hold (trimmed, or made up) is
 /// answered at the cost of two lookups, without reading what follows it, so forged cursors
@@ -425,7 +435,7 @@ async fn stream_tip(pool: &RedisPool, key: &str) -> Result<Position, String> {
 /// the read, so that a trim racing with the read counts. (`max-deleted-entry-id` would say it
 /// directly, but Redis 7.0 does not raise it when trimming.)
 async fn history(pool: &RedisPool, key: &str, after: Position) -> Result<History, String> {
-    if !has_entry(pool, key, after).await? {
+    if !anchored(pool, key, after).await? {
         let last = last_generated(pool, key).await?;
         return Ok(History {
             covered: last == Some(after),
@@ -456,24 +466,53 @@ async fn history(pool: &RedisPool, key: &str, after: Position) -> Result<History
             break;
         }
     }
-    let covered = has_entry(pool, key, after).await?;
+    let covered = anchored(pool, key, after).await?;
     Ok(History { covered, entries })
+}
+
+/// Whether what the log holds after `after` is all it was given after it: the log still holds
+/// the entry at `after`, or `after` is its start (0-0, a partition the cursor's subscriber had
+/// seen nothing of) and nothing was ever removed from it.
+async fn anchored(pool: &RedisPool, key: &str, after: Position) -> Result<bool, String> {
+    if after != Position::ZERO {
+        return has_entry(pool, key, after).await;
+    }
+    Ok(match stream_info(pool, key).await? {
+        // Never written to (trimming keeps the key of an emptied stream).
+        None => true,
+        Some(info) => {
+            let count = |field: &str| {
+                info.iter()
+                    .find(|(name, _)| name == field)
+                    .and_then(|(_, value)| match value {
+                        Value::Int(n) => Some(*n),
+                        _ => None,
+                    })
+            };
+            matches!((count("entries-added"), count("length")), (Some(added), Some(length)) if added == length)
+        }
+    })
+}
+
+/// `XINFO STREAM` as (field, value) pairs, or `None` when the log does not exist.
+async fn stream_info(pool: &RedisPool, key: &str) -> Result<Option<Vec<(String, Value)>>, String> {
+    let mut info = redis::cmd("XINFO");
+    info.arg("STREAM").arg(key);
+    match service_kit::redis::query::<Value>(pool, &info).await {
+        Ok(info) => Ok(Some(pairs(&info))),
+        Err(service_kit::redis::RedisError::Command(_)) => Ok(None),
+        Err(err) => Err(err.to_string()),
+    }
 }
 
 /// The last id the log gave, if the log exists.
 async fn last_generated(pool: &RedisPool, key: &str) -> Result<Option<Position>, String> {
-    let mut info = redis::cmd("XINFO");
-    info.arg("STREAM").arg(key);
-    match service_kit::redis::query::<Value>(pool, &info).await {
-        Ok(info) => Ok(pairs(&info)
-            .into_iter()
+    Ok(stream_info(pool, key).await?.and_then(|info| {
+        info.into_iter()
             .find(|(field, _)| field == "last-generated-id")
             .and_then(|(_, value)| text(&value))
-            .and_then(|text| Position::parse(&text))),
-        // No such log: it was deleted since the cursor's event was in it.
-        Err(service_kit::redis::RedisError::Command(_)) => Ok(None),
-        Err(err) => Err(err.to_string()),
-    }
+            .and_then(|text| Position::parse(&text))
+    }))
 }
 
 /// Whether the log holds an entry at `position`.
