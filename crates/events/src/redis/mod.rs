@@ -245,6 +245,12 @@ impl RedisLog {
         &self.layout
     }
 
+    /// The stream an event of `event_type` with `payload` is appended to: for a writer that
+    /// pipelines many appends ([`push_append`]; in a cluster, one pipeline per stream).
+    pub fn key_of(&self, event_type: &str, payload: &str) -> String {
+        self.key(event_type, self.partition(event_type, payload))
+    }
+
     fn key(&self, event_type: &str, partition: u16) -> String {
         match event_type {
             REVOCATION_EVENT => self.layout.revocation_key(),
@@ -348,7 +354,7 @@ impl EventLog for RedisLog {
                     self.retention
                 }
             };
-            let key = self.key(event_type, self.partition(event_type, payload));
+            let key = self.key_of(event_type, payload);
             let mut pipe = append_command(&key, payload, retention);
             if self.replica_acks == 0 {
                 return service_kit::redis::query::<(String,)>(&self.pool, &pipe)

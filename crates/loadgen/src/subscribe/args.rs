@@ -93,6 +93,8 @@ pub(crate) struct SubscribeArgs {
     /// The Redis the gateway listens to, and its key prefix: both must be the gateway's.
     #[command(flatten)]
     pub(super) redis: service_kit::redis::RedisArgs,
+    #[command(flatten)]
+    pub(super) layout: events::settings::PartitionArgs,
     /// The gateway's process id, to read its resident memory (`VmRSS`) from /proc.
     #[arg(long)]
     pub(super) gateway_pid: Option<u32>,

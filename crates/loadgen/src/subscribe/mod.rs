@@ -99,7 +99,9 @@ pub(crate) fn run(args: &SubscribeArgs) -> Result<(), String> {
     args.validate()?;
     let args = &args;
     crate::ensure_loopback(&args.target);
-    crate::ensure_loopback(&args.redis.redis_url);
+    for url in args.redis.urls() {
+        crate::ensure_loopback(&url);
+    }
     if let Some(auth) = &args.auth {
         crate::ensure_loopback(auth);
     }

@@ -74,8 +74,11 @@ pub(super) async fn orchestrate(
         count: args.retention_count,
         max_age_secs: 0,
     };
-    let bus =
-        RedisLog::new(pool.clone(), args.redis.redis_key_prefix.clone()).with_retention(retention);
+    let registry = domain::registry()?;
+    // Laid out as the gateway reads the logs (REDIS_CLUSTER, EVENT_LOG_PARTITIONS).
+    let bus = RedisLog::new(pool.clone(), args.redis.redis_key_prefix.clone())
+        .with_retention(retention)
+        .partitioned(args.layout.event_log_partitions, registry);
     let mut publish_errors = BTreeMap::new();
 
     // 3. Warm-up: one event per pk, until each reached every live subscriber of its pk.
@@ -129,7 +132,7 @@ pub(super) async fn orchestrate(
                 })
                 .collect();
             k += batch.len();
-            if let Err(kind) = publish_pipelined(&pool, args, shared, &batch).await {
+            if let Err(kind) = publish_pipelined(&pool, &bus, args, shared, &batch).await {
                 *publish_errors.entry(kind).or_insert(0) += batch.len() as u64;
             }
         }
@@ -160,7 +163,7 @@ pub(super) async fn orchestrate(
             k = due;
             let published = match batch.as_slice() {
                 [(index, pk)] => publish(&bus, shared, *index, *pk).await,
-                _ => publish_pipelined(&pool, args, shared, &batch).await,
+                _ => publish_pipelined(&pool, &bus, args, shared, &batch).await,
             };
             if let Err(kind) = published {
                 *publish_errors.entry(kind).or_insert(0) += batch.len() as u64;
@@ -221,33 +224,40 @@ fn live_total(shared: &Shared) -> u64 {
         .sum()
 }
 
-/// Publishes the events `(index, pk)` in one pipeline of XADDs, as api-service's write path
-/// appends each; the publish times are taken just before it is sent.
+/// Publishes the events `(index, pk)` in one pipeline of XADDs per stream (one in all with one
+/// partition), sent at once, as api-service's write path appends each; the publish times are
+/// taken just before they are sent.
 async fn publish_pipelined(
     pool: &service_kit::redis::RedisPool,
+    bus: &RedisLog,
     args: &SubscribeArgs,
     shared: &Shared,
     batch: &[(usize, i64)],
 ) -> Result<(), String> {
-    let key = events::channel(&args.redis.redis_key_prefix, Car::EVENTS.updated.as_str());
     // Trimmed by count only, in the same round trip as each append.
     let retention = events::Retention {
         count: args.retention_count,
         max_age_secs: 0,
     };
-    let mut pipe = deadpool_redis::redis::pipe();
+    let mut pipes: BTreeMap<String, deadpool_redis::redis::Pipeline> = BTreeMap::new();
     for (index, pk) in batch {
         let envelope = envelope(shared, *index, *pk);
         let payload = serde_json::to_string(&envelope).map_err(|err| err.to_string())?;
-        events::push_append(&mut pipe, &key, &payload, retention);
+        let key = bus.key_of(Car::EVENTS.updated.as_str(), &payload);
+        let pipe = pipes.entry(key.clone()).or_default();
+        events::push_append(pipe, &key, &payload, retention);
     }
     let now = shared.now_ns().max(1);
     for (index, _) in batch {
         shared.published_ns[*index].store(now, Ordering::Relaxed);
     }
-    service_kit::redis::query::<()>(pool, &pipe)
-        .await
-        .map_err(|err| crate::truncate(&err.to_string()))
+    let sent = pipes
+        .values()
+        .map(|pipe| service_kit::redis::query::<()>(pool, pipe));
+    for result in futures_util::future::join_all(sent).await {
+        result.map_err(|err| crate::truncate(&err.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Event `index`'s envelope, with a trace context of its own under `--traced`.
