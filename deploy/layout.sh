@@ -20,6 +20,14 @@
 : "${GATEWAY_PORT:=8003}"
 : "${GATEWAY_PORT_STEP:=10}"
 : "${GATEWAY_REPLICAS:=2}"
+# NGINX's workers (nginx.d/workers.conf, events.conf): how many, their descriptor limit and
+# connections each (two per proxied websocket); NGINX_REUSEPORT=1 has the kernel spread new
+# connections evenly over the workers (`listen … reuseport`), which many workers near their
+# limit need.
+: "${NGINX_WORKERS:=auto}"
+: "${NGINX_WORKER_NOFILE:=65536}"
+: "${NGINX_WORKER_CONNECTIONS:=16384}"
+: "${NGINX_REUSEPORT:=0}"
 # Descriptors for supervisord and everything it starts (each websocket holds one in the gateway
 # and two in NGINX): 65536, or the hard limit when that is lower.
 if [ -z "${GQLWS_MINFDS:-}" ]; then
@@ -29,6 +37,7 @@ if [ -z "${GQLWS_MINFDS:-}" ]; then
     fi
 fi
 export NGINX_LISTEN GQLWS_BIND_HOST GQLWS_MINFDS \
+    NGINX_WORKERS NGINX_WORKER_NOFILE NGINX_WORKER_CONNECTIONS NGINX_REUSEPORT \
     AUTH_PORT AUTH_PORT_STEP AUTH_REPLICAS \
     API_PORT API_PORT_STEP API_REPLICAS \
     GATEWAY_PORT GATEWAY_PORT_STEP GATEWAY_REPLICAS
@@ -55,13 +64,20 @@ upstream_servers() {
     done
 }
 
-# write_nginx_env DIR: writes DIR/nginx.d/{listen,auth,api,gateway}.conf and links
+# write_nginx_env DIR: writes DIR/nginx.d/{workers,events,listen,auth,api,gateway}.conf and links
 # DIR/nginx.conf to the repository's (or image's) nginx.conf given as NGINX_CONF, so that
 # nginx's `include nginx.d/…` (relative to the configuration file) finds this directory.
 write_nginx_env() {
     local dir=$1
     mkdir -p "$dir/nginx.d"
-    echo "listen $NGINX_LISTEN;" >"$dir/nginx.d/listen.conf"
+    printf 'worker_processes %s;\nworker_rlimit_nofile %s;\n' "$NGINX_WORKERS" "$NGINX_WORKER_NOFILE" \
+        >"$dir/nginx.d/workers.conf"
+    echo "worker_connections $NGINX_WORKER_CONNECTIONS;" >"$dir/nginx.d/events.conf"
+    if [ "$NGINX_REUSEPORT" = 1 ]; then
+        echo "listen $NGINX_LISTEN reuseport;" >"$dir/nginx.d/listen.conf"
+    else
+        echo "listen $NGINX_LISTEN;" >"$dir/nginx.d/listen.conf"
+    fi
     upstream_servers "$AUTH_PORT" "$AUTH_PORT_STEP" "$AUTH_REPLICAS" >"$dir/nginx.d/auth.conf"
     upstream_servers "$API_PORT" "$API_PORT_STEP" "$API_REPLICAS" >"$dir/nginx.d/api.conf"
     # Never out for the gateway: NGINX lets a replica that failed once take one request again

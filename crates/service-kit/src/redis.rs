@@ -227,3 +227,44 @@ fn classify(err: &redis::RedisError) -> RedisError {
         RedisError::Command(err.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str, cluster: bool, prefix: &str) -> RedisArgs {
+        RedisArgs {
+            redis_url: url.to_owned(),
+            redis_cluster: cluster,
+            redis_key_prefix: prefix.to_owned(),
+            redis_pool_size: 2,
+        }
+    }
+
+    #[test]
+    fn seed_lists_need_cluster_mode_and_cluster_prefixes_make_one_hash_tag() {
+        let seeds = "redis://127.0.0.1:7101, redis://127.0.0.1:7102";
+        let err = pool(&args(seeds, false, "gqlws:"))
+            .err()
+            .map(|err| err.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|err| err.contains("REDIS_CLUSTER=true")),
+            "{err:?}"
+        );
+        let cluster = args(seeds, true, "gqlws:");
+        assert_eq!(cluster.urls().len(), 2);
+        assert!(pool(&cluster).is_ok_and(|pool| pool.is_cluster()));
+        assert_eq!(cluster.key_prefix(), "{gqlws:}");
+        assert_eq!(args(seeds, false, "gqlws:").key_prefix(), "gqlws:");
+        let err = pool(&args(seeds, true, "a{b}:"))
+            .err()
+            .map(|err| err.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|err| err.contains("REDIS_KEY_PREFIX")),
+            "{err:?}"
+        );
+        assert!(pool(&args(" ", false, "gqlws:")).is_err());
+    }
+}
