@@ -98,6 +98,13 @@ pub(crate) struct SubscribeArgs {
     /// The gateway's process id, to read its resident memory (`VmRSS`) from /proc.
     #[arg(long)]
     pub(super) gateway_pid: Option<u32>,
+    /// Bind each socket to a port of its own from this one on (subscriber i: 127.0.0.(1 + i %
+    /// 250), port BASE + i / 250) rather than to one the kernel picks from its ephemeral range.
+    /// Past about 80,000 sockets on one machine, the ports loadgen binds in that range leave a
+    /// proxy on the same machine none for its own connections to the gateways (EADDRNOTAVAIL);
+    /// ports below the range (32768 here) do not. Give each loadgen process its own range.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1024..=65000))]
+    pub(super) source_port_base: Option<u16>,
     /// Client threads the sockets are spread over.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub(super) threads: u32,
@@ -190,6 +197,15 @@ impl SubscribeArgs {
         }
         if self.pks.is_empty() {
             return Err("--pks needs at least one pk".into());
+        }
+        if let Some(base) = self.source_port_base {
+            let last = u32::from(base) + self.connections / 250;
+            if last > 65_535 {
+                return Err(format!(
+                    "--source-port-base {base}: {} connections need ports up to {last}",
+                    self.connections
+                ));
+            }
         }
         if !(0.1..=100_000.0).contains(&self.events_per_sec) {
             return Err("--events-per-sec must be within 0.1..=100000".into());

@@ -4,7 +4,7 @@
 //! cursor whenever its socket closes.
 
 use std::future::{poll_fn, Future};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -104,7 +104,11 @@ pub(super) async fn client_thread(
             |sub| Box::pin(subscriber(sub)) as std::pin::Pin<Box<dyn Future<Output = Tally> + Send>>
         };
         tasks.push(tokio::spawn(run(Subscription {
-            local: Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8),
+            local: SocketAddrV4::new(
+                Ipv4Addr::new(127, 0, 0, (1 + index % SOURCE_ADDRESSES) as u8),
+                args.source_port_base
+                    .map_or(0, |base| base + (index / SOURCE_ADDRESSES) as u16),
+            ),
             target: target.clone(),
             args: args.clone(),
             init,
@@ -152,7 +156,7 @@ impl Handshake {
 
 /// What one subscriber task is given.
 struct Subscription {
-    local: Ipv4Addr,
+    local: SocketAddrV4,
     target: Arc<Target>,
     args: Arc<SubscribeArgs>,
     init: Arc<String>,
@@ -455,7 +459,7 @@ async fn serve(
 /// The upgrade (with the accept key and the subprotocol checked), `connection_init` →
 /// `connection_ack`, and the subscription request.
 async fn handshake(
-    local: Ipv4Addr,
+    local: SocketAddrV4,
     target: &Target,
     protocol: WsProtocol,
     init: &str,

@@ -5,7 +5,7 @@
 //! a delivery little of the CPU loadgen shares with the gateway.
 
 use std::future::poll_fn;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
+use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs as _};
 use std::task::{ready, Context, Poll};
 
 use actix_codec::{Decoder as _, Encoder as _};
@@ -78,13 +78,16 @@ impl Target {
     }
 }
 
-/// A TCP connection to the target from `local`.
-pub(super) async fn connect(local: Ipv4Addr, target: &Target) -> Result<TcpStream, String> {
+/// A TCP connection to the target from `local` (port 0: one the kernel picks).
+pub(super) async fn connect(local: SocketAddrV4, target: &Target) -> Result<TcpStream, String> {
     let io_kind = |err: std::io::Error| connect_error_kind(&err.to_string());
     let socket = TcpSocket::new_v4().map_err(io_kind)?;
-    socket
-        .bind(SocketAddr::new(IpAddr::V4(local), 0))
-        .map_err(io_kind)?;
+    if local.port() != 0 {
+        // A subscriber that reconnects binds its port again while the old one waits in
+        // TIME_WAIT.
+        socket.set_reuseaddr(true).map_err(io_kind)?;
+    }
+    socket.bind(SocketAddr::V4(local)).map_err(io_kind)?;
     socket.set_nodelay(true).map_err(io_kind)?;
     socket.connect(target.addr).await.map_err(io_kind)
 }
@@ -92,7 +95,7 @@ pub(super) async fn connect(local: Ipv4Addr, target: &Target) -> Result<TcpStrea
 /// Connects from `local`, sends the upgrade request and checks the response head. Returns the
 /// stream and the bytes read past the head, which are already websocket frames.
 pub(super) async fn upgrade(
-    local: Ipv4Addr,
+    local: SocketAddrV4,
     target: &Target,
     protocol: &str,
 ) -> Result<(TcpStream, BytesMut), String> {
@@ -293,6 +296,7 @@ pub(super) fn websocket_error(err: &dyn std::fmt::Display) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
     use std::time::Duration;
 
     use super::*;
@@ -500,9 +504,10 @@ mod tests {
         let target = Target::parse(&format!("ws://127.0.0.1:{port}/graphql/")).expect("a target");
         actix_web::rt::System::new().block_on(async {
             let local = Ipv4Addr::new(127, 0, 0, 7);
-            let (stream, leftover) = upgrade(local, &target, "graphql-transport-ws")
-                .await
-                .expect("an upgrade");
+            let (stream, leftover) =
+                upgrade(SocketAddrV4::new(local, 0), &target, "graphql-transport-ws")
+                    .await
+                    .expect("an upgrade");
             assert_eq!(
                 stream.local_addr().expect("its address").ip(),
                 IpAddr::V4(local)
