@@ -11,8 +11,9 @@ use crate::position::{Retention, MAX_PARTITIONS};
 pub struct PartitionArgs {
     /// Partitions of each event type's log, by record (1..=256). On a Redis Cluster each
     /// partition is a stream in a slot of its own, so the logs spread over the shards; a few
-    /// per primary is plenty. Changing it starts new logs: cursors of the old ones resume
-    /// with `recovered: false`.
+    /// per primary is plenty. The count is recorded in Redis (`<prefix>events:partitions`): to
+    /// change it, stop every api and gateway, delete that key and start them with the new
+    /// count; cursors of the old layout resume with `recovered: false`.
     #[arg(long, env = "EVENT_LOG_PARTITIONS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=(MAX_PARTITIONS as i64)))]
     pub event_log_partitions: u16,
     /// Replicas an append waits for (`WAIT` after the `XADD`, up to 200 ms): with 1, a
