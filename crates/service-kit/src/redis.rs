@@ -153,6 +153,13 @@ pub async fn query<T: redis::FromRedisValue>(
             }
         }
     };
+    bounded(work).await
+}
+
+/// `work`, or `Unavailable` once it took [`REDIS_TIMEOUT`].
+async fn bounded<T>(
+    work: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
     tokio::time::timeout(REDIS_TIMEOUT, work)
         .await
         .map_err(|_| RedisError::Unavailable("timed out".into()))?
@@ -184,9 +191,7 @@ pub async fn query_node(
             .await
             .map_err(|err| classify(&err))
     };
-    tokio::time::timeout(REDIS_TIMEOUT, work)
-        .await
-        .map_err(|_| RedisError::Unavailable("timed out".into()))?
+    bounded(work).await
 }
 
 /// `PING`, for `/readyz`.
@@ -244,9 +249,8 @@ mod tests {
     #[test]
     fn seed_lists_need_cluster_mode_and_cluster_prefixes_make_one_hash_tag() {
         let seeds = "redis://127.0.0.1:7101, redis://127.0.0.1:7102";
-        let err = pool(&args(seeds, false, "gqlws:"))
-            .err()
-            .map(|err| err.to_string());
+        let refusal = |args: RedisArgs| pool(&args).err().map(|err| err.to_string());
+        let err = refusal(args(seeds, false, "gqlws:"));
         assert!(
             err.as_deref()
                 .is_some_and(|err| err.contains("REDIS_CLUSTER=true")),
@@ -257,9 +261,7 @@ mod tests {
         assert!(pool(&cluster).is_ok_and(|pool| pool.is_cluster()));
         assert_eq!(cluster.key_prefix(), "{gqlws:}");
         assert_eq!(args(seeds, false, "gqlws:").key_prefix(), "gqlws:");
-        let err = pool(&args(seeds, true, "a{b}:"))
-            .err()
-            .map(|err| err.to_string());
+        let err = refusal(args(seeds, true, "a{b}:"));
         assert!(
             err.as_deref()
                 .is_some_and(|err| err.contains("REDIS_KEY_PREFIX")),

@@ -167,14 +167,20 @@ pub async fn update_make(stack: &Stack, access: &str, pk: &str, make: &str) {
 
 /// `api-service trigger-event --pk <pk>`, the real binary with the stack's settings (step 5).
 pub fn trigger_event(stack: &Stack, pk: i64) -> String {
-    let output = stack_command(stack, "api-service")
-        .args(["trigger-event", "--pk", &pk.to_string()])
-        .output()
-        .unwrap();
+    succeeded(
+        "trigger-event",
+        stack_command(stack, "api-service").args(["trigger-event", "--pk", &pk.to_string()]),
+    )
+}
+
+/// Runs `command` to its end; its standard output, or a panic naming `what` with everything
+/// it printed.
+pub fn succeeded(what: &str, command: &mut Command) -> String {
+    let output = command.output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "trigger-event failed: {stdout}{}",
+        "{what} failed: {stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout

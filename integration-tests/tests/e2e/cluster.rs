@@ -19,15 +19,9 @@ const PARTITIONS: &str = "6";
 
 /// The seed URLs of the cluster scripts/redis-cluster runs (started when it is not).
 fn cluster_urls() -> String {
-    let output = Command::new(repo_root().join("scripts/redis-cluster"))
-        .arg("up")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "scripts/redis-cluster up failed:\n{text}{}",
-        String::from_utf8_lossy(&output.stderr)
+    let text = crate::client::succeeded(
+        "scripts/redis-cluster up",
+        Command::new(repo_root().join("scripts/redis-cluster")).arg("up"),
     );
     text.lines()
         .find_map(|line| line.strip_prefix("REDIS_URL="))
