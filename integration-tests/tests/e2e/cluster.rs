@@ -3,12 +3,14 @@
 //! the event logs in 6 partitions spread over the shards and each publication acknowledged by a
 //! replica (EVENT_LOG_REPLICA_ACKS=1). In one test, in order, since the last one kills a
 //! primary: the reference's walk-through, a logout closing sockets on every replica, the login
-//! limit shared by two auth replicas, resuming across rolling gateway SIGTERMs, and a primary
-//! failover during updates every 50 ms, which loses nothing.
+//! limit shared by two auth replicas, resuming across rolling gateway SIGTERMs, moving a slot
+//! to another primary and a primary failover, both during updates every 50 ms, which lose
+//! nothing.
 
 use std::process::Command;
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use serde_json::json;
 
 use crate::client::post_token;
@@ -112,11 +114,11 @@ fn car_1_log(seed: u16, stack: &Stack) -> String {
         .unwrap_or_else(|| panic!("no log of partition {partition} matches {pattern}"))
 }
 
-// Run on its own: `cargo test -p integration-tests --test e2e cluster -- --ignored` (it passed
-// so, three runs in a row). Beside the rest of the suite it failed once: after the primary's
-// SIGKILL the updates stopped reaching the client (the last 48 of 135), and the resume flood
-// of replay_bounds, running beside it, was admitted more often than its bound.
-#[ignore = "passes alone; beside the whole suite the failover once stopped the updates (issue #24)"]
+// Run on its own, as scripts/test does after the rest of the suite:
+// `cargo test -p integration-tests --test e2e cluster:: -- --ignored`. Beside a dozen other
+// stacks on two cores, the cluster's own failure detection (a 2 s node timeout) is timed by
+// their load rather than by the failure, and the test by theirs.
+#[ignore = "needs the cluster to itself: scripts/test runs it on its own, after the suite"]
 #[actix_web::test]
 async fn the_stack_on_a_redis_cluster_loses_nothing_across_restarts_and_a_failover() {
     let urls = cluster_urls();
@@ -198,6 +200,33 @@ async fn the_stack_on_a_redis_cluster_loses_nothing_across_restarts_and_a_failov
     .await;
     assert!(client.count("closed") >= 1, "no socket was closed");
 
+    // Resharding during updates every 50 ms: the slot of car 1's partition moves to another
+    // primary (`MIGRATING`/`IMPORTING`, `MIGRATE`, `SETSLOT NODE`, as `redis-cli --cluster
+    // reshard` does it, for that one slot). The apis follow `ASK` and `MOVED`, gateways wait on
+    // the old node until it says `MOVED`, and the client receives every committed update
+    // (an append the migration interrupted goes out again from the outbox: not in commit order).
+    let log = car_1_log(seed, &stack);
+    let source = primary_of(seed, &log);
+    let target = nodes(seed)
+        .into_iter()
+        .find(|(port, role, _)| role == "primary" && *port != source)
+        .map(|(port, _, _)| port)
+        .unwrap();
+    let migration = async {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let moved = migrate_slot(&log, source, target);
+        eprintln!("moved slot {moved} ({log}) from port {source} to {target}");
+    };
+    run_scenario(
+        "cluster, resharding",
+        &stack.ws_url(),
+        &stack.url,
+        Order::Any,
+        migration,
+    )
+    .await;
+    assert_eq!(primary_of(seed, &log), target, "the slot did not move");
+
     // A primary failover during updates every 50 ms: the primary holding car 1's partition is
     // killed; its replica is promoted, gateways and apis follow it, and the client receives
     // every committed update (events no replica acknowledged stay in the outbox and are
@@ -215,14 +244,22 @@ async fn the_stack_on_a_redis_cluster_loses_nothing_across_restarts_and_a_failov
         assert!(status.success());
         eprintln!("killed the primary on port {victim} (pid {pid}), which held {log}");
     };
-    let client = run_scenario(
+    let ws_url = stack.ws_url();
+    let scenario = run_scenario(
         "cluster, primary failover",
-        &stack.ws_url(),
+        &ws_url,
         &stack.url,
         Order::Any,
         failover,
-    )
-    .await;
+    );
+    let client = match std::panic::AssertUnwindSafe(scenario).catch_unwind().await {
+        Ok(client) => client,
+        Err(panic) => {
+            // Where the updates stopped: in the outbox, in the log, or in the gateways.
+            eprintln!("{}", failover_state(seed, &stack, &log).await);
+            std::panic::resume_unwind(panic)
+        }
+    };
     let promoted = primary_of(if victim == seed { seed + 1 } else { seed }, &log);
     assert_ne!(promoted, victim, "no replica was promoted");
     eprintln!(
@@ -231,4 +268,88 @@ async fn the_stack_on_a_redis_cluster_loses_nothing_across_restarts_and_a_failov
     );
     // The killed node comes back as a replica of the promoted one, for the next run.
     cluster_urls();
+}
+
+/// Moves the slot of `key` from the primary at `source` to the one at `target` while clients
+/// use it, and tells every primary; returns the slot.
+fn migrate_slot(key: &str, source: u16, target: u16) -> u16 {
+    let slot = redis_cli(source, &["cluster", "keyslot", key]);
+    let slot = slot.trim();
+    let id = |port: u16| redis_cli(port, &["cluster", "myid"]).trim().to_owned();
+    let (source_id, target_id) = (id(source), id(target));
+    let ok = |port: u16, args: &[&str]| {
+        let reply = redis_cli(port, args);
+        assert_eq!(reply.trim(), "OK", "{args:?} on {port}");
+    };
+    ok(
+        target,
+        &["cluster", "setslot", slot, "importing", &source_id],
+    );
+    ok(
+        source,
+        &["cluster", "setslot", slot, "migrating", &target_id],
+    );
+    loop {
+        let keys = redis_cli(source, &["cluster", "getkeysinslot", slot, "100"]);
+        let keys: Vec<&str> = keys.lines().filter(|key| !key.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let target_port = target.to_string();
+        let mut args = vec![
+            "migrate",
+            "127.0.0.1",
+            &target_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+        ];
+        args.extend(keys);
+        ok(source, &args);
+    }
+    // The target first, so that the slot is never owned by none; then the rest.
+    let others = nodes(source)
+        .into_iter()
+        .filter(|(port, role, _)| role == "primary" && ![source, target].contains(port))
+        .map(|(port, _, _)| port);
+    for port in [target, source].into_iter().chain(others) {
+        ok(port, &["cluster", "setslot", slot, "node", &target_id]);
+    }
+    slot.parse().unwrap()
+}
+
+/// What a failed failover left behind, for its panic message: the cluster's state and nodes,
+/// the end of car 1's log on the primary that holds it now, the events still in each api's
+/// outbox, and what each gateway received and whether its event connections are up.
+async fn failover_state(seed: u16, stack: &Stack, log: &str) -> String {
+    let port = nodes(seed)
+        .into_iter()
+        .find(|(_, _, state)| state == "ok")
+        .map_or(seed, |(port, _, _)| port);
+    let mut report = format!(
+        "--- after the failover ---\n{}{}",
+        redis_cli(port, &["cluster", "info"])
+            .lines()
+            .filter(|line| line.starts_with("cluster_state"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        redis_cli(port, &["cluster", "nodes"])
+    );
+    let holder = primary_of(port, log);
+    report += &format!(
+        "{log} on {holder}: {} entries, the last: {}\n",
+        redis_cli(holder, &["xlen", log]).trim(),
+        redis_cli(holder, &["xrevrange", log, "+", "-", "COUNT", "1"]).replace('\n', " ")
+    );
+    for port in &stack.api_ports {
+        let pending = crate::client::metric_sum(*port, "outbox_pending_events").await;
+        report += &format!("api {port}: {pending} events in the outbox\n");
+    }
+    for port in &stack.gateway_ports {
+        let received = crate::client::metric_sum(*port, "gateway_events_received_total").await;
+        let up = crate::client::metric_sum(*port, "gateway_redis_connected").await;
+        report += &format!("gateway {port}: {received} events received, connected {up}\n");
+    }
+    report
 }

@@ -6,7 +6,8 @@
 //! A log is added when the follower asks for it (at its tip; the blocked read is interrupted with
 //! `CLIENT UNBLOCK`) and left out when it no longer does. In a cluster a reader starts at a seed
 //! node and follows `MOVED` to the partition's primary; after a failover its connection fails or
-//! is redirected, and it reads on from the promoted replica at the positions it had. A lost
+//! is redirected, and it reads on from the promoted replica at the positions it had; while the
+//! partition's slot migrates (resharding) it waits on the old node until that says `MOVED`. A lost
 //! connection is made again with capped backoff; a changed epoch (Redis lost its data) restarts
 //! every log at 0.
 
@@ -28,6 +29,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// hangs without closing the socket is noticed when a read does not return within this time
 /// plus the timeout of a command.
 const BLOCK: Duration = Duration::from_secs(5);
+/// How long a reader waits before reading a migrating partition again: a slot's keys move in
+/// milliseconds, and until they all have, `XREAD` here answers `ASK` or `TRYAGAIN`.
+const MIGRATING_PAUSE: Duration = Duration::from_millis(50);
 
 pub(super) async fn follow(log: RedisLog, follower: Arc<dyn Follower>) {
     let up = Arc::new(AtomicUsize::new(0));
@@ -76,7 +80,12 @@ async fn follow_partition(
                     connection,
                     node: address(&client),
                 };
-                let ended = reader.serve(&mut state, &up).await;
+                let (ended, read) = reader.serve(&mut state, &up).await;
+                if read {
+                    // A connection that worked: the next trouble starts its backoff afresh,
+                    // so that a failover after earlier ones is not waited out at the cap.
+                    backoff = Duration::from_millis(100);
+                }
                 match ended {
                     Ended::Moved(to) => match redirected(&client, &to) {
                         Some(moved) => {
@@ -111,6 +120,15 @@ async fn follow_partition(
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Whether `err` says that the slot being read is migrating between two nodes.
+fn migrating(err: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        err.kind(),
+        ErrorKind::Server(ServerErrorKind::Ask | ServerErrorKind::TryAgain)
+    )
 }
 
 /// A client for the node at `to` (`host:port`), with `seed`'s credentials and TLS.
@@ -185,21 +203,23 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    /// Reads until the connection fails or the partition is elsewhere; returns which.
-    async fn serve(mut self, state: &mut ReaderState, up: &AtomicUsize) -> Ended {
+    /// Reads until the connection fails or the partition is elsewhere; returns which, and
+    /// whether a read succeeded first.
+    async fn serve(mut self, state: &mut ReaderState, up: &AtomicUsize) -> (Ended, bool) {
         let partitions = self.log.layout.partitions;
         let client_id = match self.hello(state).await {
             Ok(id) => id,
-            Err(err) => return Ended::Failed(err),
+            Err(err) => return (Ended::Failed(err), false),
         };
+        let mut read = false;
         let ended = loop {
             match self.read(client_id, state, up).await {
-                Ok(()) => {}
+                Ok(()) => read = true,
                 Err(err) => break err,
             }
         };
         state.set_up(false, up, partitions, self.follower);
-        ended
+        (ended, read)
     }
 
     /// Names the connection, agrees on the epoch and the partitions and finds where the
@@ -349,6 +369,14 @@ impl Reader<'_> {
         };
         match reply {
             Ok(Ok(value)) => Ok(stream_entries(value)),
+            Ok(Err(err)) if migrating(&err) => {
+                // The partition's slot is moving to another node (`ASK`, or `TRYAGAIN` while
+                // its keys are split between the two): read on here once it has moved, when
+                // this node answers `MOVED`, at the positions this reader has.
+                tracing::debug!(partition = self.partition, %err, "the partition is migrating");
+                tokio::time::sleep(MIGRATING_PAUSE).await;
+                Ok(Vec::new())
+            }
             Ok(Err(err)) => Err(match err.redirect_node() {
                 Some((to, _slot)) => Ended::Moved(to.to_owned()),
                 None => Ended::Failed(err.to_string()),
