@@ -83,6 +83,10 @@ pub trait Follower: Send + Sync + 'static {
     fn epoch(&self, epoch: &str) -> bool;
     /// Whether the log is reachable.
     fn connected(&self, connected: bool);
+    /// Entries of `partition` of the log named `event_type` were removed before this follower
+    /// read them (trimmed while it was behind by about the retention, or away): what it hands
+    /// on next does not follow what it handed on before.
+    fn lost(&self, event_type: &str, partition: u16);
 }
 
 /// What a log still holds after a cursor.

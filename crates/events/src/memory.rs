@@ -170,6 +170,10 @@ impl EventLog for MemoryLog {
                             missed,
                             "the hub fell behind the in-memory log; events were lost"
                         );
+                        // Of which logs is not known: every one read lost some.
+                        for (event_type, _) in follower.logs(0) {
+                            follower.lost(event_type.as_str(), 0);
+                        }
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 }

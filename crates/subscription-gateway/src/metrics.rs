@@ -69,6 +69,13 @@ gateway_metrics! {
         "gateway_events_duplicate_total",
         "Events dropped because their id was seen already (at-least-once delivery)."
     ),
+    log_gaps: IntCounterVec = counter_vec(
+        "gateway_log_gaps_total",
+        "Times entries of a log were trimmed before the hub read them (it fell behind by the \
+         retention, or lost Redis that long), by type: the type's subscribers were closed as \
+         slow and resume.",
+        "type"
+    ),
     events_malformed: IntCounter = counter(
         "gateway_events_malformed_total",
         "Messages on the event channels that were not a valid envelope."

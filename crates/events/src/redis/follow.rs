@@ -19,7 +19,9 @@ use deadpool_redis::redis;
 use deadpool_redis::redis::{ConnectionAddr, Value};
 
 use super::reply::{stream_entries, with_timeout};
-use super::{epoch_key, events_connection_name, stream_tip, RedisLog, READ_COUNT, REDIS_TIMEOUT};
+use super::{
+    epoch_key, events_connection_name, stream_tip, whole_after, RedisLog, READ_COUNT, REDIS_TIMEOUT,
+};
 use crate::log::{new_epoch, Follower, Revocation};
 use crate::position::Position;
 
@@ -79,6 +81,7 @@ async fn follow_partition(
                     partition,
                     connection,
                     node: address(&client),
+                    checked: false,
                 };
                 let (ended, read) = reader.serve(&mut state, &up).await;
                 if read {
@@ -200,6 +203,8 @@ struct Reader<'a> {
     connection: redis::aio::MultiplexedConnection,
     /// The node it reads from, where `CLIENT UNBLOCK` must go.
     node: (String, u16),
+    /// Whether the logs were checked for what was trimmed while no reader was on them.
+    checked: bool,
 }
 
 impl Reader<'_> {
@@ -309,7 +314,25 @@ impl Reader<'_> {
             };
         }
         state.set_up(true, up, layout.partitions, self.follower);
+        if !self.checked {
+            // A new connection: what was trimmed while this partition had no reader.
+            self.checked = true;
+            for (key, position) in &logs {
+                if *key != revocation_key {
+                    self.check_whole(key, *position).await?;
+                }
+            }
+        }
         let entries = self.read_blocked(&logs, client_id).await?;
+        // A full page of a log: this reader is at least a page behind on it, which is when
+        // trimming can overtake it. Checked before the page is handed on, so that nothing
+        // after a gap reaches a subscriber as if it followed what came before.
+        for (key, position) in &logs {
+            let read = entries.iter().filter(|(of, _, _)| of == key).count();
+            if read == READ_COUNT && *key != revocation_key {
+                self.check_whole(key, *position).await?;
+            }
+        }
         for (key, position, payload) in entries {
             if key == revocation_key {
                 state.revocations = Some(state.revocations.unwrap_or_default().max(position));
@@ -383,6 +406,22 @@ impl Reader<'_> {
             }),
             Err(_) => Err(Ended::Failed("read timed out".into())),
         }
+    }
+
+    /// Tells the follower when entries of `key` after `after` (where it stood) are gone
+    /// before it read them. Where `after`'s own entry was trimmed too while it was behind,
+    /// whatever came right after it may not have been: said lost all the same, as a resume
+    /// from there would find (`recovered: false`).
+    async fn check_whole(&self, key: &str, after: Position) -> Result<(), Ended> {
+        let whole = whole_after(&self.log.pool, key, after)
+            .await
+            .map_err(Ended::Failed)?;
+        if !whole {
+            if let Some(event_type) = self.log.layout.log_name(key, self.partition) {
+                self.follower.lost(event_type, self.partition);
+            }
+        }
+        Ok(())
     }
 
     /// Checks the connection while there is nothing to read on it.

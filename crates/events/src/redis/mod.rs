@@ -415,18 +415,17 @@ impl EventLog for RedisLog {
     }
 }
 
-/// The id of a stream's last entry (`0-0` when it has none).
+/// Where a stream stands: the last id it gave, even when that entry was trimmed since (`0-0`
+/// for one never written), so that a follower starting there sees a gap only where entries it
+/// has not read are gone.
 async fn stream_tip(pool: &RedisPool, key: &str) -> Result<Position, String> {
-    let mut last = redis::cmd("XREVRANGE");
-    last.arg(key).arg("+").arg("-").arg("COUNT").arg(1);
-    let reply: Value = service_kit::redis::query(pool, &last)
-        .await
-        .map_err(|err| err.to_string())?;
-    Ok(entries_of(reply)
-        .into_iter()
-        .next()
-        .map(|(position, _)| position)
-        .unwrap_or_default())
+    Ok(last_generated(pool, key).await?.unwrap_or_default())
+}
+
+/// Whether the log still holds everything it was given after `after`: as a history's
+/// [`anchored`], or `after` is the last id it gave (its entry trimmed by age, nothing since).
+async fn whole_after(pool: &RedisPool, key: &str, after: Position) -> Result<bool, String> {
+    Ok(anchored(pool, key, after).await? || last_generated(pool, key).await? == Some(after))
 }
 
 /// A log's entries after `after` and whether none was trimmed away since. Redis trims from the

@@ -414,7 +414,12 @@ async fn serve(
                         }
                         record(&mut progress.seen, index, received_ns, shared, tally);
                     }
-                    _ => tally.foreign += 1,
+                    _ => {
+                        // A result of another run's event may stand for this run's: conflation
+                        // keeps a subscriber's newest result, whoever published it.
+                        tally.skipped_told += result_skipped(&bytes);
+                        tally.foreign += 1;
+                    }
                 },
                 Incoming::Ping => {
                     tally.keepalives += 1;

@@ -212,7 +212,8 @@ pub(super) fn report(
             "publish": phases.publish_errors,
             "missing_deliveries": missing,
             // Of the missing, those the subscribers were told of (`extensions.skipped`); the
-            // rest were lost without a word.
+            // rest were lost without a word. With other loadgens publishing to the same keys,
+            // the told include skips of their events: the untold are then a lower bound.
             "skipped_told": tally.skipped_told,
             "missing_untold": missing.saturating_sub(tally.skipped_told),
             "duplicate_deliveries": duplicates,

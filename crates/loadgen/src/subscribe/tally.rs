@@ -25,7 +25,8 @@ pub(super) struct Tally {
     /// Resumed subscriptions whose first result said `recovered: false`.
     pub(super) unrecovered: u64,
     /// Results the gateway said it skipped for a subscriber (`extensions.skipped`, conflation
-    /// past capacity): missing deliveries the subscriber was told of.
+    /// past capacity), read from every result the subscriber received, this run's events or
+    /// another's: missing deliveries the subscriber was told of.
     pub(super) skipped_told: u64,
     /// Subscribers that gave up reconnecting.
     pub(super) gave_up: u64,

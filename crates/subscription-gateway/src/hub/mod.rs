@@ -461,6 +461,29 @@ impl Follower for Hub {
         had_one
     }
 
+    /// Events of the type are gone before they were handed on: no subscriber of it may go on
+    /// as if it had them. Each is cut off as a slow consumer (1013) and resumes from its
+    /// cursor, which says `recovered: false` when its events are gone.
+    fn lost(&self, event_type: &str, partition: u16) {
+        let Some(known) = self.inner.registry.get(event_type) else {
+            return;
+        };
+        self.inner
+            .metrics
+            .log_gaps
+            .with_label_values(&[known.as_str()])
+            .inc();
+        let dropped = lock(&self.inner.topics)
+            .get_mut(&known)
+            .map_or(0, Topic::drop_all);
+        tracing::warn!(
+            event_type,
+            partition,
+            dropped,
+            "entries of the log were trimmed before this gateway read them; closing its subscribers, who resume"
+        );
+    }
+
     fn connected(&self, connected: bool) {
         self.inner.connected.store(connected, Ordering::Relaxed);
         self.inner.metrics.redis_connected.set(i64::from(connected));

@@ -205,6 +205,20 @@ impl Topic {
         self.subscribers == 0
     }
 
+    /// Drops every route, telling each it fell behind (its execution closes its members as
+    /// slow consumers); returns how many.
+    pub(super) fn drop_all(&mut self) -> usize {
+        let routes: Vec<Route> = self
+            .unkeyed
+            .drain(..)
+            .chain(self.keyed.drain().flat_map(|(_, routes)| routes))
+            .collect();
+        for route in &routes {
+            route.slow.notify_one();
+        }
+        routes.len()
+    }
+
     /// Hands `event` to every execution it is for.
     pub(super) fn deliver(&mut self, event: &Arc<LoggedEvent>) {
         push_all(&mut self.unkeyed, event);

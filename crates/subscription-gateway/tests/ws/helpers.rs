@@ -148,6 +148,28 @@ impl TestGateway {
         service_kit::redis::query::<()>(&pool, &pipe).await.unwrap();
     }
 
+    /// Car `pk`'s burst of `count` updates and a trim of the log to its newest `keep`, in one
+    /// transaction: what a hub that is behind by the retention finds when it reads on.
+    pub async fn burst_trimmed(&self, pk: i64, count: i64, keep: u64) {
+        let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
+        let key = events::channel(&self.prefix, CAR_UPDATED.as_str());
+        let mut pipe = deadpool_redis::redis::pipe();
+        pipe.atomic();
+        for n in 0..count {
+            let payload =
+                serde_json::to_string(&Envelope::new(CAR_UPDATED, car(pk, &format!("m{n}"))))
+                    .unwrap();
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg(events::ENTRY_FIELD)
+                .arg(payload)
+                .ignore();
+        }
+        pipe.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(keep).ignore();
+        service_kit::redis::query::<()>(&pool, &pipe).await.unwrap();
+    }
+
     /// Car `pk`'s burst of `count` updates, as [`TestGateway::publish_burst`].
     pub async fn burst_on(&self, pk: i64, count: i64) {
         let cars = (0..count).map(|n| car(pk, &format!("m{n}"))).collect();

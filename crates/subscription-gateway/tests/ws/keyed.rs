@@ -255,3 +255,36 @@ async fn a_resumed_keyed_subscription_replays_its_own_cars_events_only() {
     assert_eq!((id.as_str(), make.as_str()), ("1", "live"));
     assert_nothing(&mut resumed, "the resumed subscriber").await;
 }
+
+/// Events trimmed from the log before the hub read them (it fell behind by the retention):
+/// the subscribers of the type are not handed what follows as if nothing were missing. They
+/// are closed as slow consumers (1013), the gap is counted, and a resume from the cursor the
+/// subscriber had says `recovered: false`.
+#[actix_web::test]
+async fn events_trimmed_before_the_hub_read_them_close_the_subscribers_who_resume_unrecovered() {
+    let gateway = TestGateway::spawn(&[]).await;
+    let mut state = subscribed(&gateway, 1, None).await;
+    gateway.settle().await;
+    gateway.publish(CAR_UPDATED, car(1, "before")).await;
+    let (_, make, cursor, _) = next_result(&mut state).await;
+    assert_eq!(make, "before");
+    // 600 updates and a trim to the newest 520, at once: the hub's next read is a full page
+    // (512) after an entry that is gone, as are the 80 updates after it.
+    gateway.burst_trimmed(1, 600, 520).await;
+    assert_eq!(close_code_after_results(&mut state).await, Some(1013));
+    let (_, metrics) = gateway.get("/metrics").await;
+    assert!(
+        metrics.contains("gateway_log_gaps_total{type=\"car.updated\"} 1"),
+        "{metrics}"
+    );
+    let mut resumed = subscribed(&gateway, 1, Some(&cursor)).await;
+    gateway.settle().await;
+    gateway.publish(CAR_UPDATED, car(1, "after")).await;
+    let (_, make, _, recovered) = next_result(&mut resumed).await;
+    assert_eq!(make, "after", "then live");
+    assert_eq!(
+        recovered,
+        Some(false),
+        "the events after the cursor are gone"
+    );
+}
