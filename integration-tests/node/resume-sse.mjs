@@ -7,7 +7,7 @@
 //
 // It logs in as admin/letmein at --http for each token. Output on stdout, a JSON object a line:
 //   {"connected":N}                           the Nth stream was accepted
-//   {"make":…,"cursor":…,"recovered":…}       each result of carModelUpdated(pk: 1)
+//   {"make":…,"cursor":…,"recovered":…,"skipped":…}   each result of carModelUpdated(pk: 1)
 //   {"reconnecting":N}                        the stream ended without `complete`; retry N
 //   {"error":…}                               a result with errors (the stream's last), or the
 //                                             subscription failed for good (exit 1)
@@ -71,11 +71,11 @@ client.subscribe(
         print({ error: result.errors });
         return;
       }
-      const { cursor: received, recovered } = result.extensions ?? {};
+      const { cursor: received, recovered, skipped } = result.extensions ?? {};
       if (received) {
         cursor = received;
       }
-      print({ make: result.data.carModelUpdated.make, cursor: received, recovered });
+      print({ make: result.data.carModelUpdated.make, cursor: received, recovered, skipped });
     },
     error: (err) => {
       print({ error: String(err?.message ?? JSON.stringify(err)) });

@@ -13,7 +13,7 @@
 //
 // It logs in as admin/letmein at --http for each token. Output on stdout, a JSON object a line:
 //   {"connected":N}                           the Nth connection was acknowledged
-//   {"make":…,"cursor":…,"recovered":…}       each result of carModelUpdated(pk: 1)
+//   {"make":…,"cursor":…,"recovered":…,"skipped":…}   each result of carModelUpdated(pk: 1)
 //   {"renewed":EXP}                           a renewal answered by the server
 //   {"closed":CODE,"reason":…}                the socket closed (the client reconnects)
 //   {"error":…}                               the subscription failed for good (exit 1)
@@ -114,11 +114,11 @@ client.subscribe(payload, {
       print({ error: result.errors });
       return;
     }
-    const { cursor, recovered } = result.extensions ?? {};
+    const { cursor, recovered, skipped } = result.extensions ?? {};
     if (cursor) {
       payload.extensions.resumeFrom = cursor;
     }
-    print({ make: result.data.carModelUpdated.make, cursor, recovered });
+    print({ make: result.data.carModelUpdated.make, cursor, recovered, skipped });
   },
   error: (err) => {
     print({ error: String(err?.message ?? JSON.stringify(err)) });

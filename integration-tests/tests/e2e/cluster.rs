@@ -230,7 +230,9 @@ async fn the_stack_on_a_redis_cluster_loses_nothing_across_restarts_and_a_failov
     // A primary failover during updates every 50 ms: the primary holding car 1's partition is
     // killed; its replica is promoted, gateways and apis follow it, and the client receives
     // every committed update (events no replica acknowledged stay in the outbox and are
-    // published again, so not in commit order).
+    // published again, so not in commit order), or is told it was skipped: one read more
+    // than OVERLOAD_LAG_MS after its append, as the readers reconnect, is conflated to the
+    // car's newest state (`extensions.skipped`).
     let log = car_1_log(seed, &stack);
     let victim = primary_of(seed, &log);
     let failover = async {
