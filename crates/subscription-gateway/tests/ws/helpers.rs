@@ -133,6 +133,18 @@ impl TestGateway {
     /// Publishes `cars` in one pipeline, as fast as Redis takes them: the hub reads them in
     /// large batches, as it does under a burst of writes.
     pub async fn publish_burst(&self, event_type: EventType, cars: Vec<Car>) {
+        self.burst(event_type, cars, None).await;
+    }
+
+    /// Car `pk`'s burst of `count` updates and a trim of the log to its newest `keep`, in one
+    /// transaction: what a hub that is behind by the retention finds when it reads on.
+    pub async fn burst_trimmed(&self, pk: i64, count: i64, keep: u64) {
+        let cars = (0..count).map(|n| car(pk, &format!("m{n}"))).collect();
+        self.burst(CAR_UPDATED, cars, Some(keep)).await;
+    }
+
+    /// `cars` appended in one pipeline; with `trim_to`, then trimmed, all in one transaction.
+    async fn burst(&self, event_type: EventType, cars: Vec<Car>, trim_to: Option<u64>) {
         let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
         let key = events::channel(&self.prefix, event_type.as_str());
         let mut pipe = deadpool_redis::redis::pipe();
@@ -145,28 +157,10 @@ impl TestGateway {
                 .arg(payload)
                 .ignore();
         }
-        service_kit::redis::query::<()>(&pool, &pipe).await.unwrap();
-    }
-
-    /// Car `pk`'s burst of `count` updates and a trim of the log to its newest `keep`, in one
-    /// transaction: what a hub that is behind by the retention finds when it reads on.
-    pub async fn burst_trimmed(&self, pk: i64, count: i64, keep: u64) {
-        let pool = service_kit::redis::pool(&redis_args(&self.redis_url)).unwrap();
-        let key = events::channel(&self.prefix, CAR_UPDATED.as_str());
-        let mut pipe = deadpool_redis::redis::pipe();
-        pipe.atomic();
-        for n in 0..count {
-            let payload =
-                serde_json::to_string(&Envelope::new(CAR_UPDATED, car(pk, &format!("m{n}"))))
-                    .unwrap();
-            pipe.cmd("XADD")
-                .arg(&key)
-                .arg("*")
-                .arg(events::ENTRY_FIELD)
-                .arg(payload)
-                .ignore();
+        if let Some(keep) = trim_to {
+            pipe.atomic();
+            pipe.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(keep).ignore();
         }
-        pipe.cmd("XTRIM").arg(&key).arg("MAXLEN").arg(keep).ignore();
         service_kit::redis::query::<()>(&pool, &pipe).await.unwrap();
     }
 
