@@ -208,15 +208,11 @@ impl Topic {
     /// Drops every route, telling each it fell behind (its execution closes its members as
     /// slow consumers); returns how many.
     pub(super) fn drop_all(&mut self) -> usize {
-        let routes: Vec<Route> = self
-            .unkeyed
+        self.unkeyed
             .drain(..)
             .chain(self.keyed.drain().flat_map(|(_, routes)| routes))
-            .collect();
-        for route in &routes {
-            route.slow.notify_one();
-        }
-        routes.len()
+            .inspect(|route| route.slow.notify_one())
+            .count()
     }
 
     /// Hands `event` to every execution it is for.
